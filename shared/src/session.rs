@@ -1,0 +1,491 @@
+//! The uplink session as sans-IO state machines: no sockets, no clock, no storage of their own.
+//!
+//! [`AgentSession`] decides what the agent sends and when; [`IngestSession`] decides what the
+//! aggregator commits and acknowledges. The async drivers in `its-agent` and `its-aggregator`
+//! only move frames and rows; tests drive both machines over a simulated link.
+//!
+//! # The ack chain
+//! - The agent's outbox assigns sequence numbers at commit; the agent sends events in sequence
+//!   order in [`EventBatch`]es whose `after` field chains each batch to the one before.
+//! - The aggregator accepts a batch only if it already holds everything up to the batch's `after`
+//!   (otherwise a batch was lost or reordered: it drops this one and waits for the resend), commits
+//!   the events above its watermark, and only then acknowledges the batch's last sequence number.
+//! - The agent deletes rows up to an acknowledged sequence number, never before.
+//! - On (re)connect the aggregator's first frame is an [`Ack`] of what its storage already holds for
+//!   the device, so the agent resumes right after it.
+//! - When an acknowledgement does not come within `ack_timeout`, the agent goes back to the last
+//!   acknowledged sequence number and sends again (go-back-N); duplicates this causes are filtered
+//!   by the aggregator's watermark, and across connections by the storage's unique key.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::event::{DeviceHealth, EventEnvelope};
+use crate::wire::{Ack, EventBatch, Frame, Heartbeat, Hello};
+
+/// Tuning of the agent side. Defaults are sized for one QUIC stream on a cellular link.
+#[derive(Debug, Clone)]
+pub struct AgentSessionConfig {
+    /// Most events in one batch. 2,000 events of ~100 bytes is ~200 KB: large enough to amortise
+    /// a database commit on the aggregator, small enough to resend cheaply.
+    pub max_batch_events: usize,
+    /// Batches sent but not yet acknowledged. Four keep the aggregator busy while the agent
+    /// deletes acknowledged rows, without a large resend after a reconnect.
+    pub window_batches: usize,
+    /// How long to wait for the acknowledgement of the oldest batch before resending from the
+    /// last acknowledged sequence number. Commits take milliseconds; 10 s covers a stalled link.
+    pub ack_timeout: Duration,
+    /// Resends in a row without progress after which the link is declared dead.
+    pub max_resends_without_progress: u32,
+    /// How often a heartbeat (device health) is sent.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for AgentSessionConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 2000,
+            window_batches: 4,
+            ack_timeout: Duration::from_secs(10),
+            max_resends_without_progress: 3,
+            heartbeat_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// Everything up to and including this sequence number is committed by the aggregator:
+    /// delete it from the outbox. The first ack of a connection may exceed anything the outbox
+    /// ever assigned (the box's outbox was reset while the aggregator kept its events): the
+    /// outbox must then renumber its rows above it rather than delete them.
+    Acked(u64),
+    /// A heartbeat is due: call [`AgentSession::send_heartbeat`].
+    HeartbeatDue,
+    /// The link made no progress through several resends: close it and reconnect.
+    LinkDead,
+    /// The aggregator refused the session.
+    Refused(String),
+}
+
+/// What to load from the outbox next: up to `max_events` events with `seq > after`, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRequest {
+    pub after: u64,
+    pub max_events: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentState {
+    Disconnected,
+    /// Hello sent, waiting for the aggregator's first Ack.
+    AwaitingWelcome,
+    Streaming,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    last: u64,
+    sent_at: Instant,
+}
+
+/// Counters the agent reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    pub batches_sent: u64,
+    pub events_sent: u64,
+    /// Times the session went back to the last acknowledgement and sent again.
+    pub resends: u64,
+    pub connects: u64,
+}
+
+/// The agent side of the uplink session.
+#[derive(Debug)]
+pub struct AgentSession {
+    cfg: AgentSessionConfig,
+    state: AgentState,
+    /// Highest sequence number the aggregator acknowledged.
+    acked: u64,
+    /// Highest sequence number sent on this connection (the next request starts after it).
+    sent_up_to: u64,
+    in_flight: VecDeque<InFlight>,
+    /// When the Hello went out, while the welcome is awaited.
+    hello_sent_at: Option<Instant>,
+    /// The last load returned nothing: wait for [`AgentSession::handle_outbox_appended`].
+    caught_up: bool,
+    resends_without_progress: u32,
+    next_heartbeat: Option<Instant>,
+    heartbeat_due: bool,
+    transmit: VecDeque<Frame>,
+    events: VecDeque<AgentEvent>,
+    stats: AgentStats,
+}
+
+impl AgentSession {
+    /// `acked` is what the outbox knows was acknowledged (its lowest remaining seq - 1).
+    pub fn new(cfg: AgentSessionConfig, acked: u64) -> Self {
+        Self {
+            cfg,
+            state: AgentState::Disconnected,
+            acked,
+            sent_up_to: acked,
+            in_flight: VecDeque::new(),
+            hello_sent_at: None,
+            caught_up: false,
+            resends_without_progress: 0,
+            next_heartbeat: None,
+            heartbeat_due: false,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: AgentStats::default(),
+        }
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Highest sequence number sent on the current connection.
+    pub fn sent_up_to(&self) -> u64 {
+        self.sent_up_to
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        self.stats
+    }
+
+    pub fn is_streaming(&self) -> bool {
+        self.state == AgentState::Streaming
+    }
+
+    /// A new connection is up: the Hello goes first.
+    pub fn handle_connected(&mut self, now: Instant, mut hello: Hello) {
+        self.reset_connection();
+        hello.last_acked_seq = self.acked;
+        self.transmit.push_back(Frame::Hello(hello));
+        self.state = AgentState::AwaitingWelcome;
+        self.hello_sent_at = Some(now);
+        self.stats.connects += 1;
+        self.next_heartbeat = Some(now + self.cfg.heartbeat_interval);
+    }
+
+    /// The connection is gone. Everything unacknowledged will be sent again on the next one.
+    pub fn handle_disconnected(&mut self) {
+        self.reset_connection();
+        self.state = AgentState::Disconnected;
+        self.next_heartbeat = None;
+    }
+
+    fn reset_connection(&mut self) {
+        self.in_flight.clear();
+        self.hello_sent_at = None;
+        self.sent_up_to = self.acked;
+        self.transmit.clear();
+        self.caught_up = false;
+        self.resends_without_progress = 0;
+        self.heartbeat_due = false;
+    }
+
+    /// The outbox has new rows.
+    pub fn handle_outbox_appended(&mut self) {
+        self.caught_up = false;
+    }
+
+    /// A frame arrived from the aggregator.
+    pub fn handle_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Ack(Ack { up_to }) => self.handle_ack(up_to),
+            Frame::Refuse { reason } => self.events.push_back(AgentEvent::Refused(reason)),
+            // Config and OTA offers are handled by later stages; anything else from the
+            // aggregator is ignored rather than trusted.
+            _ => {}
+        }
+    }
+
+    fn handle_ack(&mut self, up_to: u64) {
+        if self.state == AgentState::AwaitingWelcome {
+            // The welcome: what storage holds. It may exceed what we knew was acknowledged
+            // (acks lost before a disconnect) and is trusted as is.
+            self.state = AgentState::Streaming;
+            self.hello_sent_at = None;
+        } else if up_to > self.sent_up_to {
+            // An ack for something never sent on this connection: ignore it; acknowledging rows
+            // we did not send would delete them unsent.
+            return;
+        }
+        if up_to > self.acked {
+            self.acked = up_to;
+            self.sent_up_to = self.sent_up_to.max(up_to);
+            self.resends_without_progress = 0;
+            while self.in_flight.front().is_some_and(|b| b.last <= up_to) {
+                self.in_flight.pop_front();
+            }
+            self.events.push_back(AgentEvent::Acked(up_to));
+        }
+    }
+
+    /// What the driver should load from the outbox next, if anything.
+    pub fn poll_batch_request(&self) -> Option<BatchRequest> {
+        (self.state == AgentState::Streaming
+            && !self.caught_up
+            && self.in_flight.len() < self.cfg.window_batches)
+            .then_some(BatchRequest { after: self.sent_up_to, max_events: self.cfg.max_batch_events })
+    }
+
+    /// The result of a [`BatchRequest`]. An empty result means the outbox has nothing more.
+    /// Events must be those with `seq > request.after`, in order.
+    pub fn handle_batch_loaded(&mut self, now: Instant, request: BatchRequest, events: Vec<EventEnvelope>) {
+        if request.after != self.sent_up_to || self.state != AgentState::Streaming {
+            return; // stale: the connection changed while loading
+        }
+        let Some(last) = events.last().map(|e| e.seq) else {
+            self.caught_up = true;
+            return;
+        };
+        self.stats.batches_sent += 1;
+        self.stats.events_sent += events.len() as u64;
+        self.in_flight.push_back(InFlight { last, sent_at: now });
+        self.sent_up_to = last;
+        self.transmit.push_back(Frame::EventBatch(EventBatch { after: request.after, events }));
+    }
+
+    pub fn send_heartbeat(&mut self, now: Instant, sent_at_ms: i64, health: DeviceHealth) {
+        self.heartbeat_due = false;
+        if self.state != AgentState::Disconnected {
+            self.transmit.push_back(Frame::Heartbeat(Heartbeat { sent_at_ms, health }));
+            self.next_heartbeat = Some(now + self.cfg.heartbeat_interval);
+        }
+    }
+
+    /// When [`AgentSession::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let ack = self
+            .in_flight
+            .front()
+            .map(|b| b.sent_at)
+            .or(self.hello_sent_at)
+            .map(|t| t + self.cfg.ack_timeout);
+        match (ack, self.next_heartbeat.filter(|_| !self.heartbeat_due)) {
+            (Some(a), Some(h)) => Some(a.min(h)),
+            (a, h) => a.or(h),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.hello_sent_at.is_some_and(|t| now >= t + self.cfg.ack_timeout) {
+            // No welcome: the aggregator is not serving this connection.
+            self.hello_sent_at = None;
+            self.events.push_back(AgentEvent::LinkDead);
+        }
+        if self.in_flight.front().is_some_and(|b| now >= b.sent_at + self.cfg.ack_timeout) {
+            self.stats.resends += 1;
+            self.resends_without_progress += 1;
+            self.in_flight.clear();
+            self.sent_up_to = self.acked;
+            self.caught_up = false;
+            if self.resends_without_progress > self.cfg.max_resends_without_progress {
+                self.events.push_back(AgentEvent::LinkDead);
+            }
+        }
+        if !self.heartbeat_due && self.next_heartbeat.is_some_and(|t| now >= t) {
+            self.heartbeat_due = true;
+            self.events.push_back(AgentEvent::HeartbeatDue);
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+}
+
+/// What the aggregator's driver must do for a frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestAction {
+    /// Record the device's Hello and call [`IngestSession::handle_high_water`] with the highest
+    /// sequence number storage holds for it.
+    LoadHighWater(Hello),
+    /// Commit these events (duplicates already removed), then call
+    /// [`IngestSession::handle_committed`] with `up_to`.
+    Commit { events: Vec<EventEnvelope>, up_to: u64 },
+    /// Store the device's health.
+    Health(Heartbeat),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IngestError {
+    #[error("first frame must be hello, got {0}")]
+    NoHello(&'static str),
+    #[error("second hello on one session")]
+    DuplicateHello,
+    #[error("event batch before the session was ready")]
+    BatchBeforeReady,
+    #[error("event batch with sequence numbers out of order")]
+    MalformedBatch,
+    #[error("unexpected frame {0} from an agent")]
+    Unexpected(&'static str),
+}
+
+/// Counters of the aggregator side, per connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    pub batches_accepted: u64,
+    /// Events dropped because the watermark showed they were already stored.
+    pub duplicates: u64,
+    /// Batches dropped because an earlier batch was missing (the agent resends).
+    pub out_of_order: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IngestState {
+    AwaitHello,
+    LoadingHighWater,
+    Ready,
+}
+
+/// The aggregator side of one agent connection.
+#[derive(Debug)]
+pub struct IngestSession {
+    state: IngestState,
+    /// Highest sequence number handed to a commit (accepted into the contiguous prefix).
+    accepted: u64,
+    /// Highest sequence number committed.
+    committed: u64,
+    transmit: VecDeque<Frame>,
+    stats: IngestStats,
+}
+
+impl Default for IngestSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IngestSession {
+    pub fn new() -> Self {
+        Self { state: IngestState::AwaitHello, accepted: 0, committed: 0, transmit: VecDeque::new(), stats: IngestStats::default() }
+    }
+
+    pub fn stats(&self) -> IngestStats {
+        self.stats
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<Option<IngestAction>, IngestError> {
+        match (self.state, frame) {
+            (IngestState::AwaitHello, Frame::Hello(h)) => {
+                self.state = IngestState::LoadingHighWater;
+                Ok(Some(IngestAction::LoadHighWater(h)))
+            }
+            (IngestState::AwaitHello, other) => Err(IngestError::NoHello(other.name())),
+            (_, Frame::Hello(_)) => Err(IngestError::DuplicateHello),
+            (IngestState::LoadingHighWater, Frame::EventBatch(_)) => Err(IngestError::BatchBeforeReady),
+            (IngestState::Ready, Frame::EventBatch(batch)) => {
+                if !batch.is_well_formed() {
+                    return Err(IngestError::MalformedBatch);
+                }
+                if batch.after > self.accepted {
+                    // Something between our watermark and this batch is missing.
+                    self.stats.out_of_order += 1;
+                    return Ok(None);
+                }
+                let last = batch.last_seq();
+                let before = batch.events.len();
+                let accepted = self.accepted;
+                let events: Vec<EventEnvelope> = batch.events.into_iter().filter(|e| e.seq > accepted).collect();
+                self.stats.duplicates += (before - events.len()) as u64;
+                self.stats.batches_accepted += 1;
+                if last > self.accepted {
+                    self.accepted = last;
+                }
+                Ok(Some(IngestAction::Commit { events, up_to: last.max(accepted) }))
+            }
+            (_, Frame::Heartbeat(h)) => Ok(Some(IngestAction::Health(h))),
+            (_, other) => Err(IngestError::Unexpected(other.name())),
+        }
+    }
+
+    /// Storage holds everything of this device up to `high_water`: tell the agent.
+    pub fn handle_high_water(&mut self, high_water: u64) {
+        self.state = IngestState::Ready;
+        self.accepted = high_water;
+        self.committed = high_water;
+        self.transmit.push_back(Frame::Ack(Ack { up_to: high_water }));
+    }
+
+    /// A [`IngestAction::Commit`] is durable.
+    pub fn handle_committed(&mut self, up_to: u64) {
+        if up_to > self.committed {
+            self.committed = up_to;
+        }
+        self.transmit.push_back(Frame::Ack(Ack { up_to: self.committed }));
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmit.pop_front()
+    }
+}
+
+/// Capped exponential backoff for reconnects. Jitter comes from the caller (`rand01` in 0..1) so
+/// tests can switch it off.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    /// Fraction of the delay that is randomised (0 = no jitter, 0.5 = delay in 50%..100%).
+    jitter: f64,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration, jitter: f64) -> Self {
+        Self { base, cap, jitter: jitter.clamp(0.0, 1.0), attempt: 0 }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self, rand01: f64) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << self.attempt.min(20));
+        self.attempt = self.attempt.saturating_add(1);
+        let full = exp.min(self.cap);
+        full.mul_f64(1.0 - self.jitter * rand01.clamp(0.0, 1.0))
+    }
+
+    /// The connection succeeded: start from `base` again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.0);
+        let d: Vec<u128> = (0..6).map(|_| b.next_delay(0.7).as_millis()).collect();
+        assert_eq!(d, vec![100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_delay(0.0).as_millis(), 100);
+        let mut j = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.5);
+        assert_eq!(j.next_delay(1.0).as_millis(), 50);
+    }
+
+    #[test]
+    fn ingest_refuses_batches_before_hello() {
+        let mut s = IngestSession::new();
+        let err = s.handle_frame(Frame::EventBatch(EventBatch { after: 0, events: vec![] }));
+        assert_eq!(err, Err(IngestError::NoHello("event_batch")));
+    }
+}
