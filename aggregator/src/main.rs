@@ -1,1 +1,190 @@
-fn main(){}
+//! `its-aggregator` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use its_aggregator::config::RawConfig;
+use its_aggregator::pki::Pki;
+
+#[derive(Parser)]
+#[command(name = "its-aggregator", version, about = "ITS Camera AI aggregator: exactly-once ingest of traffic events from the agent fleet")]
+struct Cli {
+    /// Configuration file (TOML). Without it the embedded defaults apply; any value can be
+    /// overridden with ITS_AGGREGATOR__SECTION__KEY=value.
+    #[arg(long, short, global = true, env = "ITS_AGGREGATOR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve {
+        /// Write the bound addresses as JSON to this file once listening (for supervisors and tests).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate the configuration, print every problem, and exit.
+    CheckConfig,
+    /// The fleet certificate authority.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Device certificates.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Run an aggregator and an agent on this machine and show events arriving.
+    Demo {
+        /// Working directory (default: a new directory under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Seconds to run (0 = until Ctrl-C).
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Synthetic events per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// HTTP API address (a free port is taken if it is in use).
+        #[arg(long, default_value = "127.0.0.1:8470")]
+        http: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the CA, the server certificate and an empty revocation list.
+    Init {
+        /// Extra DNS names or IP addresses for the server certificate (agents connect by these).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Issue a certificate for a device and write its bundle (device.pem, device.key, ca.pem).
+    Enroll {
+        device_id: String,
+        /// Output directory for the bundle (default: ./<device-id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
+    /// Revoke every certificate of a device; a running aggregator refuses it within a second.
+    Revoke { device_id: String },
+    /// List issued certificates.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let source = cli.config.as_ref().map_or("<defaults>".to_string(), |p| p.display().to_string());
+    let raw = match RawConfig::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let pki = Pki::new(&raw.pki_dir);
+    match cli.command.unwrap_or(Command::Serve { ready_file: None }) {
+        Command::Pki(PkiCommand::Init { names }) => {
+            pki.init(&names)?;
+            println!("CA, server certificate and CRL written to {}", pki.dir().display());
+        }
+        Command::Device(DeviceCommand::Enroll { device_id, out, days }) => {
+            let out = out.unwrap_or_else(|| PathBuf::from(&device_id));
+            let bundle = pki.enroll(&device_id, &out, days)?;
+            println!("device {device_id}: bundle written to {}", bundle.dir.display());
+            println!("copy it to the box as /etc/its-agent/device (device.key is secret; mode 0600)");
+        }
+        Command::Device(DeviceCommand::Revoke { device_id }) => {
+            let n = pki.revoke(&device_id)?;
+            println!("revoked {n} certificate(s) of {device_id}; CRL updated at {}", pki.crl_path().display());
+        }
+        Command::Device(DeviceCommand::List) => {
+            for c in pki.issued()? {
+                let state = c.revoked_at.as_deref().map_or("valid".to_string(), |t| format!("revoked {t}"));
+                println!("{}\t{}\tuntil {}\t{state}", c.device_id, c.serial_hex, c.not_after);
+            }
+        }
+        Command::CheckConfig => match raw.validate(&source) {
+            Ok(_) => println!("{source}: configuration is valid"),
+            Err(e) => {
+                eprint!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        Command::Demo { dir, duration, rate, http } => {
+            let rt = runtime()?;
+            rt.block_on(async {
+                let metrics = its_aggregator::server::install_metrics()?;
+                let opts = its_aggregator::demo::DemoOptions { dir, duration: Duration::from_secs(duration), rate_per_s: rate, http };
+                its_aggregator::demo::run_demo(opts, metrics).await
+            })?;
+        }
+        Command::Serve { ready_file } => {
+            let cfg = match raw.validate(&source) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let metrics = its_aggregator::server::install_metrics()?;
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                let server = its_aggregator::server::Server::start(&cfg, metrics, ready_file, rx).await?;
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutting down");
+                    let _ = tx.send(true);
+                });
+                server.wait().await
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

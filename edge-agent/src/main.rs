@@ -1,1 +1,143 @@
-fn main(){}
+//! `its-agent` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use its_agent::config::{ConfigError, RawConfig};
+
+#[derive(Parser)]
+#[command(name = "its-agent", version, about = "ITS Camera AI edge agent: camera streams in, traffic events out, nothing lost")]
+struct Cli {
+    /// Configuration file (TOML). Without it the embedded defaults apply; any value can be
+    /// overridden with ITS_AGENT__SECTION__KEY=value.
+    #[arg(long, short, global = true, env = "ITS_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the configuration, print every problem, and exit.
+    CheckConfig,
+    /// Print the outbox's counters as JSON (works while the agent runs).
+    OutboxStats {
+        /// Outbox database; defaults to outbox.path from the configuration.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Development and test helpers.
+    #[command(hide = true, subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Append synthetic events to an outbox forever, printing each committed range.
+    OutboxWriter {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+    },
+}
+
+fn load(cli: &Cli) -> Result<RawConfig, ConfigError> {
+    RawConfig::load(cli.config.as_deref(), std::env::vars())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let source = cli.config.as_ref().map_or("<defaults>".to_string(), |p| p.display().to_string());
+    match &cli.command {
+        Some(Command::Debug(DebugCommand::OutboxWriter { path, batch })) => {
+            return report(its_agent::buffer::stress::run_outbox_writer(path, *batch));
+        }
+        Some(Command::OutboxStats { path: Some(path) }) => return report(print_stats(path.clone())),
+        _ => {}
+    }
+    let raw = match load(&cli) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::OutboxStats { path: None }) = &cli.command {
+        return report(print_stats(raw.outbox.path.clone()));
+    }
+    let cfg = match raw.validate(&source) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::CheckConfig) = &cli.command {
+        println!("{source}: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    report(rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            let _ = tx.send(true);
+        });
+        its_agent::agent::run_agent(cfg, rx).await
+    }))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn print_stats(path: PathBuf) -> anyhow::Result<()> {
+    let stats = its_agent::buffer::read_stats(&path)?;
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    Ok(())
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //!
 //! This crate does no I/O and reads no clock: time is always an argument.
 
+pub mod config;
 pub mod event;
 pub mod session;
 pub mod wire;

@@ -1,0 +1,112 @@
+//! Runs the aggregator: storage, the QUIC ingest listener and the HTTP API, until shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::config::ServerConfig;
+use crate::http::{AppState, router};
+use crate::pki::Pki;
+use crate::store::{EventStore, open_store};
+
+/// Where the listeners actually bound (port 0 in the configuration picks a free port).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddrs {
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Installs the process-wide Prometheus recorder (once per process).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    crate::telemetry::describe();
+    Ok(handle)
+}
+
+/// A running aggregator.
+pub struct Server {
+    pub addrs: BoundAddrs,
+    pub store: Arc<dyn EventStore>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Opens storage, binds both listeners and starts serving.
+    pub async fn start(
+        cfg: &ServerConfig,
+        metrics: PrometheusHandle,
+        ready_file: Option<PathBuf>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
+        let pki = Pki::new(&cfg.pki_dir);
+        if !pki.can_serve() {
+            anyhow::bail!("no CA or server certificate in {}: run `its-aggregator pki init` first", cfg.pki_dir.display());
+        }
+        let store = open_store(&cfg.database_url).await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+        let endpoint = crate::ingest::bind(&pki, &cfg.ingest)?;
+        let quic = endpoint.local_addr().context("QUIC local address")?;
+        let listener = tokio::net::TcpListener::bind(cfg.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
+        let http = listener.local_addr().context("HTTP local address")?;
+        let addrs = BoundAddrs { quic, http };
+        tracing::info!(quic = %quic, http = %http, backend = store.backend(), "aggregator listening");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(crate::ingest::serve(endpoint, pki, cfg.ingest.clone(), store.clone(), shutdown.clone()));
+        let app = router(AppState { store: store.clone(), metrics });
+        let mut sd = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = sd.changed().await;
+                })
+                .await
+                .context("HTTP server")
+        });
+        if let Some(path) = ready_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&addrs)?).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(Self { addrs, store, tasks })
+    }
+
+    /// Waits until every task ended (after shutdown), returning the first error.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        while let Some(r) = self.tasks.join_next().await {
+            r??;
+        }
+        Ok(())
+    }
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords_only() {
+        assert_eq!(super::redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}

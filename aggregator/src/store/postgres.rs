@@ -1,0 +1,271 @@
+//! PostgreSQL backend.
+//!
+//! A batch is one `INSERT .. SELECT FROM UNNEST(arrays) ON CONFLICT DO NOTHING` statement: one
+//! round trip and one (implicit) transaction per batch, durable at return with the default
+//! `synchronous_commit = on`.
+//!
+//! PostgreSQL text and JSONB cannot hold NUL characters; values from devices that contain one
+//! have it replaced by U+FFFD instead of failing the batch forever.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use its_shared::EventEnvelope;
+use its_shared::wire::{Heartbeat, Hello};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder};
+
+use super::{
+    DeviceRecord, DeviceRow, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome, StoreError,
+    cameras_json, count_from_db, device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Connections of the pool.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// [`EventStore`] on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `postgres://...` and applies migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// Text as PostgreSQL can store it: NUL replaced.
+fn pg_text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') { Cow::Owned(s.replace('\0', "\u{FFFD}")) } else { Cow::Borrowed(s) }
+}
+
+/// JSON text as JSONB can store it: serde_json writes NUL as `\u0000`, which JSONB rejects.
+fn pg_json(text: String) -> String {
+    if !text.contains("\\u0000") {
+        return text;
+    }
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => {
+                if s.contains('\0') {
+                    *s = s.replace('\0', "\u{FFFD}");
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            serde_json::Value::Object(m) => {
+                let old = std::mem::take(m);
+                for (k, mut val) in old {
+                    strip(&mut val);
+                    m.insert(pg_text(&k).into_owned(), val);
+                }
+            }
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(mut v) => {
+            strip(&mut v);
+            serde_json::to_string(&v).unwrap_or(text)
+        }
+        Err(_) => text,
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn record_hello(&self, device_id: &str, hello: &Hello, now_ms: i64) -> Result<u64, StoreError> {
+        sqlx::query(
+            "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, model, cameras) \
+             VALUES ($1, $2, $2, $3, $4, $5::jsonb) \
+             ON CONFLICT (device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
+             agent_version = excluded.agent_version, model = excluded.model, cameras = excluded.cameras",
+        )
+        .bind(pg_text(device_id).as_ref())
+        .bind(now_ms)
+        .bind(pg_text(&hello.agent_version).as_ref())
+        .bind(pg_text(&hello.model).as_ref())
+        .bind(pg_json(cameras_json(&hello.cameras)?))
+        .execute(&self.pool)
+        .await?;
+        self.high_water(device_id).await
+    }
+
+    async fn insert_events(
+        &self,
+        device_id: &str,
+        events: &[EventEnvelope],
+        now_ms: i64,
+    ) -> Result<InsertOutcome, StoreError> {
+        let rows = prepare_rows(events)?;
+        if rows.is_empty() {
+            return Ok(InsertOutcome::default());
+        }
+        let n = rows.len();
+        let mut seqs = Vec::with_capacity(n);
+        let mut cameras = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut observed = Vec::with_capacity(n);
+        let mut labels = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for r in rows {
+            seqs.push(r.seq);
+            cameras.push(pg_text(r.camera).into_owned());
+            kinds.push(r.kind);
+            observed.push(r.observed_at_ms);
+            labels.push(r.label.map(|l| pg_text(l).into_owned()));
+            payloads.push(pg_json(r.payload));
+        }
+        let result = sqlx::query(
+            "INSERT INTO events (device_id, seq, camera, kind, observed_at_ms, ingested_at_ms, label, payload) \
+             SELECT $1, u.seq, u.camera, u.kind, u.observed_at_ms, $2, u.label, u.payload::jsonb \
+             FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[]) \
+             AS u(seq, camera, kind, observed_at_ms, label, payload) \
+             ON CONFLICT (device_id, seq) DO NOTHING",
+        )
+        .bind(pg_text(device_id).as_ref())
+        .bind(now_ms)
+        .bind(seqs)
+        .bind(cameras)
+        .bind(kinds)
+        .bind(observed)
+        .bind(labels)
+        .bind(payloads)
+        .execute(&self.pool)
+        .await?;
+        let inserted = result.rows_affected();
+        Ok(InsertOutcome { inserted, duplicates: (n as u64).saturating_sub(inserted) })
+    }
+
+    async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {
+        let cameras: Vec<String> = hb.health.cameras.iter().map(|c| c.camera.clone()).collect();
+        sqlx::query(
+            "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, cameras, last_health, last_health_ms) \
+             VALUES ($1, $2, $2, $3, $4::jsonb, $5::jsonb, $2) \
+             ON CONFLICT (device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
+             last_health = excluded.last_health, last_health_ms = excluded.last_health_ms",
+        )
+        .bind(pg_text(device_id).as_ref())
+        .bind(now_ms)
+        .bind(pg_text(&hb.health.agent_version).as_ref())
+        .bind(pg_json(cameras_json(&cameras)?))
+        .bind(pg_json(health_json(&hb.health)?))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn high_water(&self, device_id: &str) -> Result<u64, StoreError> {
+        let (hw,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(seq), 0)::bigint FROM events WHERE device_id = $1")
+            .bind(pg_text(device_id).as_ref())
+            .fetch_one(&self.pool)
+            .await?;
+        seq_from_db(hw)
+    }
+
+    async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let rows: Vec<DeviceRow> = sqlx::query_as(
+            "SELECT d.device_id, d.first_seen_ms, d.last_seen_ms, d.agent_version, d.model, d.cameras::text, \
+             d.last_health::text, d.last_health_ms, \
+             COALESCE((SELECT MAX(e.seq) FROM events e WHERE e.device_id = d.device_id), 0)::bigint \
+             FROM devices d ORDER BY d.device_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(device_from_row).collect()
+    }
+
+    async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
+        let v = q.validate()?;
+        // Nothing stored contains NUL (see `pg_text`), and PostgreSQL refuses it as a parameter.
+        if [v.device, v.camera].into_iter().flatten().any(|s| s.contains('\0')) {
+            return Ok(EventPage { events: Vec::new(), next_cursor: None });
+        }
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload::text \
+             FROM events WHERE TRUE",
+        );
+        if let Some(device) = v.device {
+            qb.push(" AND device_id = ").push_bind(device);
+        }
+        if let Some(camera) = v.camera {
+            qb.push(" AND camera = ").push_bind(camera);
+        }
+        if let Some(kind) = v.kind {
+            qb.push(" AND kind = ").push_bind(kind);
+        }
+        if let Some(from) = v.from_ms {
+            qb.push(" AND observed_at_ms >= ").push_bind(from);
+        }
+        if let Some(to) = v.to_ms {
+            qb.push(" AND observed_at_ms < ").push_bind(to);
+        }
+        if let Some(c) = v.cursor {
+            qb.push(" AND (observed_at_ms, id) < (")
+                .push_bind(c.observed_at_ms)
+                .push(", ")
+                .push_bind(c.id)
+                .push(")");
+        }
+        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ")
+            .push_bind(i64::from(v.limit) + 1);
+        let rows: Vec<EventRow> = qb.build_query_as().fetch_all(&self.pool).await?;
+        page_from_rows(rows, v.limit)
+    }
+
+    async fn device_event_summary(&self, device_id: &str) -> Result<EventSummary, StoreError> {
+        let (total, distinct, min, max): (i64, i64, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM events WHERE device_id = $1",
+        )
+        .bind(pg_text(device_id).as_ref())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(EventSummary {
+            total: count_from_db(total)?,
+            distinct_seqs: count_from_db(distinct)?,
+            min_seq: min.map(seq_from_db).transpose()?,
+            max_seq: max.map(seq_from_db).transpose()?,
+        })
+    }
+
+    async fn device_seqs(&self, device_id: &str) -> Result<Vec<u64>, StoreError> {
+        let seqs: Vec<(i64,)> = sqlx::query_as("SELECT seq FROM events WHERE device_id = $1 ORDER BY seq")
+            .bind(pg_text(device_id).as_ref())
+            .fetch_all(&self.pool)
+            .await?;
+        seqs.into_iter().map(|(s,)| seq_from_db(s)).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_is_replaced_in_text_and_json() {
+        assert_eq!(pg_text("a\0b"), "a\u{FFFD}b");
+        assert!(matches!(pg_text("ab"), Cow::Borrowed(_)));
+        let j = serde_json::to_string(&serde_json::json!({"k\u{0}": ["x\u{0}", 1]})).expect("json");
+        let fixed = pg_json(j);
+        assert!(!fixed.contains("\\u0000"), "{fixed}");
+    }
+}

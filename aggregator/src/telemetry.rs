@@ -1,0 +1,70 @@
+//! Every metric the aggregator exports, emitted from one place, with its name and unit.
+
+use std::time::Duration;
+
+use its_shared::session::IngestStats;
+use metrics::{counter, gauge, histogram};
+
+pub const CONNECTIONS_TOTAL: &str = "its_ingest_connections_total";
+pub const CONNECTIONS_ACTIVE: &str = "its_ingest_connections_active";
+pub const HANDSHAKES_REFUSED: &str = "its_ingest_handshakes_refused_total";
+pub const EVENTS_STORED: &str = "its_ingest_events_stored_total";
+pub const EVENTS_DUPLICATE: &str = "its_ingest_events_duplicate_total";
+pub const BATCHES_COMMITTED: &str = "its_ingest_batches_committed_total";
+pub const BATCHES_OUT_OF_ORDER: &str = "its_ingest_batches_out_of_order_total";
+pub const COMMIT_SECONDS: &str = "its_ingest_commit_seconds";
+
+/// Registers descriptions (call once at start-up, after installing the recorder).
+pub fn describe() {
+    metrics::describe_counter!(CONNECTIONS_TOTAL, "Agent connections accepted after mutual TLS");
+    metrics::describe_gauge!(CONNECTIONS_ACTIVE, "Agent connections open now");
+    metrics::describe_counter!(HANDSHAKES_REFUSED, "QUIC/TLS handshakes refused (unknown, expired or revoked certificates, bad ALPN)");
+    metrics::describe_counter!(EVENTS_STORED, "Events committed to storage");
+    metrics::describe_counter!(EVENTS_DUPLICATE, "Events received again after they were stored (resends), dropped");
+    metrics::describe_counter!(BATCHES_COMMITTED, "Event batches committed");
+    metrics::describe_counter!(BATCHES_OUT_OF_ORDER, "Event batches dropped because an earlier batch was missing");
+    metrics::describe_histogram!(COMMIT_SECONDS, metrics::Unit::Seconds, "Time to commit one event batch");
+}
+
+pub fn handshake_refused() {
+    counter!(HANDSHAKES_REFUSED).increment(1);
+}
+
+/// Counts a connection while it lives.
+pub struct ConnectionGuard;
+
+impl ConnectionGuard {
+    pub fn new() -> Self {
+        counter!(CONNECTIONS_TOTAL).increment(1);
+        gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+        ConnectionGuard
+    }
+}
+
+impl Default for ConnectionGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+    }
+}
+
+pub fn batch_committed(inserted: u64, duplicates: u64, took: Duration) {
+    counter!(EVENTS_STORED).increment(inserted);
+    counter!(EVENTS_DUPLICATE).increment(duplicates);
+    counter!(BATCHES_COMMITTED).increment(1);
+    histogram!(COMMIT_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn batch_out_of_order() {
+    counter!(BATCHES_OUT_OF_ORDER).increment(1);
+}
+
+/// Duplicates the session filtered before storage (its watermark) count as duplicates too.
+pub fn session_closed(stats: &IngestStats) {
+    counter!(EVENTS_DUPLICATE).increment(stats.duplicates);
+}

@@ -1,0 +1,170 @@
+//! Helpers shared by the aggregator's integration tests: real processes, a UDP relay that can
+//! cut the link, PostgreSQL databases per test.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+
+pub fn pg_admin_url() -> String {
+    std::env::var("ITS_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A fresh PostgreSQL database for one test, dropped at the end.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create(prefix: &str) -> Self {
+        use sqlx::Connection;
+        let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
+        let admin = pg_admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin).await.expect("PostgreSQL reachable (set ITS_TEST_PG_URL)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut conn).await.expect("create database");
+        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).expect("url has a database");
+        Self { url: format!("{base}/{name}"), name }
+    }
+
+    pub async fn drop_db(self) {
+        use sqlx::Connection;
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))).execute(&mut conn).await;
+        }
+    }
+}
+
+/// The built binaries of the workspace (`cargo test --workspace` builds both).
+pub fn aggregator_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_its-aggregator"))
+}
+
+pub fn agent_bin() -> PathBuf {
+    let p = aggregator_bin().with_file_name(format!("its-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.is_file(), "{} missing: run the tests with --workspace so both binaries are built", p.display());
+    p
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self { child, name }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill9();
+        }
+    }
+}
+
+/// Waits for the aggregator's ready file and returns the bound addresses.
+pub fn wait_ready(path: &Path, log: &Path) -> its_aggregator::server::BoundAddrs {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(bytes) = std::fs::read(path)
+            && let Ok(addrs) = serde_json::from_slice(&bytes)
+        {
+            return addrs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregator did not become ready; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A UDP relay between agents and the aggregator that can drop everything (a cut link).
+pub struct UdpRelay {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpRelay {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
+        let addr = front.local_addr().expect("relay addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut2 = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut peers: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> = Default::default();
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
+                if cut2.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let back = match peers.get(&from) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                        s.connect(upstream).await.expect("connect upstream");
+                        let (s2, f2, c2) = (s.clone(), front.clone(), cut2.clone());
+                        tokio::spawn(async move {
+                            let mut b = vec![0u8; 65_536];
+                            while let Ok(n) = s2.recv(&mut b).await {
+                                if !c2.load(Ordering::Relaxed) {
+                                    let _ = f2.send_to(&b[..n], from).await;
+                                }
+                            }
+                        });
+                        peers.insert(from, s.clone());
+                        s
+                    }
+                };
+                let _ = back.send(&buf[..n]).await;
+            }
+        });
+        Self { addr, cut, task }
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,331 @@
+//! The REST API, called without a socket (`tower::ServiceExt::oneshot`) over a SQLite store.
+
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use its_aggregator::http::{AppState, HTTP_REQUESTS_TOTAL, router};
+use its_aggregator::store::{
+    DeviceRecord, EventPage, EventQuery, EventStore, EventSummary, InsertOutcome, StoreError, open_store,
+};
+use its_shared::event::ObjectRef;
+use its_shared::wire::{Heartbeat, Hello};
+use its_shared::{DeviceHealth, EventEnvelope, EventKind};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+const T0: i64 = 1_700_000_000_000;
+
+/// The process-wide recorder (installed once; tests run in parallel threads).
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().expect("install recorder"))
+        .clone()
+}
+
+fn event(seq: u64, camera: &str, observed_at_ms: i64) -> EventEnvelope {
+    let object = ObjectRef { track_id: seq, label: "car".into(), score: 0.9, bbox: [0.0, 0.0, 0.5, 0.5] };
+    let kind = if seq % 2 == 0 {
+        EventKind::ZoneEnter { zone: "junction".into(), object }
+    } else {
+        EventKind::SpeedMeasurement { object, speed_kmh: 42.0, zone: Some("lane-1".into()) }
+    };
+    EventEnvelope { seq, camera: camera.to_owned(), observed_at_ms, kind }
+}
+
+/// A router over an in-memory SQLite store holding 250 events of `dev-a` (cam-1 and Tür-Süd)
+/// and 10 of `dev-b`.
+async fn app() -> (Router, Arc<dyn EventStore>) {
+    let store = open_store("sqlite::memory:").await.expect("open store");
+    let hello = Hello {
+        agent_version: "1.2.3".into(),
+        model: "yolo11n".into(),
+        cameras: vec!["cam-1".into(), "Tür-Süd".into()],
+        last_acked_seq: 0,
+        last_assigned_seq: 0,
+    };
+    store.record_hello("dev-a", &hello, T0).await.expect("hello");
+    let a: Vec<_> = (1..=250u64)
+        .map(|s| event(s, if s % 5 == 0 { "Tür-Süd" } else { "cam-1" }, T0 + s as i64 * 1000))
+        .collect();
+    store.insert_events("dev-a", &a, T0).await.expect("insert a");
+    let b: Vec<_> = (1..=10u64).map(|s| event(s, "cam-1", T0 + s as i64 * 1000 + 1)).collect();
+    store.insert_events("dev-b", &b, T0).await.expect("insert b");
+    store
+        .record_health("dev-a", &Heartbeat { sent_at_ms: T0, health: DeviceHealth { uptime_s: 9, ..Default::default() } }, T0)
+        .await
+        .expect("health");
+    let state = AppState { store: Arc::clone(&store), metrics: metrics_handle() };
+    (router(state), store)
+}
+
+async fn call(app: &Router, method: &str, uri: &str) -> (StatusCode, Option<String>, Vec<u8>) {
+    let req = Request::builder().method(method).uri(uri).body(Body::empty()).expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024).await.expect("body");
+    (status, ctype, body.to_vec())
+}
+
+async fn get_json(app: &Router, uri: &str) -> (StatusCode, Value) {
+    let (status, ctype, body) = call(app, "GET", uri).await;
+    assert_eq!(ctype.as_deref(), Some("application/json"), "{uri}");
+    let v = serde_json::from_slice(&body).expect("JSON body");
+    (status, v)
+}
+
+/// Asserts the error shape and returns the code.
+fn error_code(v: &Value) -> &str {
+    let err = v.get("error").and_then(Value::as_object).expect("error object");
+    assert!(err.get("message").and_then(Value::as_str).is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(err.len(), 2, "{v}");
+    err.get("code").and_then(Value::as_str).expect("code")
+}
+
+#[tokio::test]
+async fn healthz_reports_backend() {
+    let (app, _) = app().await;
+    let (status, v) = get_json(&app, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v, serde_json::json!({"status": "ok", "backend": "sqlite"}));
+}
+
+#[tokio::test]
+async fn devices_are_listed() {
+    let (app, _) = app().await;
+    let (status, v) = get_json(&app, "/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK);
+    let devices = v["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 1, "dev-b sent no hello: {v}");
+    let d = &devices[0];
+    assert_eq!(d["device_id"], "dev-a");
+    assert_eq!(d["agent_version"], "1.2.3");
+    assert_eq!(d["cameras"], serde_json::json!(["cam-1", "Tür-Süd"]));
+    assert_eq!(d["high_water_seq"], 250);
+    assert_eq!(d["last_health"]["uptime_s"], 9);
+    assert_eq!(d["first_seen_ms"], T0);
+}
+
+#[tokio::test]
+async fn events_are_filtered_and_shaped() {
+    let (app, _) = app().await;
+    let (status, v) = get_json(&app, "/api/v1/events?device=dev-a&camera=T%C3%BCr-S%C3%BCd&kind=zone_enter&limit=1000").await;
+    assert_eq!(status, StatusCode::OK);
+    let events = v["events"].as_array().expect("events");
+    // seq % 5 == 0 and even: multiples of 10 up to 250.
+    assert_eq!(events.len(), 25);
+    assert!(v["next_cursor"].is_null());
+    let e = &events[0];
+    assert_eq!(e["id"], "dev-a:250");
+    assert_eq!(e["camera"], "Tür-Süd");
+    assert_eq!(e["kind"], "zone_enter");
+    assert_eq!(e["label"], "car");
+    assert_eq!(e["@timestamp"], "2023-11-14T22:17:30.000Z");
+    assert_eq!(e["payload"]["zone"], "junction");
+
+    // Time window by RFC 3339 and by Unix ms give the same answer; `to` is exclusive.
+    let (_, by_rfc) = get_json(
+        &app,
+        "/api/v1/events?device=dev-a&from=2023-11-14T22:13:30Z&to=2023-11-14T23:13:40%2B01:00",
+    )
+    .await;
+    let (_, by_ms) = get_json(
+        &app,
+        &format!("/api/v1/events?device=dev-a&from={}&to={}", T0 + 10_000, T0 + 20_000),
+    )
+    .await;
+    assert_eq!(by_rfc, by_ms);
+    let seqs: Vec<u64> = by_ms["events"].as_array().expect("events").iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (10..20).rev().collect::<Vec<u64>>());
+
+    // Empty values count as absent.
+    let (status, v) = get_json(&app, "/api/v1/events?device=&kind=&limit=").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["events"].as_array().map(Vec::len), Some(100));
+
+    // Injection-looking values are values.
+    let (status, v) = get_json(&app, "/api/v1/events?device=%27%20OR%201%3D1%20--").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["events"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test]
+async fn pagination_through_http() {
+    let (app, _) = app().await;
+    let mut uri = "/api/v1/events?limit=37".to_owned();
+    let mut ids = Vec::new();
+    let mut last_ts = i64::MAX;
+    for _ in 0..100 {
+        let (status, v) = get_json(&app, &uri).await;
+        assert_eq!(status, StatusCode::OK);
+        for e in v["events"].as_array().expect("events") {
+            let ts = e["observed_at_ms"].as_i64().expect("ts");
+            assert!(ts <= last_ts);
+            last_ts = ts;
+            ids.push(e["id"].as_str().expect("id").to_owned());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => uri = format!("/api/v1/events?limit=37&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids.len(), 260);
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 260);
+}
+
+#[tokio::test]
+async fn bad_requests_are_400_with_json_errors() {
+    let (app, _) = app().await;
+    let cases = [
+        ("/api/v1/events?kind=car", "invalid_parameter"),
+        ("/api/v1/events?limit=0", "invalid_parameter"),
+        ("/api/v1/events?limit=1001", "invalid_parameter"),
+        ("/api/v1/events?limit=-1", "invalid_parameter"),
+        ("/api/v1/events?limit=ten", "invalid_parameter"),
+        ("/api/v1/events?limit=99999999999999999999", "invalid_parameter"),
+        ("/api/v1/events?from=yesterday", "invalid_parameter"),
+        ("/api/v1/events?to=2023-13-45T00:00:00Z", "invalid_parameter"),
+        ("/api/v1/events?from=99999999999999999999999", "invalid_parameter"),
+        ("/api/v1/events?from=2000&to=1000", "invalid_parameter"),
+        ("/api/v1/events?device=a&device=b", "invalid_parameter"),
+        ("/api/v1/events?cursor=not-a-cursor", "invalid_cursor"),
+        ("/api/v1/events?cursor=eDox", "invalid_cursor"),
+        ("/api/v1/events?cursor=%FF%FE", "invalid_cursor"),
+        ("/api/v1/events?devices=dev-a", "unknown_parameter"),
+        ("/api/v1/events?DEVICE=dev-a", "unknown_parameter"),
+        ("/api/v1/events?device=dev-a&x", "unknown_parameter"),
+    ];
+    for (uri, code) in cases {
+        let (status, v) = get_json(&app, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert_eq!(error_code(&v), code, "{uri}: {v}");
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods() {
+    let (app, _) = app().await;
+    for uri in ["/", "/api/v1/event", "/api/v1/events/", "/api/v2/events", "/%FF", "/api/v1/devices/dev-a"] {
+        let (status, v) = get_json(&app, uri).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(error_code(&v), "not_found");
+    }
+    let (status, ctype, body) = call(&app, "POST", "/api/v1/events").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(ctype.as_deref(), Some("application/json"));
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(error_code(&v), "method_not_allowed");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let (app, _) = app().await;
+    get_json(&app, "/healthz").await;
+    get_json(&app, "/api/v1/events?kind=nope").await;
+    get_json(&app, "/no/such/route").await;
+    let (status, ctype, body) = call(&app, "GET", "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ctype.is_some_and(|c| c.starts_with("text/plain")));
+    let text = String::from_utf8(body).expect("utf8");
+    assert!(text.contains(HTTP_REQUESTS_TOTAL), "{text}");
+    for needle in [
+        "route=\"/healthz\",status=\"200\"",
+        "route=\"/api/v1/events\",status=\"400\"",
+        "route=\"unmatched\",status=\"404\"",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(HTTP_REQUESTS_TOTAL) && l.contains(needle)),
+            "{needle} missing in:\n{text}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failures of the store: 503 for an unreachable database, 500 without internals otherwise.
+
+struct BrokenStore {
+    unreachable: bool,
+}
+
+impl BrokenStore {
+    fn err(&self) -> StoreError {
+        if self.unreachable {
+            StoreError::Unavailable(sqlx::Error::PoolTimedOut)
+        } else {
+            StoreError::Corrupt("secret table xyz_internal is broken".into())
+        }
+    }
+}
+
+#[async_trait]
+impl EventStore for BrokenStore {
+    async fn record_hello(&self, _: &str, _: &Hello, _: i64) -> Result<u64, StoreError> {
+        Err(self.err())
+    }
+    async fn insert_events(&self, _: &str, _: &[EventEnvelope], _: i64) -> Result<InsertOutcome, StoreError> {
+        Err(self.err())
+    }
+    async fn record_health(&self, _: &str, _: &Heartbeat, _: i64) -> Result<(), StoreError> {
+        Err(self.err())
+    }
+    async fn high_water(&self, _: &str) -> Result<u64, StoreError> {
+        Err(self.err())
+    }
+    async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        Err(self.err())
+    }
+    async fn query_events(&self, _: &EventQuery) -> Result<EventPage, StoreError> {
+        Err(self.err())
+    }
+    async fn device_event_summary(&self, _: &str) -> Result<EventSummary, StoreError> {
+        Err(self.err())
+    }
+    async fn device_seqs(&self, _: &str) -> Result<Vec<u64>, StoreError> {
+        Err(self.err())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Err(self.err())
+    }
+    fn backend(&self) -> &'static str {
+        "broken"
+    }
+}
+
+#[tokio::test]
+async fn unreachable_database_is_503() {
+    let app = router(AppState { store: Arc::new(BrokenStore { unreachable: true }), metrics: metrics_handle() });
+    for uri in ["/healthz", "/api/v1/devices", "/api/v1/events"] {
+        let (status, v) = get_json(&app, uri).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert_eq!(error_code(&v), "unavailable");
+    }
+}
+
+#[tokio::test]
+async fn internal_failures_are_500_without_internals() {
+    let app = router(AppState { store: Arc::new(BrokenStore { unreachable: false }), metrics: metrics_handle() });
+    for uri in ["/api/v1/devices", "/api/v1/events?device=x"] {
+        let (status, ctype, body) = call(&app, "GET", uri).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
+        assert_eq!(ctype.as_deref(), Some("application/json"));
+        let text = String::from_utf8(body).expect("utf8");
+        assert!(!text.contains("xyz_internal"), "{text}");
+        let v: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(error_code(&v), "internal");
+    }
+    // Parameter errors are still 400: they are checked before the store is called... or by it.
+    let (status, _) = get_json(&app, "/api/v1/events?bogus=1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

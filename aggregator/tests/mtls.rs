@@ -1,0 +1,150 @@
+//! Mutual TLS on the QUIC listener: a device with a certificate from the fleet CA is served and
+//! identified by that certificate; unknown, expired and revoked certificates are refused.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use its_agent::uplink::tls::{DeviceBundle, client_config};
+use its_aggregator::config::ServerConfig;
+use its_aggregator::ingest::IngestConfig;
+use its_aggregator::pki::Pki;
+use its_aggregator::server::Server;
+use its_shared::wire::{self, Frame, FrameDecoder, Hello};
+use time::OffsetDateTime;
+
+fn hello() -> Hello {
+    Hello { agent_version: "test".into(), model: "none".into(), cameras: vec!["c1".into()], last_acked_seq: 0, last_assigned_seq: 0 }
+}
+
+/// Connects with `bundle`, sends Hello, and returns the welcome ack, or the error text.
+async fn try_session(addr: std::net::SocketAddr, bundle: &DeviceBundle) -> Result<u64, String> {
+    let tls = client_config(bundle).map_err(|e| e.to_string())?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let fut = async {
+        let conn = ep.connect(addr, "its-aggregator").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&wire::encode(&Frame::Hello(hello())).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+        let mut dec = FrameDecoder::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = recv.read(&mut buf).await.map_err(|e| e.to_string())?.ok_or("stream closed")?;
+            dec.extend(&buf[..n]);
+            if let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
+                return match f {
+                    Frame::Ack(a) => Ok(a.up_to),
+                    other => Err(format!("unexpected {other:?}")),
+                };
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut).await.map_err(|_| "timed out".to_string())?
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pki: Pki,
+    server: Server,
+    root: std::path::PathBuf,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    let pki = Pki::new(root.join("pki"));
+    pki.init(&[]).expect("pki init");
+    let cfg = ServerConfig {
+        database_url: format!("sqlite://{}", root.join("events.db").display()),
+        pki_dir: root.join("pki"),
+        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5) },
+        http_listen: ([127, 0, 0, 1], 0).into(),
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let server = Server::start(&cfg, metrics, None, rx).await.expect("server");
+    Fixture { _dir: dir, pki, server, root, _stop: stop }
+}
+
+#[tokio::test]
+async fn enrolled_device_is_served_and_identified_by_its_certificate() {
+    let f = fixture().await;
+    let bundle_dir = f.root.join("box-7");
+    f.pki.enroll("box-7", &bundle_dir, 30).expect("enroll");
+    let ack = try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&bundle_dir)).await.expect("served");
+    assert_eq!(ack, 0);
+    let devices = f.server.store.list_devices().await.expect("devices");
+    assert_eq!(devices.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), vec!["box-7"]);
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused() {
+    let f = fixture().await;
+    let rogue = Pki::new(f.root.join("rogue-pki"));
+    rogue.init(&[]).expect("rogue init");
+    let rogue_bundle = f.root.join("rogue");
+    rogue.enroll("box-7", &rogue_bundle, 30).expect("enroll");
+    // Trust the real server, present the rogue certificate.
+    std::fs::copy(f.pki.ca_cert_path(), rogue_bundle.join("ca.pem")).expect("copy ca");
+    let r = try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&rogue_bundle)).await;
+    assert!(r.is_err(), "unknown CA accepted: {r:?}");
+    assert!(f.server.store.list_devices().await.expect("devices").is_empty());
+}
+
+#[tokio::test]
+async fn expired_certificate_is_refused() {
+    let f = fixture().await;
+    let now = OffsetDateTime::now_utc();
+    let dir = f.root.join("old");
+    f.pki
+        .enroll_with_validity("box-old", &dir, now - time::Duration::days(30), now - time::Duration::days(1))
+        .expect("enroll");
+    let r = try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&dir)).await;
+    assert!(r.is_err(), "expired certificate accepted: {r:?}");
+    // A certificate not yet valid is refused as well.
+    let dir = f.root.join("future");
+    f.pki
+        .enroll_with_validity("box-future", &dir, now + time::Duration::days(1), now + time::Duration::days(30))
+        .expect("enroll");
+    assert!(try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&dir)).await.is_err());
+    assert!(f.server.store.list_devices().await.expect("devices").is_empty());
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_without_a_restart() {
+    let f = fixture().await;
+    let dir = f.root.join("box-r");
+    f.pki.enroll("box-r", &dir, 30).expect("enroll");
+    let bundle = DeviceBundle::in_dir(&dir);
+    try_session(f.server.addrs.quic, &bundle).await.expect("served before revocation");
+    assert_eq!(f.pki.revoke("box-r").expect("revoke"), 1);
+    // The server checks the CRL's modification time every second.
+    let mut refused = false;
+    for _ in 0..40 {
+        if try_session(f.server.addrs.quic, &bundle).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(refused, "revoked certificate still accepted");
+    // Another device is unaffected.
+    let other = f.root.join("box-ok");
+    f.pki.enroll("box-ok", &other, 30).expect("enroll");
+    try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&other)).await.expect("other device served");
+}
+
+#[test]
+fn device_ids_are_validated_before_issuing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path().join("pki"));
+    pki.init(&[]).expect("init");
+    for bad in ["", "a b", "../etc", "x".repeat(65).as_str(), "dev\u{e9}"] {
+        assert!(pki.enroll(bad, &dir.path().join("b"), 1).is_err(), "{bad:?} accepted");
+    }
+    assert!(pki.init(&[]).is_err(), "second init must not overwrite the CA");
+    assert!(pki.revoke("never-enrolled").is_err());
+}

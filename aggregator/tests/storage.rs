@@ -1,0 +1,710 @@
+//! One storage test suite, run against both backends: SQLite (a file in a temporary directory)
+//! and PostgreSQL (a fresh database per test, created through the admin connection named by
+//! `ITS_TEST_PG_URL` and dropped afterwards).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use its_aggregator::store::{EventQuery, EventStore, StoreError, open_store};
+use its_shared::event::{CameraHealth, ClassCount, Direction, ObjectRef, Phase};
+use its_shared::wire::{Heartbeat, Hello};
+use its_shared::{DeviceHealth, EventEnvelope, EventKind};
+use sqlx::Connection as _;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("ITS_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
+}
+
+/// `postgres://user@host:port/db?params` with the database replaced.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, params) = match url.split_once('?') {
+        Some((b, p)) => (b, Some(p)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match params {
+        Some(p) => format!("{host_part}/{db}?{p}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+fn unique_name() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("its_test_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos)
+}
+
+/// Runs `test` against a fresh store of `backend`, cleaning up even when the test panics.
+async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(Arc<dyn EventStore>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}", dir.path().join("events.db").display());
+            let store = open_store(&url).await.expect("open sqlite store");
+            assert_eq!(store.backend(), "sqlite");
+            let outcome = tokio::spawn(test(store)).await;
+            drop(dir);
+            if let Err(e) = outcome {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        Backend::Postgres => {
+            let admin_url = pg_admin_url();
+            let name = unique_name();
+            let mut admin = sqlx::PgConnection::connect(&admin_url)
+                .await
+                .expect("connect to PostgreSQL (set ITS_TEST_PG_URL)");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            let store = open_store(&with_database(&admin_url, &name))
+                .await
+                .expect("open postgres store");
+            assert_eq!(store.backend(), "postgres");
+            let outcome = tokio::spawn(test(store)).await;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+                .execute(&mut admin)
+                .await
+                .expect("drop test database");
+            if let Err(e) = outcome {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::Backend::Sqlite, super::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::Backend::Postgres, super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    idempotent_insert,
+    high_water_per_device,
+    hello_upserts_the_device,
+    health_is_recorded,
+    query_filters,
+    pagination_walks_every_event_once_in_order,
+    pagination_with_filters_and_exact_pages,
+    invalid_queries_are_refused,
+    cursor_tampering_is_an_error,
+    injection_looking_values_are_just_values,
+    unicode_and_nul_strings,
+    out_of_range_seq_stores_nothing,
+    concurrent_overlapping_batches,
+    event_json_public_form,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+const T0: i64 = 1_700_000_000_000;
+
+fn object(track_id: u64, label: &str) -> ObjectRef {
+    ObjectRef { track_id, label: label.to_owned(), score: 0.75, bbox: [0.1, 0.2, 0.3, 0.4] }
+}
+
+/// A kind per `i % 5`, covering events with and without an object.
+fn kind(i: u64) -> EventKind {
+    match i % 5 {
+        0 => EventKind::LineCrossing {
+            line: "north".into(),
+            object: object(i, "car"),
+            direction: Direction::In,
+            speed_kmh: Some(50.0),
+        },
+        1 => EventKind::ZoneEnter { zone: "junction".into(), object: object(i, "truck") },
+        2 => EventKind::Congestion {
+            zone: "junction".into(),
+            phase: Phase::Started,
+            occupancy: 7,
+            mean_speed_kmh: None,
+            queue_length_m: Some(30.0),
+        },
+        3 => EventKind::Counts {
+            line: "north".into(),
+            interval_s: 60,
+            counts: vec![ClassCount { label: "car".into(), direction: Direction::Out, count: 3 }],
+        },
+        _ => EventKind::SpeedMeasurement { object: object(i, "car"), speed_kmh: 61.5, zone: None },
+    }
+}
+
+fn ev(seq: u64, camera: &str, observed_at_ms: i64) -> EventEnvelope {
+    EventEnvelope { seq, camera: camera.to_owned(), observed_at_ms, kind: kind(seq) }
+}
+
+fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<EventEnvelope> {
+    seqs.map(|s| ev(s, "cam-1", T0 + s as i64)).collect()
+}
+
+fn hello(version: &str, cameras: &[&str]) -> Hello {
+    Hello {
+        agent_version: version.to_owned(),
+        model: "yolo11n".to_owned(),
+        cameras: cameras.iter().map(|c| (*c).to_owned()).collect(),
+        last_acked_seq: 0,
+        last_assigned_seq: 0,
+    }
+}
+
+/// Every event matching `q`, walking all pages.
+async fn walk(store: &Arc<dyn EventStore>, mut q: EventQuery) -> Vec<its_aggregator::store::StoredEvent> {
+    let mut all = Vec::new();
+    for _ in 0..10_000 {
+        let page = store.query_events(&q).await.expect("query page");
+        all.extend(page.events);
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => return all,
+        }
+    }
+    panic!("pagination did not terminate");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+async fn idempotent_insert(store: Arc<dyn EventStore>) {
+    let b = batch(1..=100);
+    let first = store.insert_events("dev-a", &b, T0).await.expect("insert");
+    assert_eq!((first.inserted, first.duplicates), (100, 0));
+    let again = store.insert_events("dev-a", &b, T0 + 1).await.expect("insert again");
+    assert_eq!((again.inserted, again.duplicates), (0, 100));
+    let overlap = store.insert_events("dev-a", &batch(51..=150), T0 + 2).await.expect("overlap");
+    assert_eq!((overlap.inserted, overlap.duplicates), (50, 50));
+    let empty = store.insert_events("dev-a", &[], T0).await.expect("empty");
+    assert_eq!((empty.inserted, empty.duplicates), (0, 0));
+
+    let s = store.device_event_summary("dev-a").await.expect("summary");
+    assert_eq!((s.total, s.distinct_seqs, s.min_seq, s.max_seq), (150, 150, Some(1), Some(150)));
+    let seqs = store.device_seqs("dev-a").await.expect("seqs");
+    assert_eq!(seqs, (1..=150).collect::<Vec<u64>>());
+
+    // The first copy wins: a resend does not change ingested_at.
+    let page = store
+        .query_events(&EventQuery { device: Some("dev-a".into()), limit: Some(1000), ..Default::default() })
+        .await
+        .expect("query");
+    assert!(page.events.iter().filter(|e| e.seq <= 50).all(|e| e.ingested_at_ms == T0));
+
+    // The same seq on another device is another event.
+    let other = store.insert_events("dev-b", &batch(1..=10), T0).await.expect("other device");
+    assert_eq!(other.inserted, 10);
+    let empty = store.device_event_summary("nobody").await.expect("summary");
+    assert_eq!((empty.total, empty.min_seq, empty.max_seq), (0, None, None));
+    assert!(store.device_seqs("nobody").await.expect("seqs").is_empty());
+}
+
+async fn high_water_per_device(store: Arc<dyn EventStore>) {
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), 0);
+    store.insert_events("dev-a", &batch(1..=10), T0).await.expect("insert");
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), 10);
+    assert_eq!(store.high_water("dev-b").await.expect("hw"), 0);
+    // A gap (evicted on the device) still moves the mark to the highest stored seq.
+    store.insert_events("dev-a", &batch(20..=25), T0).await.expect("insert");
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), 25);
+    store.insert_events("dev-b", &batch(1..=3), T0).await.expect("insert");
+    assert_eq!(store.high_water("dev-b").await.expect("hw"), 3);
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), 25);
+}
+
+async fn hello_upserts_the_device(store: Arc<dyn EventStore>) {
+    assert!(store.list_devices().await.expect("list").is_empty());
+    let hw = store.record_hello("dev-a", &hello("1.0.0", &["cam-1"]), T0).await.expect("hello");
+    assert_eq!(hw, 0);
+    store.insert_events("dev-a", &batch(1..=42), T0 + 10).await.expect("insert");
+    let hw = store
+        .record_hello("dev-a", &hello("1.1.0", &["cam-1", "cam-2"]), T0 + 1000)
+        .await
+        .expect("hello again");
+    assert_eq!(hw, 42);
+    store.record_hello("dev-b", &hello("0.9.0", &[]), T0 + 500).await.expect("hello b");
+
+    let devices = store.list_devices().await.expect("list");
+    assert_eq!(devices.len(), 2);
+    let a = &devices[0];
+    assert_eq!(a.device_id, "dev-a");
+    assert_eq!(a.first_seen_ms, T0);
+    assert_eq!(a.last_seen_ms, T0 + 1000);
+    assert_eq!(a.agent_version, "1.1.0");
+    assert_eq!(a.model, "yolo11n");
+    assert_eq!(a.cameras, vec!["cam-1".to_owned(), "cam-2".to_owned()]);
+    assert_eq!(a.high_water_seq, 42);
+    assert_eq!(a.last_health, None);
+    assert_eq!(a.last_health_ms, None);
+    let b = &devices[1];
+    assert_eq!((b.device_id.as_str(), b.high_water_seq, b.cameras.len()), ("dev-b", 0, 0));
+}
+
+async fn health_is_recorded(store: Arc<dyn EventStore>) {
+    store.record_hello("dev-a", &hello("1.0.0", &["cam-1"]), T0).await.expect("hello");
+    let health = DeviceHealth {
+        agent_version: "1.0.0".into(),
+        uptime_s: 3600,
+        produced_total: 1000,
+        outbox_events: 12,
+        acked_seq: 988,
+        cameras: vec![CameraHealth { camera: "cam-1".into(), state: "streaming".into(), fps: 14.5, reconnects: 2 }],
+        temperature_c: Some(61.25),
+        ..Default::default()
+    };
+    let hb = Heartbeat { sent_at_ms: T0 + 100, health: health.clone() };
+    store.record_health("dev-a", &hb, T0 + 200).await.expect("health");
+    // A heartbeat from a device never seen creates its row.
+    store.record_health("dev-z", &hb, T0 + 300).await.expect("health of unknown device");
+
+    let devices = store.list_devices().await.expect("list");
+    let a = devices.iter().find(|d| d.device_id == "dev-a").expect("dev-a");
+    assert_eq!(a.last_health.as_ref(), Some(&health));
+    assert_eq!(a.last_health_ms, Some(T0 + 200));
+    assert_eq!((a.first_seen_ms, a.last_seen_ms), (T0, T0 + 200));
+    assert_eq!((a.model.as_str(), a.cameras.len()), ("yolo11n", 1));
+    let z = devices.iter().find(|d| d.device_id == "dev-z").expect("dev-z");
+    assert_eq!((z.first_seen_ms, z.last_health_ms), (T0 + 300, Some(T0 + 300)));
+    assert_eq!(z.cameras, vec!["cam-1".to_owned()]);
+
+    // A later heartbeat replaces the report.
+    let newer = Heartbeat { sent_at_ms: T0 + 900, health: DeviceHealth { uptime_s: 3700, ..health.clone() } };
+    store.record_health("dev-a", &newer, T0 + 1000).await.expect("health");
+    let devices = store.list_devices().await.expect("list");
+    let a = devices.iter().find(|d| d.device_id == "dev-a").expect("dev-a");
+    assert_eq!(a.last_health.as_ref().map(|h| h.uptime_s), Some(3700));
+}
+
+/// dev-a: 60 events on cam-1/cam-2 alternating; dev-b: 40 events on cam-1. Times interleave.
+async fn seed_two_devices(store: &Arc<dyn EventStore>) {
+    let a: Vec<_> = (1..=60u64)
+        .map(|s| ev(s, if s % 2 == 0 { "cam-2" } else { "cam-1" }, T0 + (s as i64) * 10))
+        .collect();
+    let b: Vec<_> = (1..=40u64).map(|s| ev(s, "cam-1", T0 + (s as i64) * 10 + 5)).collect();
+    store.insert_events("dev-a", &a, T0).await.expect("insert a");
+    store.insert_events("dev-b", &b, T0).await.expect("insert b");
+}
+
+async fn query_filters(store: Arc<dyn EventStore>) {
+    seed_two_devices(&store).await;
+    let q = |f: fn(&mut EventQuery)| {
+        let mut q = EventQuery { limit: Some(1000), ..Default::default() };
+        f(&mut q);
+        q
+    };
+    let all = store.query_events(&q(|_| {})).await.expect("all");
+    assert_eq!(all.events.len(), 100);
+    assert!(all.next_cursor.is_none());
+    assert!(all.events.windows(2).all(|w| w[0].observed_at_ms >= w[1].observed_at_ms));
+
+    let by_dev = store.query_events(&q(|q| q.device = Some("dev-a".into()))).await.expect("device");
+    assert_eq!(by_dev.events.len(), 60);
+    assert!(by_dev.events.iter().all(|e| e.device_id == "dev-a"));
+
+    let by_cam = store.query_events(&q(|q| q.camera = Some("cam-2".into()))).await.expect("camera");
+    assert_eq!(by_cam.events.len(), 30);
+
+    let dev_cam = store
+        .query_events(&q(|q| {
+            q.device = Some("dev-b".into());
+            q.camera = Some("cam-1".into());
+        }))
+        .await
+        .expect("device+camera");
+    assert_eq!(dev_cam.events.len(), 40);
+
+    // kind(i) is line_crossing for seq % 5 == 0: 12 on dev-a, 8 on dev-b.
+    let by_kind = store.query_events(&q(|q| q.kind = Some("line_crossing".into()))).await.expect("kind");
+    assert_eq!(by_kind.events.len(), 20);
+    assert!(by_kind.events.iter().all(|e| e.kind == "line_crossing" && e.label.as_deref() == Some("car")));
+    let counts = store.query_events(&q(|q| q.kind = Some("counts".into()))).await.expect("kind");
+    assert!(counts.events.iter().all(|e| e.label.is_none()));
+    let none = store.query_events(&q(|q| q.kind = Some("wrong_way".into()))).await.expect("kind");
+    assert!(none.events.is_empty());
+
+    // from inclusive, to exclusive. dev-a times: T0+10..=T0+600 step 10.
+    let window = store
+        .query_events(&q(|q| {
+            q.device = Some("dev-a".into());
+            q.from_ms = Some(T0 + 100);
+            q.to_ms = Some(T0 + 200);
+        }))
+        .await
+        .expect("window");
+    let seqs: Vec<u64> = window.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (10..20).rev().collect::<Vec<u64>>());
+    let from_only = store.query_events(&q(|q| q.from_ms = Some(T0 + 595))).await.expect("from");
+    assert_eq!(from_only.events.len(), 1);
+    let empty_window = store
+        .query_events(&q(|q| {
+            q.from_ms = Some(T0 + 100);
+            q.to_ms = Some(T0 + 100);
+        }))
+        .await
+        .expect("empty window");
+    assert!(empty_window.events.is_empty());
+
+    let unknown = store.query_events(&q(|q| q.device = Some("dev-x".into()))).await.expect("unknown");
+    assert!(unknown.events.is_empty() && unknown.next_cursor.is_none());
+}
+
+async fn pagination_walks_every_event_once_in_order(store: Arc<dyn EventStore>) {
+    // 1,037 events in batches, with many identical timestamps (ties broken by storage order).
+    let events: Vec<_> = (1..=1037u64).map(|s| ev(s, "cam-1", T0 + (s as i64 / 7))).collect();
+    for chunk in events.chunks(250) {
+        store.insert_events("dev-a", chunk, T0).await.expect("insert");
+    }
+    let got = walk(&store, EventQuery { limit: Some(100), ..Default::default() }).await;
+    assert_eq!(got.len(), 1037);
+    let mut seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    // Newest first; within one timestamp, the later-stored row first.
+    assert!(
+        got.windows(2)
+            .all(|w| (w[0].observed_at_ms, w[0].row_id) > (w[1].observed_at_ms, w[1].row_id)),
+        "not strictly ordered"
+    );
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs, (1..=1037).collect::<Vec<u64>>());
+    // Default page size.
+    let first = store.query_events(&EventQuery::default()).await.expect("default page");
+    assert_eq!(first.events.len(), 100);
+    assert!(first.next_cursor.is_some());
+}
+
+async fn pagination_with_filters_and_exact_pages(store: Arc<dyn EventStore>) {
+    seed_two_devices(&store).await;
+    // 60 events of dev-a in pages of 20: exactly three pages, no empty fourth.
+    let mut q = EventQuery { device: Some("dev-a".into()), limit: Some(20), ..Default::default() };
+    let mut pages = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.query_events(&q).await.expect("page");
+        pages += 1;
+        assert_eq!(page.events.len(), 20);
+        seen.extend(page.events.iter().map(|e| e.seq));
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, (1..=60).rev().collect::<Vec<u64>>());
+
+    // Filters with a window and limit 1.
+    let got = walk(
+        &store,
+        EventQuery {
+            camera: Some("cam-1".into()),
+            from_ms: Some(T0 + 100),
+            to_ms: Some(T0 + 300),
+            limit: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    // dev-a odd seqs 11..=29 (10) and dev-b seqs 10..=29 (times +5: 105..=295, 20).
+    assert_eq!(got.len(), 30);
+    assert!(got.iter().all(|e| e.camera == "cam-1"));
+}
+
+async fn invalid_queries_are_refused(store: Arc<dyn EventStore>) {
+    let cases = [
+        EventQuery { kind: Some("car".into()), ..Default::default() },
+        EventQuery { kind: Some("LINE_CROSSING".into()), ..Default::default() },
+        EventQuery { kind: Some("' OR 1=1 --".into()), ..Default::default() },
+        EventQuery { limit: Some(0), ..Default::default() },
+        EventQuery { limit: Some(1001), ..Default::default() },
+        EventQuery { from_ms: Some(10), to_ms: Some(9), ..Default::default() },
+    ];
+    for q in cases {
+        match store.query_events(&q).await {
+            Err(StoreError::InvalidQuery(_)) => {}
+            other => panic!("{q:?}: expected InvalidQuery, got {other:?}"),
+        }
+    }
+    for limit in [1, 1000] {
+        store
+            .query_events(&EventQuery { limit: Some(limit), ..Default::default() })
+            .await
+            .expect("limit at the bounds");
+    }
+}
+
+async fn cursor_tampering_is_an_error(store: Arc<dyn EventStore>) {
+    store.insert_events("dev-a", &batch(1..=30), T0).await.expect("insert");
+    let page = store
+        .query_events(&EventQuery { limit: Some(10), ..Default::default() })
+        .await
+        .expect("page");
+    let cursor = page.next_cursor.expect("cursor");
+    // The genuine cursor works.
+    store
+        .query_events(&EventQuery { limit: Some(10), cursor: Some(cursor.clone()), ..Default::default() })
+        .await
+        .expect("genuine cursor");
+
+    let mut tampered = vec![
+        "".to_owned(),
+        "not base64!".to_owned(),
+        format!("{cursor}A"),
+        cursor.chars().rev().collect::<String>(),
+        "A".repeat(10_000),
+        "' OR 1=1 --".to_owned(),
+        "MTo".to_owned(),          // "1:"
+        "eDox".to_owned(),         // "x:1"
+        "MToyOjM".to_owned(),      // "1:2:3"
+        "MTow".to_owned(),         // "1:0"
+        "LTE6LTE".to_owned(),      // "-1:-1"
+        "OTk5OTk5OTk5OTk5OTk5OTk5OTk5OjE".to_owned(), // i64 overflow
+    ];
+    tampered.push(format!("*{}", &cursor[1..]));
+    tampered.push(cursor[..cursor.len() - 1].to_owned());
+    for bad in tampered {
+        let result = store
+            .query_events(&EventQuery { cursor: Some(bad.clone()), ..Default::default() })
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::BadCursor)),
+            "{bad:?}: expected BadCursor, got {:?}",
+            result.map(|p| p.events.len())
+        );
+    }
+}
+
+async fn injection_looking_values_are_just_values(store: Arc<dyn EventStore>) {
+    let evil_cam = "cam'); DROP TABLE events; --";
+    let evil_dev = "dev\" OR \"1\"=\"1";
+    store
+        .insert_events(evil_dev, &[ev(1, evil_cam, T0), ev(2, "cam-1", T0 + 1)], T0)
+        .await
+        .expect("insert");
+    store.record_hello(evil_dev, &hello("1'; --", &[evil_cam]), T0).await.expect("hello");
+    for v in ["' OR '1'='1", "' OR 1=1 --", "\"; DROP TABLE events; --", "%", "_", "*", "\\"] {
+        for q in [
+            EventQuery { device: Some(v.into()), ..Default::default() },
+            EventQuery { camera: Some(v.into()), ..Default::default() },
+        ] {
+            let page = store.query_events(&q).await.expect("injection-looking filter is a value");
+            assert!(page.events.is_empty(), "{q:?} matched {:?}", page.events);
+        }
+    }
+    let page = store
+        .query_events(&EventQuery { device: Some(evil_dev.into()), camera: Some(evil_cam.into()), ..Default::default() })
+        .await
+        .expect("exact match");
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].camera, evil_cam);
+    let devices = store.list_devices().await.expect("list");
+    assert_eq!(devices[0].device_id, evil_dev);
+    assert_eq!(devices[0].agent_version, "1'; --");
+    assert_eq!(store.device_event_summary(evil_dev).await.expect("summary").total, 2);
+}
+
+async fn unicode_and_nul_strings(store: Arc<dyn EventStore>) {
+    let cams = ["Kamera Süd – Ausfahrt", "東京-交差点-1", "🚗🚦", "caméra\u{202e}rtl"];
+    let events: Vec<_> = cams.iter().enumerate().map(|(i, c)| ev(i as u64 + 1, c, T0 + i as i64)).collect();
+    store.insert_events("gerät-ü", &events, T0).await.expect("insert unicode");
+    store.record_hello("gerät-ü", &hello("1.0.0", &cams), T0).await.expect("hello");
+    for cam in cams {
+        let page = store
+            .query_events(&EventQuery { camera: Some(cam.into()), ..Default::default() })
+            .await
+            .expect("query unicode");
+        assert_eq!(page.events.len(), 1, "{cam}");
+        assert_eq!(page.events[0].camera, cam);
+        assert_eq!(page.events[0].device_id, "gerät-ü");
+    }
+    let devices = store.list_devices().await.expect("list");
+    assert_eq!(devices[0].cameras, cams.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>());
+
+    // NUL in device-provided strings never fails a batch (PostgreSQL cannot store it: replaced).
+    let nul = EventEnvelope {
+        seq: 10,
+        camera: "cam\0x".into(),
+        observed_at_ms: T0,
+        kind: EventKind::ZoneEnter { zone: "z\0".into(), object: object(1, "c\0r") },
+    };
+    let out = store.insert_events("gerät-ü", &[nul], T0).await.expect("insert with NUL");
+    assert_eq!(out.inserted, 1);
+    let hb = Heartbeat {
+        sent_at_ms: T0,
+        health: DeviceHealth { agent_version: "1\0".into(), ..Default::default() },
+    };
+    store.record_health("gerät-ü", &hb, T0).await.expect("health with NUL");
+    let page = store
+        .query_events(&EventQuery { camera: Some("cam\0x".into()), ..Default::default() })
+        .await
+        .expect("query with NUL is a value");
+    assert!(page.events.len() <= 1);
+    assert_eq!(store.high_water("gerät-ü").await.expect("hw"), 10);
+}
+
+async fn out_of_range_seq_stores_nothing(store: Arc<dyn EventStore>) {
+    let mut b = batch(1..=5);
+    b.push(ev(u64::MAX, "cam-1", T0));
+    match store.insert_events("dev-a", &b, T0).await {
+        Err(StoreError::InvalidData(_)) => {}
+        other => panic!("expected InvalidData, got {other:?}"),
+    }
+    assert_eq!(store.device_event_summary("dev-a").await.expect("summary").total, 0);
+    let max = i64::MAX as u64;
+    let out = store.insert_events("dev-a", &[ev(max, "cam-1", T0)], T0).await.expect("i64::MAX");
+    assert_eq!(out.inserted, 1);
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), max);
+}
+
+async fn concurrent_overlapping_batches(store: Arc<dyn EventStore>) {
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut inserted = 0;
+            // Each task covers 1..=3000 in its own order of 500-event batches.
+            for i in 0..6u64 {
+                let k = (i + t) % 6;
+                let out = store
+                    .insert_events("dev-a", &batch(k * 500 + 1..=k * 500 + 500), T0)
+                    .await
+                    .expect("concurrent insert");
+                assert_eq!(out.inserted + out.duplicates, 500);
+                inserted += out.inserted;
+            }
+            inserted
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    assert_eq!(total, 3000);
+    let s = store.device_event_summary("dev-a").await.expect("summary");
+    assert_eq!((s.total, s.distinct_seqs, s.max_seq), (3000, 3000, Some(3000)));
+}
+
+async fn event_json_public_form(store: Arc<dyn EventStore>) {
+    store.insert_events("dev-a", &[ev(5, "cam-1", T0 + 123)], T0 + 999).await.expect("insert");
+    let page = store.query_events(&EventQuery::default()).await.expect("query");
+    let v = serde_json::to_value(&page.events[0]).expect("json");
+    assert_eq!(v["id"], "dev-a:5");
+    assert_eq!(v["device_id"], "dev-a");
+    assert_eq!(v["seq"], 5);
+    assert_eq!(v["camera"], "cam-1");
+    assert_eq!(v["kind"], "line_crossing");
+    assert_eq!(v["label"], "car");
+    assert_eq!(v["@timestamp"], "2023-11-14T22:13:20.123Z");
+    assert_eq!(v["observed_at_ms"], T0 + 123);
+    assert_eq!(v["ingested_at_ms"], T0 + 999);
+    assert_eq!(v["payload"], kind(5).payload_json());
+    assert!(v.get("row_id").is_none());
+    let page_json = serde_json::to_value(&page).expect("page json");
+    assert!(page_json["next_cursor"].is_null());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend-specific
+
+#[tokio::test]
+async fn sqlite_file_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("nested-not-needed.db").display());
+    {
+        let store = open_store(&url).await.expect("open");
+        store.record_hello("dev-a", &hello("1.0.0", &["cam-1"]), T0).await.expect("hello");
+        store.insert_events("dev-a", &batch(1..=7), T0).await.expect("insert");
+    }
+    let store = open_store(&url).await.expect("reopen (migrations already applied)");
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), 7);
+    assert_eq!(store.list_devices().await.expect("list").len(), 1);
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_works() {
+    let store = open_store("sqlite::memory:").await.expect("open memory");
+    store.insert_events("dev-a", &batch(1..=3), T0).await.expect("insert");
+    assert_eq!(store.high_water("dev-a").await.expect("hw"), 3);
+    store.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn bad_urls_are_config_errors() {
+    for url in ["mysql://x", "", "http://localhost"] {
+        assert!(matches!(open_store(url).await, Err(StoreError::Config(_))), "{url}");
+    }
+}
+
+#[test]
+fn database_name_is_replaced_in_urls() {
+    assert_eq!(with_database("postgres://u@h:5432/test", "x"), "postgres://u@h:5432/x");
+    assert_eq!(with_database("postgres://u@h/test?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+    assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro benchmark: `cargo test -p its-aggregator --test storage -- --ignored --nocapture bench`
+
+async fn bench(store: Arc<dyn EventStore>) {
+    const BATCHES: u64 = 100;
+    const PER_BATCH: u64 = 2000;
+    let batches: Vec<Vec<EventEnvelope>> = (0..BATCHES)
+        .map(|b| batch(b * PER_BATCH + 1..=(b + 1) * PER_BATCH))
+        .collect();
+    let start = Instant::now();
+    for b in &batches {
+        store.insert_events("dev-bench", b, T0).await.expect("insert");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = BATCHES * PER_BATCH;
+    println!(
+        "{}: {n} events in {BATCHES} batches: {secs:.2} s = {:.0} events/s",
+        store.backend(),
+        n as f64 / secs
+    );
+    assert_eq!(store.device_event_summary("dev-bench").await.expect("summary").total, n);
+}
+
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn bench_insert_sqlite() {
+    run(Backend::Sqlite, bench).await;
+}
+
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn bench_insert_postgres() {
+    run(Backend::Postgres, bench).await;
+}

@@ -1,0 +1,927 @@
+//! The agent's durable outbox: every event the agent produces is committed here before it counts
+//! as produced, and leaves only when the aggregator acknowledged it or when it is evicted (outbox
+//! full or too old), which is counted.
+//!
+//! # On-disk format
+//!
+//! One SQLite database (bundled SQLite) in WAL mode with `synchronous=FULL` (a COMMIT returns only
+//! after the WAL is fsynced) and a `busy_timeout`. `PRAGMA user_version` holds the schema version
+//! ([`SCHEMA_VERSION`]); a database with a newer version is refused with
+//! [`OutboxError::SchemaTooNew`] instead of being misread (an agent downgraded after an update).
+//!
+//! ```sql
+//! CREATE TABLE outbox(seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+//!                     committed_ms INTEGER NOT NULL, body BLOB NOT NULL);
+//! CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+//! ```
+//!
+//! - `outbox.body` is `bincode::serde::encode_to_vec(&envelope, bincode::config::standard())` of
+//!   the whole [`EventEnvelope`], its `seq` included (always equal to the row's `seq`); `kind` is
+//!   [`EventKind::name`]; `committed_ms` is the append's clock (see the invariants).
+//! - `meta` rows: `next_seq` (the next sequence number to assign), `acked` (highest sequence number
+//!   the aggregator acknowledged), `sent_reserved` (see *limbo*), `evicted_total` and one
+//!   `evicted:<kind>` per kind that was ever evicted.
+//!
+//! # Invariants
+//!
+//! - Sequence numbers start at 1 and are assigned at commit, in the same transaction that bumps
+//!   `next_seq`, so they are unique and never reused (except by the renumbering below, which moves
+//!   rows *above* everything ever assigned). `produced_total = next_seq - 1`.
+//! - `acked < every pending seq < next_seq`; `acked < next_seq`.
+//! - `committed_ms` never decreases with `seq`: an append stamps `max(now_ms, committed_ms of the
+//!   newest pending row)`, so a clock stepping backwards cannot make newer rows look older. The
+//!   oldest pending row is therefore the lowest pending seq, and age eviction removes a prefix.
+//! - The in-memory counters behind [`Outbox::stats`] (pending events and bytes, oldest row, eviction
+//!   counters, `acked`, `next_seq`) are loaded from the database at open and changed only after the
+//!   transaction that changed the database committed: they are exact. Bytes are the sum of
+//!   `length(body)` of pending rows.
+//!
+//! # Point of acknowledgement
+//!
+//! An event is accepted (produced) exactly when [`Outbox::append`] returns `Ok`: the transaction
+//! holding it has committed and been fsynced. `append` writes the whole slice in one transaction
+//! (one fsync for many events), so a slice is accepted entirely or not at all. An `Err` means none
+//! of the slice was accepted.
+//!
+//! # What a crash can lose
+//!
+//! Nothing that was accepted: a crash (kill -9, power loss on a storage that honours fsync) can
+//! only lose an `append` that had not returned yet, and then the whole slice and its sequence
+//! numbers are gone together (no gap: `next_seq` rolls back with the rows). Acks, evictions and
+//! renumbering are single transactions as well, and are either fully done or not at all; an ack
+//! lost to a crash only causes a resend that the aggregator filters as duplicates.
+//!
+//! # Limbo
+//!
+//! Rows that were put on the wire may be stored by the aggregator before their ack arrives. Such a
+//! row must never be evicted, or it would be both stored and counted as evicted. `limbo_high` (in
+//! memory) bounds them: every row with `seq <= limbo_high` is never evicted.
+//! - [`Outbox::mark_sending`]`(last)` (or [`Outbox::read_for_send`], which reads and marks in one
+//!   step) raises `limbo_high` to `last` before a batch ending at `last` goes on the wire. If `last`
+//!   exceeds the persisted `sent_reserved`, it first persists `sent_reserved = last + reserve_ahead`
+//!   (a rare, small write, like a sequence cache), so a restart can bound what the previous process
+//!   may have sent: at open, `limbo_high = max(acked, sent_reserved)`.
+//! - [`Outbox::welcome`]`(acked)`, after the aggregator's first ack on a new connection (what its
+//!   storage holds): nothing beyond it can be stored any more, so `limbo_high = max(acked, acked
+//!   of the outbox)`, in memory only.
+//! - Use [`Outbox::read_for_send`] rather than [`Outbox::read_after`] + [`Outbox::mark_sending`]
+//!   when evictions can run concurrently: between a separate read and mark, an eviction could
+//!   delete rows that are then sent anyway. `read_for_send` holds the eviction gate while it reads
+//!   and marks, so that cannot happen.
+//! - If the limbo rows alone exceed `max_bytes`, the outbox stays over `max_bytes` (by at most
+//!   the uplink window) rather than evicting them.
+//!
+//! # Eviction
+//!
+//! - By size: after an append, while `pending_bytes > max_bytes`, the oldest rows with
+//!   `seq > limbo_high` are deleted, in the append's own transaction (the rows just appended are
+//!   eligible too: an event larger than `max_bytes` with nothing else to evict is accepted and
+//!   evicted at once, and counted).
+//! - By age: [`Outbox::evict_expired`] deletes rows with `committed_ms < now_ms - max_age` and
+//!   `seq > limbo_high`, oldest first.
+//! - Every eviction deletes in one transaction that also adds the count to `evicted_total` and to
+//!   `evicted:<kind>` per kind, so the counters are exactly the rows removed other than by acks.
+//!   Counters are cumulative over the life of the database and never reset.
+//!
+//! # Acknowledgement and renumbering
+//!
+//! [`Outbox::ack`]`(up_to)` deletes rows with `seq <= up_to` and records `acked = up_to`. If
+//! `up_to >= next_seq`, the aggregator holds more of this device than the outbox ever assigned: the
+//! outbox was reset (new disk, deleted file) while the aggregator kept the device's events. Deleting
+//! would then drop events the aggregator never saw, so instead every pending row is renumbered, in
+//! order and without gaps, to `up_to + 1, up_to + 2, ...` (row and body), `next_seq` moves past
+//! them, `acked = up_to`, and `limbo_high = sent_reserved = up_to` (nothing of the new numbering has
+//! been sent). `produced_total` jumps accordingly: it counts sequence numbers, not events.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use its_shared::{EventEnvelope, EventKind};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
+use serde::Serialize;
+
+/// Schema version written to `PRAGMA user_version`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How long a statement waits for a lock held by another connection before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decoding limit for bodies read back (a corrupt length prefix must not allocate gigabytes).
+const MAX_BODY_LEN: usize = its_shared::wire::MAX_FRAME_LEN;
+
+/// Rows renumbered per statement batch (bounds memory during a renumbering).
+const RENUMBER_CHUNK: i64 = 1024;
+
+/// Where the outbox lives and how large it may grow.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Database file; the directory is created if missing. SQLite adds `-wal` and `-shm` next to it.
+    pub path: PathBuf,
+    /// Most bytes of event bodies kept before the oldest unsent rows are evicted.
+    pub max_bytes: u64,
+    /// Rows committed longer ago than this are evicted by [`Outbox::evict_expired`].
+    pub max_age: Duration,
+    /// How far `sent_reserved` is persisted beyond the batch being sent; larger means fewer writes,
+    /// and more rows protected from eviction after a restart.
+    pub reserve_ahead: u64,
+}
+
+impl OutboxConfig {
+    /// Defaults: 256 MiB, 7 days, 16,384 sequence numbers reserved ahead (two uplink windows).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            max_bytes: 256 * 1024 * 1024,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            reserve_ahead: 16_384,
+        }
+    }
+}
+
+/// An event to commit; the outbox gives it its sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub camera: String,
+    pub observed_at_ms: i64,
+    pub kind: EventKind,
+}
+
+/// Result of [`Outbox::append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Sequence number of the first event of the slice.
+    pub first_seq: u64,
+    /// Sequence number of the last event (`first_seq - 1` for an empty slice).
+    pub last_seq: u64,
+    /// Rows evicted by size in the same transaction (possibly some of this slice).
+    pub evicted: u64,
+}
+
+/// Result of [`Outbox::ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AckOutcome {
+    /// Rows deleted because they are acknowledged.
+    pub deleted: u64,
+    /// Rows renumbered above the acknowledgement (outbox reset detected); 0 normally.
+    pub renumbered: u64,
+}
+
+/// The outbox's counters, exact at the moment they are taken.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct OutboxStats {
+    /// Highest sequence number ever assigned (`next_seq - 1`).
+    pub produced_total: u64,
+    /// Highest sequence number the aggregator acknowledged.
+    pub acked: u64,
+    /// Rows waiting for an acknowledgement.
+    pub pending_events: u64,
+    /// Sum of the body lengths of those rows.
+    pub pending_bytes: u64,
+    /// `committed_ms` of the oldest pending row.
+    pub oldest_committed_ms: Option<i64>,
+    /// Rows ever evicted (size or age).
+    pub evicted_total: u64,
+    /// The same per kind name; kinds never evicted are absent.
+    pub evicted_by_kind: BTreeMap<String, u64>,
+}
+
+/// Everything that can go wrong with the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// SQLite failed (I/O error, disk full, database locked beyond the busy timeout, ...).
+    #[error("outbox database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The outbox directory could not be created.
+    #[error("outbox directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// An event could not be encoded (never expected for the event model).
+    #[error("encoding event: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    /// A stored body does not decode as an event envelope.
+    #[error("outbox row {seq}: body does not decode: {source}")]
+    Decode {
+        seq: u64,
+        #[source]
+        source: bincode::error::DecodeError,
+    },
+    /// The database was written by a newer agent with a schema this build does not know.
+    #[error(
+        "outbox schema version {found} is newer than this agent supports ({supported}); \
+         refusing to open it (was the agent downgraded?)"
+    )]
+    SchemaTooNew { found: u32, supported: u32 },
+    /// SQLite refused WAL mode (e.g. a filesystem without shared memory support).
+    #[error("outbox needs WAL journal mode, SQLite kept {0:?}")]
+    NoWal(String),
+    /// The stored data contradicts the outbox's invariants (corruption or a foreign file).
+    #[error("outbox is inconsistent: {0}")]
+    Corrupt(String),
+    /// `PRAGMA integrity_check` reported problems.
+    #[error("outbox integrity check failed: {0}")]
+    Integrity(String),
+    /// A sequence number beyond what SQLite can store (2^63 - 1) was requested, e.g. an
+    /// acknowledgement of `u64::MAX` from a confused aggregator.
+    #[error("sequence number {0} out of range")]
+    SeqOutOfRange(u64),
+}
+
+/// In-memory mirror of the database, plus `limbo_high`.
+///
+/// All fields but `limbo_high` are written only by a holder of the writer connection, after its
+/// transaction committed.
+#[derive(Debug, Clone, Default)]
+struct State {
+    next_seq: u64,
+    acked: u64,
+    sent_reserved: u64,
+    pending_events: u64,
+    pending_bytes: u64,
+    oldest_committed_ms: Option<i64>,
+    newest_committed_ms: Option<i64>,
+    evicted_total: u64,
+    evicted_by_kind: BTreeMap<String, u64>,
+    /// Rows with `seq <= limbo_high` may be stored by the aggregator: never evicted.
+    limbo_high: u64,
+}
+
+/// The durable outbox. `Send + Sync`; all methods block (call them from `spawn_blocking`).
+///
+/// Lock order: `writer` -> `evict_gate` -> `reader` -> `state`.
+pub struct Outbox {
+    cfg: OutboxConfig,
+    /// Appends, acks, evictions, reservation writes.
+    writer: Mutex<Connection>,
+    /// Reads, so they proceed while the writer waits for an fsync.
+    reader: Mutex<Connection>,
+    /// Held by an eviction from choosing its rows until its state is published, and by
+    /// [`Outbox::read_for_send`] / [`Outbox::mark_sending`] while they raise `limbo_high`.
+    evict_gate: Mutex<()>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.cfg.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Borrowed mirror of [`EventEnvelope`]: same fields in the same order, so the same bincode bytes,
+/// without cloning the event.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    seq: u64,
+    camera: &'a str,
+    observed_at_ms: i64,
+    kind: &'a EventKind,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code path panics while holding a lock with state half-updated, so a poisoned lock (a
+    // panic elsewhere) still guards consistent data.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn to_i64(v: u64) -> Result<i64, OutboxError> {
+    i64::try_from(v).map_err(|_| OutboxError::SeqOutOfRange(v))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, OutboxError> {
+    u64::try_from(v).map_err(|_| OutboxError::Corrupt(format!("{what} is negative ({v})")))
+}
+
+fn encode_body(
+    seq: u64,
+    camera: &str,
+    observed_at_ms: i64,
+    kind: &EventKind,
+) -> Result<Vec<u8>, OutboxError> {
+    let env = EnvelopeRef {
+        seq,
+        camera,
+        observed_at_ms,
+        kind,
+    };
+    Ok(bincode::serde::encode_to_vec(
+        &env,
+        bincode::config::standard(),
+    )?)
+}
+
+fn decode_body(seq: u64, body: &[u8]) -> Result<EventEnvelope, OutboxError> {
+    let cfg = bincode::config::standard().with_limit::<MAX_BODY_LEN>();
+    let (env, used): (EventEnvelope, usize) = bincode::serde::decode_from_slice(body, cfg)
+        .map_err(|source| OutboxError::Decode { seq, source })?;
+    if used != body.len() {
+        return Err(OutboxError::Corrupt(format!(
+            "row {seq}: {} trailing bytes in body",
+            body.len() - used
+        )));
+    }
+    if env.seq != seq {
+        return Err(OutboxError::Corrupt(format!(
+            "row {seq} holds an event with seq {}",
+            env.seq
+        )));
+    }
+    Ok(env)
+}
+
+fn meta_get(conn: &Connection, key: &str) -> Result<i64, OutboxError> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| OutboxError::Corrupt(format!("meta key {key:?} missing")))
+}
+
+fn meta_set(tx: &Transaction<'_>, key: &str, value: i64) -> Result<(), OutboxError> {
+    tx.prepare_cached("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+        .execute(params![key, value])?;
+    Ok(())
+}
+
+fn meta_add(tx: &Transaction<'_>, key: &str, delta: u64) -> Result<(), OutboxError> {
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+    )?
+    .execute(params![key, to_i64(delta)?])?;
+    Ok(())
+}
+
+/// `committed_ms` of the lowest and of the highest pending row.
+fn ends(conn: &Connection) -> Result<(Option<i64>, Option<i64>), OutboxError> {
+    let oldest = conn
+        .prepare_cached("SELECT committed_ms FROM outbox ORDER BY seq ASC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let newest = conn
+        .prepare_cached("SELECT committed_ms FROM outbox ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok((oldest, newest))
+}
+
+/// What one eviction removed.
+#[derive(Debug, Default)]
+struct Evicted {
+    rows: u64,
+    bytes: u64,
+    by_kind: BTreeMap<String, u64>,
+}
+
+/// Deletes rows `above < seq <= up_to` as evicted and counts them in `meta`, inside `tx`.
+fn evict_range(tx: &Transaction<'_>, above: u64, up_to: u64) -> Result<Evicted, OutboxError> {
+    let mut ev = Evicted::default();
+    {
+        let mut stmt = tx.prepare_cached(
+            "DELETE FROM outbox WHERE seq > ?1 AND seq <= ?2 RETURNING kind, length(body)",
+        )?;
+        let mut rows = stmt.query(params![to_i64(above)?, to_i64(up_to)?])?;
+        while let Some(row) = rows.next()? {
+            let kind: String = row.get(0)?;
+            let len: i64 = row.get(1)?;
+            ev.rows += 1;
+            ev.bytes += to_u64(len, "body length")?;
+            *ev.by_kind.entry(kind).or_insert(0) += 1;
+        }
+    }
+    if ev.rows > 0 {
+        meta_add(tx, "evicted_total", ev.rows)?;
+        for (kind, n) in &ev.by_kind {
+            meta_add(tx, &format!("evicted:{kind}"), *n)?;
+        }
+    }
+    Ok(ev)
+}
+
+impl State {
+    fn apply_evicted(&mut self, ev: Evicted) {
+        self.pending_events -= ev.rows;
+        self.pending_bytes -= ev.bytes;
+        self.evicted_total += ev.rows;
+        for (kind, n) in ev.by_kind {
+            *self.evicted_by_kind.entry(kind).or_insert(0) += n;
+        }
+    }
+}
+
+impl Outbox {
+    /// Opens (creating if needed) the outbox at `cfg.path`, checks its schema version and its
+    /// invariants, and loads the counters.
+    pub fn open(cfg: OutboxConfig) -> Result<Self, OutboxError> {
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut writer = Connection::open(&cfg.path)?;
+        writer.busy_timeout(BUSY_TIMEOUT)?;
+        check_version(&writer)?;
+        let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(OutboxError::NoWal(mode));
+        }
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        migrate(&mut writer)?;
+        let mut state = load_state(&writer)?;
+        state.limbo_high = state.acked.max(state.sent_reserved);
+
+        let reader = Connection::open(&cfg.path)?;
+        reader.busy_timeout(BUSY_TIMEOUT)?;
+        reader.pragma_update(None, "query_only", true)?;
+
+        Ok(Self {
+            cfg,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            evict_gate: Mutex::new(()),
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn config(&self) -> &OutboxConfig {
+        &self.cfg
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.cfg.path
+    }
+
+    /// Commits `events` in one transaction, in order, assigning consecutive sequence numbers;
+    /// then, in the same transaction, evicts by size if the outbox is over `max_bytes`.
+    /// Accepted exactly when this returns `Ok` (see the module docs). An empty slice writes
+    /// nothing.
+    pub fn append(&self, events: &[NewEvent], now_ms: i64) -> Result<AppendOutcome, OutboxError> {
+        let mut w = lock(&self.writer);
+        let snap = lock(&self.state).clone();
+        let first = snap.next_seq;
+        if events.is_empty() {
+            return Ok(AppendOutcome {
+                first_seq: first,
+                last_seq: first - 1,
+                evicted: 0,
+            });
+        }
+        let n = events.len() as u64;
+        let next = first
+            .checked_add(n)
+            .ok_or(OutboxError::SeqOutOfRange(u64::MAX))?;
+        to_i64(next)?;
+        let committed_ms = snap
+            .newest_committed_ms
+            .map_or(now_ms, |newest| newest.max(now_ms));
+
+        let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut added_bytes = 0u64;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO outbox(seq, kind, committed_ms, body) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (seq, e) in (first..next).zip(events) {
+                let body = encode_body(seq, &e.camera, e.observed_at_ms, &e.kind)?;
+                added_bytes += body.len() as u64;
+                insert.execute(params![to_i64(seq)?, e.kind.name(), committed_ms, body])?;
+            }
+        }
+        meta_set(&tx, "next_seq", to_i64(next)?)?;
+
+        let mut new = snap;
+        new.next_seq = next;
+        new.pending_events += n;
+        new.pending_bytes += added_bytes;
+        new.oldest_committed_ms = new.oldest_committed_ms.or(Some(committed_ms));
+        new.newest_committed_ms = Some(committed_ms);
+
+        let mut evicted = 0;
+        if new.pending_bytes > self.cfg.max_bytes {
+            let _gate = lock(&self.evict_gate);
+            let limbo = lock(&self.state).limbo_high;
+            let need = new.pending_bytes - self.cfg.max_bytes;
+            let mut cutoff = None;
+            {
+                let mut scan = tx.prepare_cached(
+                    "SELECT seq, length(body) FROM outbox WHERE seq > ?1 ORDER BY seq",
+                )?;
+                let mut rows = scan.query([to_i64(limbo)?])?;
+                let mut freed = 0u64;
+                while freed < need {
+                    let Some(row) = rows.next()? else { break };
+                    cutoff = Some(to_u64(row.get(0)?, "seq")?);
+                    freed += to_u64(row.get(1)?, "body length")?;
+                }
+            }
+            if let Some(cutoff) = cutoff {
+                let ev = evict_range(&tx, limbo, cutoff)?;
+                evicted = ev.rows;
+                let (oldest, newest) = ends(&tx)?;
+                tx.commit()?;
+                new.apply_evicted(ev);
+                new.oldest_committed_ms = oldest;
+                new.newest_committed_ms = newest;
+                self.publish(new);
+                return Ok(AppendOutcome {
+                    first_seq: first,
+                    last_seq: next - 1,
+                    evicted,
+                });
+            }
+        }
+        tx.commit()?;
+        self.publish(new);
+        Ok(AppendOutcome {
+            first_seq: first,
+            last_seq: next - 1,
+            evicted,
+        })
+    }
+
+    /// Stores the writer-owned fields of `new`; `limbo_high` is kept as it is now.
+    fn publish(&self, new: State) {
+        let mut st = lock(&self.state);
+        let limbo = st.limbo_high;
+        *st = State {
+            limbo_high: limbo,
+            ..new
+        };
+    }
+
+    /// Up to `max` events with `seq > after`, ascending. Does not mark them as sent: see
+    /// [`Outbox::read_for_send`].
+    pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
+        let r = lock(&self.reader);
+        read_rows(&r, after, max)
+    }
+
+    /// [`Outbox::read_after`] and [`Outbox::mark_sending`] of the last event read, with no eviction
+    /// in between: what this returns may be sent. Use this for the uplink.
+    pub fn read_for_send(&self, after: u64, max: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
+        let events = {
+            let _gate = lock(&self.evict_gate);
+            let events = {
+                let r = lock(&self.reader);
+                read_rows(&r, after, max)?
+            };
+            if let Some(last) = events.last() {
+                let mut st = lock(&self.state);
+                st.limbo_high = st.limbo_high.max(last.seq);
+            }
+            events
+        };
+        if let Some(last) = events.last() {
+            self.reserve(last.seq)?;
+        }
+        Ok(events)
+    }
+
+    /// A batch ending at `last_seq` (a sequence number read from this outbox) is about to go on
+    /// the wire: rows up to it are never evicted until [`Outbox::welcome`] or an ack covers them.
+    /// Returns after the reservation is durable. Racy against concurrent evictions if the batch was
+    /// read separately: prefer [`Outbox::read_for_send`].
+    pub fn mark_sending(&self, last_seq: u64) -> Result<(), OutboxError> {
+        {
+            let _gate = lock(&self.evict_gate);
+            let mut st = lock(&self.state);
+            st.limbo_high = st.limbo_high.max(last_seq);
+        }
+        self.reserve(last_seq)
+    }
+
+    /// Persists `sent_reserved = last + reserve_ahead` if `last` is beyond it.
+    fn reserve(&self, last: u64) -> Result<(), OutboxError> {
+        let mut w = lock(&self.writer);
+        let current = lock(&self.state).sent_reserved;
+        if last <= current {
+            return Ok(());
+        }
+        let reserved = last
+            .saturating_add(self.cfg.reserve_ahead)
+            .min(i64::MAX as u64);
+        let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        meta_set(&tx, "sent_reserved", to_i64(reserved)?)?;
+        tx.commit()?;
+        lock(&self.state).sent_reserved = reserved;
+        Ok(())
+    }
+
+    /// The aggregator's welcome on a new connection acknowledged `acked`: nothing sent beyond it
+    /// can be stored, so limbo shrinks to it (in memory; the persisted reservation stays).
+    pub fn welcome(&self, acked: u64) {
+        let mut st = lock(&self.state);
+        st.limbo_high = acked.max(st.acked);
+    }
+
+    /// The aggregator stored everything up to `up_to`: delete those rows (or renumber, see the
+    /// module docs).
+    pub fn ack(&self, up_to: u64) -> Result<AckOutcome, OutboxError> {
+        let mut w = lock(&self.writer);
+        let snap = lock(&self.state).clone();
+        if up_to <= snap.acked {
+            return Ok(AckOutcome::default());
+        }
+        if up_to >= snap.next_seq {
+            return self.renumber(&mut w, snap, up_to);
+        }
+        let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut deleted, mut bytes) = (0u64, 0u64);
+        {
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1 RETURNING length(body)")?;
+            let mut rows = stmt.query([to_i64(up_to)?])?;
+            while let Some(row) = rows.next()? {
+                deleted += 1;
+                bytes += to_u64(row.get(0)?, "body length")?;
+            }
+        }
+        meta_set(&tx, "acked", to_i64(up_to)?)?;
+        let (oldest, newest) = ends(&tx)?;
+        tx.commit()?;
+        let mut st = lock(&self.state);
+        st.acked = up_to;
+        st.pending_events -= deleted;
+        st.pending_bytes -= bytes;
+        st.oldest_committed_ms = oldest;
+        st.newest_committed_ms = newest;
+        st.limbo_high = st.limbo_high.max(up_to);
+        Ok(AckOutcome {
+            deleted,
+            renumbered: 0,
+        })
+    }
+
+    fn renumber(
+        &self,
+        w: &mut Connection,
+        snap: State,
+        up_to: u64,
+    ) -> Result<AckOutcome, OutboxError> {
+        let new_next = up_to
+            .checked_add(1)
+            .and_then(|v| v.checked_add(snap.pending_events))
+            .ok_or(OutboxError::SeqOutOfRange(up_to))?;
+        if to_i64(new_next).is_err() {
+            return Err(OutboxError::SeqOutOfRange(up_to));
+        }
+        let old_next = to_i64(snap.next_seq)?;
+        let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut new_seq = up_to;
+        let mut renumbered = 0u64;
+        let mut bytes = 0u64;
+        let mut after = 0i64;
+        loop {
+            // Renumbered rows land above `old_next`, so the scan never meets them again.
+            let chunk: Vec<(i64, Vec<u8>)> = tx
+                .prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 AND seq < ?2 ORDER BY seq LIMIT ?3")?
+                .query_map(params![after, old_next, RENUMBER_CHUNK], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let Some(&(last, _)) = chunk.last() else {
+                break;
+            };
+            let mut update =
+                tx.prepare_cached("UPDATE outbox SET seq = ?1, body = ?2 WHERE seq = ?3")?;
+            for (old, body) in chunk {
+                let mut env = decode_body(to_u64(old, "seq")?, &body)?;
+                new_seq += 1;
+                env.seq = new_seq;
+                let body = encode_body(env.seq, &env.camera, env.observed_at_ms, &env.kind)?;
+                bytes += body.len() as u64;
+                update.execute(params![to_i64(new_seq)?, body, old])?;
+                renumbered += 1;
+            }
+            after = last;
+        }
+        if renumbered != snap.pending_events {
+            return Err(OutboxError::Corrupt(format!(
+                "renumbering found {renumbered} rows below next_seq, expected {}",
+                snap.pending_events
+            )));
+        }
+        meta_set(&tx, "next_seq", to_i64(new_next)?)?;
+        meta_set(&tx, "acked", to_i64(up_to)?)?;
+        meta_set(&tx, "sent_reserved", to_i64(up_to)?)?;
+        // Hold the gate across the commit and the state update, so no reader of the new numbering
+        // can raise limbo before it is reset here.
+        let _gate = lock(&self.evict_gate);
+        tx.commit()?;
+        let mut st = lock(&self.state);
+        st.next_seq = new_next;
+        st.acked = up_to;
+        st.sent_reserved = up_to;
+        st.pending_bytes = bytes;
+        st.limbo_high = up_to;
+        Ok(AckOutcome {
+            deleted: 0,
+            renumbered,
+        })
+    }
+
+    /// Evicts rows committed before `now_ms - max_age`, oldest first, never a limbo row. Returns
+    /// how many it evicted.
+    pub fn evict_expired(&self, now_ms: i64) -> Result<u64, OutboxError> {
+        let mut w = lock(&self.writer);
+        let snap = lock(&self.state).clone();
+        let max_age_ms = i64::try_from(self.cfg.max_age.as_millis()).unwrap_or(i64::MAX);
+        let cutoff_ms = now_ms.saturating_sub(max_age_ms);
+        if snap
+            .oldest_committed_ms
+            .is_none_or(|oldest| oldest >= cutoff_ms)
+        {
+            return Ok(0);
+        }
+        let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let _gate = lock(&self.evict_gate);
+        let limbo = lock(&self.state).limbo_high;
+        let mut cutoff = None;
+        {
+            let mut scan = tx.prepare_cached(
+                "SELECT seq, committed_ms FROM outbox WHERE seq > ?1 ORDER BY seq",
+            )?;
+            let mut rows = scan.query([to_i64(limbo)?])?;
+            while let Some(row) = rows.next()? {
+                let committed: i64 = row.get(1)?;
+                if committed >= cutoff_ms {
+                    break; // committed_ms is non-decreasing in seq
+                }
+                cutoff = Some(to_u64(row.get(0)?, "seq")?);
+            }
+        }
+        let Some(cutoff) = cutoff else { return Ok(0) };
+        let ev = evict_range(&tx, limbo, cutoff)?;
+        let (oldest, newest) = ends(&tx)?;
+        tx.commit()?;
+        let n = ev.rows;
+        let mut new = snap;
+        new.apply_evicted(ev);
+        new.oldest_committed_ms = oldest;
+        new.newest_committed_ms = newest;
+        self.publish(new);
+        Ok(n)
+    }
+
+    /// The counters (no I/O).
+    pub fn stats(&self) -> OutboxStats {
+        let st = lock(&self.state);
+        OutboxStats {
+            produced_total: st.next_seq - 1,
+            acked: st.acked,
+            pending_events: st.pending_events,
+            pending_bytes: st.pending_bytes,
+            oldest_committed_ms: st.oldest_committed_ms,
+            evicted_total: st.evicted_total,
+            evicted_by_kind: st.evicted_by_kind.clone(),
+        }
+    }
+
+    /// Rows up to this sequence number are never evicted (see *Limbo* in the module docs).
+    pub fn limbo_high(&self) -> u64 {
+        lock(&self.state).limbo_high
+    }
+
+    /// `PRAGMA integrity_check` returned `ok`.
+    pub fn integrity_check(&self) -> Result<(), OutboxError> {
+        let r = lock(&self.reader);
+        let mut stmt = r.prepare("PRAGMA integrity_check")?;
+        let lines: Vec<String> = stmt
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        if lines.len() == 1 && lines[0] == "ok" {
+            Ok(())
+        } else {
+            Err(OutboxError::Integrity(lines.join("; ")))
+        }
+    }
+}
+
+/// The counters of the outbox at `path`, read from the database (not from a running agent's memory),
+/// without creating or changing anything: works while an agent has the outbox open.
+pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
+    let open = |flags: OpenFlags| {
+        Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    };
+    // Read-write (without create) lets SQLite recover a WAL left by a crash; read-only is the
+    // fallback for a user who may not write the directory.
+    let mut conn = open(OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .or_else(|_| open(OpenFlags::SQLITE_OPEN_READ_ONLY))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "query_only", true)?;
+    if check_version(&conn)? == 0 {
+        return Err(OutboxError::Corrupt(
+            "not an outbox (schema version 0)".into(),
+        ));
+    }
+    let tx = conn.transaction()?; // one snapshot for all the queries
+    let st = load_state(&tx)?;
+    tx.finish()?;
+    Ok(OutboxStats {
+        produced_total: st.next_seq - 1,
+        acked: st.acked,
+        pending_events: st.pending_events,
+        pending_bytes: st.pending_bytes,
+        oldest_committed_ms: st.oldest_committed_ms,
+        evicted_total: st.evicted_total,
+        evicted_by_kind: st.evicted_by_kind,
+    })
+}
+
+fn read_rows(conn: &Connection, after: u64, max: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
+    let Ok(after) = i64::try_from(after) else {
+        return Ok(Vec::new()); // nothing can be stored above i64::MAX
+    };
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let mut stmt =
+        conn.prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+    let mut rows = stmt.query(params![after, limit])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let seq = to_u64(row.get(0)?, "seq")?;
+        let rusqlite::types::ValueRef::Blob(body) = row.get_ref(1)? else {
+            return Err(OutboxError::Corrupt(format!(
+                "row {seq}: body is not a blob"
+            )));
+        };
+        out.push(decode_body(seq, body)?);
+    }
+    Ok(out)
+}
+
+fn check_version(conn: &Connection) -> Result<u32, OutboxError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let found =
+        u32::try_from(found).map_err(|_| OutboxError::Corrupt(format!("user_version {found}")))?;
+    if found > SCHEMA_VERSION {
+        return Err(OutboxError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(found)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), OutboxError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Checked again under the write lock: another process may have created it meanwhile.
+    if check_version(&tx)? == 0 {
+        tx.execute_batch(
+            "CREATE TABLE outbox(seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+                                 committed_ms INTEGER NOT NULL, body BLOB NOT NULL);
+             CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta(key, value) VALUES
+                 ('next_seq', 1), ('acked', 0), ('sent_reserved', 0), ('evicted_total', 0);",
+        )?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn load_state(conn: &Connection) -> Result<State, OutboxError> {
+    let next_seq = to_u64(meta_get(conn, "next_seq")?, "next_seq")?;
+    let acked = to_u64(meta_get(conn, "acked")?, "acked")?;
+    let sent_reserved = to_u64(meta_get(conn, "sent_reserved")?, "sent_reserved")?;
+    let evicted_total = to_u64(meta_get(conn, "evicted_total")?, "evicted_total")?;
+    let mut evicted_by_kind = BTreeMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT key, value FROM meta WHERE key LIKE 'evicted:%'")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key: String = row.get(0)?;
+            let value = to_u64(row.get(1)?, &key)?;
+            if let Some(kind) = key.strip_prefix("evicted:")
+                && value > 0
+            {
+                evicted_by_kind.insert(kind.to_owned(), value);
+            }
+        }
+    }
+    let (count, bytes, min_seq, max_seq): (i64, i64, Option<i64>, Option<i64>) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(body)), 0), min(seq), max(seq) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
+    if next_seq == 0 || acked >= next_seq {
+        return Err(OutboxError::Corrupt(format!(
+            "next_seq {next_seq} with acked {acked}"
+        )));
+    }
+    if let (Some(lo), Some(hi)) = (min_seq, max_seq)
+        && (lo <= to_i64(acked)? || hi >= to_i64(next_seq)?)
+    {
+        return Err(OutboxError::Corrupt(format!(
+            "pending seqs {lo}..={hi} outside acked {acked} .. next_seq {next_seq}"
+        )));
+    }
+    let (oldest_committed_ms, newest_committed_ms) = ends(conn)?;
+    Ok(State {
+        next_seq,
+        acked,
+        sent_reserved,
+        pending_events: to_u64(count, "row count")?,
+        pending_bytes: to_u64(bytes, "byte sum")?,
+        oldest_committed_ms,
+        newest_committed_ms,
+        evicted_total,
+        evicted_by_kind,
+        limbo_high: 0,
+    })
+}

@@ -1,0 +1,278 @@
+//! QUIC transport of the uplink: connect with mutual TLS, run the [`AgentSession`] over one
+//! bidirectional stream, reconnect with capped exponential backoff.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use its_shared::DeviceHealth;
+use its_shared::session::{AgentEvent, AgentSession, AgentSessionConfig, Backoff};
+use its_shared::wire::{self, Frame, FrameDecoder, Hello};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use super::tls::{DeviceBundle, client_config};
+use crate::buffer::Outbox;
+
+/// How the uplink reaches the aggregator.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// `host:port` of the aggregator's QUIC listener.
+    pub aggregator: String,
+    /// Name the aggregator's certificate must carry.
+    pub server_name: String,
+    pub bundle: DeviceBundle,
+    pub session: AgentSessionConfig,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// Randomise reconnect delays (off in tests so they are reproducible).
+    pub jitter: bool,
+    /// A connection with no traffic for this long is dead (QUIC idle timeout).
+    pub idle_timeout: Duration,
+    /// Keep-alive interval, well under `idle_timeout`.
+    pub keep_alive: Duration,
+    pub agent_version: String,
+    pub model: String,
+    pub cameras: Vec<String>,
+}
+
+/// State the uplink shares with the rest of the agent.
+#[derive(Debug, Default)]
+pub struct UplinkHandle {
+    /// Wakes the uplink when the outbox has new rows (producers call `notify_one`).
+    pub appended: Notify,
+    pub connected: AtomicBool,
+    /// Connections that ended (for any reason) since start.
+    pub reconnects: AtomicU64,
+    /// Highest acknowledged sequence number.
+    pub acked: AtomicU64,
+    pub resends: AtomicU64,
+}
+
+/// Produces the health report sent in heartbeats.
+pub type HealthFn = Arc<dyn Fn() -> DeviceHealth + Send + Sync>;
+
+fn now_std() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs until `shutdown` turns true. Never returns an error for network trouble: it reconnects.
+pub async fn run_uplink(
+    cfg: UplinkConfig,
+    outbox: Arc<Outbox>,
+    handle: Arc<UplinkHandle>,
+    health: HealthFn,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let tls = client_config(&cfg.bundle).context("loading the device bundle")?;
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| anyhow!("QUIC TLS: {e}"))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic_tls));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(cfg.keep_alive));
+    transport.max_idle_timeout(Some(cfg.idle_timeout.try_into().map_err(|e| anyhow!("idle timeout: {e}"))?));
+    client.transport_config(Arc::new(transport));
+
+    let acked = outbox.stats().acked;
+    let mut session = AgentSession::new(cfg.session.clone(), acked);
+    let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap, if cfg.jitter { 0.5 } else { 0.0 });
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let outcome = connect_and_drive(&cfg, &client, &mut session, &outbox, &handle, &health, &mut shutdown).await;
+        handle.connected.store(false, Ordering::Relaxed);
+        session.handle_disconnected();
+        handle.resends.store(session.stats().resends, Ordering::Relaxed);
+        match outcome {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Welcomed(reason)) => {
+                handle.reconnects.fetch_add(1, Ordering::Relaxed);
+                backoff.reset();
+                tracing::warn!(reason = %reason, "uplink connection ended");
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), attempt = backoff.attempts() + 1, "uplink connection failed");
+            }
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+enum Ended {
+    Shutdown,
+    /// The session had been welcomed, then ended for this reason.
+    Welcomed(String),
+}
+
+async fn connect_and_drive(
+    cfg: &UplinkConfig,
+    client: &quinn::ClientConfig,
+    session: &mut AgentSession,
+    outbox: &Arc<Outbox>,
+    handle: &UplinkHandle,
+    health: &HealthFn,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Ended> {
+    let addr: SocketAddr = tokio::net::lookup_host(&cfg.aggregator)
+        .await
+        .with_context(|| format!("resolving {}", cfg.aggregator))?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", cfg.aggregator))?;
+    let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let mut endpoint = quinn::Endpoint::client(bind).context("binding the UDP socket")?;
+    endpoint.set_default_client_config(client.clone());
+    let conn = endpoint
+        .connect(addr, &cfg.server_name)
+        .context("starting the QUIC handshake")?
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    handle.connected.store(true, Ordering::Relaxed);
+    tracing::info!(%addr, "uplink connected");
+
+    let (tx, mut rx) = mpsc::channel::<Result<Frame, String>>(64);
+    let reader = tokio::spawn(read_frames(recv, tx));
+    let result = drive(cfg, session, &mut send, &mut rx, outbox, handle, health, shutdown).await;
+    reader.abort();
+    let reason = match &result {
+        Ok(()) => "shutdown".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    conn.close(0u32.into(), reason.as_bytes());
+    // Give the close frame a moment to leave; never block shutdown on it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+    // Still streaming (not yet told of the disconnect) means the aggregator had welcomed us.
+    let welcomed = session.is_streaming();
+    match result {
+        Ok(()) => Ok(Ended::Shutdown),
+        Err(e) if welcomed => Ok(Ended::Welcomed(format!("{e:#}"))),
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<Frame, String>>) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.extend(&buf[..n]),
+            Ok(None) => {
+                let _ = tx.send(Err("aggregator closed the stream".into())).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(format!("reading: {e}"))).await;
+                return;
+            }
+        }
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(f)) => {
+                    if tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("bad frame from aggregator: {e}"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    cfg: &UplinkConfig,
+    session: &mut AgentSession,
+    send: &mut quinn::SendStream,
+    rx: &mut mpsc::Receiver<Result<Frame, String>>,
+    outbox: &Arc<Outbox>,
+    handle: &UplinkHandle,
+    health: &HealthFn,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let stats = outbox.stats();
+    session.handle_connected(
+        now_std(),
+        Hello {
+            agent_version: cfg.agent_version.clone(),
+            model: cfg.model.clone(),
+            cameras: cfg.cameras.clone(),
+            last_acked_seq: stats.acked,
+            last_assigned_seq: stats.produced_total,
+        },
+    );
+    let mut welcomed = false;
+    let mut buf = Vec::with_capacity(256 * 1024);
+    loop {
+        while let Some(frame) = session.poll_transmit() {
+            buf.clear();
+            wire::encode_into(&frame, &mut buf)?;
+            send.write_all(&buf).await.context("writing to the aggregator")?;
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                AgentEvent::Acked(up_to) => {
+                    let ob = outbox.clone();
+                    let outcome = tokio::task::spawn_blocking(move || ob.ack(up_to)).await??;
+                    if outcome.renumbered > 0 {
+                        tracing::warn!(
+                            aggregator_has = up_to,
+                            renumbered = outcome.renumbered,
+                            "the aggregator holds more events than this outbox ever assigned (outbox reset?): renumbered pending events after it"
+                        );
+                    }
+                    handle.acked.store(up_to, Ordering::Relaxed);
+                }
+                AgentEvent::HeartbeatDue => session.send_heartbeat(now_std(), unix_ms(), health()),
+                AgentEvent::LinkDead => return Err(anyhow!("no acknowledgement through repeated resends")),
+                AgentEvent::Refused(reason) => return Err(anyhow!("aggregator refused the session: {reason}")),
+            }
+        }
+        if !welcomed && session.is_streaming() {
+            welcomed = true;
+            outbox.welcome(session.acked());
+            tracing::info!(acked = session.acked(), "uplink session ready");
+        }
+        if let Some(req) = session.poll_batch_request() {
+            let ob = outbox.clone();
+            // Reading for send puts the rows in "limbo" atomically with the read: from now on
+            // they may be stored without us hearing about it, so eviction must not touch them.
+            let events = tokio::task::spawn_blocking(move || ob.read_for_send(req.after, req.max_events)).await??;
+            session.handle_batch_loaded(now_std(), req, events);
+            continue;
+        }
+        handle.resends.store(session.stats().resends, Ordering::Relaxed);
+        let deadline = session.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            frame = rx.recv() => match frame {
+                Some(Ok(f)) => session.handle_frame(f),
+                Some(Err(e)) => return Err(anyhow!(e)),
+                None => return Err(anyhow!("reader stopped")),
+            },
+            _ = handle.appended.notified() => session.handle_outbox_appended(),
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                session.handle_timeout(now_std());
+            }
+            _ = shutdown.changed() => {
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+    }
+}
