@@ -211,7 +211,8 @@ async fn mqtt_drain(store: Arc<dyn EventStore>, broker: &str, n: usize) -> anyho
             let idle = ev.is_err();
             match ev {
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    let (e, _): (EventEnvelope, usize) = bincode::serde::decode_from_slice(&p.payload, bincode::config::standard())?;
+                    let (e, _): (EventEnvelope, usize) =
+                        bincode::serde::decode_from_slice(&p.payload, bincode::config::standard())?;
                     batch.push(e);
                 }
                 Ok(Ok(_)) => {}
@@ -233,7 +234,8 @@ async fn mqtt_drain(store: Arc<dyn EventStore>, broker: &str, n: usize) -> anyho
         .into_iter()
         .enumerate()
         .map(|(i, e)| {
-            let env = EventEnvelope { seq: i as u64 + 1, camera: e.camera, observed_at_ms: e.observed_at_ms, kind: e.kind };
+            let env =
+                EventEnvelope { seq: i as u64 + 1, camera: e.camera, observed_at_ms: e.observed_at_ms, kind: e.kind };
             bincode::serde::encode_to_vec(&env, bincode::config::standard()).unwrap_or_default()
         })
         .collect();
@@ -262,7 +264,9 @@ async fn pg_scratch(admin: &str) -> anyhow::Result<(String, String)> {
     use sqlx::Connection;
     let name = format!("its_bench_{}", std::process::id());
     let mut c = sqlx::PgConnection::connect(admin).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&mut c).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+        .execute(&mut c)
+        .await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut c).await?;
     let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).context("admin url has a database")?;
     Ok((format!("{base}/{name}"), name))
@@ -271,7 +275,9 @@ async fn pg_scratch(admin: &str) -> anyhow::Result<(String, String)> {
 async fn pg_drop(admin: &str, name: &str) {
     use sqlx::Connection;
     if let Ok(mut c) = sqlx::PgConnection::connect(admin).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&mut c).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+            .execute(&mut c)
+            .await;
     }
 }
 

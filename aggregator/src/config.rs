@@ -90,9 +90,10 @@ impl RawConfig {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| ConfigError::Read { path: p.to_path_buf(), message: e.to_string() })?;
-                let doc: toml::Table = text
-                    .parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Parse { path: p.display().to_string(), message: e.to_string() })?;
+                let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
                 (p.display().to_string(), doc)
             }
             None => ("<defaults>".to_string(), toml::Table::new()),

@@ -18,10 +18,33 @@ use crate::store::EventStore;
 use crate::telemetry;
 
 fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// One slot per device: a device has at most one live session on this aggregator.
+///
+/// When a device reconnects while its previous connection still lingers here (the agent noticed
+/// the loss first), the new session must not load the storage watermark until the old one has
+/// finished its commit in progress: otherwise the welcome could understate what is stored, and
+/// the agent could evict (and count) an event that the old session stores right after.
+/// The new session bumps the generation, wakes the old one, and takes the lock once it is gone.
+#[derive(Default)]
+struct DeviceSlot {
+    lock: tokio::sync::Mutex<()>,
+    generation: std::sync::atomic::AtomicU64,
+    preempt: tokio::sync::Notify,
+}
+
+#[derive(Default, Clone)]
+pub struct DeviceSessions {
+    slots: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<DeviceSlot>>>>,
+}
+
+impl DeviceSessions {
+    fn slot(&self, device: &str) -> Arc<DeviceSlot> {
+        let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(device.to_string()).or_default().clone()
+    }
 }
 
 /// Transport settings of the listener.
@@ -60,15 +83,16 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut stamp = pki.revocation_stamp();
+    let sessions = DeviceSessions::default();
     let mut reload = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return Ok(()) };
-                let store = store.clone();
+                let (store, sessions) = (store.clone(), sessions.clone());
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = handle_connection(incoming, store).await {
+                    if let Err(e) = handle_connection(incoming, store, sessions).await {
                         tracing::info!(%remote, error = %format!("{e:#}"), "agent connection ended");
                     }
                 });
@@ -94,7 +118,11 @@ pub async fn serve(
     }
 }
 
-async fn handle_connection(incoming: quinn::Incoming, store: Arc<dyn EventStore>) -> anyhow::Result<()> {
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    store: Arc<dyn EventStore>,
+    sessions: DeviceSessions,
+) -> anyhow::Result<()> {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -106,8 +134,12 @@ async fn handle_connection(incoming: quinn::Incoming, store: Arc<dyn EventStore>
     let _active = telemetry::ConnectionGuard::new();
     tracing::info!(device = %device, remote = %conn.remote_address(), "agent connected");
     let (mut send, mut recv) = conn.accept_bi().await.context("waiting for the control stream")?;
+    let slot = sessions.slot(&device);
+    let generation = slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    slot.preempt.notify_waiters();
+    let _exclusive = slot.lock.lock().await;
     let mut session = IngestSession::new();
-    let result = run_session(&device, &mut session, &mut send, &mut recv, store.as_ref()).await;
+    let result = run_session(&device, &mut session, &mut send, &mut recv, store.as_ref(), &slot, generation).await;
     let stats = session.stats();
     telemetry::session_closed(&stats);
     match result {
@@ -143,12 +175,22 @@ async fn run_session(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     store: &dyn EventStore,
+    slot: &DeviceSlot,
+    generation: u64,
 ) -> anyhow::Result<()> {
     let mut decoder = FrameDecoder::new();
     let mut chunk = vec![0u8; 256 * 1024];
     let mut out = Vec::with_capacity(64);
+    let superseded = || slot.generation.load(std::sync::atomic::Ordering::SeqCst) != generation;
     loop {
-        let Some(n) = recv.read(&mut chunk).await.context("reading from the agent")? else {
+        if superseded() {
+            anyhow::bail!("superseded by a newer connection of the same device");
+        }
+        let read = tokio::select! {
+            r = recv.read(&mut chunk) => r.context("reading from the agent")?,
+            _ = slot.preempt.notified() => continue,
+        };
+        let Some(n) = read else {
             return Ok(()); // the agent finished the stream
         };
         decoder.extend(&chunk[..n]);

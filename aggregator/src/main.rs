@@ -11,7 +11,11 @@ use its_aggregator::config::RawConfig;
 use its_aggregator::pki::Pki;
 
 #[derive(Parser)]
-#[command(name = "its-aggregator", version, about = "ITS Camera AI aggregator: exactly-once ingest of traffic events from the agent fleet")]
+#[command(
+    name = "its-aggregator",
+    version,
+    about = "ITS Camera AI aggregator: exactly-once ingest of traffic events from the agent fleet"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it the embedded defaults apply; any value can be
     /// overridden with ITS_AGGREGATOR__SECTION__KEY=value.
@@ -84,9 +88,12 @@ enum DeviceCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own narrative; only problems are logged unless RUST_LOG says otherwise.
+    let default_filter = if matches!(cli.command, Some(Command::Demo { .. })) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -145,7 +152,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let metrics = its_aggregator::server::install_metrics()?;
-                let opts = its_aggregator::demo::DemoOptions { dir, duration: Duration::from_secs(duration), rate_per_s: rate, http };
+                let opts = its_aggregator::demo::DemoOptions {
+                    dir,
+                    duration: Duration::from_secs(duration),
+                    rate_per_s: rate,
+                    http,
+                };
                 its_aggregator::demo::run_demo(opts, metrics).await
             })?;
         }

@@ -19,8 +19,7 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
-    SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -97,7 +96,12 @@ pub struct DeviceBundle {
 
 impl DeviceBundle {
     pub fn in_dir(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), cert: dir.join("device.pem"), key: dir.join("device.key"), ca: dir.join("ca.pem") }
+        Self {
+            dir: dir.to_path_buf(),
+            cert: dir.join("device.pem"),
+            key: dir.join("device.key"),
+            ca: dir.join("ca.pem"),
+        }
     }
 }
 
@@ -140,7 +144,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -244,7 +248,8 @@ impl Pki {
 
     fn save_register(&self, r: &Register) -> Result<(), PkiError> {
         let path = self.register_path();
-        let text = serde_json::to_string_pretty(r).map_err(|e| PkiError::Register { path: path.clone(), message: e.to_string() })?;
+        let text = serde_json::to_string_pretty(r)
+            .map_err(|e| PkiError::Register { path: path.clone(), message: e.to_string() })?;
         write_file(&path, text.as_bytes(), false)
     }
 
@@ -376,9 +381,8 @@ impl Pki {
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| PkiError::Tls(format!("{}: {e}", path.display())))?
-        .collect();
+    let certs: Result<Vec<_>, _> =
+        CertificateDer::pem_file_iter(path).map_err(|e| PkiError::Tls(format!("{}: {e}", path.display())))?.collect();
     let certs = certs.map_err(|e| PkiError::Tls(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
         return Err(PkiError::Tls(format!("{}: no certificate found", path.display())));
@@ -402,8 +406,8 @@ fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
 
 /// The device id (common name) of a verified peer certificate.
 pub fn device_id_from_cert(der: &CertificateDer<'_>) -> Result<String, PkiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| PkiError::PeerCertificate(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::PeerCertificate(e.to_string()))?;
     let cn = cert
         .subject()
         .iter_common_name()

@@ -46,9 +46,13 @@ impl Server {
     ) -> anyhow::Result<Self> {
         let pki = Pki::new(&cfg.pki_dir);
         if !pki.can_serve() {
-            anyhow::bail!("no CA or server certificate in {}: run `its-aggregator pki init` first", cfg.pki_dir.display());
+            anyhow::bail!(
+                "no CA or server certificate in {}: run `its-aggregator pki init` first",
+                cfg.pki_dir.display()
+            );
         }
-        let store = open_store(&cfg.database_url).await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+        let store =
+            open_store(&cfg.database_url).await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
         let endpoint = crate::ingest::bind(&pki, &cfg.ingest)?;
         let quic = endpoint.local_addr().context("QUIC local address")?;
         let listener = tokio::net::TcpListener::bind(cfg.http_listen)

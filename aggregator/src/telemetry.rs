@@ -18,7 +18,10 @@ pub const COMMIT_SECONDS: &str = "its_ingest_commit_seconds";
 pub fn describe() {
     metrics::describe_counter!(CONNECTIONS_TOTAL, "Agent connections accepted after mutual TLS");
     metrics::describe_gauge!(CONNECTIONS_ACTIVE, "Agent connections open now");
-    metrics::describe_counter!(HANDSHAKES_REFUSED, "QUIC/TLS handshakes refused (unknown, expired or revoked certificates, bad ALPN)");
+    metrics::describe_counter!(
+        HANDSHAKES_REFUSED,
+        "QUIC/TLS handshakes refused (unknown, expired or revoked certificates, bad ALPN)"
+    );
     metrics::describe_counter!(EVENTS_STORED, "Events committed to storage");
     metrics::describe_counter!(EVENTS_DUPLICATE, "Events received again after they were stored (resends), dropped");
     metrics::describe_counter!(BATCHES_COMMITTED, "Event batches committed");

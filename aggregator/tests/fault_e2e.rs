@@ -150,11 +150,7 @@ async fn run_fault_scenario(database_url: String) {
             if s.produced_total >= LIMIT && s.pending_events == 0 {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "did not drain: {s:?}\nlog tail:\n{}",
-                tail(&log)
-            );
+            assert!(Instant::now() < deadline, "did not drain: {s:?}\nlog tail:\n{}", tail(&log));
             sleep(200);
         }
         agent.terminate();

@@ -22,14 +22,12 @@ const T0: i64 = 1_700_000_000_000;
 /// The process-wide recorder (installed once; tests run in parallel threads).
 fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().expect("install recorder"))
-        .clone()
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("install recorder")).clone()
 }
 
 fn event(seq: u64, camera: &str, observed_at_ms: i64) -> EventEnvelope {
     let object = ObjectRef { track_id: seq, label: "car".into(), score: 0.9, bbox: [0.0, 0.0, 0.5, 0.5] };
-    let kind = if seq % 2 == 0 {
+    let kind = if seq.is_multiple_of(2) {
         EventKind::ZoneEnter { zone: "junction".into(), object }
     } else {
         EventKind::SpeedMeasurement { object, speed_kmh: 42.0, zone: Some("lane-1".into()) }
@@ -50,13 +48,17 @@ async fn app() -> (Router, Arc<dyn EventStore>) {
     };
     store.record_hello("dev-a", &hello, T0).await.expect("hello");
     let a: Vec<_> = (1..=250u64)
-        .map(|s| event(s, if s % 5 == 0 { "Tür-Süd" } else { "cam-1" }, T0 + s as i64 * 1000))
+        .map(|s| event(s, if s.is_multiple_of(5) { "Tür-Süd" } else { "cam-1" }, T0 + s as i64 * 1000))
         .collect();
     store.insert_events("dev-a", &a, T0).await.expect("insert a");
     let b: Vec<_> = (1..=10u64).map(|s| event(s, "cam-1", T0 + s as i64 * 1000 + 1)).collect();
     store.insert_events("dev-b", &b, T0).await.expect("insert b");
     store
-        .record_health("dev-a", &Heartbeat { sent_at_ms: T0, health: DeviceHealth { uptime_s: 9, ..Default::default() } }, T0)
+        .record_health(
+            "dev-a",
+            &Heartbeat { sent_at_ms: T0, health: DeviceHealth { uptime_s: 9, ..Default::default() } },
+            T0,
+        )
         .await
         .expect("health");
     let state = AppState { store: Arc::clone(&store), metrics: metrics_handle() };
@@ -67,11 +69,7 @@ async fn call(app: &Router, method: &str, uri: &str) -> (StatusCode, Option<Stri
     let req = Request::builder().method(method).uri(uri).body(Body::empty()).expect("request");
     let resp = app.clone().oneshot(req).await.expect("infallible");
     let status = resp.status();
-    let ctype = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let ctype = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024).await.expect("body");
     (status, ctype, body.to_vec())
 }
@@ -118,7 +116,8 @@ async fn devices_are_listed() {
 #[tokio::test]
 async fn events_are_filtered_and_shaped() {
     let (app, _) = app().await;
-    let (status, v) = get_json(&app, "/api/v1/events?device=dev-a&camera=T%C3%BCr-S%C3%BCd&kind=zone_enter&limit=1000").await;
+    let (status, v) =
+        get_json(&app, "/api/v1/events?device=dev-a&camera=T%C3%BCr-S%C3%BCd&kind=zone_enter&limit=1000").await;
     assert_eq!(status, StatusCode::OK);
     let events = v["events"].as_array().expect("events");
     // seq % 5 == 0 and even: multiples of 10 up to 250.
@@ -133,16 +132,10 @@ async fn events_are_filtered_and_shaped() {
     assert_eq!(e["payload"]["zone"], "junction");
 
     // Time window by RFC 3339 and by Unix ms give the same answer; `to` is exclusive.
-    let (_, by_rfc) = get_json(
-        &app,
-        "/api/v1/events?device=dev-a&from=2023-11-14T22:13:30Z&to=2023-11-14T23:13:40%2B01:00",
-    )
-    .await;
-    let (_, by_ms) = get_json(
-        &app,
-        &format!("/api/v1/events?device=dev-a&from={}&to={}", T0 + 10_000, T0 + 20_000),
-    )
-    .await;
+    let (_, by_rfc) =
+        get_json(&app, "/api/v1/events?device=dev-a&from=2023-11-14T22:13:30Z&to=2023-11-14T23:13:40%2B01:00").await;
+    let (_, by_ms) =
+        get_json(&app, &format!("/api/v1/events?device=dev-a&from={}&to={}", T0 + 10_000, T0 + 20_000)).await;
     assert_eq!(by_rfc, by_ms);
     let seqs: Vec<u64> = by_ms["events"].as_array().expect("events").iter().filter_map(|e| e["seq"].as_u64()).collect();
     assert_eq!(seqs, (10..20).rev().collect::<Vec<u64>>());

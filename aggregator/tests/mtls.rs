@@ -15,7 +15,13 @@ use its_shared::wire::{self, Frame, FrameDecoder, Hello};
 use time::OffsetDateTime;
 
 fn hello() -> Hello {
-    Hello { agent_version: "test".into(), model: "none".into(), cameras: vec!["c1".into()], last_acked_seq: 0, last_assigned_seq: 0 }
+    Hello {
+        agent_version: "test".into(),
+        model: "none".into(),
+        cameras: vec!["c1".into()],
+        last_acked_seq: 0,
+        last_assigned_seq: 0,
+    }
 }
 
 /// Connects with `bundle`, sends Hello, and returns the welcome ack, or the error text.
@@ -27,7 +33,9 @@ async fn try_session(addr: std::net::SocketAddr, bundle: &DeviceBundle) -> Resul
     let fut = async {
         let conn = ep.connect(addr, "its-aggregator").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&wire::encode(&Frame::Hello(hello())).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+        send.write_all(&wire::encode(&Frame::Hello(hello())).map_err(|e| e.to_string())?)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut dec = FrameDecoder::new();
         let mut buf = vec![0u8; 4096];
         loop {

@@ -16,14 +16,11 @@ use tokio::sync::watch;
 use crate::buffer::{NewEvent, Outbox};
 use crate::config::AgentConfig;
 use crate::source::run_synthetic;
-use crate::uplink::{UplinkHandle, run_uplink};
 use crate::uplink::quic::HealthFn;
+use crate::uplink::{UplinkHandle, run_uplink};
 
 fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// The health report from the outbox and uplink counters.
@@ -43,7 +40,12 @@ pub fn health_report(outbox: &Outbox, uplink: &UplinkHandle, started: Instant, c
         uplink_reconnects: uplink.reconnects.load(Ordering::Relaxed),
         cameras: cameras
             .iter()
-            .map(|c| its_shared::event::CameraHealth { camera: c.clone(), state: "synthetic".into(), fps: 0.0, reconnects: 0 })
+            .map(|c| its_shared::event::CameraHealth {
+                camera: c.clone(),
+                state: "synthetic".into(),
+                fps: 0.0,
+                reconnects: 0,
+            })
             .collect(),
         temperature_c: read_soc_temperature(),
     }
@@ -104,7 +106,8 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> any
                 let ob2 = ob.clone();
                 let (expired, _) = tokio::task::spawn_blocking(move || {
                     let expired = ob2.evict_expired(now)?;
-                    let ev = NewEvent { camera: String::new(), observed_at_ms: now, kind: EventKind::DeviceHealth(report) };
+                    let ev =
+                        NewEvent { camera: String::new(), observed_at_ms: now, kind: EventKind::DeviceHealth(report) };
                     ob2.append(std::slice::from_ref(&ev), now).map(|o| (expired, o))
                 })
                 .await??;

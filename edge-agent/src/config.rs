@@ -177,9 +177,10 @@ impl RawConfig {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| ConfigError::Read { path: p.to_path_buf(), message: e.to_string() })?;
-                let doc: toml::Table = text
-                    .parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Parse { path: p.display().to_string(), message: e.to_string() })?;
+                let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
                 (p.display().to_string(), doc)
             }
             None => ("<defaults>".to_string(), toml::Table::new()),
@@ -203,16 +204,25 @@ impl RawConfig {
         e.check((1..=20_000).contains(&u.max_batch_events), "uplink.max_batch_events", || {
             format!("{} is outside 1..=20000 (a batch must fit in one wire frame)", u.max_batch_events)
         });
-        e.check((1..=64).contains(&u.window_batches), "uplink.window_batches", || format!("{} is outside 1..=64", u.window_batches));
+        e.check((1..=64).contains(&u.window_batches), "uplink.window_batches", || {
+            format!("{} is outside 1..=64", u.window_batches)
+        });
         e.check(u.ack_timeout_ms >= 100, "uplink.ack_timeout_ms", || "must be at least 100".into());
         e.check(u.heartbeat_interval_s >= 1, "uplink.heartbeat_interval_s", || "must be at least 1".into());
         e.check(u.backoff_base_ms >= 1, "uplink.backoff_base_ms", || "must be at least 1".into());
-        e.check(u.backoff_cap_ms >= u.backoff_base_ms, "uplink.backoff_cap_ms", || "must be at least backoff_base_ms".into());
+        e.check(u.backoff_cap_ms >= u.backoff_base_ms, "uplink.backoff_cap_ms", || {
+            "must be at least backoff_base_ms".into()
+        });
         e.check(u.keep_alive_ms >= 100, "uplink.keep_alive_ms", || "must be at least 100".into());
-        e.check(u.idle_timeout_ms > u.keep_alive_ms, "uplink.idle_timeout_ms", || "must be greater than keep_alive_ms".into());
+        e.check(u.idle_timeout_ms > u.keep_alive_ms, "uplink.idle_timeout_ms", || {
+            "must be greater than keep_alive_ms".into()
+        });
         let bundle = DeviceBundle::in_dir(&self.device_bundle);
         for missing in bundle.missing() {
-            e.push("device_bundle", format!("{} is missing (run `its-aggregator device enroll` and copy the bundle)", missing.display()));
+            e.push(
+                "device_bundle",
+                format!("{} is missing (run `its-aggregator device enroll` and copy the bundle)", missing.display()),
+            );
         }
         let o = &self.outbox;
         e.check(o.max_bytes >= 1024 * 1024, "outbox.max_bytes", || format!("{} is below 1 MiB", o.max_bytes));
@@ -221,7 +231,9 @@ impl RawConfig {
         e.check(o.path.file_name().is_some(), "outbox.path", || "must name a file".into());
         let s = &self.synthetic;
         if s.enabled {
-            e.check(s.rate_per_s > 0.0 && s.rate_per_s <= 1_000_000.0, "synthetic.rate_per_s", || format!("{} is outside (0, 1000000]", s.rate_per_s));
+            e.check(s.rate_per_s > 0.0 && s.rate_per_s <= 1_000_000.0, "synthetic.rate_per_s", || {
+                format!("{} is outside (0, 1000000]", s.rate_per_s)
+            });
             e.check(!s.cameras.is_empty(), "synthetic.cameras", || "must name at least one camera".into());
             e.check(!s.kinds.is_empty(), "synthetic.kinds", || "must name at least one kind".into());
             e.check((1..=1000).contains(&s.tick_ms), "synthetic.tick_ms", || "must be in 1..=1000".into());
@@ -299,7 +311,14 @@ mod tests {
         let raw = RawConfig::load(Some(&p), Vec::new()).expect("parses");
         let err = raw.validate("agent.toml").expect_err("invalid");
         let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
-        for want in ["uplink.aggregator", "uplink.window_batches", "device_bundle", "outbox.max_bytes", "synthetic.rate_per_s", "synthetic.kinds[1]"] {
+        for want in [
+            "uplink.aggregator",
+            "uplink.window_batches",
+            "device_bundle",
+            "outbox.max_bytes",
+            "synthetic.rate_per_s",
+            "synthetic.kinds[1]",
+        ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }
     }
@@ -315,7 +334,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_apply() {
-        let raw = RawConfig::load(None, vec![("ITS_AGENT__UPLINK__AGGREGATOR".into(), "10.0.0.1:9000".into())]).expect("ok");
+        let raw =
+            RawConfig::load(None, vec![("ITS_AGENT__UPLINK__AGGREGATOR".into(), "10.0.0.1:9000".into())]).expect("ok");
         assert_eq!(raw.uplink.aggregator, "10.0.0.1:9000");
     }
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use its_agent::config::{ConfigError, RawConfig};
 
 #[derive(Parser)]
-#[command(name = "its-agent", version, about = "ITS Camera AI edge agent: camera streams in, traffic events out, nothing lost")]
+#[command(
+    name = "its-agent",
+    version,
+    about = "ITS Camera AI edge agent: camera streams in, traffic events out, nothing lost"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it the embedded defaults apply; any value can be
     /// overridden with ITS_AGENT__SECTION__KEY=value.
@@ -53,7 +57,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -5,9 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use its_agent::buffer::{
-    NewEvent, Outbox, OutboxConfig, OutboxError, OutboxStats, SCHEMA_VERSION, read_stats,
-};
+use its_agent::buffer::{NewEvent, Outbox, OutboxConfig, OutboxError, OutboxStats, SCHEMA_VERSION, read_stats};
 use its_shared::event::{ClassCount, Direction, ObjectRef};
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
 use proptest::prelude::*;
@@ -16,54 +14,27 @@ use proptest::prelude::*;
 // Event generation
 
 fn object(track_id: u64) -> ObjectRef {
-    ObjectRef {
-        track_id,
-        label: "car".into(),
-        score: 0.5,
-        bbox: [0.1, 0.2, 0.3, 0.4],
-    }
+    ObjectRef { track_id, label: "car".into(), score: 0.5, bbox: [0.1, 0.2, 0.3, 0.4] }
 }
 
 /// An event of one of four kinds whose encoded size grows with `size`.
 fn event(kind: u8, size: u16, n: u64) -> NewEvent {
     let text = "x".repeat(usize::from(size));
     let kind = match kind % 4 {
-        0 => EventKind::LineCrossing {
-            line: text,
-            object: object(n),
-            direction: Direction::In,
-            speed_kmh: None,
-        },
-        1 => EventKind::ZoneEnter {
-            zone: text,
-            object: object(n),
-        },
+        0 => EventKind::LineCrossing { line: text, object: object(n), direction: Direction::In, speed_kmh: None },
+        1 => EventKind::ZoneEnter { zone: text, object: object(n) },
         2 => EventKind::Counts {
             line: "l".into(),
             interval_s: 60,
-            counts: vec![ClassCount {
-                label: text,
-                direction: Direction::Out,
-                count: 3,
-            }],
+            counts: vec![ClassCount { label: text, direction: Direction::Out, count: 3 }],
         },
-        _ => EventKind::DeviceHealth(DeviceHealth {
-            agent_version: text,
-            uptime_s: n,
-            ..DeviceHealth::default()
-        }),
+        _ => EventKind::DeviceHealth(DeviceHealth { agent_version: text, uptime_s: n, ..DeviceHealth::default() }),
     };
-    NewEvent {
-        camera: format!("cam-{}", n % 3),
-        observed_at_ms: 1_000 + n as i64,
-        kind,
-    }
+    NewEvent { camera: format!("cam-{}", n % 3), observed_at_ms: 1_000 + n as i64, kind }
 }
 
 fn body_len(env: &EventEnvelope) -> u64 {
-    bincode::serde::encode_to_vec(env, bincode::config::standard())
-        .expect("encode")
-        .len() as u64
+    bincode::serde::encode_to_vec(env, bincode::config::standard()).expect("encode").len() as u64
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,10 +96,7 @@ impl Model {
     fn evict(&mut self, seq: u64) {
         let row = self.rows.remove(&seq).expect("evicting a present row");
         self.evicted_total += 1;
-        *self
-            .evicted_by_kind
-            .entry(row.env.kind.name().to_string())
-            .or_insert(0) += 1;
+        *self.evicted_by_kind.entry(row.env.kind.name().to_string()).or_insert(0) += 1;
     }
 
     /// Returns (first, last, evicted).
@@ -137,11 +105,7 @@ impl Model {
         if events.is_empty() {
             return (first, first - 1, 0);
         }
-        let committed_ms = self
-            .rows
-            .values()
-            .next_back()
-            .map_or(now_ms, |r| r.committed_ms.max(now_ms));
+        let committed_ms = self.rows.values().next_back().map_or(now_ms, |r| r.committed_ms.max(now_ms));
         for e in events {
             let env = EventEnvelope {
                 seq: self.next_seq,
@@ -150,14 +114,7 @@ impl Model {
                 kind: e.kind.clone(),
             };
             let len = body_len(&env);
-            self.rows.insert(
-                self.next_seq,
-                Row {
-                    env,
-                    committed_ms,
-                    len,
-                },
-            );
+            self.rows.insert(self.next_seq, Row { env, committed_ms, len });
             self.next_seq += 1;
         }
         let mut evicted = 0;
@@ -206,11 +163,7 @@ impl Model {
     }
 
     fn read_after(&self, after: u64, max: usize) -> Vec<EventEnvelope> {
-        self.rows
-            .range(after.saturating_add(1)..)
-            .take(max)
-            .map(|(_, r)| r.env.clone())
-            .collect()
+        self.rows.range(after.saturating_add(1)..).take(max).map(|(_, r)| r.env.clone()).collect()
     }
 
     fn welcome(&mut self, acked: u64) {
@@ -219,12 +172,8 @@ impl Model {
 
     fn evict_expired(&mut self, now_ms: i64) -> u64 {
         let cutoff = now_ms - self.max_age_ms;
-        let expired: Vec<u64> = self
-            .rows
-            .range(self.limbo + 1..)
-            .filter(|(_, r)| r.committed_ms < cutoff)
-            .map(|(s, _)| *s)
-            .collect();
+        let expired: Vec<u64> =
+            self.rows.range(self.limbo + 1..).filter(|(_, r)| r.committed_ms < cutoff).map(|(s, _)| *s).collect();
         for s in &expired {
             self.evict(*s);
         }
@@ -264,8 +213,7 @@ enum AckSel {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let events =
-        proptest::collection::vec((0u8..4, prop_oneof![3 => 0u16..40, 1 => 40u16..400]), 0..8);
+    let events = proptest::collection::vec((0u8..4, prop_oneof![3 => 0u16..40, 1 => 40u16..400]), 0..8);
     prop_oneof![
         6 => (events, -50i64..300).prop_map(|(e, dt)| Op::Append(e, dt)),
         3 => any::<u16>().prop_map(|f| Op::Ack(AckSel::Within(f))),
@@ -282,13 +230,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// A pending seq chosen by fraction, if any.
 fn pick(model: &Model, frac: u16) -> Option<u64> {
     let n = model.rows.len();
-    (n > 0).then(|| {
-        *model
-            .rows
-            .keys()
-            .nth(usize::from(frac) % n)
-            .expect("index in range")
-    })
+    (n > 0).then(|| *model.rows.keys().nth(usize::from(frac) % n).expect("index in range"))
 }
 
 fn pending(outbox: &Outbox) -> Vec<EventEnvelope> {
@@ -296,12 +238,7 @@ fn pending(outbox: &Outbox) -> Vec<EventEnvelope> {
 }
 
 fn config(dir: &Path, max_bytes: u64, reserve_ahead: u64) -> OutboxConfig {
-    OutboxConfig {
-        path: dir.join("outbox.db"),
-        max_bytes,
-        max_age: Duration::from_millis(1000),
-        reserve_ahead,
-    }
+    OutboxConfig { path: dir.join("outbox.db"), max_bytes, max_age: Duration::from_millis(1000), reserve_ahead }
 }
 
 fn run_ops(ops: Vec<Op>, max_bytes: u64, reserve_ahead: u64) -> Result<(), TestCaseError> {
@@ -329,35 +266,20 @@ fn run_ops(ops: Vec<Op>, max_bytes: u64, reserve_ahead: u64) -> Result<(), TestC
                     .collect();
                 let got = outbox.append(&events, now).expect("append");
                 let (first, last, evicted) = model.append(&events, now);
-                prop_assert_eq!(
-                    (got.first_seq, got.last_seq, got.evicted),
-                    (first, last, evicted),
-                    "op {}",
-                    i
-                );
+                prop_assert_eq!((got.first_seq, got.last_seq, got.evicted), (first, last, evicted), "op {}", i);
             }
             Op::Ack(sel) => {
                 let k = match *sel {
                     AckSel::Stale(f) => u64::from(f) % (model.acked + 1),
                     AckSel::Within(f) => {
                         let span = model.next_seq - 1 - model.acked;
-                        if span == 0 {
-                            model.acked
-                        } else {
-                            model.acked + 1 + u64::from(f) % span
-                        }
+                        if span == 0 { model.acked } else { model.acked + 1 + u64::from(f) % span }
                     }
                     AckSel::Beyond(b) => model.next_seq + u64::from(b),
                 };
                 let got = outbox.ack(k).expect("ack");
                 let (deleted, renumbered) = model.ack(k);
-                prop_assert_eq!(
-                    (got.deleted, got.renumbered),
-                    (deleted, renumbered),
-                    "op {} ack {}",
-                    i,
-                    k
-                );
+                prop_assert_eq!((got.deleted, got.renumbered), (deleted, renumbered), "op {} ack {}", i, k);
                 if k >= model.acked && renumbered == 0 {
                     removed_by_ack = before.range(..=k).copied().collect();
                     in_limbo.retain(|s| *s > k);
@@ -377,9 +299,7 @@ fn run_ops(ops: Vec<Op>, max_bytes: u64, reserve_ahead: u64) -> Result<(), TestC
             }
             Op::ReadForSend(f, max) => {
                 let after = pick(&model, *f).map_or(model.acked, |s| s.saturating_sub(1));
-                let got = outbox
-                    .read_for_send(after, usize::from(*max))
-                    .expect("read_for_send");
+                let got = outbox.read_for_send(after, usize::from(*max)).expect("read_for_send");
                 let want = model.read_after(after, usize::from(*max));
                 prop_assert_eq!(&got, &want, "op {}", i);
                 if let Some(last) = want.last() {
@@ -409,29 +329,14 @@ fn run_ops(ops: Vec<Op>, max_bytes: u64, reserve_ahead: u64) -> Result<(), TestC
         let got = pending(&outbox);
         let want = model.read_after(0, usize::MAX);
         prop_assert_eq!(&got, &want, "rows after op {}: {:?}", i, op);
-        prop_assert_eq!(
-            outbox.stats(),
-            model.stats(),
-            "stats after op {}: {:?}",
-            i,
-            op
-        );
-        prop_assert_eq!(
-            outbox.limbo_high(),
-            model.limbo,
-            "limbo after op {}: {:?}",
-            i,
-            op
-        );
+        prop_assert_eq!(outbox.stats(), model.stats(), "stats after op {}: {:?}", i, op);
+        prop_assert_eq!(outbox.limbo_high(), model.limbo, "limbo after op {}: {:?}", i, op);
 
         // Nothing that may be stored by the aggregator was evicted.
         if !matches!(op, Op::Ack(AckSel::Beyond(_))) {
             let after: BTreeSet<u64> = model.rows.keys().copied().collect();
-            let evicted: BTreeSet<u64> = before
-                .difference(&after)
-                .filter(|s| !removed_by_ack.contains(s))
-                .copied()
-                .collect();
+            let evicted: BTreeSet<u64> =
+                before.difference(&after).filter(|s| !removed_by_ack.contains(s)).copied().collect();
             prop_assert!(
                 evicted.is_disjoint(&in_limbo),
                 "op {}: evicted {:?} while in limbo {:?}",
@@ -508,43 +413,20 @@ fn ack_beyond_next_seq_renumbers_rows_and_bodies() {
     let out = outbox.ack(1000).expect("ack 1000");
     assert_eq!((out.deleted, out.renumbered), (0, 3));
     let after = pending(&outbox);
-    assert_eq!(
-        after.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        vec![1001, 1002, 1003]
-    );
+    assert_eq!(after.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1001, 1002, 1003]);
     for (b, a) in before.iter().zip(&after) {
-        assert_eq!(
-            EventEnvelope {
-                seq: a.seq,
-                ..b.clone()
-            },
-            *a,
-            "only seq changes"
-        );
+        assert_eq!(EventEnvelope { seq: a.seq, ..b.clone() }, *a, "only seq changes");
     }
     let s = outbox.stats();
-    assert_eq!(
-        (s.produced_total, s.acked, s.pending_events),
-        (1003, 1000, 3)
-    );
+    assert_eq!((s.produced_total, s.acked, s.pending_events), (1003, 1000, 3));
     assert_eq!(s.pending_bytes, after.iter().map(body_len).sum::<u64>());
-    assert_eq!(
-        outbox.limbo_high(),
-        1000,
-        "nothing of the new numbering was sent"
-    );
+    assert_eq!(outbox.limbo_high(), 1000, "nothing of the new numbering was sent");
 
     // Persisted, and the next append continues after the renumbered rows.
     drop(outbox);
     let outbox = Outbox::open(cfg).expect("reopen");
     assert_eq!(outbox.limbo_high(), 1000);
-    assert_eq!(
-        outbox
-            .append(&small_events(1), 101)
-            .expect("append")
-            .first_seq,
-        1004
-    );
+    assert_eq!(outbox.append(&small_events(1), 101).expect("append").first_seq, 1004);
     let out = outbox.ack(1002).expect("ack 1002");
     assert_eq!((out.deleted, out.renumbered), (2, 0));
     assert_eq!(seqs(&outbox), vec![1003, 1004]);
@@ -553,13 +435,7 @@ fn ack_beyond_next_seq_renumbers_rows_and_bodies() {
     outbox.ack(1004).expect("ack all");
     let out = outbox.ack(5000).expect("ack 5000");
     assert_eq!((out.deleted, out.renumbered), (0, 0));
-    assert_eq!(
-        outbox
-            .append(&small_events(1), 102)
-            .expect("append")
-            .first_seq,
-        5001
-    );
+    assert_eq!(outbox.append(&small_events(1), 102).expect("append").first_seq, 5001);
     outbox.integrity_check().expect("integrity");
 }
 
@@ -570,10 +446,7 @@ fn absurd_ack_is_refused_without_changing_anything() {
     outbox.append(&small_events(2), 1).expect("append");
     let before = outbox.stats();
     for bad in [u64::MAX, i64::MAX as u64] {
-        assert!(
-            matches!(outbox.ack(bad), Err(OutboxError::SeqOutOfRange(_))),
-            "ack {bad}"
-        );
+        assert!(matches!(outbox.ack(bad), Err(OutboxError::SeqOutOfRange(_))), "ack {bad}");
     }
     assert_eq!(outbox.stats(), before);
     assert_eq!(seqs(&outbox), vec![1, 2]);
@@ -586,16 +459,12 @@ fn newer_schema_is_refused() {
     let cfg = config(dir.path(), 1 << 30, 10);
     {
         let conn = rusqlite::Connection::open(&cfg.path).expect("sqlite");
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-            .expect("user_version");
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).expect("user_version");
     }
     match Outbox::open(cfg) {
         Err(e @ OutboxError::SchemaTooNew { found, supported }) => {
             assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
-            assert!(
-                e.to_string().contains("newer than this agent supports"),
-                "{e}"
-            );
+            assert!(e.to_string().contains("newer than this agent supports"), "{e}");
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
@@ -608,10 +477,7 @@ fn limbo_rows_are_never_evicted_until_welcome() {
     let outbox = Outbox::open(cfg.clone()).expect("open");
     outbox.append(&small_events(5), 1).expect("append");
     let sent = outbox.read_for_send(0, 3).expect("read_for_send");
-    assert_eq!(
-        sent.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(sent.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(outbox.limbo_high(), 3);
 
     // Fill far beyond max_bytes: 1..=3 stay, everything else above them goes oldest first.
@@ -621,10 +487,7 @@ fn limbo_rows_are_never_evicted_until_welcome() {
     let present = seqs(&outbox);
     assert_eq!(&present[..3], &[1, 2, 3]);
     assert!(outbox.stats().pending_bytes <= 400);
-    assert!(
-        present[3] > 4,
-        "the oldest unsent rows went first: {present:?}"
-    );
+    assert!(present[3] > 4, "the oldest unsent rows went first: {present:?}");
 
     // After a restart the reservation still protects them (reserve_ahead 0: exactly up to 3).
     drop(outbox);
@@ -650,17 +513,10 @@ fn limbo_alone_over_max_bytes_is_kept_and_a_huge_event_is_evicted_at_once() {
     drop(outbox);
 
     // Reopened with a limit smaller than the row that may be at the aggregator already.
-    let outbox = Outbox::open(OutboxConfig {
-        max_bytes: 100,
-        ..big
-    })
-    .expect("reopen");
+    let outbox = Outbox::open(OutboxConfig { max_bytes: 100, ..big }).expect("reopen");
     assert_eq!(outbox.limbo_high(), 1);
     let out = outbox.append(&[event(1, 10, 2)], 2).expect("append");
-    assert_eq!(
-        out.evicted, 1,
-        "the small new event goes, the big limbo row stays"
-    );
+    assert_eq!(out.evicted, 1, "the small new event goes, the big limbo row stays");
     assert_eq!(seqs(&outbox), vec![1]);
     assert!(outbox.stats().pending_bytes > 100);
 
@@ -668,15 +524,8 @@ fn limbo_alone_over_max_bytes_is_kept_and_a_huge_event_is_evicted_at_once() {
     let out = outbox.append(&[event(2, 300, 3)], 3).expect("append");
     assert_eq!((out.first_seq, out.last_seq, out.evicted), (3, 3, 1));
     let s = outbox.stats();
-    assert_eq!(
-        (s.produced_total, s.pending_events, s.evicted_total),
-        (3, 1, 2)
-    );
-    let kinds: Vec<(&str, u64)> = s
-        .evicted_by_kind
-        .iter()
-        .map(|(k, v)| (k.as_str(), *v))
-        .collect();
+    assert_eq!((s.produced_total, s.pending_events, s.evicted_total), (3, 1, 2));
+    let kinds: Vec<(&str, u64)> = s.evicted_by_kind.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     assert_eq!(kinds, vec![("counts", 1), ("zone_enter", 1)]);
 }
 
@@ -693,24 +542,12 @@ fn counters_persist_across_reopen() {
     outbox.mark_sending(first_pending + 2).expect("mark");
     let before = outbox.stats();
     assert!(before.evicted_total > 0);
-    assert_eq!(
-        before.evicted_total,
-        before.evicted_by_kind.values().sum::<u64>()
-    );
-    assert_eq!(
-        before.evicted_by_kind.len(),
-        4,
-        "{:?}",
-        before.evicted_by_kind
-    );
+    assert_eq!(before.evicted_total, before.evicted_by_kind.values().sum::<u64>());
+    assert_eq!(before.evicted_by_kind.len(), 4, "{:?}", before.evicted_by_kind);
     drop(outbox);
     let outbox = Outbox::open(cfg.clone()).expect("reopen");
     assert_eq!(outbox.stats(), before);
-    assert_eq!(
-        outbox.limbo_high(),
-        first_pending + 2 + 50,
-        "sent_reserved with reserve_ahead"
-    );
+    assert_eq!(outbox.limbo_high(), first_pending + 2 + 50, "sent_reserved with reserve_ahead");
     assert_eq!(read_stats(&cfg.path).expect("read_stats"), before);
 }
 
@@ -720,17 +557,11 @@ fn age_eviction_with_a_clock_going_backwards() {
     let outbox = Outbox::open(config(dir.path(), 1 << 30, 0)).expect("open");
     outbox.append(&small_events(2), 10_000).expect("append");
     // The clock steps back an hour: the new rows are stamped no older than the previous ones.
-    outbox
-        .append(&small_events(2), 10_000 - 3_600_000)
-        .expect("append");
+    outbox.append(&small_events(2), 10_000 - 3_600_000).expect("append");
     assert_eq!(outbox.stats().oldest_committed_ms, Some(10_000));
     assert_eq!(outbox.evict_expired(10_999).expect("evict"), 0);
     outbox.mark_sending(1).expect("mark");
-    assert_eq!(
-        outbox.evict_expired(11_001).expect("evict"),
-        3,
-        "all but the limbo row"
-    );
+    assert_eq!(outbox.evict_expired(11_001).expect("evict"), 3, "all but the limbo row");
     assert_eq!(seqs(&outbox), vec![1]);
     outbox.append(&small_events(1), 20_000).expect("append");
     let s = outbox.stats();

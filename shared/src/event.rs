@@ -222,9 +222,7 @@ impl EventKind {
     pub fn payload_json(&self) -> serde_json::Value {
         // Externally tagged: `{"line_crossing": {...}}`; take the inner value.
         match serde_json::to_value(self) {
-            Ok(serde_json::Value::Object(mut map)) => map
-                .remove(self.name())
-                .unwrap_or(serde_json::Value::Null),
+            Ok(serde_json::Value::Object(mut map)) => map.remove(self.name()).unwrap_or(serde_json::Value::Null),
             _ => serde_json::Value::Null,
         }
     }
@@ -251,12 +249,7 @@ mod tests {
     fn crossing() -> EventKind {
         EventKind::LineCrossing {
             line: "north".into(),
-            object: ObjectRef {
-                track_id: 7,
-                label: "car".into(),
-                score: 0.9,
-                bbox: [0.1, 0.2, 0.3, 0.4],
-            },
+            object: ObjectRef { track_id: 7, label: "car".into(), score: 0.9, bbox: [0.1, 0.2, 0.3, 0.4] },
             direction: Direction::In,
             speed_kmh: Some(48.5),
         }

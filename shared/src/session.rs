@@ -227,9 +227,7 @@ impl AgentSession {
 
     /// What the driver should load from the outbox next, if anything.
     pub fn poll_batch_request(&self) -> Option<BatchRequest> {
-        (self.state == AgentState::Streaming
-            && !self.caught_up
-            && self.in_flight.len() < self.cfg.window_batches)
+        (self.state == AgentState::Streaming && !self.caught_up && self.in_flight.len() < self.cfg.window_batches)
             .then_some(BatchRequest { after: self.sent_up_to, max_events: self.cfg.max_batch_events })
     }
 
@@ -260,12 +258,7 @@ impl AgentSession {
 
     /// When [`AgentSession::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let ack = self
-            .in_flight
-            .front()
-            .map(|b| b.sent_at)
-            .or(self.hello_sent_at)
-            .map(|t| t + self.cfg.ack_timeout);
+        let ack = self.in_flight.front().map(|b| b.sent_at).or(self.hello_sent_at).map(|t| t + self.cfg.ack_timeout);
         match (ack, self.next_heartbeat.filter(|_| !self.heartbeat_due)) {
             (Some(a), Some(h)) => Some(a.min(h)),
             (a, h) => a.or(h),
@@ -367,7 +360,13 @@ impl Default for IngestSession {
 
 impl IngestSession {
     pub fn new() -> Self {
-        Self { state: IngestState::AwaitHello, accepted: 0, committed: 0, transmit: VecDeque::new(), stats: IngestStats::default() }
+        Self {
+            state: IngestState::AwaitHello,
+            accepted: 0,
+            committed: 0,
+            transmit: VecDeque::new(),
+            stats: IngestStats::default(),
+        }
     }
 
     pub fn stats(&self) -> IngestStats {

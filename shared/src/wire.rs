@@ -120,7 +120,9 @@ pub enum Frame {
     Config(ConfigPush),
     OtaOffer(OtaOffer),
     /// The peer refuses the session and will close it; `reason` is for logs.
-    Refuse { reason: String },
+    Refuse {
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -160,8 +162,7 @@ pub enum WireError {
 pub fn encode_into(frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
-    bincode::serde::encode_into_std_write(frame, out, config())
-        .map_err(|e| WireError::Body(e.to_string()))?;
+    bincode::serde::encode_into_std_write(frame, out, config()).map_err(|e| WireError::Body(e.to_string()))?;
     let len = out.len() - start - HEADER_LEN;
     if len > MAX_FRAME_LEN {
         out.truncate(start);
@@ -185,8 +186,8 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, WireError> {
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));
     }
-    let (frame, used): (Frame, usize) = bincode::serde::decode_from_slice(rest, config())
-        .map_err(|e| WireError::Body(e.to_string()))?;
+    let (frame, used): (Frame, usize) =
+        bincode::serde::decode_from_slice(rest, config()).map_err(|e| WireError::Body(e.to_string()))?;
     if used != rest.len() {
         return Err(WireError::Trailing(rest.len() - used));
     }
@@ -283,11 +284,7 @@ mod tests {
 
     #[test]
     fn round_trip_split_at_every_byte() {
-        let frames = vec![
-            sample_batch(3),
-            Frame::Ack(Ack { up_to: 12 }),
-            Frame::Refuse { reason: "no".into() },
-        ];
+        let frames = vec![sample_batch(3), Frame::Ack(Ack { up_to: 12 }), Frame::Refuse { reason: "no".into() }];
         let mut bytes = Vec::new();
         for f in &frames {
             encode_into(f, &mut bytes).expect("encode");
@@ -366,12 +363,7 @@ mod tests {
             let mut d = FrameDecoder::new();
             for c in data.chunks(chunk) {
                 d.extend(c);
-                loop {
-                    match d.next_frame() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = d.next_frame() {}
             }
         }
 

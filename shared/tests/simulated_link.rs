@@ -298,7 +298,8 @@ fn clean_link_delivers_everything_once() {
 fn heavy_chaos_with_eviction() {
     let (mut evicted, mut resends) = (0, 0);
     for seed in 1..40 {
-        let (e, r) = run(seed, Chaos { loss: 0.2, dup: 0.2, max_delay_ticks: 30, disconnect: 0.01, outbox_cap: 40 }, 3_000);
+        let (e, r) =
+            run(seed, Chaos { loss: 0.2, dup: 0.2, max_delay_ticks: 30, disconnect: 0.01, outbox_cap: 40 }, 3_000);
         evicted += e;
         resends += r;
     }

@@ -59,15 +59,11 @@ pub fn router(state: AppState) -> Router {
 
 /// Counts and times every request, in one place.
 async fn track_requests(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let start = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
-    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.clone())
-        .record(start.elapsed().as_secs_f64());
+    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.clone()).record(start.elapsed().as_secs_f64());
     metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
     response
 }
@@ -93,11 +89,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Response, ApiError> {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(),
-    )
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }
 

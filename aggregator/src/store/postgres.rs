@@ -57,10 +57,8 @@ fn pg_json(text: String) -> String {
     }
     fn strip(v: &mut serde_json::Value) {
         match v {
-            serde_json::Value::String(s) => {
-                if s.contains('\0') {
-                    *s = s.replace('\0', "\u{FFFD}");
-                }
+            serde_json::Value::String(s) if s.contains('\0') => {
+                *s = s.replace('\0', "\u{FFFD}");
             }
             serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
             serde_json::Value::Object(m) => {
@@ -211,25 +209,19 @@ impl EventStore for PostgresStore {
             qb.push(" AND observed_at_ms < ").push_bind(to);
         }
         if let Some(c) = v.cursor {
-            qb.push(" AND (observed_at_ms, id) < (")
-                .push_bind(c.observed_at_ms)
-                .push(", ")
-                .push_bind(c.id)
-                .push(")");
+            qb.push(" AND (observed_at_ms, id) < (").push_bind(c.observed_at_ms).push(", ").push_bind(c.id).push(")");
         }
-        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ")
-            .push_bind(i64::from(v.limit) + 1);
+        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ").push_bind(i64::from(v.limit) + 1);
         let rows: Vec<EventRow> = qb.build_query_as().fetch_all(&self.pool).await?;
         page_from_rows(rows, v.limit)
     }
 
     async fn device_event_summary(&self, device_id: &str) -> Result<EventSummary, StoreError> {
-        let (total, distinct, min, max): (i64, i64, Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM events WHERE device_id = $1",
-        )
-        .bind(pg_text(device_id).as_ref())
-        .fetch_one(&self.pool)
-        .await?;
+        let (total, distinct, min, max): (i64, i64, Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM events WHERE device_id = $1")
+                .bind(pg_text(device_id).as_ref())
+                .fetch_one(&self.pool)
+                .await?;
         Ok(EventSummary {
             total: count_from_db(total)?,
             distinct_seqs: count_from_db(distinct)?,

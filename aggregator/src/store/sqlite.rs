@@ -6,31 +6,56 @@
 //! Batches are inserted with multi-row `INSERT .. ON CONFLICT DO NOTHING` statements.
 
 use std::str::FromStr as _;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use its_shared::EventEnvelope;
 use its_shared::wire::{Heartbeat, Hello};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Arguments as _, QueryBuilder, Sqlite};
 
 use super::{
-    DeviceRecord, DeviceRow, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome, StoreError,
-    cameras_json, count_from_db, device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db,
+    DeviceRecord, DeviceRow, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome, RowIn,
+    StoreError, cameras_json, count_from_db, device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Bound parameters per event row of the insert statement.
+/// Bound parameters per event row of the insert statement. (Positional `?` only: with numbered
+/// `?NNN` parameters the driver looks up every parameter's name, quadratic in their number.)
 const PARAMS_PER_ROW: usize = 8;
-/// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32.
-const MAX_PARAMS: usize = 32_766;
-/// Rows per insert statement: a full default batch (2,000 events) is two statements of the same
-/// text, so the prepared statement is cached and reused.
-const ROWS_PER_STATEMENT: usize = {
-    let max = MAX_PARAMS / PARAMS_PER_ROW;
-    if max < 1000 { max } else { 1000 }
-};
+/// Most rows in one insert statement: 512 × 8 parameters, far under SQLite's
+/// `SQLITE_MAX_VARIABLE_NUMBER` (32,766).
+const MAX_ROWS_PER_STATEMENT: usize = 512;
+const _: () = assert!(MAX_ROWS_PER_STATEMENT * PARAMS_PER_ROW <= 32_766);
+
+/// Insert statements for 1, 2, 4, .., 512 rows. A batch is inserted in power-of-two chunks, so
+/// only these ten statement texts exist: each is prepared once per connection and then reused
+/// from the statement cache, whatever the batch sizes.
+fn insert_statements() -> &'static [String] {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let mut all = Vec::new();
+        let mut rows = 1;
+        while rows <= MAX_ROWS_PER_STATEMENT {
+            let mut sql = String::with_capacity(160 + rows * 48);
+            sql.push_str(
+                "INSERT INTO events (device_id, ingested_at_ms, seq, camera, kind, observed_at_ms, label, payload) VALUES ",
+            );
+            for i in 0..rows {
+                sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?)" });
+            }
+            sql.push_str(" ON CONFLICT (device_id, seq) DO NOTHING");
+            all.push(sql);
+            rows *= 2;
+        }
+        all
+    })
+}
+
 /// Readers of a file database.
 const READERS: u32 = 4;
 
@@ -49,19 +74,16 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // 64 MiB page cache per connection (default 2 MiB): the four time indexes are written
+            // at several places per batch, and their pages stay cached between batches.
+            .pragma("cache_size", "-65536");
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let writer_opts = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30));
+        let writer_opts =
+            SqlitePoolOptions::new().max_connections(1).min_connections(1).acquire_timeout(Duration::from_secs(30));
         let (writer, reader) = if in_memory {
             // An in-memory database lives as long as its connection: keep exactly one forever.
-            let pool = writer_opts
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .connect_with(opts)
-                .await?;
+            let pool = writer_opts.idle_timeout(None).max_lifetime(None).connect_with(opts).await?;
             (pool.clone(), pool)
         } else {
             let writer = writer_opts.connect_with(opts.clone()).await?;
@@ -74,6 +96,46 @@ impl SqliteStore {
         MIGRATOR.run(&writer).await?;
         Ok(Self { writer, reader })
     }
+}
+
+/// Shares the text of repeated values (cameras, kinds, labels: a handful per batch) between the
+/// rows' bound parameters instead of copying it for every row.
+#[derive(Default)]
+struct Interner(Vec<Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.iter().find(|a| a.as_ref() == s) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(s);
+        if self.0.len() < 64 {
+            self.0.push(Arc::clone(&a));
+        }
+        a
+    }
+}
+
+fn bind_rows<'a>(
+    args: &mut SqliteArguments,
+    device_id: &str,
+    now_ms: i64,
+    rows: impl Iterator<Item = RowIn<'a>>,
+    strings: &mut Interner,
+) -> Result<(), String> {
+    let e = |e: sqlx::error::BoxDynError| format!("binding an event: {e}");
+    let device_id = strings.get(device_id);
+    for r in rows {
+        args.add(Arc::clone(&device_id)).map_err(e)?;
+        args.add(now_ms).map_err(e)?;
+        args.add(r.seq).map_err(e)?;
+        args.add(strings.get(r.camera)).map_err(e)?;
+        args.add(strings.get(r.kind)).map_err(e)?;
+        args.add(r.observed_at_ms).map_err(e)?;
+        args.add(r.label.map(|l| strings.get(l))).map_err(e)?;
+        args.add(r.payload).map_err(e)?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -106,28 +168,28 @@ impl EventStore for SqliteStore {
         if rows.is_empty() {
             return Ok(InsertOutcome::default());
         }
+        let statements = insert_statements();
+        let total = rows.len();
+        let mut strings = Interner::default();
+        let mut rows = rows.into_iter();
+        let mut left = total;
         let mut tx = self.writer.begin().await?;
         let mut inserted = 0u64;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO events (device_id, seq, camera, kind, observed_at_ms, ingested_at_ms, label, payload) ",
-            );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(device_id)
-                    .push_bind(r.seq)
-                    .push_bind(r.camera)
-                    .push_bind(r.kind)
-                    .push_bind(r.observed_at_ms)
-                    .push_bind(now_ms)
-                    .push_bind(r.label)
-                    .push_bind(r.payload.as_str());
-            });
-            qb.push(" ON CONFLICT (device_id, seq) DO NOTHING");
-            inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+        while left > 0 {
+            // Largest power of two <= min(left, MAX_ROWS_PER_STATEMENT).
+            let level = left.min(MAX_ROWS_PER_STATEMENT).ilog2() as usize;
+            let n = 1usize << level;
+            left -= n;
+            let sql =
+                statements.get(level).ok_or_else(|| StoreError::InvalidData("insert chunk out of range".to_owned()))?;
+            let mut args = SqliteArguments::default();
+            args.reserve(n * PARAMS_PER_ROW, 0);
+            bind_rows(&mut args, device_id, now_ms, rows.by_ref().take(n), &mut strings)
+                .map_err(StoreError::InvalidData)?;
+            inserted += sqlx::query_with(sql.as_str(), args).execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
-        let total = rows.len() as u64;
-        Ok(InsertOutcome { inserted, duplicates: total.saturating_sub(inserted) })
+        Ok(InsertOutcome { inserted, duplicates: (total as u64).saturating_sub(inserted) })
     }
 
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {
@@ -192,25 +254,19 @@ impl EventStore for SqliteStore {
             qb.push(" AND observed_at_ms < ").push_bind(to);
         }
         if let Some(c) = v.cursor {
-            qb.push(" AND (observed_at_ms, id) < (")
-                .push_bind(c.observed_at_ms)
-                .push(", ")
-                .push_bind(c.id)
-                .push(")");
+            qb.push(" AND (observed_at_ms, id) < (").push_bind(c.observed_at_ms).push(", ").push_bind(c.id).push(")");
         }
-        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ")
-            .push_bind(i64::from(v.limit) + 1);
+        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ").push_bind(i64::from(v.limit) + 1);
         let rows: Vec<EventRow> = qb.build_query_as().fetch_all(&self.reader).await?;
         page_from_rows(rows, v.limit)
     }
 
     async fn device_event_summary(&self, device_id: &str) -> Result<EventSummary, StoreError> {
-        let (total, distinct, min, max): (i64, i64, Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM events WHERE device_id = ?",
-        )
-        .bind(device_id)
-        .fetch_one(&self.reader)
-        .await?;
+        let (total, distinct, min, max): (i64, i64, Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM events WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_one(&self.reader)
+                .await?;
         Ok(EventSummary {
             total: count_from_db(total)?,
             distinct_seqs: count_from_db(distinct)?,

@@ -27,7 +27,10 @@ impl PgDatabase {
         let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
         let admin = pg_admin_url();
         let mut conn = sqlx::PgConnection::connect(&admin).await.expect("PostgreSQL reachable (set ITS_TEST_PG_URL)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).execute(&mut conn).await.expect("create database");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
         let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).expect("url has a database");
         Self { url: format!("{base}/{name}"), name }
     }
@@ -35,7 +38,9 @@ impl PgDatabase {
     pub async fn drop_db(self) {
         use sqlx::Connection;
         if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))).execute(&mut conn).await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name)))
+                .execute(&mut conn)
+                .await;
         }
     }
 }

@@ -7,6 +7,5 @@ pub mod outbox;
 pub mod stress;
 
 pub use outbox::{
-    AckOutcome, AppendOutcome, NewEvent, Outbox, OutboxConfig, OutboxError, OutboxStats,
-    SCHEMA_VERSION, read_stats,
+    AckOutcome, AppendOutcome, NewEvent, Outbox, OutboxConfig, OutboxError, OutboxStats, SCHEMA_VERSION, read_stats,
 };

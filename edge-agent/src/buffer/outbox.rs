@@ -99,9 +99,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use its_shared::{EventEnvelope, EventKind};
-use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 
 /// Schema version written to `PRAGMA user_version`.
@@ -265,9 +263,7 @@ pub struct Outbox {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox")
-            .field("path", &self.cfg.path)
-            .finish_non_exhaustive()
+        f.debug_struct("Outbox").field("path", &self.cfg.path).finish_non_exhaustive()
     }
 }
 
@@ -295,39 +291,20 @@ fn to_u64(v: i64, what: &str) -> Result<u64, OutboxError> {
     u64::try_from(v).map_err(|_| OutboxError::Corrupt(format!("{what} is negative ({v})")))
 }
 
-fn encode_body(
-    seq: u64,
-    camera: &str,
-    observed_at_ms: i64,
-    kind: &EventKind,
-) -> Result<Vec<u8>, OutboxError> {
-    let env = EnvelopeRef {
-        seq,
-        camera,
-        observed_at_ms,
-        kind,
-    };
-    Ok(bincode::serde::encode_to_vec(
-        &env,
-        bincode::config::standard(),
-    )?)
+fn encode_body(seq: u64, camera: &str, observed_at_ms: i64, kind: &EventKind) -> Result<Vec<u8>, OutboxError> {
+    let env = EnvelopeRef { seq, camera, observed_at_ms, kind };
+    Ok(bincode::serde::encode_to_vec(&env, bincode::config::standard())?)
 }
 
 fn decode_body(seq: u64, body: &[u8]) -> Result<EventEnvelope, OutboxError> {
     let cfg = bincode::config::standard().with_limit::<MAX_BODY_LEN>();
-    let (env, used): (EventEnvelope, usize) = bincode::serde::decode_from_slice(body, cfg)
-        .map_err(|source| OutboxError::Decode { seq, source })?;
+    let (env, used): (EventEnvelope, usize) =
+        bincode::serde::decode_from_slice(body, cfg).map_err(|source| OutboxError::Decode { seq, source })?;
     if used != body.len() {
-        return Err(OutboxError::Corrupt(format!(
-            "row {seq}: {} trailing bytes in body",
-            body.len() - used
-        )));
+        return Err(OutboxError::Corrupt(format!("row {seq}: {} trailing bytes in body", body.len() - used)));
     }
     if env.seq != seq {
-        return Err(OutboxError::Corrupt(format!(
-            "row {seq} holds an event with seq {}",
-            env.seq
-        )));
+        return Err(OutboxError::Corrupt(format!("row {seq} holds an event with seq {}", env.seq)));
     }
     Ok(env)
 }
@@ -339,8 +316,10 @@ fn meta_get(conn: &Connection, key: &str) -> Result<i64, OutboxError> {
 }
 
 fn meta_set(tx: &Transaction<'_>, key: &str, value: i64) -> Result<(), OutboxError> {
-    tx.prepare_cached("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-        .execute(params![key, value])?;
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
     Ok(())
 }
 
@@ -377,9 +356,8 @@ struct Evicted {
 fn evict_range(tx: &Transaction<'_>, above: u64, up_to: u64) -> Result<Evicted, OutboxError> {
     let mut ev = Evicted::default();
     {
-        let mut stmt = tx.prepare_cached(
-            "DELETE FROM outbox WHERE seq > ?1 AND seq <= ?2 RETURNING kind, length(body)",
-        )?;
+        let mut stmt =
+            tx.prepare_cached("DELETE FROM outbox WHERE seq > ?1 AND seq <= ?2 RETURNING kind, length(body)")?;
         let mut rows = stmt.query(params![to_i64(above)?, to_i64(up_to)?])?;
         while let Some(row) = rows.next()? {
             let kind: String = row.get(0)?;
@@ -458,27 +436,18 @@ impl Outbox {
         let snap = lock(&self.state).clone();
         let first = snap.next_seq;
         if events.is_empty() {
-            return Ok(AppendOutcome {
-                first_seq: first,
-                last_seq: first - 1,
-                evicted: 0,
-            });
+            return Ok(AppendOutcome { first_seq: first, last_seq: first - 1, evicted: 0 });
         }
         let n = events.len() as u64;
-        let next = first
-            .checked_add(n)
-            .ok_or(OutboxError::SeqOutOfRange(u64::MAX))?;
+        let next = first.checked_add(n).ok_or(OutboxError::SeqOutOfRange(u64::MAX))?;
         to_i64(next)?;
-        let committed_ms = snap
-            .newest_committed_ms
-            .map_or(now_ms, |newest| newest.max(now_ms));
+        let committed_ms = snap.newest_committed_ms.map_or(now_ms, |newest| newest.max(now_ms));
 
         let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut added_bytes = 0u64;
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO outbox(seq, kind, committed_ms, body) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO outbox(seq, kind, committed_ms, body) VALUES (?1, ?2, ?3, ?4)")?;
             for (seq, e) in (first..next).zip(events) {
                 let body = encode_body(seq, &e.camera, e.observed_at_ms, &e.kind)?;
                 added_bytes += body.len() as u64;
@@ -501,9 +470,7 @@ impl Outbox {
             let need = new.pending_bytes - self.cfg.max_bytes;
             let mut cutoff = None;
             {
-                let mut scan = tx.prepare_cached(
-                    "SELECT seq, length(body) FROM outbox WHERE seq > ?1 ORDER BY seq",
-                )?;
+                let mut scan = tx.prepare_cached("SELECT seq, length(body) FROM outbox WHERE seq > ?1 ORDER BY seq")?;
                 let mut rows = scan.query([to_i64(limbo)?])?;
                 let mut freed = 0u64;
                 while freed < need {
@@ -521,30 +488,19 @@ impl Outbox {
                 new.oldest_committed_ms = oldest;
                 new.newest_committed_ms = newest;
                 self.publish(new);
-                return Ok(AppendOutcome {
-                    first_seq: first,
-                    last_seq: next - 1,
-                    evicted,
-                });
+                return Ok(AppendOutcome { first_seq: first, last_seq: next - 1, evicted });
             }
         }
         tx.commit()?;
         self.publish(new);
-        Ok(AppendOutcome {
-            first_seq: first,
-            last_seq: next - 1,
-            evicted,
-        })
+        Ok(AppendOutcome { first_seq: first, last_seq: next - 1, evicted })
     }
 
     /// Stores the writer-owned fields of `new`; `limbo_high` is kept as it is now.
     fn publish(&self, new: State) {
         let mut st = lock(&self.state);
         let limbo = st.limbo_high;
-        *st = State {
-            limbo_high: limbo,
-            ..new
-        };
+        *st = State { limbo_high: limbo, ..new };
     }
 
     /// Up to `max` events with `seq > after`, ascending. Does not mark them as sent: see
@@ -595,9 +551,7 @@ impl Outbox {
         if last <= current {
             return Ok(());
         }
-        let reserved = last
-            .saturating_add(self.cfg.reserve_ahead)
-            .min(i64::MAX as u64);
+        let reserved = last.saturating_add(self.cfg.reserve_ahead).min(i64::MAX as u64);
         let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
         meta_set(&tx, "sent_reserved", to_i64(reserved)?)?;
         tx.commit()?;
@@ -626,8 +580,7 @@ impl Outbox {
         let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (mut deleted, mut bytes) = (0u64, 0u64);
         {
-            let mut stmt =
-                tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1 RETURNING length(body)")?;
+            let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1 RETURNING length(body)")?;
             let mut rows = stmt.query([to_i64(up_to)?])?;
             while let Some(row) = rows.next()? {
                 deleted += 1;
@@ -644,18 +597,10 @@ impl Outbox {
         st.oldest_committed_ms = oldest;
         st.newest_committed_ms = newest;
         st.limbo_high = st.limbo_high.max(up_to);
-        Ok(AckOutcome {
-            deleted,
-            renumbered: 0,
-        })
+        Ok(AckOutcome { deleted, renumbered: 0 })
     }
 
-    fn renumber(
-        &self,
-        w: &mut Connection,
-        snap: State,
-        up_to: u64,
-    ) -> Result<AckOutcome, OutboxError> {
+    fn renumber(&self, w: &mut Connection, snap: State, up_to: u64) -> Result<AckOutcome, OutboxError> {
         let new_next = up_to
             .checked_add(1)
             .and_then(|v| v.checked_add(snap.pending_events))
@@ -678,8 +623,7 @@ impl Outbox {
             let Some(&(last, _)) = chunk.last() else {
                 break;
             };
-            let mut update =
-                tx.prepare_cached("UPDATE outbox SET seq = ?1, body = ?2 WHERE seq = ?3")?;
+            let mut update = tx.prepare_cached("UPDATE outbox SET seq = ?1, body = ?2 WHERE seq = ?3")?;
             for (old, body) in chunk {
                 let mut env = decode_body(to_u64(old, "seq")?, &body)?;
                 new_seq += 1;
@@ -710,10 +654,7 @@ impl Outbox {
         st.sent_reserved = up_to;
         st.pending_bytes = bytes;
         st.limbo_high = up_to;
-        Ok(AckOutcome {
-            deleted: 0,
-            renumbered,
-        })
+        Ok(AckOutcome { deleted: 0, renumbered })
     }
 
     /// Evicts rows committed before `now_ms - max_age`, oldest first, never a limbo row. Returns
@@ -723,10 +664,7 @@ impl Outbox {
         let snap = lock(&self.state).clone();
         let max_age_ms = i64::try_from(self.cfg.max_age.as_millis()).unwrap_or(i64::MAX);
         let cutoff_ms = now_ms.saturating_sub(max_age_ms);
-        if snap
-            .oldest_committed_ms
-            .is_none_or(|oldest| oldest >= cutoff_ms)
-        {
+        if snap.oldest_committed_ms.is_none_or(|oldest| oldest >= cutoff_ms) {
             return Ok(0);
         }
         let tx = w.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -734,9 +672,7 @@ impl Outbox {
         let limbo = lock(&self.state).limbo_high;
         let mut cutoff = None;
         {
-            let mut scan = tx.prepare_cached(
-                "SELECT seq, committed_ms FROM outbox WHERE seq > ?1 ORDER BY seq",
-            )?;
+            let mut scan = tx.prepare_cached("SELECT seq, committed_ms FROM outbox WHERE seq > ?1 ORDER BY seq")?;
             let mut rows = scan.query([to_i64(limbo)?])?;
             while let Some(row) = rows.next()? {
                 let committed: i64 = row.get(1)?;
@@ -782,33 +718,22 @@ impl Outbox {
     pub fn integrity_check(&self) -> Result<(), OutboxError> {
         let r = lock(&self.reader);
         let mut stmt = r.prepare("PRAGMA integrity_check")?;
-        let lines: Vec<String> = stmt
-            .query_map([], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
-        if lines.len() == 1 && lines[0] == "ok" {
-            Ok(())
-        } else {
-            Err(OutboxError::Integrity(lines.join("; ")))
-        }
+        let lines: Vec<String> = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        if lines.len() == 1 && lines[0] == "ok" { Ok(()) } else { Err(OutboxError::Integrity(lines.join("; "))) }
     }
 }
 
 /// The counters of the outbox at `path`, read from the database (not from a running agent's memory),
 /// without creating or changing anything: works while an agent has the outbox open.
 pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
-    let open = |flags: OpenFlags| {
-        Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-    };
+    let open = |flags: OpenFlags| Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX);
     // Read-write (without create) lets SQLite recover a WAL left by a crash; read-only is the
     // fallback for a user who may not write the directory.
-    let mut conn = open(OpenFlags::SQLITE_OPEN_READ_WRITE)
-        .or_else(|_| open(OpenFlags::SQLITE_OPEN_READ_ONLY))?;
+    let mut conn = open(OpenFlags::SQLITE_OPEN_READ_WRITE).or_else(|_| open(OpenFlags::SQLITE_OPEN_READ_ONLY))?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "query_only", true)?;
     if check_version(&conn)? == 0 {
-        return Err(OutboxError::Corrupt(
-            "not an outbox (schema version 0)".into(),
-        ));
+        return Err(OutboxError::Corrupt("not an outbox (schema version 0)".into()));
     }
     let tx = conn.transaction()?; // one snapshot for all the queries
     let st = load_state(&tx)?;
@@ -829,16 +754,13 @@ fn read_rows(conn: &Connection, after: u64, max: usize) -> Result<Vec<EventEnvel
         return Ok(Vec::new()); // nothing can be stored above i64::MAX
     };
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+    let mut stmt = conn.prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
     let mut rows = stmt.query(params![after, limit])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         let seq = to_u64(row.get(0)?, "seq")?;
         let rusqlite::types::ValueRef::Blob(body) = row.get_ref(1)? else {
-            return Err(OutboxError::Corrupt(format!(
-                "row {seq}: body is not a blob"
-            )));
+            return Err(OutboxError::Corrupt(format!("row {seq}: body is not a blob")));
         };
         out.push(decode_body(seq, body)?);
     }
@@ -847,13 +769,9 @@ fn read_rows(conn: &Connection, after: u64, max: usize) -> Result<Vec<EventEnvel
 
 fn check_version(conn: &Connection) -> Result<u32, OutboxError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let found =
-        u32::try_from(found).map_err(|_| OutboxError::Corrupt(format!("user_version {found}")))?;
+    let found = u32::try_from(found).map_err(|_| OutboxError::Corrupt(format!("user_version {found}")))?;
     if found > SCHEMA_VERSION {
-        return Err(OutboxError::SchemaTooNew {
-            found,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(OutboxError::SchemaTooNew { found, supported: SCHEMA_VERSION });
     }
     Ok(found)
 }
@@ -894,15 +812,12 @@ fn load_state(conn: &Connection) -> Result<State, OutboxError> {
             }
         }
     }
-    let (count, bytes, min_seq, max_seq): (i64, i64, Option<i64>, Option<i64>) = conn.query_row(
-        "SELECT count(*), coalesce(sum(length(body)), 0), min(seq), max(seq) FROM outbox",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-    )?;
+    let (count, bytes, min_seq, max_seq): (i64, i64, Option<i64>, Option<i64>) =
+        conn.query_row("SELECT count(*), coalesce(sum(length(body)), 0), min(seq), max(seq) FROM outbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
     if next_seq == 0 || acked >= next_seq {
-        return Err(OutboxError::Corrupt(format!(
-            "next_seq {next_seq} with acked {acked}"
-        )));
+        return Err(OutboxError::Corrupt(format!("next_seq {next_seq} with acked {acked}")));
     }
     if let (Some(lo), Some(hi)) = (min_seq, max_seq)
         && (lo <= to_i64(acked)? || hi >= to_i64(next_seq)?)

@@ -25,9 +25,7 @@ pub fn run_outbox_writer(path: &Path, batch: usize) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut track_id = 0u64;
     loop {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let events: Vec<NewEvent> = (0..batch.max(1))
             .map(|i| {
                 track_id += 1;
@@ -36,17 +34,8 @@ pub fn run_outbox_writer(path: &Path, batch: usize) -> anyhow::Result<()> {
                     observed_at_ms: now_ms,
                     kind: EventKind::LineCrossing {
                         line: format!("line-{}", i % 3),
-                        object: ObjectRef {
-                            track_id,
-                            label: "car".into(),
-                            score: 0.75,
-                            bbox: [0.1, 0.2, 0.3, 0.4],
-                        },
-                        direction: if i % 2 == 0 {
-                            Direction::In
-                        } else {
-                            Direction::Out
-                        },
+                        object: ObjectRef { track_id, label: "car".into(), score: 0.75, bbox: [0.1, 0.2, 0.3, 0.4] },
+                        direction: if i % 2 == 0 { Direction::In } else { Direction::Out },
                         speed_kmh: Some(50.0),
                     },
                 }

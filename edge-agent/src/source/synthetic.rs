@@ -61,9 +61,21 @@ pub fn synthetic_event(rng: &mut impl Rng, kind: &str) -> EventKind {
             zone: Some("lane-1".into()),
         },
         "zone_enter" => EventKind::ZoneEnter { zone: "junction".into(), object: object(rng, label) },
-        "zone_exit" => EventKind::ZoneExit { zone: "junction".into(), object: object(rng, label), dwell_s: rng.random_range(1.0..20.0) },
-        "zone_dwell" => EventKind::ZoneDwell { zone: "junction".into(), object: object(rng, label), dwell_s: rng.random_range(20.0..60.0) },
-        "stopped_vehicle" => EventKind::StoppedVehicle { zone: "hard-shoulder".into(), object: object(rng, label), stopped_s: rng.random_range(30.0..300.0) },
+        "zone_exit" => EventKind::ZoneExit {
+            zone: "junction".into(),
+            object: object(rng, label),
+            dwell_s: rng.random_range(1.0..20.0),
+        },
+        "zone_dwell" => EventKind::ZoneDwell {
+            zone: "junction".into(),
+            object: object(rng, label),
+            dwell_s: rng.random_range(20.0..60.0),
+        },
+        "stopped_vehicle" => EventKind::StoppedVehicle {
+            zone: "hard-shoulder".into(),
+            object: object(rng, label),
+            stopped_s: rng.random_range(30.0..300.0),
+        },
         "wrong_way" => EventKind::WrongWay {
             zone: "ramp".into(),
             object: object(rng, label),
@@ -95,10 +107,7 @@ pub fn synthetic_event(rng: &mut impl Rng, kind: &str) -> EventKind {
 }
 
 fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Produces events until `shutdown` or the limit. Returns the number of events committed.
