@@ -26,8 +26,9 @@ use crate::wire::{Ack, EventBatch, Frame, Heartbeat, Hello};
 /// Tuning of the agent side. Defaults are sized for one QUIC stream on a cellular link.
 #[derive(Debug, Clone)]
 pub struct AgentSessionConfig {
-    /// Most events in one batch. 2,000 events of ~100 bytes is ~200 KB: large enough to amortise
-    /// a database commit on the aggregator, small enough to resend cheaply.
+    /// Most events in one batch. 4,000 events of ~110 bytes is ~440 KB: large enough to amortise
+    /// a database commit (one fsync) on the aggregator, small enough to resend cheaply. Measured:
+    /// 4,000 drains an outbox into SQLite ~20% faster than 2,000 (BENCHMARKS.md).
     pub max_batch_events: usize,
     /// Batches sent but not yet acknowledged. Four keep the aggregator busy while the agent
     /// deletes acknowledged rows, without a large resend after a reconnect.
@@ -44,7 +45,7 @@ pub struct AgentSessionConfig {
 impl Default for AgentSessionConfig {
     fn default() -> Self {
         Self {
-            max_batch_events: 2000,
+            max_batch_events: 4000,
             window_batches: 4,
             ack_timeout: Duration::from_secs(10),
             max_resends_without_progress: 3,
