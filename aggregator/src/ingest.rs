@@ -4,6 +4,7 @@
 //! The device identity is the common name of the client certificate that rustls verified
 //! against the fleet CA and the current CRL; nothing the agent sends can change it.
 
+use crate::unix_ms;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,10 +17,6 @@ use tokio::sync::watch;
 use crate::pki::{Pki, device_id_from_cert};
 use crate::store::EventStore;
 use crate::telemetry;
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// One slot per device: a device has at most one live session on this aggregator.
 ///

@@ -10,3 +10,9 @@ pub mod pki;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+
+/// Wall-clock time in Unix milliseconds: event timestamps, never durations (those use
+/// `tokio::time::Instant`, which tests can pause).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

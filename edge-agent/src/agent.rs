@@ -5,6 +5,7 @@
 //!                                                     ^---------- delete on ack ------'
 //! ```
 
+use crate::unix_ms;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -18,10 +19,6 @@ use crate::config::AgentConfig;
 use crate::source::run_synthetic;
 use crate::uplink::quic::HealthFn;
 use crate::uplink::{UplinkHandle, run_uplink};
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// The health report from the outbox and uplink counters.
 pub fn health_report(outbox: &Outbox, uplink: &UplinkHandle, started: Instant, cameras: &[String]) -> DeviceHealth {

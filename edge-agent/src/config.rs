@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use its_shared::config::{ConfigErrors, apply_env_overrides};
+use its_shared::config::{ConfigErrors, parse_toml_with_env};
 use its_shared::session::AgentSessionConfig;
 use serde::Deserialize;
 
@@ -173,22 +173,16 @@ impl RawConfig {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let (source, mut doc) = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::Read { path: p.to_path_buf(), message: e.to_string() })?;
-                let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: p.display().to_string(),
-                    message: e.to_string(),
-                })?;
-                (p.display().to_string(), doc)
-            }
-            None => ("<defaults>".to_string(), toml::Table::new()),
+        let text = match path {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Read { path: p.to_path_buf(), message: e.to_string() })?,
+            ),
+            None => None,
         };
-        apply_env_overrides(&mut doc, ENV_PREFIX, env);
-        toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: source, message: e.to_string() })
+        let source = path.map_or("<defaults>".to_string(), |p| p.display().to_string());
+        parse_toml_with_env(&source, text.as_deref(), ENV_PREFIX, env)
+            .map_err(|e| ConfigError::Parse { path: e.document, message: e.message })
     }
 
     /// Checks everything and builds the validated form, or reports every problem.

@@ -6,3 +6,9 @@ pub mod buffer;
 pub mod config;
 pub mod source;
 pub mod uplink;
+
+/// Wall-clock time in Unix milliseconds: event timestamps, never durations (those use
+/// `tokio::time::Instant`, which tests can pause).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}

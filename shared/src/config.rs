@@ -62,6 +62,31 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Parses a TOML document (`None`: an empty one, i.e. all defaults), applies the environment
+/// overrides, and deserialises the result. `source` names the document in errors.
+pub fn parse_toml_with_env<T, I>(source: &str, text: Option<&str>, prefix: &str, env: I) -> Result<T, ConfigParseError>
+where
+    T: serde::de::DeserializeOwned,
+    I: IntoIterator<Item = (String, String)>,
+{
+    let err = |e: toml::de::Error| ConfigParseError { document: source.to_string(), message: e.to_string() };
+    let mut doc: toml::Table = match text {
+        Some(t) => t.parse().map_err(err)?,
+        None => toml::Table::new(),
+    };
+    apply_env_overrides(&mut doc, prefix, env);
+    toml::Value::Table(doc).try_into().map_err(err)
+}
+
+/// A configuration document that is not valid TOML or does not fit the configuration's shape
+/// (unknown keys, wrong types); the message names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{document}: {message}")]
+pub struct ConfigParseError {
+    pub document: String,
+    pub message: String,
+}
+
 /// Applies environment overrides to a parsed TOML document.
 ///
 /// A variable `{prefix}SECTION__KEY=value` sets `section.key` (names lower-cased, `__` separates

@@ -187,7 +187,7 @@ pub enum EventKind {
     DeviceHealth(DeviceHealth),
 }
 
-/// All kind names, in declaration order.
+/// All kind names, in declaration order (`device_health` last).
 pub const KIND_NAMES: &[&str] = &[
     "line_crossing",
     "speed_measurement",
@@ -200,6 +200,9 @@ pub const KIND_NAMES: &[&str] = &[
     "counts",
     "device_health",
 ];
+
+/// The kinds that describe the road (all but the agent's own `device_health`).
+pub const ROAD_KINDS: &[&str] = KIND_NAMES.split_at(KIND_NAMES.len() - 1).0;
 
 impl EventKind {
     /// The snake_case name of this kind, as used in JSON, MQTT topics and API filters.

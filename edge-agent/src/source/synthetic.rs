@@ -1,6 +1,7 @@
 //! Synthetic event source: plausible traffic events at a configured rate and mix of kinds,
 //! committed to the outbox in batches. It is the load generator for benchmarks and fault tests.
 
+use crate::unix_ms;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,19 +12,9 @@ use tokio::sync::watch;
 use crate::buffer::{NewEvent, Outbox};
 use crate::uplink::UplinkHandle;
 
-/// Event kinds the synthetic source can produce (all but `device_health`, which the agent
-/// reports itself).
-pub const SYNTHETIC_KINDS: &[&str] = &[
-    "line_crossing",
-    "speed_measurement",
-    "zone_enter",
-    "zone_exit",
-    "zone_dwell",
-    "stopped_vehicle",
-    "wrong_way",
-    "congestion",
-    "counts",
-];
+/// Event kinds the synthetic source can produce: every road kind (`device_health` is the agent's
+/// own report).
+pub const SYNTHETIC_KINDS: &[&str] = its_shared::event::ROAD_KINDS;
 
 #[derive(Debug, Clone)]
 pub struct SyntheticConfig {
@@ -104,10 +95,6 @@ pub fn synthetic_event(rng: &mut impl Rng, kind: &str) -> EventKind {
             speed_kmh: Some(rng.random_range(20.0..90.0)),
         },
     }
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Produces events until `shutdown` or the limit. Returns the number of events committed.

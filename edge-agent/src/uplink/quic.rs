@@ -1,6 +1,7 @@
 //! QUIC transport of the uplink: connect with mutual TLS, run the [`AgentSession`] over one
 //! bidirectional stream, reconnect with capped exponential backoff.
 
+use crate::unix_ms;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,10 +57,6 @@ pub type HealthFn = Arc<dyn Fn() -> DeviceHealth + Send + Sync>;
 
 fn now_std() -> std::time::Instant {
     Instant::now().into_std()
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Runs until `shutdown` turns true. Never returns an error for network trouble: it reconnects.
