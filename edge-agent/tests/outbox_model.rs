@@ -597,3 +597,27 @@ fn read_for_send_is_atomic_against_concurrent_eviction() {
     let lost: Vec<&u64> = sent.difference(&present).collect();
     assert!(lost.is_empty(), "sent rows evicted: {lost:?}");
 }
+
+/// A batch read for sending always fits in one wire frame: bodies past the first are bounded by
+/// `MAX_BATCH_BYTES`, and what is left comes with the next read.
+#[test]
+fn read_for_send_bounds_a_batch_by_bytes() {
+    use its_shared::wire::{EventBatch, Frame, MAX_BATCH_BYTES, MAX_FRAME_LEN, encode};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(config(dir.path(), 64 * 1024 * 1024, 16)).expect("open");
+    let big = |n| {
+        let mut e = event(1, 1, n);
+        e.kind = EventKind::ZoneEnter { zone: "z".repeat(MAX_BATCH_BYTES / 3), object: object(n) };
+        e
+    };
+    outbox.append(&[big(1), big(2), big(3), big(4)], 1_000).expect("append");
+    let first = outbox.read_for_send(0, 100).expect("read");
+    // Each body is a little over a third of the budget: two fit, a third would not.
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    let frame = encode(&Frame::EventBatch(EventBatch { after: 0, events: first })).expect("fits in a frame");
+    assert!(frame.len() <= MAX_FRAME_LEN);
+    let rest = outbox.read_for_send(2, 100).expect("read");
+    assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4]);
+    // The byte bound does not apply to plain reads.
+    assert_eq!(outbox.read_after(0, 100).expect("read").len(), 4);
+}

@@ -18,9 +18,12 @@ use crate::event::{DeviceHealth, EventEnvelope};
 
 /// Version byte of the frame format described above.
 pub const WIRE_VERSION: u8 = 1;
-/// Largest frame either side accepts: 8 MiB. A full event batch is far smaller (see
-/// `MAX_BATCH_BYTES`); the margin leaves room for `Config` documents.
+/// Largest frame either side accepts: 8 MiB. An event batch is at most [`MAX_BATCH_BYTES`]; the margin leaves room for `Config` documents.
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+/// Most bytes of encoded events one batch may carry: half a frame, leaving ample room for the
+/// batch's own few bytes of framing. An event's bincode encoding inside a batch is the same as on
+/// its own, so the agent can bound a batch by the sizes of its stored event bodies.
+pub const MAX_BATCH_BYTES: usize = MAX_FRAME_LEN / 2;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
 

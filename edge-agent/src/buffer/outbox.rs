@@ -507,17 +507,19 @@ impl Outbox {
     /// [`Outbox::read_for_send`].
     pub fn read_after(&self, after: u64, max: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
         let r = lock(&self.reader);
-        read_rows(&r, after, max)
+        read_rows(&r, after, max, usize::MAX)
     }
 
     /// [`Outbox::read_after`] and [`Outbox::mark_sending`] of the last event read, with no eviction
-    /// in between: what this returns may be sent. Use this for the uplink.
+    /// in between: what this returns may be sent. Use this for the uplink. The events' encoded
+    /// size is also bounded by [`its_shared::wire::MAX_BATCH_BYTES`] (at least one event is
+    /// returned), so a batch always fits in one wire frame.
     pub fn read_for_send(&self, after: u64, max: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
         let events = {
             let _gate = lock(&self.evict_gate);
             let events = {
                 let r = lock(&self.reader);
-                read_rows(&r, after, max)?
+                read_rows(&r, after, max, its_shared::wire::MAX_BATCH_BYTES)?
             };
             if let Some(last) = events.last() {
                 let mut st = lock(&self.state);
@@ -749,7 +751,8 @@ pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
     })
 }
 
-fn read_rows(conn: &Connection, after: u64, max: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
+/// Rows above `after`, at most `max` of them and, past the first, at most `max_bytes` of bodies.
+fn read_rows(conn: &Connection, after: u64, max: usize, max_bytes: usize) -> Result<Vec<EventEnvelope>, OutboxError> {
     let Ok(after) = i64::try_from(after) else {
         return Ok(Vec::new()); // nothing can be stored above i64::MAX
     };
@@ -757,11 +760,16 @@ fn read_rows(conn: &Connection, after: u64, max: usize) -> Result<Vec<EventEnvel
     let mut stmt = conn.prepare_cached("SELECT seq, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
     let mut rows = stmt.query(params![after, limit])?;
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     while let Some(row) = rows.next()? {
         let seq = to_u64(row.get(0)?, "seq")?;
         let rusqlite::types::ValueRef::Blob(body) = row.get_ref(1)? else {
             return Err(OutboxError::Corrupt(format!("row {seq}: body is not a blob")));
         };
+        bytes = bytes.saturating_add(body.len());
+        if bytes > max_bytes && !out.is_empty() {
+            break;
+        }
         out.push(decode_body(seq, body)?);
     }
     Ok(out)
