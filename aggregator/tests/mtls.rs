@@ -156,3 +156,48 @@ fn device_ids_are_validated_before_issuing() {
     assert!(pki.init(&[]).is_err(), "second init must not overwrite the CA");
     assert!(pki.revoke("never-enrolled").is_err());
 }
+
+/// A device that reconnects while its old connection is still open gets the new session; the old
+/// one is told it was superseded and closed (one live session per device, so a welcome never
+/// races a commit of the old connection).
+#[tokio::test]
+async fn a_reconnect_supersedes_the_old_connection_of_the_same_device() {
+    let f = fixture().await;
+    let dir = f.root.join("box-twice");
+    f.pki.enroll("box-twice", &dir, 30).expect("enroll");
+    let bundle = DeviceBundle::in_dir(&dir);
+    let tls = client_config(&bundle).expect("tls");
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let old = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = old.open_bi().await.expect("stream");
+    send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let n = recv.read(&mut buf).await.expect("read").expect("welcome");
+    dec.extend(&buf[..n]);
+    assert!(matches!(dec.next_frame(), Ok(Some(Frame::Ack(_)))), "old connection welcomed");
+
+    // Second connection, same certificate.
+    assert_eq!(try_session(f.server.addrs.quic, &bundle).await, Ok(0));
+    // The old one is refused and closed.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    dec.extend(&buf[..n]);
+                    if let Ok(Some(Frame::Refuse { reason })) = dec.next_frame() {
+                        return reason;
+                    }
+                }
+                // The close frame carries the reason too (the Refuse frame may be cut off by it).
+                Err(e) => return old.close_reason().map_or_else(|| e.to_string(), |r| r.to_string()),
+                Ok(None) => return String::from("stream finished"),
+            }
+        }
+    })
+    .await
+    .expect("old connection ended");
+    assert!(ended.contains("superseded"), "{ended}");
+}
