@@ -25,11 +25,17 @@ fn hello() -> Hello {
 }
 
 /// Connects with `bundle`, sends Hello, and returns the welcome ack, or the error text.
-async fn try_session(addr: std::net::SocketAddr, bundle: &DeviceBundle) -> Result<u64, String> {
+/// A QUIC client endpoint presenting the device bundle's certificate.
+fn client_endpoint(bundle: &DeviceBundle) -> Result<quinn::Endpoint, String> {
     let tls = client_config(bundle).map_err(|e| e.to_string())?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    Ok(ep)
+}
+
+async fn try_session(addr: std::net::SocketAddr, bundle: &DeviceBundle) -> Result<u64, String> {
+    let ep = client_endpoint(bundle)?;
     let fut = async {
         let conn = ep.connect(addr, "its-aggregator").map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -166,10 +172,7 @@ async fn a_reconnect_supersedes_the_old_connection_of_the_same_device() {
     let dir = f.root.join("box-twice");
     f.pki.enroll("box-twice", &dir, 30).expect("enroll");
     let bundle = DeviceBundle::in_dir(&dir);
-    let tls = client_config(&bundle).expect("tls");
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
-    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).expect("endpoint");
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let ep = client_endpoint(&bundle).expect("endpoint");
     let old = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
     let (mut send, mut recv) = old.open_bi().await.expect("stream");
     send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
