@@ -68,9 +68,14 @@ impl Drop for AgentProcess {
     }
 }
 
+/// The agent's outbox counters, from `its-agent outbox-stats` (a blocking child process, so it
+/// runs off the async worker's cooperative path).
 fn outbox_stats(agent: &Path, outbox: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(agent).arg("outbox-stats").arg("--path").arg(outbox).stderr(Stdio::null()).output().ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    tokio::task::block_in_place(|| {
+        let out =
+            Command::new(agent).arg("outbox-stats").arg("--path").arg(outbox).stderr(Stdio::null()).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    })
 }
 
 fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig {
@@ -201,7 +206,7 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
             break;
         }
     }
-    agent.terminate();
+    tokio::task::block_in_place(|| agent.terminate());
     println!("\n  agent stopped; starting it again without its source so the outbox drains completely");
     let child = Command::new(&agent_bin)
         .env("ITS_AGENT__DEVICE_BUNDLE", &bundle_dir)
@@ -220,7 +225,7 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
             break;
         }
     }
-    agent.terminate();
+    tokio::task::block_in_place(|| agent.terminate());
     let summary = server.store.device_event_summary(DEMO_DEVICE).await?;
     let ob = outbox_stats(&agent_bin, &outbox).unwrap_or_default();
     let produced = ob["produced_total"].as_u64().unwrap_or(0);

@@ -246,6 +246,20 @@ struct State {
     limbo_high: u64,
 }
 
+impl State {
+    fn stats(&self) -> OutboxStats {
+        OutboxStats {
+            produced_total: self.next_seq - 1,
+            acked: self.acked,
+            pending_events: self.pending_events,
+            pending_bytes: self.pending_bytes,
+            oldest_committed_ms: self.oldest_committed_ms,
+            evicted_total: self.evicted_total,
+            evicted_by_kind: self.evicted_by_kind.clone(),
+        }
+    }
+}
+
 /// The durable outbox. `Send + Sync`; all methods block (call them from `spawn_blocking`).
 ///
 /// Lock order: `writer` -> `evict_gate` -> `reader` -> `state`.
@@ -699,16 +713,7 @@ impl Outbox {
 
     /// The counters (no I/O).
     pub fn stats(&self) -> OutboxStats {
-        let st = lock(&self.state);
-        OutboxStats {
-            produced_total: st.next_seq - 1,
-            acked: st.acked,
-            pending_events: st.pending_events,
-            pending_bytes: st.pending_bytes,
-            oldest_committed_ms: st.oldest_committed_ms,
-            evicted_total: st.evicted_total,
-            evicted_by_kind: st.evicted_by_kind.clone(),
-        }
+        lock(&self.state).stats()
     }
 
     /// Rows up to this sequence number are never evicted (see *Limbo* in the module docs).
@@ -740,15 +745,7 @@ pub fn read_stats(path: &Path) -> Result<OutboxStats, OutboxError> {
     let tx = conn.transaction()?; // one snapshot for all the queries
     let st = load_state(&tx)?;
     tx.finish()?;
-    Ok(OutboxStats {
-        produced_total: st.next_seq - 1,
-        acked: st.acked,
-        pending_events: st.pending_events,
-        pending_bytes: st.pending_bytes,
-        oldest_committed_ms: st.oldest_committed_ms,
-        evicted_total: st.evicted_total,
-        evicted_by_kind: st.evicted_by_kind,
-    })
+    Ok(st.stats())
 }
 
 /// Rows above `after`, at most `max` of them and, past the first, at most `max_bytes` of bodies.
