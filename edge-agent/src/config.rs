@@ -9,9 +9,15 @@ use its_shared::config::{ConfigErrors, parse_toml_with_env};
 use its_shared::session::AgentSessionConfig;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use crate::buffer::OutboxConfig;
+use crate::detect::{BackendKind, BackendOptions, ModelManifest};
+use crate::pipeline::CameraSpec;
 use crate::source::SyntheticConfig;
 use crate::source::synthetic::SYNTHETIC_KINDS;
+use crate::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
+use crate::track::TrackerConfig;
 use crate::uplink::UplinkConfig;
 use crate::uplink::tls::DeviceBundle;
 
@@ -27,6 +33,10 @@ pub struct RawConfig {
     pub outbox: RawOutbox,
     pub synthetic: RawSynthetic,
     pub health: RawHealth,
+    /// The cameras this box watches (none by default: a box is configured for its site).
+    pub cameras: Vec<RawCamera>,
+    pub detector: RawDetector,
+    pub tracker: RawTracker,
 }
 
 impl Default for RawConfig {
@@ -37,6 +47,127 @@ impl Default for RawConfig {
             outbox: RawOutbox::default(),
             synthetic: RawSynthetic::default(),
             health: RawHealth::default(),
+            cameras: Vec::new(),
+            detector: RawDetector::default(),
+            tracker: RawTracker::default(),
+        }
+    }
+}
+
+/// One camera: an RTSP stream or a recording.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCamera {
+    /// Camera id, unique on this box; events carry it.
+    pub id: String,
+    /// `rtsp://[user:password@]host[:port]/path`, or the path of an `.mp4` or Annex-B `.264` file.
+    pub url: String,
+    /// RTSP transport: `tcp` (interleaved; works through NAT and firewalls, no packet loss) or
+    /// `udp` (lower latency on a clean LAN).
+    pub transport: String,
+    /// Frames per second run through detection; 10 follows vehicles at urban speeds well and
+    /// leaves CPU for more cameras. 0 = every frame.
+    pub detect_fps: f64,
+    /// No frame for this many seconds: the stream is declared stalled and reconnected. Cameras
+    /// send several frames a second, so 5 s is a dead stream, not a slow one.
+    pub stall_timeout_s: f64,
+    /// DESCRIBE, SETUP and PLAY must each answer within this many seconds.
+    pub connect_timeout_s: f64,
+    /// First reconnect delay (ms); doubles per failure up to `backoff_cap_ms`.
+    pub backoff_base_ms: u64,
+    /// 30 s cap: a camera that comes back is picked up within half a minute.
+    pub backoff_cap_ms: u64,
+    /// Files: start again at the end.
+    #[serde(rename = "loop")]
+    pub looped: bool,
+    /// Files: play at the recording's pace (true), or as fast as detection takes the frames,
+    /// none dropped (false: replay and evaluation).
+    pub realtime: bool,
+    /// Annex-B files carry no timestamps: their frame rate.
+    pub file_fps: f64,
+    /// Frames that may wait for detection; under load the oldest is dropped (and counted).
+    pub queue_frames: usize,
+}
+
+impl Default for RawCamera {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            url: String::new(),
+            transport: "tcp".into(),
+            detect_fps: 10.0,
+            stall_timeout_s: 5.0,
+            connect_timeout_s: 10.0,
+            backoff_base_ms: 500,
+            backoff_cap_ms: 30_000,
+            looped: true,
+            realtime: true,
+            file_fps: 10.0,
+            queue_frames: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDetector {
+    /// The model's manifest (`model.toml`, see models/README.md).
+    pub model: PathBuf,
+    /// `auto` (the fastest backend in this build that loads: tensorrt, onnxruntime, then
+    /// tract), or one of `tract`, `onnxruntime`, `tensorrt`.
+    pub backend: String,
+    /// Detector workers, each with its own model session (0 = one per CPU core, at most one
+    /// per camera: a camera's frames are detected in order).
+    pub workers: usize,
+    /// Threads per inference for ONNX Runtime (0 = cores / workers).
+    pub threads: usize,
+    /// ONNX Runtime's library; empty: `ORT_DYLIB_PATH`, then the standard locations.
+    pub onnxruntime_library: PathBuf,
+    /// Where TensorRT keeps built engines, so a box builds them once, not at every start.
+    pub tensorrt_cache: PathBuf,
+    /// Let TensorRT use FP16 kernels (Jetson GPUs are several times faster in FP16).
+    pub tensorrt_fp16: bool,
+    /// Confidence above which a detection is a road user for sure (0 = the model's default).
+    pub score_threshold: f32,
+}
+
+impl Default for RawDetector {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::from("/usr/share/its-agent/models/ssd-mobilenet-v2-coco/model.toml"),
+            backend: "auto".into(),
+            workers: 0,
+            threads: 0,
+            onnxruntime_library: PathBuf::new(),
+            tensorrt_cache: PathBuf::from("/var/lib/its-agent/trt-cache"),
+            tensorrt_fp16: true,
+            score_threshold: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTracker {
+    /// Detections between this and the score threshold only extend existing tracks (ByteTrack's
+    /// second association); below it they are ignored.
+    pub low_score: f32,
+    /// Seconds a lost track is kept to be re-identified (bridges a vehicle passing behind another).
+    pub max_lost_s: f32,
+    /// Detections before a track gets an id (filters one-off false positives).
+    pub min_hits: u32,
+    /// Classes tracked as one (the detector may call one vehicle a car, then a truck).
+    pub merge_classes: Vec<Vec<String>>,
+}
+
+impl Default for RawTracker {
+    fn default() -> Self {
+        let t = crate::track::TrackerConfig::default();
+        Self {
+            low_score: t.low_score,
+            max_lost_s: t.max_lost_s,
+            min_hits: t.min_hits,
+            merge_classes: vec![vec!["car".into(), "truck".into(), "bus".into()]],
         }
     }
 }
@@ -155,6 +286,238 @@ pub struct AgentConfig {
     pub outbox: OutboxConfig,
     pub synthetic: Option<SyntheticConfig>,
     pub health_interval: Duration,
+    /// Cameras, detector and tracker; `None` when no camera is configured.
+    pub vision: Option<VisionConfig>,
+}
+
+/// Which backend to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The fastest compiled-in backend that loads.
+    Auto,
+    Only(BackendKind),
+}
+
+/// The validated vision configuration.
+#[derive(Debug, Clone)]
+pub struct VisionConfig {
+    pub cameras: Vec<CameraSpec>,
+    pub manifest: Arc<ModelManifest>,
+    pub backend: BackendChoice,
+    /// Backend options; `kind` is overwritten by the choice.
+    pub backend_options: BackendOptions,
+    pub workers: usize,
+    pub tracker: TrackerConfig,
+    pub merged_classes: Vec<Vec<usize>>,
+}
+
+impl RawCamera {
+    /// Checks one camera (`path` is its key, e.g. `cameras[0]`) and builds its spec.
+    fn validate(&self, path: &str, e: &mut ConfigErrors) -> Option<CameraSpec> {
+        e.check(
+            !self.id.is_empty()
+                && self.id.len() <= 64
+                && self.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            &format!("{path}.id"),
+            || format!("{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'", self.id),
+        );
+        e.check(self.detect_fps >= 0.0 && self.detect_fps <= 120.0, &format!("{path}.detect_fps"), || {
+            format!("{} is outside 0..=120", self.detect_fps)
+        });
+        e.check(
+            self.stall_timeout_s >= 0.5 && self.stall_timeout_s <= 600.0,
+            &format!("{path}.stall_timeout_s"),
+            || format!("{} is outside 0.5..=600", self.stall_timeout_s),
+        );
+        e.check(
+            self.connect_timeout_s >= 0.5 && self.connect_timeout_s <= 600.0,
+            &format!("{path}.connect_timeout_s"),
+            || format!("{} is outside 0.5..=600", self.connect_timeout_s),
+        );
+        e.check(self.backoff_base_ms >= 1, &format!("{path}.backoff_base_ms"), || "must be at least 1".into());
+        e.check(self.backoff_cap_ms >= self.backoff_base_ms, &format!("{path}.backoff_cap_ms"), || {
+            "must be at least backoff_base_ms".into()
+        });
+        e.check(self.file_fps > 0.0 && self.file_fps <= 240.0, &format!("{path}.file_fps"), || {
+            format!("{} is outside (0, 240]", self.file_fps)
+        });
+        e.check((1..=64).contains(&self.queue_frames), &format!("{path}.queue_frames"), || {
+            format!("{} is outside 1..=64", self.queue_frames)
+        });
+        let transport = match self.transport.as_str() {
+            "tcp" => Some(RtspTransport::Tcp),
+            "udp" => Some(RtspTransport::Udp),
+            other => {
+                e.push(format!("{path}.transport"), format!("{other:?} is not one of tcp, udp"));
+                None
+            }
+        };
+        let source = if self.url.starts_with("rtsp://") || self.url.starts_with("rtsps://") {
+            match url::Url::parse(&self.url) {
+                Ok(u) if u.host_str().is_some() => {
+                    let (url, username, password) = crate::source::rtsp::split_credentials(u);
+                    Some(VideoSource::Rtsp(RtspSpec {
+                        url,
+                        username,
+                        password,
+                        transport: transport.unwrap_or(RtspTransport::Tcp),
+                        connect_timeout: Duration::from_secs_f64(self.connect_timeout_s.clamp(0.5, 600.0)),
+                        stall_timeout: Duration::from_secs_f64(self.stall_timeout_s.clamp(0.5, 600.0)),
+                        backoff_base: Duration::from_millis(self.backoff_base_ms),
+                        backoff_cap: Duration::from_millis(self.backoff_cap_ms),
+                        jitter: true,
+                    }))
+                }
+                Ok(_) => {
+                    e.push(format!("{path}.url"), "an RTSP URL needs a host");
+                    None
+                }
+                Err(err) => {
+                    e.push(format!("{path}.url"), format!("not a valid URL: {err}"));
+                    None
+                }
+            }
+        } else if self.url.is_empty() {
+            e.push(format!("{path}.url"), "must be an rtsp:// URL or a video file path");
+            None
+        } else if self.url.contains("://") && !self.url.starts_with("file://") {
+            e.push(
+                format!("{path}.url"),
+                format!("{:?}: only rtsp:// URLs and files are supported", redact(&self.url)),
+            );
+            None
+        } else {
+            let p = PathBuf::from(self.url.strip_prefix("file://").unwrap_or(&self.url));
+            e.check(p.is_file(), &format!("{path}.url"), || format!("{} is not a readable file", p.display()));
+            Some(VideoSource::File(FileSpec {
+                path: p,
+                looped: self.looped,
+                realtime: self.realtime,
+                fps: self.file_fps,
+            }))
+        };
+        Some(CameraSpec {
+            id: self.id.clone(),
+            source: source?,
+            detect_fps: self.detect_fps,
+            queue_frames: self.queue_frames,
+        })
+    }
+}
+
+/// A URL with any password replaced, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RawConfig {
+    fn validate_vision(&self, e: &mut ConfigErrors) -> Option<VisionConfig> {
+        if self.cameras.is_empty() {
+            return None;
+        }
+        let mut cameras = Vec::new();
+        for (i, c) in self.cameras.iter().enumerate() {
+            if let Some(spec) = c.validate(&format!("cameras[{i}]"), e) {
+                cameras.push(spec);
+            }
+        }
+        for (i, c) in self.cameras.iter().enumerate() {
+            if self.cameras[..i].iter().any(|o| o.id == c.id) {
+                e.push(format!("cameras[{i}].id"), format!("{:?} is used by another camera", c.id));
+            }
+        }
+        let d = &self.detector;
+        let backend = match d.backend.as_str() {
+            "auto" => Some(BackendChoice::Auto),
+            other => match BackendKind::parse(other) {
+                Some(k) => {
+                    let (feature, compiled) = k.compiled_in();
+                    e.check(compiled, "detector.backend", || {
+                        format!("{other:?} is not in this build (rebuild with `--features {feature}`)")
+                    });
+                    Some(BackendChoice::Only(k))
+                }
+                None => {
+                    e.push(
+                        "detector.backend",
+                        format!("{other:?} is not one of auto, {}", BackendKind::NAMES.join(", ")),
+                    );
+                    None
+                }
+            },
+        };
+        e.check(d.workers <= 64, "detector.workers", || format!("{} is above 64", d.workers));
+        e.check(d.threads <= 256, "detector.threads", || format!("{} is above 256", d.threads));
+        e.check((0.0..1.0).contains(&d.score_threshold), "detector.score_threshold", || {
+            format!("{} is outside [0, 1)", d.score_threshold)
+        });
+        let manifest = match ModelManifest::load(&d.model) {
+            Ok(m) => Some(Arc::new(m)),
+            Err(err) => {
+                e.push("detector.model", err.to_string().trim_end().to_string());
+                None
+            }
+        };
+        let t = &self.tracker;
+        e.check(t.low_score > 0.0 && t.low_score < 1.0, "tracker.low_score", || {
+            format!("{} is outside (0, 1)", t.low_score)
+        });
+        e.check(t.max_lost_s >= 0.0 && t.max_lost_s <= 60.0, "tracker.max_lost_s", || {
+            format!("{} is outside 0..=60", t.max_lost_s)
+        });
+        e.check((1..=100).contains(&t.min_hits), "tracker.min_hits", || format!("{} is outside 1..=100", t.min_hits));
+        let manifest = manifest?;
+        let high = if d.score_threshold > 0.0 { d.score_threshold } else { manifest.score_threshold };
+        e.check(t.low_score <= high, "tracker.low_score", || {
+            format!("{} is above the detector's score threshold {high}", t.low_score)
+        });
+        let mut merged = Vec::new();
+        for (i, set) in t.merge_classes.iter().enumerate() {
+            let mut ids = Vec::new();
+            for (j, name) in set.iter().enumerate() {
+                match manifest.labels.iter().position(|l| l.as_deref() == Some(name.as_str())) {
+                    Some(id) => ids.push(id),
+                    None => e.push(
+                        format!("tracker.merge_classes[{i}][{j}]"),
+                        format!("{name:?} is not a label of the model"),
+                    ),
+                }
+            }
+            merged.push(ids);
+        }
+        let defaults = crate::track::TrackerConfig::default();
+        let tracker = TrackerConfig {
+            high_score: high,
+            low_score: t.low_score,
+            // ByteTrack starts tracks 0.1 above its detection threshold.
+            new_track_score: (high + (defaults.new_track_score - defaults.high_score)).min(0.99),
+            max_lost_s: t.max_lost_s,
+            min_hits: t.min_hits,
+            ..defaults
+        };
+        Some(VisionConfig {
+            cameras,
+            manifest,
+            backend: backend?,
+            backend_options: BackendOptions {
+                kind: BackendKind::Tract,
+                threads: d.threads,
+                onnxruntime_library: (!d.onnxruntime_library.as_os_str().is_empty())
+                    .then(|| d.onnxruntime_library.clone()),
+                tensorrt_cache: d.tensorrt_cache.clone(),
+                tensorrt_fp16: d.tensorrt_fp16,
+            },
+            workers: d.workers,
+            tracker,
+            merged_classes: merged,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,10 +601,14 @@ impl RawConfig {
             });
         }
         e.check(self.health.interval_s >= 1, "health.interval_s", || "must be at least 1".into());
+        let vision = self.validate_vision(&mut e);
         if !e.is_empty() {
             return Err(e);
         }
-        let cameras = if s.enabled { s.cameras.clone() } else { Vec::new() };
+        let mut cameras: Vec<String> = vision.iter().flat_map(|v| v.cameras.iter().map(|c| c.id.clone())).collect();
+        if s.enabled {
+            cameras.extend(s.cameras.iter().filter(|c| !cameras.contains(c)).cloned().collect::<Vec<_>>());
+        }
         Ok(AgentConfig {
             uplink: UplinkConfig {
                 aggregator: u.aggregator.clone(),
@@ -260,8 +627,8 @@ impl RawConfig {
                 idle_timeout: Duration::from_millis(u.idle_timeout_ms),
                 keep_alive: Duration::from_millis(u.keep_alive_ms),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                model: "none".into(),
-                cameras: cameras.clone(),
+                model: vision.as_ref().map_or("none".into(), |v| v.manifest.name.clone()),
+                cameras,
             },
             outbox: OutboxConfig {
                 path: o.path.clone(),
@@ -271,12 +638,13 @@ impl RawConfig {
             },
             synthetic: s.enabled.then(|| SyntheticConfig {
                 rate_per_s: s.rate_per_s,
-                cameras,
+                cameras: s.cameras.clone(),
                 kinds: s.kinds.clone(),
                 limit: (s.limit > 0).then_some(s.limit),
                 tick: Duration::from_millis(s.tick_ms),
             }),
             health_interval: Duration::from_secs(self.health.interval_s),
+            vision,
         })
     }
 }

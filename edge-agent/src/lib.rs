@@ -1,10 +1,16 @@
 //! `its-agent`: the edge agent. Stages (each a module with its config, runtime and tests):
-//! [`source`] → [`buffer`] → [`uplink`]; [`agent`] wires them together.
+//! [`source`] → [`decode`] → [`detect`] → [`track`] → (events) → [`buffer`] → [`uplink`];
+//! [`pipeline`] runs the vision stages per camera, [`agent`] wires everything together.
 
 pub mod agent;
+pub mod analyze;
 pub mod buffer;
 pub mod config;
+pub mod decode;
+pub mod detect;
+pub mod pipeline;
 pub mod source;
+pub mod track;
 pub mod uplink;
 
 /// Wall-clock time in Unix milliseconds: event timestamps, never durations (those use

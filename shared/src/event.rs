@@ -68,6 +68,16 @@ pub enum Phase {
     Cleared,
 }
 
+/// Phase of a tracked road user's life, as Frigate reports its objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrackPhase {
+    /// The tracker confirmed a new road user.
+    New,
+    /// The road user left the picture (or was lost for longer than the tracker waits).
+    End,
+}
+
 /// One counter of a periodic count report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassCount {
@@ -84,15 +94,27 @@ pub struct KindCount {
 }
 
 /// State of one camera as the agent sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CameraHealth {
     pub camera: String,
-    /// `streaming`, `reconnecting`, `stopped`, ...
+    /// `connecting`, `streaming`, `reconnecting`, `ended`, `stopped`, `failed`.
     pub state: String,
-    /// Frames per second analysed over the last report interval.
+    /// Frames per second run through detection over the last report interval.
     pub fps: f32,
+    /// Frames per second decoded over the last report interval.
+    pub decoded_fps: f32,
     /// Reconnects of this camera's source since the agent started.
     pub reconnects: u64,
+    /// Frames not analysed because detection was behind (oldest dropped first), since start.
+    pub frames_dropped: u64,
+    /// Access units dropped before decoding because the decoder was behind, since start.
+    pub units_dropped: u64,
+    /// Access units the decoder could not decode (corrupt video), since start.
+    pub decode_errors: u64,
+    /// Mean time from a frame's arrival to its detections, over the last report interval (ms).
+    pub lag_ms: f32,
+    /// The last reason the stream was lost or failed.
+    pub last_error: Option<String>,
 }
 
 /// The agent's own report on itself, sent as a heartbeat and stored as an event.
@@ -183,6 +205,22 @@ pub enum EventKind {
         interval_s: u32,
         counts: Vec<ClassCount>,
     },
+    /// A road user the tracker followed: once when its track is confirmed (`new`) and once when
+    /// it ends (`end`, with its duration and path).
+    ObjectTrack {
+        phase: TrackPhase,
+        /// `new`: the first confirmed box; `end`: the last box, with the track's mean score.
+        object: ObjectRef,
+        /// When the road user was first seen (Unix milliseconds, agent clock).
+        first_seen_ms: i64,
+        /// Seconds from first to last sighting (0 for `new`).
+        duration_s: f32,
+        /// Frames in which the detector saw it.
+        frames: u32,
+        /// `end` only: bottom-centre points of its boxes (normalised image coordinates), at
+        /// most 16, first and last included. Empty for `new`.
+        path: Vec<[f32; 2]>,
+    },
     /// The agent's health report.
     DeviceHealth(DeviceHealth),
 }
@@ -198,6 +236,7 @@ pub const KIND_NAMES: &[&str] = &[
     "wrong_way",
     "congestion",
     "counts",
+    "object_track",
     "device_health",
 ];
 
@@ -217,6 +256,7 @@ impl EventKind {
             EventKind::WrongWay { .. } => "wrong_way",
             EventKind::Congestion { .. } => "congestion",
             EventKind::Counts { .. } => "counts",
+            EventKind::ObjectTrack { .. } => "object_track",
             EventKind::DeviceHealth(_) => "device_health",
         }
     }
@@ -239,7 +279,8 @@ impl EventKind {
             | EventKind::ZoneExit { object, .. }
             | EventKind::ZoneDwell { object, .. }
             | EventKind::StoppedVehicle { object, .. }
-            | EventKind::WrongWay { object, .. } => Some(object),
+            | EventKind::WrongWay { object, .. }
+            | EventKind::ObjectTrack { object, .. } => Some(object),
             _ => None,
         }
     }

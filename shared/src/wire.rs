@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{DeviceHealth, EventEnvelope};
 
-/// Version byte of the frame format described above.
-pub const WIRE_VERSION: u8 = 1;
+/// Version byte of the frame format described above. 2: `object_track` events and the camera
+/// counters in health reports.
+pub const WIRE_VERSION: u8 = 2;
 /// Largest frame either side accepts: 8 MiB. An event batch is at most [`MAX_BATCH_BYTES`]; the margin leaves room for `Config` documents.
 pub const MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
 /// Most bytes of encoded events one batch may carry: half a frame, leaving ample room for the

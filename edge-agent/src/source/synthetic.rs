@@ -5,7 +5,7 @@ use crate::unix_ms;
 use std::sync::Arc;
 use std::time::Duration;
 
-use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef, Phase};
+use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef, Phase, TrackPhase};
 use rand::Rng;
 use tokio::sync::watch;
 
@@ -79,6 +79,14 @@ pub fn synthetic_event(rng: &mut impl Rng, kind: &str) -> EventKind {
             occupancy: rng.random_range(5..40),
             mean_speed_kmh: Some(rng.random_range(3.0..15.0)),
             queue_length_m: Some(rng.random_range(20.0..200.0)),
+        },
+        "object_track" => EventKind::ObjectTrack {
+            phase: if rng.random_bool(0.5) { TrackPhase::New } else { TrackPhase::End },
+            object: object(rng, label),
+            first_seen_ms: crate::unix_ms() - rng.random_range(0..20_000),
+            duration_s: rng.random_range(0.0..20.0),
+            frames: rng.random_range(3..200),
+            path: vec![[0.2, 0.9], [0.5, 0.6], [0.7, 0.4]],
         },
         "counts" => EventKind::Counts {
             line: "stop-line".into(),

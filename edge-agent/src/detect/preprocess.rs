@@ -1,0 +1,370 @@
+//! Frame → model input: colour conversion, resize (stretch or letterbox), layout and type, in one
+//! pass over the model's input pixels (never over the whole frame), so a 768x576 frame costs what
+//! a 300x300 input costs.
+
+use crate::decode::{Frame, Picture};
+use crate::detect::manifest::{ColourOrder, InputSpec, InputType, Layout, ResizeMode};
+
+/// The model's input tensor, reused between frames.
+#[derive(Debug, Clone)]
+pub enum InputTensor {
+    U8 { shape: [usize; 4], data: Vec<u8> },
+    F32 { shape: [usize; 4], data: Vec<f32> },
+}
+
+impl InputTensor {
+    pub fn shape(&self) -> [usize; 4] {
+        match self {
+            InputTensor::U8 { shape, .. } | InputTensor::F32 { shape, .. } => *shape,
+        }
+    }
+}
+
+/// Maps model-input pixel coordinates back to source-frame pixel coordinates:
+/// `src = (input - pad) * inv_scale`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputTransform {
+    pub pad_x: f32,
+    pub pad_y: f32,
+    pub inv_scale_x: f32,
+    pub inv_scale_y: f32,
+    /// Source frame size, to clamp boxes to it.
+    pub src_width: f32,
+    pub src_height: f32,
+}
+
+impl InputTransform {
+    /// A box `[x1, y1, x2, y2]` in model-input pixels → source pixels, clamped to the frame.
+    pub fn to_source(&self, b: [f32; 4]) -> [f32; 4] {
+        let x = |v: f32| ((v - self.pad_x) * self.inv_scale_x).clamp(0.0, self.src_width);
+        let y = |v: f32| ((v - self.pad_y) * self.inv_scale_y).clamp(0.0, self.src_height);
+        [x(b[0]), y(b[1]), x(b[2]), y(b[3])]
+    }
+}
+
+/// Per output column (or row): the two source samples and the weight of the second, precomputed
+/// once per frame size.
+#[derive(Debug, Clone, Default)]
+struct Taps {
+    i0: Vec<u32>,
+    i1: Vec<u32>,
+    w: Vec<f32>,
+    /// Outside the letterboxed picture: padding.
+    pad: Vec<bool>,
+}
+
+impl Taps {
+    fn build(out_len: usize, src_len: usize, scale: f32, pad: f32) -> Self {
+        let mut t = Taps::default();
+        let max = (src_len.max(1) - 1) as f32;
+        for o in 0..out_len {
+            let inside = (o as f32 + 0.5) >= pad && (o as f32 + 0.5) <= pad + src_len as f32 * scale;
+            // Centre-aligned sampling (half-pixel centres), as TF's and OpenCV's bilinear resize.
+            let s = ((o as f32 + 0.5 - pad) / scale - 0.5).clamp(0.0, max);
+            let i0 = s.floor();
+            t.i0.push(i0 as u32);
+            t.i1.push((i0 + 1.0).min(max) as u32);
+            t.w.push(s - i0);
+            t.pad.push(!inside);
+        }
+        t
+    }
+}
+
+/// Converts frames to a model's input. Keeps its lookup tables and tensor between frames.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    spec: InputSpec,
+    cached_for: (u32, u32),
+    xs: Taps,
+    ys: Taps,
+    /// Chroma taps for 4:2:0 frames (half resolution).
+    cxs: Taps,
+    cys: Taps,
+    transform: InputTransform,
+    rgb: Vec<u8>,
+}
+
+impl Preprocessor {
+    pub fn new(spec: InputSpec) -> Self {
+        Self {
+            spec,
+            cached_for: (0, 0),
+            xs: Taps::default(),
+            ys: Taps::default(),
+            cxs: Taps::default(),
+            cys: Taps::default(),
+            transform: InputTransform {
+                pad_x: 0.0,
+                pad_y: 0.0,
+                inv_scale_x: 1.0,
+                inv_scale_y: 1.0,
+                src_width: 0.0,
+                src_height: 0.0,
+            },
+            rgb: Vec::new(),
+        }
+    }
+
+    pub fn spec(&self) -> &InputSpec {
+        &self.spec
+    }
+
+    fn prepare_tables(&mut self, w: u32, h: u32) {
+        if self.cached_for == (w, h) {
+            return;
+        }
+        let (iw, ih) = (self.spec.width as f32, self.spec.height as f32);
+        let (sx, sy, px, py) = match self.spec.resize {
+            ResizeMode::Stretch => (iw / w as f32, ih / h as f32, 0.0, 0.0),
+            ResizeMode::Letterbox { .. } => {
+                let s = (iw / w as f32).min(ih / h as f32);
+                (s, s, (iw - w as f32 * s) / 2.0, (ih - h as f32 * s) / 2.0)
+            }
+        };
+        let (ow, oh) = (self.spec.width as usize, self.spec.height as usize);
+        self.xs = Taps::build(ow, w as usize, sx, px);
+        self.ys = Taps::build(oh, h as usize, sy, py);
+        let (cw, ch) = (w.div_ceil(2) as usize, h.div_ceil(2) as usize);
+        self.cxs = Taps::build(ow, cw, sx * 2.0, px);
+        self.cys = Taps::build(oh, ch, sy * 2.0, py);
+        self.transform = InputTransform {
+            pad_x: px,
+            pad_y: py,
+            inv_scale_x: 1.0 / sx,
+            inv_scale_y: 1.0 / sy,
+            src_width: w as f32,
+            src_height: h as f32,
+        };
+        self.cached_for = (w, h);
+    }
+
+    /// Fills `out` with `picture` as the model's input; returns the mapping back to the picture.
+    pub fn run(&mut self, picture: &Picture<'_>, out: &mut InputTensor) -> InputTransform {
+        let (w, h) = picture.size();
+        self.prepare_tables(w, h);
+        let (ow, oh) = (self.spec.width as usize, self.spec.height as usize);
+        self.rgb.resize(ow * oh * 3, 0);
+        let pad = match self.spec.resize {
+            ResizeMode::Letterbox { pad } => pad,
+            ResizeMode::Stretch => 0,
+        };
+        match picture {
+            Picture::I420(f) => resample_i420(f, &self.xs, &self.ys, &self.cxs, &self.cys, pad, &mut self.rgb),
+            Picture::Rgb { width, data, .. } => {
+                resample_rgb(data, *width as usize, &self.xs, &self.ys, pad, &mut self.rgb)
+            }
+        }
+        write_tensor(&self.rgb, &self.spec, out);
+        self.transform
+    }
+}
+
+fn lerp(a: u8, b: u8, w: f32) -> f32 {
+    a as f32 + (b as f32 - a as f32) * w
+}
+
+/// BT.601 limited-range YCbCr → RGB, the colour space H.264 cameras use unless they signal otherwise.
+#[inline]
+fn yuv_to_rgb(y: f32, u: f32, v: f32) -> [u8; 3] {
+    let c = (y - 16.0) * 1.164_383;
+    let d = u - 128.0;
+    let e = v - 128.0;
+    let r = c + 1.596_027 * e;
+    let g = c - 0.391_762 * d - 0.812_968 * e;
+    let b = c + 2.017_232 * d;
+    let q = |v: f32| (v + 0.5).clamp(0.0, 255.0) as u8;
+    [q(r), q(g), q(b)]
+}
+
+fn resample_i420(f: &Frame, xs: &Taps, ys: &Taps, cxs: &Taps, cys: &Taps, pad: u8, rgb: &mut [u8]) {
+    let (w, cw) = (f.width as usize, f.width.div_ceil(2) as usize);
+    let ow = xs.i0.len();
+    for (oy, row) in rgb.chunks_exact_mut(ow * 3).enumerate() {
+        if ys.pad[oy] {
+            row.fill(pad);
+            continue;
+        }
+        let (y0, y1, wy) = (ys.i0[oy] as usize * w, ys.i1[oy] as usize * w, ys.w[oy]);
+        let (c0, c1, wc) = (cys.i0[oy] as usize * cw, cys.i1[oy] as usize * cw, cys.w[oy]);
+        for (ox, px) in row.chunks_exact_mut(3).enumerate() {
+            if xs.pad[ox] {
+                px.fill(pad);
+                continue;
+            }
+            let (x0, x1, wx) = (xs.i0[ox] as usize, xs.i1[ox] as usize, xs.w[ox]);
+            let luma = lerp(f.y[y0 + x0], f.y[y0 + x1], wx) * (1.0 - wy) + lerp(f.y[y1 + x0], f.y[y1 + x1], wx) * wy;
+            let (u0, u1, wu) = (cxs.i0[ox] as usize, cxs.i1[ox] as usize, cxs.w[ox]);
+            let chroma =
+                |p: &[u8]| lerp(p[c0 + u0], p[c0 + u1], wu) * (1.0 - wc) + lerp(p[c1 + u0], p[c1 + u1], wu) * wc;
+            px.copy_from_slice(&yuv_to_rgb(luma, chroma(&f.u), chroma(&f.v)));
+        }
+    }
+}
+
+fn resample_rgb(data: &[u8], width: usize, xs: &Taps, ys: &Taps, pad: u8, rgb: &mut [u8]) {
+    let ow = xs.i0.len();
+    for (oy, row) in rgb.chunks_exact_mut(ow * 3).enumerate() {
+        if ys.pad[oy] {
+            row.fill(pad);
+            continue;
+        }
+        let (r0, r1, wy) = (ys.i0[oy] as usize * width * 3, ys.i1[oy] as usize * width * 3, ys.w[oy]);
+        for (ox, px) in row.chunks_exact_mut(3).enumerate() {
+            if xs.pad[ox] {
+                px.fill(pad);
+                continue;
+            }
+            let (x0, x1, wx) = (xs.i0[ox] as usize * 3, xs.i1[ox] as usize * 3, xs.w[ox]);
+            for c in 0..3 {
+                let top = lerp(data[r0 + x0 + c], data[r0 + x1 + c], wx);
+                let bottom = lerp(data[r1 + x0 + c], data[r1 + x1 + c], wx);
+                px[c] = (top + (bottom - top) * wy + 0.5).clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+}
+
+/// Interleaved RGB → the tensor's layout, channel order and element type.
+fn write_tensor(rgb: &[u8], spec: &InputSpec, out: &mut InputTensor) {
+    let shape = spec.shape();
+    let n = rgb.len();
+    let plane = n / 3;
+    let order: [usize; 3] = match spec.colour {
+        ColourOrder::Rgb => [0, 1, 2],
+        ColourOrder::Bgr => [2, 1, 0],
+    };
+    match spec.dtype {
+        InputType::U8 => {
+            let data = match out {
+                InputTensor::U8 { data, shape: s } if *s == shape => data,
+                _ => {
+                    *out = InputTensor::U8 { shape, data: vec![0; n] };
+                    let InputTensor::U8 { data, .. } = out else { unreachable!("just set") };
+                    data
+                }
+            };
+            match (spec.layout, spec.colour) {
+                (Layout::Nhwc, ColourOrder::Rgb) => data.copy_from_slice(rgb),
+                (Layout::Nhwc, _) => {
+                    for (o, p) in data.chunks_exact_mut(3).zip(rgb.chunks_exact(3)) {
+                        o.copy_from_slice(&[p[order[0]], p[order[1]], p[order[2]]]);
+                    }
+                }
+                (Layout::Nchw, _) => {
+                    for (i, p) in rgb.chunks_exact(3).enumerate() {
+                        for c in 0..3 {
+                            data[c * plane + i] = p[order[c]];
+                        }
+                    }
+                }
+            }
+        }
+        InputType::F32 { mean, std } => {
+            let data = match out {
+                InputTensor::F32 { data, shape: s } if *s == shape => data,
+                _ => {
+                    *out = InputTensor::F32 { shape, data: vec![0.0; n] };
+                    let InputTensor::F32 { data, .. } = out else { unreachable!("just set") };
+                    data
+                }
+            };
+            let inv = [1.0 / std[0], 1.0 / std[1], 1.0 / std[2]];
+            for (i, p) in rgb.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    let v = (p[order[c]] as f32 - mean[c]) * inv[c];
+                    match spec.layout {
+                        Layout::Nhwc => data[i * 3 + c] = v,
+                        Layout::Nchw => data[c * plane + i] = v,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An empty tensor of the right kind for `spec`.
+pub fn empty_tensor(spec: &InputSpec) -> InputTensor {
+    let shape = spec.shape();
+    let n: usize = shape.iter().product();
+    if spec.dtype.is_u8() {
+        InputTensor::U8 { shape, data: vec![0; n] }
+    } else {
+        InputTensor::F32 { shape, data: vec![0.0; n] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(resize: ResizeMode, layout: Layout, dtype: InputType, colour: ColourOrder) -> InputSpec {
+        InputSpec { name: "in".into(), width: 8, height: 8, layout, dtype, colour, resize }
+    }
+
+    fn solid_rgb(w: u32, h: u32, px: [u8; 3]) -> Vec<u8> {
+        (0..w * h).flat_map(|_| px).collect()
+    }
+
+    #[test]
+    fn stretch_of_a_solid_picture_keeps_its_colour_in_every_layout() {
+        let data = solid_rgb(20, 10, [200, 100, 50]);
+        let pic = Picture::Rgb { width: 20, height: 10, data: &data };
+        let s = spec(ResizeMode::Stretch, Layout::Nchw, InputType::U8, ColourOrder::Bgr);
+        let mut p = Preprocessor::new(s.clone());
+        let mut t = empty_tensor(&s);
+        p.run(&pic, &mut t);
+        let InputTensor::U8 { data, shape } = &t else { panic!("u8") };
+        assert_eq!(*shape, [1, 3, 8, 8]);
+        // BGR planes.
+        assert!(data[..64].iter().all(|&v| v == 50));
+        assert!(data[64..128].iter().all(|&v| v == 100));
+        assert!(data[128..].iter().all(|&v| v == 200));
+    }
+
+    #[test]
+    fn letterbox_pads_and_maps_boxes_back() {
+        // 16x8 source into 8x8: scale 0.5, picture occupies rows 2..6.
+        let data = solid_rgb(16, 8, [10, 20, 30]);
+        let pic = Picture::Rgb { width: 16, height: 8, data: &data };
+        let s = spec(
+            ResizeMode::Letterbox { pad: 114 },
+            Layout::Nhwc,
+            InputType::F32 { mean: [0.0; 3], std: [255.0; 3] },
+            ColourOrder::Rgb,
+        );
+        let mut p = Preprocessor::new(s.clone());
+        let mut t = empty_tensor(&s);
+        let tr = p.run(&pic, &mut t);
+        let InputTensor::F32 { data, .. } = &t else { panic!("f32") };
+        let at = |x: usize, y: usize, c: usize| data[(y * 8 + x) * 3 + c];
+        assert!((at(3, 0, 0) - 114.0 / 255.0).abs() < 1e-6, "top rows are padding");
+        assert!((at(3, 4, 2) - 30.0 / 255.0).abs() < 1e-6, "middle rows are the picture");
+        assert_eq!(tr.pad_y, 2.0);
+        let b = tr.to_source([0.0, 2.0, 8.0, 6.0]);
+        assert_eq!(b, [0.0, 0.0, 16.0, 8.0]);
+    }
+
+    #[test]
+    fn i420_grey_converts_to_grey_and_colour_bars_keep_their_hue() {
+        // Y=126, U=V=128 is mid grey in BT.601 limited range.
+        let (w, h) = (32u32, 16u32);
+        let mut f = Frame::blank(w, h);
+        f.y.fill(126);
+        f.u.fill(128);
+        f.v.fill(128);
+        let s = spec(ResizeMode::Stretch, Layout::Nhwc, InputType::U8, ColourOrder::Rgb);
+        let mut p = Preprocessor::new(s.clone());
+        let mut t = empty_tensor(&s);
+        p.run(&Picture::I420(&f), &mut t);
+        let InputTensor::U8 { data, .. } = &t else { panic!("u8") };
+        assert!(data.iter().all(|&v| (127..=128).contains(&v)), "{:?}", &data[..6]);
+        // Pure red in BT.601 limited range: Y=81, U=90, V=240.
+        f.y.fill(81);
+        f.u.fill(90);
+        f.v.fill(240);
+        p.run(&Picture::I420(&f), &mut t);
+        let InputTensor::U8 { data, .. } = &t else { panic!("u8") };
+        assert!(data[0] > 240 && data[1] < 15 && data[2] < 15, "{:?}", &data[..3]);
+    }
+}

@@ -1,0 +1,575 @@
+//! The vision pipeline: cameras in, tracked road users out.
+//!
+//! ```text
+//! per camera (own thread)                          shared                 per worker (own thread)
+//! source --access units--> decode --sample--> [ Scheduler: a short ] --> detect --> track --> FrameResult
+//!   (RTSP task or file)    (every frame)     [ queue per camera    ]    (one camera at a time)
+//! ```
+//!
+//! - Every access unit is decoded (H.264 needs them all); detection runs at the camera's
+//!   `detect_fps`. Under load the scheduler drops a live camera's oldest waiting frame (counted),
+//!   so memory is bounded by `cameras x queue_frames` and detections are never late by more than
+//!   the queue.
+//! - One camera failing (server gone, corrupt video) affects only its own thread; its source
+//!   reconnects by itself.
+//! - Results go out on a channel as [`FrameResult`]s; the agent turns them into events.
+
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::decode::{Frame, Picture, SoftwareDecoder, VideoDecoder};
+use crate::detect::{DetectTimings, Detection, Detector, ModelManifest};
+use crate::source::file::FileSource;
+use crate::source::rtsp::{SourceStats, run_rtsp};
+use crate::source::{SourceItem, VideoSource};
+use crate::track::{EndedTrack, TrackInput, TrackedObject, Tracker, TrackerConfig};
+use scheduler::{Pushed, Scheduler};
+
+/// One camera of the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CameraSpec {
+    pub id: String,
+    pub source: VideoSource,
+    /// Frames per second run through detection (0: every decoded frame).
+    pub detect_fps: f64,
+    /// Frames that may wait for detection (2: one being detected elsewhere plus one fresh).
+    pub queue_frames: usize,
+}
+
+impl CameraSpec {
+    /// Live cameras drop frames under load; replayed files (not real time) wait instead.
+    pub fn live(&self) -> bool {
+        match &self.source {
+            VideoSource::Rtsp(_) => true,
+            VideoSource::File(f) => f.realtime,
+        }
+    }
+}
+
+/// Tracker settings shared by all cameras.
+#[derive(Debug, Clone)]
+pub struct VisionSettings {
+    pub tracker: TrackerConfig,
+    /// Classes tracked together (a car seen as a truck in one frame stays one track); every other
+    /// road-user class is tracked on its own.
+    pub merged_classes: Vec<Vec<usize>>,
+}
+
+/// Counters of one camera, shared with the health report.
+#[derive(Debug, Default)]
+pub struct CameraStats {
+    pub source: Arc<SourceStats>,
+    pub frames_decoded: AtomicU64,
+    pub frames_detected: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub detect_errors: AtomicU64,
+    /// Sum of arrival → detections done, for the mean lag.
+    pub lag_us_total: AtomicU64,
+    pub decode_us_total: AtomicU64,
+    pub preprocess_us_total: AtomicU64,
+    pub inference_us_total: AtomicU64,
+    pub postprocess_us_total: AtomicU64,
+    pub track_us_total: AtomicU64,
+    pub detections_total: AtomicU64,
+    pub tracks_started: AtomicU64,
+    /// The source reached the end of a file that does not loop.
+    pub ended: AtomicBool,
+    /// The source could not be opened at all (see `source.last_error`).
+    pub failed: AtomicBool,
+}
+
+/// What detection and tracking made of one frame.
+#[derive(Debug, Clone)]
+pub struct FrameResult {
+    /// Index of the camera in the pipeline's list.
+    pub camera: usize,
+    pub camera_id: Arc<str>,
+    /// Frame size in pixels.
+    pub size: (u32, u32),
+    /// Stream time of the frame, seconds (monotonic across reconnects and loops).
+    pub t_s: f64,
+    /// Wall-clock time of the frame (Unix milliseconds).
+    pub wall_ms: i64,
+    pub detections: Vec<Detection>,
+    /// Confirmed tracks matched in this frame, with camera-wide ids.
+    pub tracks: Vec<TrackedObject>,
+    pub started: Vec<TrackedObject>,
+    pub ended: Vec<EndedTrack>,
+    /// Arrival of the frame's access unit → its detections and tracks done.
+    pub lag: Duration,
+    pub timings: DetectTimings,
+    pub track_time: Duration,
+    /// Labels by class id, to name `tracks`/`ended` classes.
+    pub manifest: Arc<ModelManifest>,
+    /// The stream started again before this frame (reconnect, loop): earlier tracks were ended.
+    pub discontinuity: bool,
+    /// The camera's stream ended (a file without loop): no frame, only the last `ended` tracks.
+    pub end_of_stream: bool,
+}
+
+/// A decoded frame waiting for detection.
+#[derive(Debug)]
+struct SampledFrame {
+    frame: Frame,
+    t_s: f64,
+    wall_ms: i64,
+    discontinuity: bool,
+}
+
+/// What a camera hands to the workers.
+#[derive(Debug)]
+enum Work {
+    Frame(SampledFrame),
+    /// The stream ended (file without loop): end its tracks.
+    End {
+        t_s: f64,
+        wall_ms: i64,
+    },
+}
+
+/// Per-camera tracking state: one tracker per class group, camera-wide ids.
+struct CameraTracks {
+    trackers: Vec<Tracker>,
+    /// (group, tracker id) → camera id.
+    ids: HashMap<(usize, u64), u64>,
+    next_id: u64,
+}
+
+impl CameraTracks {
+    fn new(groups: usize, cfg: TrackerConfig) -> Self {
+        Self { trackers: (0..groups).map(|_| Tracker::new(cfg)).collect(), ids: HashMap::new(), next_id: 1 }
+    }
+
+    fn global(&mut self, group: usize, id: u64) -> u64 {
+        let next = &mut self.next_id;
+        *self.ids.entry((group, id)).or_insert_with(|| {
+            let v = *next;
+            *next += 1;
+            v
+        })
+    }
+
+    /// Ends every track (stream discontinuity or end).
+    fn finish(&mut self) -> Vec<EndedTrack> {
+        let mut ended = Vec::new();
+        for g in 0..self.trackers.len() {
+            for mut e in self.trackers[g].finish() {
+                e.id = self.ids.remove(&(g, e.id)).unwrap_or_else(|| self.global(g, e.id));
+                ended.push(e);
+            }
+        }
+        ended
+    }
+}
+
+/// Class id → tracker group (`None`: not a road user, not tracked).
+fn class_groups(manifest: &ModelManifest, merged: &[Vec<usize>]) -> (Vec<Option<usize>>, usize) {
+    let mut group = vec![None; manifest.class_count()];
+    let mut n = 0;
+    for set in merged {
+        let members: Vec<usize> = set.iter().copied().filter(|&c| manifest.is_road_user(c)).collect();
+        if members.is_empty() {
+            continue;
+        }
+        for c in members {
+            group[c] = Some(n);
+        }
+        n += 1;
+    }
+    for (c, g) in group.iter_mut().enumerate() {
+        if g.is_none() && manifest.is_road_user(c) {
+            *g = Some(n);
+            n += 1;
+        }
+    }
+    (group, n)
+}
+
+/// A running pipeline.
+pub struct VisionPipeline {
+    pub cameras: Vec<CameraSpec>,
+    pub stats: Vec<Arc<CameraStats>>,
+    scheduler: Arc<Scheduler<Work>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for VisionPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VisionPipeline").field("cameras", &self.cameras.len()).finish()
+    }
+}
+
+impl VisionPipeline {
+    /// Starts every camera, with one detector worker per detector given (all of the same
+    /// model). RTSP sources run on the tokio runtime `rt`. Results arrive on `results`.
+    pub fn start(
+        cameras: Vec<CameraSpec>,
+        detectors: Vec<Box<dyn Detector>>,
+        settings: VisionSettings,
+        results: mpsc::Sender<FrameResult>,
+        rt: tokio::runtime::Handle,
+    ) -> std::io::Result<Self> {
+        let Some(manifest) = detectors.first().map(|d| d.manifest().clone()) else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no detector"));
+        };
+        let slots: Vec<(usize, bool)> = cameras.iter().map(|c| (c.queue_frames.max(1), c.live())).collect();
+        let scheduler = Arc::new(Scheduler::new(&slots));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let stats: Vec<Arc<CameraStats>> = cameras.iter().map(|_| Arc::new(CameraStats::default())).collect();
+        let (groups, n_groups) = class_groups(&manifest, &settings.merged_classes);
+        let groups = Arc::new(groups);
+        let tracks: Arc<Vec<Mutex<CameraTracks>>> =
+            Arc::new(cameras.iter().map(|_| Mutex::new(CameraTracks::new(n_groups, settings.tracker))).collect());
+        let ids: Arc<Vec<Arc<str>>> = Arc::new(cameras.iter().map(|c| Arc::from(c.id.as_str())).collect());
+
+        let mut threads = Vec::new();
+        for (w, mut detector) in detectors.into_iter().enumerate() {
+            let ctx = WorkerContext {
+                scheduler: scheduler.clone(),
+                stats: stats.clone(),
+                tracks: tracks.clone(),
+                groups: groups.clone(),
+                ids: ids.clone(),
+                results: results.clone(),
+                min_score: settings.tracker.low_score,
+            };
+            threads.push(
+                std::thread::Builder::new().name(format!("detect-{w}")).spawn(move || ctx.run(detector.as_mut()))?,
+            );
+        }
+        for (i, cam) in cameras.iter().enumerate() {
+            let ctx = CameraContext {
+                slot: i,
+                spec: cam.clone(),
+                scheduler: scheduler.clone(),
+                stats: stats[i].clone(),
+                stop: stop.clone(),
+                shutdown: shutdown_rx.clone(),
+            };
+            let rt = rt.clone();
+            threads.push(std::thread::Builder::new().name(format!("cam-{}", cam.id)).spawn(move || ctx.run(rt))?);
+        }
+        Ok(Self { cameras, stats, scheduler, stop, threads, shutdown_tx })
+    }
+
+    /// Frames dropped from camera `i`'s detection queue so far.
+    pub fn frames_dropped(&self, i: usize) -> u64 {
+        self.scheduler.dropped(i)
+    }
+
+    /// A handle that reads the per-camera drop counters (for the health report).
+    pub fn drop_counter(&self) -> DropCounter {
+        DropCounter(self.scheduler.clone())
+    }
+
+    /// Stops the cameras and workers and waits for their threads.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.shutdown_tx.send(true);
+        self.scheduler.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Waits until every camera has ended (files that do not loop) and all frames are through.
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads the scheduler's per-camera drop counters.
+#[derive(Clone)]
+pub struct DropCounter(Arc<Scheduler<Work>>);
+
+impl std::fmt::Debug for DropCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DropCounter")
+    }
+}
+
+impl DropCounter {
+    pub fn dropped(&self, camera: usize) -> u64 {
+        self.0.dropped(camera)
+    }
+}
+
+struct CameraContext {
+    slot: usize,
+    spec: CameraSpec,
+    scheduler: Arc<Scheduler<Work>>,
+    stats: Arc<CameraStats>,
+    stop: Arc<AtomicBool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Decides which decoded frames go to detection: at most `fps` per second of stream time.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    period: f64,
+    next_due: Option<f64>,
+}
+
+impl Sampler {
+    pub fn new(fps: f64) -> Self {
+        Self { period: if fps > 0.0 { 1.0 / fps } else { 0.0 }, next_due: None }
+    }
+
+    /// Whether the frame at stream time `t` is detected.
+    pub fn take(&mut self, t: f64) -> bool {
+        // A millisecond of slack: 10 fps video sampled at 10 fps must take every frame.
+        match self.next_due {
+            Some(due) if t + 1e-3 < due => false,
+            Some(due) => {
+                // Behind by more than a period (a gap in the stream): restart from now.
+                self.next_due = Some(if t - due > self.period { t + self.period } else { due + self.period });
+                true
+            }
+            None => {
+                self.next_due = Some(t + self.period);
+                true
+            }
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next_due = None;
+    }
+}
+
+/// Maps stream time to pipeline time and wall-clock time, re-anchored at every (re)start.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    pts0: f64,
+    mono0: f64,
+    wall0: i64,
+}
+
+impl CameraContext {
+    fn run(self, rt: tokio::runtime::Handle) {
+        let id = self.spec.id.clone();
+        let result = match self.spec.source.clone() {
+            VideoSource::File(f) => match FileSource::open(f) {
+                Ok(mut src) => self.decode_loop(|stop| src.next(stop).map_err(|e| e.to_string())),
+                Err(e) => Err(e.to_string()),
+            },
+            VideoSource::Rtsp(spec) => {
+                let (tx, mut rx) = mpsc::channel(crate::source::rtsp::CHANNEL_UNITS);
+                let task = rt.spawn(run_rtsp(spec, tx, self.stats.source.clone(), self.shutdown.clone()));
+                let r = self.decode_loop(|_| Ok(rx.blocking_recv()));
+                task.abort();
+                r
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(camera = %id, error = %e, "camera failed");
+            self.stats.failed.store(true, Ordering::Relaxed);
+            self.stats.source.set_state("failed");
+            if let Ok(mut g) = self.stats.source.last_error.lock() {
+                *g = Some(e);
+            }
+        }
+        self.scheduler.close(self.slot);
+    }
+
+    /// Pulls items until the source ends or the pipeline stops.
+    fn decode_loop(
+        &self,
+        mut next: impl FnMut(&AtomicBool) -> Result<Option<SourceItem>, String>,
+    ) -> Result<(), String> {
+        let mut decoder = SoftwareDecoder::new().map_err(|e| e.to_string())?;
+        let mut sampler = Sampler::new(self.spec.detect_fps);
+        let started = Instant::now();
+        let mut clock: Option<Clock> = None;
+        let mut discontinuity = false;
+        let mut last: Option<(f64, i64)> = None;
+        self.stats.source.set_state("connecting");
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(item) = next(&self.stop)? else { break };
+            match item {
+                SourceItem::Started { description } => {
+                    tracing::info!(camera = %self.spec.id, source = %description, "camera started");
+                    self.stats.source.set_state("streaming");
+                    decoder.reset().map_err(|e| e.to_string())?;
+                    sampler.reset();
+                    clock = None;
+                    discontinuity = true;
+                }
+                SourceItem::Ended => {
+                    self.stats.ended.store(true, Ordering::Relaxed);
+                    self.stats.source.set_state("ended");
+                    let (t_s, wall_ms) = last.unwrap_or((started.elapsed().as_secs_f64(), crate::unix_ms()));
+                    self.scheduler.push(self.slot, Instant::now(), Work::End { t_s, wall_ms });
+                    break;
+                }
+                SourceItem::Unit(unit) => {
+                    let arrived = Instant::now();
+                    let decoded = decoder.decode(&unit.data, unit.pts_s);
+                    self.stats.decode_us_total.fetch_add(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    let (frame, pts_s) = match decoded {
+                        Ok(Some(f)) => f,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            let n = self.stats.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                            // Log the first few and then every 100th, not every corrupt frame.
+                            if n <= 3 || n.is_multiple_of(100) {
+                                tracing::warn!(camera = %self.spec.id, errors = n, error = %e, "undecodable video; waiting for the next keyframe");
+                            }
+                            continue;
+                        }
+                    };
+                    self.stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
+                    let c = *clock.get_or_insert_with(|| Clock {
+                        pts0: pts_s,
+                        mono0: started.elapsed().as_secs_f64(),
+                        wall0: crate::unix_ms(),
+                    });
+                    let rel = pts_s - c.pts0;
+                    let t_s = c.mono0 + rel;
+                    if !sampler.take(t_s) {
+                        continue;
+                    }
+                    let wall_ms = c.wall0 + (rel * 1000.0) as i64;
+                    last = Some((t_s, wall_ms));
+                    let sf = SampledFrame { frame, t_s, wall_ms, discontinuity };
+                    discontinuity = false;
+                    if self.scheduler.push(self.slot, arrived, Work::Frame(sf)) == Pushed::Shutdown {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct WorkerContext {
+    scheduler: Arc<Scheduler<Work>>,
+    stats: Vec<Arc<CameraStats>>,
+    tracks: Arc<Vec<Mutex<CameraTracks>>>,
+    groups: Arc<Vec<Option<usize>>>,
+    ids: Arc<Vec<Arc<str>>>,
+    results: mpsc::Sender<FrameResult>,
+    min_score: f32,
+}
+
+impl WorkerContext {
+    fn run(self, detector: &mut dyn Detector) {
+        while let Some((cam, arrived, work)) = self.scheduler.take() {
+            let keep_going = match work {
+                Work::Frame(sf) => self.process(detector, cam, arrived, sf),
+                Work::End { t_s, wall_ms } => self.end(detector, cam, t_s, wall_ms),
+            };
+            self.scheduler.release(cam);
+            if !keep_going {
+                break;
+            }
+        }
+    }
+
+    /// The camera's stream ended: report its remaining tracks as ended.
+    fn end(&self, detector: &dyn Detector, cam: usize, t_s: f64, wall_ms: i64) -> bool {
+        let ended = match self.tracks[cam].lock() {
+            Ok(mut ct) => ct.finish(),
+            Err(_) => return true,
+        };
+        let result = FrameResult {
+            camera: cam,
+            camera_id: self.ids[cam].clone(),
+            size: (0, 0),
+            t_s,
+            wall_ms,
+            detections: Vec::new(),
+            tracks: Vec::new(),
+            started: Vec::new(),
+            ended,
+            lag: Duration::ZERO,
+            timings: DetectTimings::default(),
+            track_time: Duration::ZERO,
+            manifest: detector.manifest().clone(),
+            discontinuity: false,
+            end_of_stream: true,
+        };
+        self.results.blocking_send(result).is_ok()
+    }
+
+    /// Detects and tracks one frame; `false` when the results receiver is gone.
+    fn process(&self, detector: &mut dyn Detector, cam: usize, arrived: Instant, sf: SampledFrame) -> bool {
+        let stats = &self.stats[cam];
+        let (detections, timings) = match detector.detect(&Picture::I420(&sf.frame), self.min_score) {
+            Ok(r) => r,
+            Err(e) => {
+                let n = stats.detect_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if n <= 3 || n.is_multiple_of(100) {
+                    tracing::warn!(camera = %self.ids[cam], errors = n, error = %e, "detection failed");
+                }
+                return true;
+            }
+        };
+        let t0 = Instant::now();
+        let Ok(mut ct) = self.tracks[cam].lock() else { return true };
+        let mut ended = if sf.discontinuity { ct.finish() } else { Vec::new() };
+        let mut per_group: Vec<Vec<TrackInput>> = vec![Vec::new(); ct.trackers.len()];
+        for d in &detections {
+            if let Some(Some(g)) = self.groups.get(d.class_id) {
+                per_group[*g].push(TrackInput { bbox: d.bbox, score: d.score, class_id: d.class_id });
+            }
+        }
+        let (mut tracks, mut started) = (Vec::new(), Vec::new());
+        for (g, inputs) in per_group.iter().enumerate() {
+            let out = ct.trackers[g].update(inputs, sf.t_s);
+            for mut t in out.tracks {
+                t.id = ct.global(g, t.id);
+                tracks.push(t);
+            }
+            for mut t in out.started {
+                t.id = ct.global(g, t.id);
+                started.push(t);
+            }
+            for mut e in out.ended {
+                e.id = ct.ids.remove(&(g, e.id)).unwrap_or(0);
+                ended.push(e);
+            }
+        }
+        drop(ct);
+        let track_time = t0.elapsed();
+        let lag = arrived.elapsed();
+        stats.frames_detected.fetch_add(1, Ordering::Relaxed);
+        stats.detections_total.fetch_add(detections.len() as u64, Ordering::Relaxed);
+        stats.tracks_started.fetch_add(started.len() as u64, Ordering::Relaxed);
+        stats.lag_us_total.fetch_add(lag.as_micros() as u64, Ordering::Relaxed);
+        stats.preprocess_us_total.fetch_add(timings.preprocess.as_micros() as u64, Ordering::Relaxed);
+        stats.inference_us_total.fetch_add(timings.inference.as_micros() as u64, Ordering::Relaxed);
+        stats.postprocess_us_total.fetch_add(timings.postprocess.as_micros() as u64, Ordering::Relaxed);
+        stats.track_us_total.fetch_add(track_time.as_micros() as u64, Ordering::Relaxed);
+        let result = FrameResult {
+            camera: cam,
+            camera_id: self.ids[cam].clone(),
+            size: (sf.frame.width, sf.frame.height),
+            t_s: sf.t_s,
+            wall_ms: sf.wall_ms,
+            detections,
+            tracks,
+            started,
+            ended,
+            lag,
+            timings,
+            track_time,
+            manifest: detector.manifest().clone(),
+            discontinuity: sf.discontinuity,
+            end_of_stream: false,
+        };
+        self.results.blocking_send(result).is_ok()
+    }
+}

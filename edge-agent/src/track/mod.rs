@@ -1,0 +1,29 @@
+//! Track stage: per-frame detections in, object identities over time out.
+//!
+//! ```text
+//! [TrackInput] + frame time --Tracker (ByteTrack)--> TrackerOutput { tracks, started, ended }
+//! ```
+//!
+//! The tracker is of the ByteTrack family: a constant-velocity Kalman filter per object predicts
+//! where each box should be, and detections are assigned to predictions by IoU in two stages,
+//! high-score boxes first, then low-score boxes for the objects still unmatched, so partly
+//! occluded objects keep their identity instead of being dropped. Time is in seconds throughout,
+//! so dropped frames and a varying frame rate only change how far the filter predicts.
+//!
+//! - [`bytetrack`]: the [`Tracker`], its [`TrackerConfig`] and what it reports per frame;
+//! - [`kalman`]: the box Kalman filter ([`BoxKalman`]);
+//! - [`assignment`]: optimal linear assignment with a cost threshold;
+//! - [`metrics`]: CLEAR MOT and IDF1 evaluation of a tracker against ground truth.
+//!
+//! Everything here is plain `std` Rust with no I/O, so it runs the same on the device and in
+//! tests.
+
+pub mod assignment;
+pub mod bytetrack;
+pub mod kalman;
+pub mod metrics;
+
+pub use assignment::{Assignment, solve, solve_max_matching};
+pub use bytetrack::{EndedTrack, TrackInput, TrackedObject, Tracker, TrackerConfig, TrackerOutput, iou};
+pub use kalman::BoxKalman;
+pub use metrics::{FrameBoxes, MotMetrics, evaluate};
