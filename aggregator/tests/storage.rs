@@ -274,7 +274,13 @@ async fn health_is_recorded(store: Arc<dyn EventStore>) {
         produced_total: 1000,
         outbox_events: 12,
         acked_seq: 988,
-        cameras: vec![CameraHealth { camera: "cam-1".into(), state: "streaming".into(), fps: 14.5, reconnects: 2 }],
+        cameras: vec![CameraHealth {
+            camera: "cam-1".into(),
+            state: "streaming".into(),
+            fps: 14.5,
+            reconnects: 2,
+            ..CameraHealth::default()
+        }],
         temperature_c: Some(61.25),
         ..Default::default()
     };

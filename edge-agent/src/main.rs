@@ -33,6 +33,28 @@ enum Command {
         #[arg(long)]
         path: Option<PathBuf>,
     },
+    /// Run the detector on pictures (JPEG, PNG) or a frame of a video file and print what it
+    /// finds, one JSON object per detection: to check a model or a camera's view on site.
+    Detect {
+        /// Pictures or video files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Model manifest; defaults to detector.model from the configuration.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// tract, onnxruntime or tensorrt; defaults to the best one this build loads.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Lowest score reported; defaults to the model's threshold.
+        #[arg(long)]
+        min_score: Option<f32>,
+        /// Frame of a video file (0-based).
+        #[arg(long, default_value_t = 0)]
+        frame: usize,
+        /// Write each input with its boxes drawn to this directory (PNG).
+        #[arg(long)]
+        annotate: Option<PathBuf>,
+    },
     /// Development and test helpers.
     #[command(hide = true, subcommand)]
     Debug(DebugCommand),
@@ -79,6 +101,10 @@ fn main() -> ExitCode {
     };
     if let Some(Command::OutboxStats { path: None }) = &cli.command {
         return report(print_stats(raw.outbox.path.clone()));
+    }
+    if let Some(Command::Detect { inputs, model, backend, min_score, frame, annotate }) = &cli.command {
+        let model = model.clone().unwrap_or_else(|| raw.detector.model.clone());
+        return report(detect_stills(inputs, &model, backend.as_deref(), *min_score, *frame, annotate.as_deref()));
     }
     let cfg = match raw.validate(&source) {
         Ok(c) => c,
@@ -129,6 +155,58 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+fn detect_stills(
+    inputs: &[PathBuf],
+    model: &std::path::Path,
+    backend: Option<&str>,
+    min_score: Option<f32>,
+    frame: usize,
+    annotate: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use its_agent::detect::{BackendKind, BackendOptions, ModelManifest, load_detectors, still};
+    let manifest = std::sync::Arc::new(ModelManifest::load(model)?);
+    let kinds: Vec<BackendKind> = match backend {
+        Some(b) => vec![BackendKind::parse(b).with_context(|| format!("unknown backend {b:?}"))?],
+        None => [BackendKind::TensorRt, BackendKind::OnnxRuntime, BackendKind::Tract]
+            .into_iter()
+            .filter(|k| k.compiled_in().1)
+            .collect(),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut detectors = load_detectors(&manifest, &kinds, &BackendOptions { threads, ..BackendOptions::default() }, 1)?;
+    let detector = detectors.first_mut().context("no detector")?;
+    let min_score = min_score.unwrap_or(manifest.score_threshold);
+    if let Some(dir) = annotate {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for input in inputs {
+        let picture = still::load_picture(input, frame).with_context(|| format!("reading {}", input.display()))?;
+        let (detections, timings) = detector.detect(&picture.as_picture(), min_score)?;
+        for d in &detections {
+            let line = serde_json::json!({
+                "input": input.display().to_string(),
+                "label": &*d.label,
+                "score": (d.score * 1000.0).round() / 1000.0,
+                "box": d.bbox.map(|v| v.round()),
+                "backend": detector.backend_name(),
+                "inference_ms": timings.inference.as_secs_f64() * 1000.0,
+            });
+            println!("{line}");
+        }
+        if let Some(dir) = annotate {
+            let name = input.file_stem().map_or("picture".into(), |s| s.to_string_lossy().to_string());
+            let out = dir.join(format!("{name}.png"));
+            still::annotate(&picture, &detections)
+                .context("picture size mismatch")?
+                .save(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote {}", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn print_stats(path: PathBuf) -> anyhow::Result<()> {

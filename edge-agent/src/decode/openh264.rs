@@ -39,8 +39,10 @@ pub struct SoftwareDecoder {
     /// Access units since the last keyframe, while not reordering (to replay on the switch).
     gop: Vec<(Vec<u8>, f64)>,
     gop_bytes: usize,
-    /// Presentation time of the last picture handed out: pictures up to it are not handed out again.
+    /// Presentation time of the last picture handed out.
     last_out: Option<f64>,
+    /// After the switch to reordering: pictures up to this time were handed out already.
+    skip_until: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -127,12 +129,14 @@ impl SoftwareDecoder {
             gop: Vec::new(),
             gop_bytes: 0,
             last_out: None,
+            skip_until: None,
         })
     }
 
     /// Switches to reordering: decodes the kept access units again without flushing.
     fn switch_to_reordering(&mut self) -> Result<(), DecodeError> {
         self.reordering = true;
+        self.skip_until = self.last_out;
         self.decoder = new_decoder()?;
         self.pending.clear();
         let gop = std::mem::take(&mut self.gop);
@@ -207,8 +211,11 @@ impl VideoDecoder for SoftwareDecoder {
         };
         match result {
             Ok(Some((frame, pts))) => {
-                if self.last_out.is_some_and(|last| pts <= last) {
-                    return Ok(None);
+                if let Some(skip) = self.skip_until {
+                    if pts <= skip {
+                        return Ok(None);
+                    }
+                    self.skip_until = None;
                 }
                 self.last_out = Some(pts);
                 Ok(Some((frame, pts)))
@@ -229,6 +236,7 @@ impl VideoDecoder for SoftwareDecoder {
         self.gop.clear();
         self.gop_bytes = 0;
         self.last_out = None;
+        self.skip_until = None;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod decode;
 pub mod manifest;
 pub mod preprocess;
+pub mod still;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

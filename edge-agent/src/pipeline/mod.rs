@@ -435,7 +435,14 @@ impl CameraContext {
                         mono0: started.elapsed().as_secs_f64(),
                         wall0: crate::unix_ms(),
                     });
-                    let rel = pts_s - c.pts0;
+                    let mut rel = pts_s - c.pts0;
+                    // Timestamps that stand still or run backwards (some cameras' RTP clocks):
+                    // take the frame's arrival instead, so time keeps moving for the tracker.
+                    if let Some((last_t, _)) = last
+                        && c.mono0 + rel <= last_t
+                    {
+                        rel = started.elapsed().as_secs_f64().max(last_t + 1e-3) - c.mono0;
+                    }
                     let t_s = c.mono0 + rel;
                     if !sampler.take(t_s) {
                         continue;

@@ -1,0 +1,208 @@
+//! The vision pipeline against a real RTSP server (GStreamer's gst-rtsp-server through
+//! `scripts/rtsp-server`) streaming the real street clip in real time: detections arrive; the
+//! server is killed and the camera goes to `reconnecting` while another camera (a file) keeps
+//! going; the server comes back on the same port and the camera recovers by itself, with the
+//! reconnects counted.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use its_agent::detect::{BackendKind, BackendOptions, Detector, ModelManifest, load_detectors};
+use its_agent::pipeline::{CameraSpec, FrameResult, VisionPipeline, VisionSettings};
+use its_agent::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
+use its_agent::track::TrackerConfig;
+use tokio::sync::mpsc;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct RtspServer(Child);
+
+impl RtspServer {
+    fn start(port: u16) -> Self {
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(root().join("scripts/rtsp-server"))
+            .args(["--port", &port.to_string(), "--path", "/street"])
+            .arg(root().join("media/vtest-street-768x576-10fps.mp4"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting scripts/rtsp-server (needs python3-gi and gst-rtsp-server: scripts/setup-test-peers)");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        assert!(line.starts_with("ready"), "RTSP server did not start: {line:?}");
+        Self(child)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+/// Waits up to `secs` for a result matching `pred` from camera `cam`.
+async fn wait_for(
+    rx: &mut mpsc::Receiver<FrameResult>,
+    cam: usize,
+    secs: u64,
+    pred: impl Fn(&FrameResult) -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while let Ok(Some(r)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        if r.camera == cam && pred(&r) {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtsp_camera_streams_detections_and_recovers_after_the_server_restarts() {
+    let port = free_port();
+    let mut server = RtspServer::start(port);
+    let manifest =
+        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
+    let detectors: Vec<Box<dyn Detector>> =
+        load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 2).expect("detector");
+    let rtsp = CameraSpec {
+        id: "rtsp-cam".into(),
+        source: VideoSource::Rtsp(RtspSpec {
+            url: url::Url::parse(&format!("rtsp://127.0.0.1:{port}/street")).expect("url"),
+            username: None,
+            password: None,
+            transport: RtspTransport::Tcp,
+            connect_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(3),
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(1),
+            jitter: false,
+        }),
+        detect_fps: 5.0,
+        queue_frames: 2,
+    };
+    let file = CameraSpec {
+        id: "file-cam".into(),
+        source: VideoSource::File(FileSpec {
+            path: root().join("media/bikes-street-640x272-25fps.mp4"),
+            looped: true,
+            realtime: true,
+            fps: 25.0,
+        }),
+        detect_fps: 2.0,
+        queue_frames: 2,
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: vec![vec![2, 5, 7]] };
+    let pipeline = VisionPipeline::start(vec![rtsp, file], detectors, settings, tx, tokio::runtime::Handle::current())
+        .expect("pipeline");
+    let rtsp_stats = pipeline.stats[0].clone();
+
+    // Real people in the real clip, through RTSP, decode, detection and tracking.
+    assert!(
+        wait_for(&mut rx, 0, 30, |r| r.detections.iter().any(|d| &*d.label == "person") && !r.tracks.is_empty()).await,
+        "no tracked person from the RTSP camera"
+    );
+    assert_eq!(rtsp_stats.source.state(), "streaming");
+    assert_eq!(rtsp_stats.source.reconnects.load(Ordering::Relaxed), 0);
+    assert_eq!(rtsp_stats.decode_errors.load(Ordering::Relaxed), 0);
+
+    // The server dies: the camera notices (connection closed or stall) and keeps trying.
+    server.kill9();
+    let t0 = Instant::now();
+    while rtsp_stats.source.reconnects.load(Ordering::Relaxed) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no reconnect attempts after the server died");
+        // Drain results meanwhile; the file camera must keep producing.
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+    }
+    assert_eq!(rtsp_stats.source.state(), "reconnecting");
+    assert!(rtsp_stats.source.last_error.lock().map(|e| e.is_some()).unwrap_or(false));
+    assert!(wait_for(&mut rx, 1, 10, |r| r.size == (640, 272)).await, "the file camera stalled with the RTSP one");
+
+    // It comes back on the same port: the camera recovers by itself.
+    let _server = RtspServer::start(port);
+    let before = rtsp_stats.frames_detected.load(Ordering::Relaxed);
+    assert!(
+        wait_for(&mut rx, 0, 30, |r| r.discontinuity || !r.detections.is_empty()).await,
+        "the RTSP camera did not recover after the server came back"
+    );
+    assert!(
+        wait_for(&mut rx, 0, 20, |r| r.detections.iter().any(|d| &*d.label == "person")).await,
+        "no person from the RTSP camera after it recovered"
+    );
+    assert!(rtsp_stats.frames_detected.load(Ordering::Relaxed) > before);
+    assert_eq!(rtsp_stats.source.state(), "streaming");
+    let reconnects = rtsp_stats.source.reconnects.load(Ordering::Relaxed);
+    assert!(reconnects >= 2, "reconnects counted: {reconnects}");
+    drop(rx);
+    tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_never_answers_is_reported_and_retried_without_blocking_others() {
+    // A TCP port that accepts and never speaks RTSP: DESCRIBE times out, the camera retries.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let manifest =
+        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
+    let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
+    let dead = CameraSpec {
+        id: "dead".into(),
+        source: VideoSource::Rtsp(RtspSpec {
+            url: url::Url::parse(&format!("rtsp://127.0.0.1:{port}/x")).expect("url"),
+            username: Some("admin".into()),
+            password: Some("secret".into()),
+            transport: RtspTransport::Udp,
+            connect_timeout: Duration::from_millis(500),
+            stall_timeout: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_millis(300),
+            jitter: false,
+        }),
+        detect_fps: 5.0,
+        queue_frames: 2,
+    };
+    let file = CameraSpec {
+        id: "file".into(),
+        source: VideoSource::File(FileSpec {
+            path: root().join("media/vtest-street-768x576-10fps.264"),
+            looped: false,
+            realtime: false,
+            fps: 10.0,
+        }),
+        detect_fps: 0.0,
+        queue_frames: 2,
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: Vec::new() };
+    let pipeline = VisionPipeline::start(vec![dead, file], detectors, settings, tx, tokio::runtime::Handle::current())
+        .expect("start");
+    assert!(wait_for(&mut rx, 1, 30, |r| r.detections.iter().any(|d| &*d.label == "person")).await);
+    let stats = pipeline.stats[0].clone();
+    let t0 = Instant::now();
+    while stats.source.reconnects.load(Ordering::Relaxed) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the dead camera is not retried");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await;
+    }
+    let err = stats.source.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+    assert!(err.contains("DESCRIBE timed out"), "{err}");
+    assert!(!err.contains("secret"), "credentials must not leak into errors: {err}");
+    drop(rx);
+    drop(silent);
+    tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
+}
