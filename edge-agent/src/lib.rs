@@ -9,6 +9,7 @@ pub mod config;
 pub mod decode;
 pub mod detect;
 pub mod pipeline;
+pub mod scene;
 pub mod source;
 pub mod track;
 pub mod uplink;
