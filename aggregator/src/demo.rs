@@ -1,10 +1,11 @@
 //! `its-aggregator demo`: the whole flow on one machine with the embedded defaults.
 //!
 //! Creates a CA, enrolls a device, starts the aggregator (SQLite, QUIC on loopback, HTTP API),
-//! starts a real `its-agent` process with its synthetic source, shows events arriving, takes the
-//! aggregator down for a few seconds (the agent keeps counting into its outbox), brings it back
-//! (the outbox drains), and ends with the ack-chain check: every event the agent committed is
-//! stored exactly once.
+//! starts a real `its-agent` process watching a camera (by default the bundled street clip,
+//! looped in real time; or any RTSP URL) with the real detector and tracker, shows the road users
+//! it reports arriving at the aggregator, takes the aggregator down for a few seconds (the agent
+//! keeps counting into its outbox), brings it back (the outbox drains), and ends with the
+//! ack-chain check: every event the agent committed is stored exactly once.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,8 +27,47 @@ pub const DEMO_DEVICE: &str = "demo-box-1";
 pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     pub duration: Duration,
+    /// Synthetic events per second on top of the cameras (0: none).
     pub rate_per_s: f64,
+    /// rtsp:// URLs or video files; empty: the bundled street clip.
+    pub cameras: Vec<String>,
+    /// Model manifest; `None`: the bundled one.
+    pub model: Option<PathBuf>,
+    pub backend: String,
     pub http: SocketAddr,
+}
+
+/// The bundled street clip and model, relative to the project's root.
+const DEMO_CLIP: &str = "media/vtest-street-768x576-10fps.mp4";
+const DEMO_MODEL: &str = "models/ssd-mobilenet-v2-coco/model.toml";
+
+/// Finds a file of the project (`media/...`, `models/...`): from the working directory, or
+/// upwards from the executable (`target/release/` sits two levels below the project root).
+pub fn project_file(rel: &str) -> anyhow::Result<PathBuf> {
+    let mut roots = vec![std::env::current_dir().unwrap_or_default()];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    roots
+        .iter()
+        .map(|r| r.join(rel))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{rel} not found (run the demo from the project's directory)"))
+}
+
+/// A TOML string literal.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The agent's configuration for the demo.
+fn agent_config(cameras: &[String], model: &Path, backend: &str) -> String {
+    let mut out = String::from("[detector]\n");
+    out += &format!("model = {}\nbackend = {}\n", toml_str(&model.display().to_string()), toml_str(backend));
+    for (i, url) in cameras.iter().enumerate() {
+        out += &format!("\n[[cameras]]\nid = \"cam-{}\"\nurl = {}\n", i + 1, toml_str(url));
+    }
+    out
 }
 
 /// The `its-agent` binary next to this one (cargo builds both into the same directory).
@@ -87,22 +127,46 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
     }
 }
 
-async fn latest_line(store: &dyn EventStore) -> String {
-    let q = EventQuery { limit: Some(1), ..EventQuery::default() };
-    match store.query_events(&q).await {
-        Ok(page) => page.events.first().map_or_else(String::new, |e| {
-            let p = &e.payload;
-            let label = p.get("object").and_then(|o| o.get("label")).and_then(|l| l.as_str()).unwrap_or("");
-            format!(
-                "latest: {} {} {} {}",
-                e.camera,
-                e.kind,
-                label,
-                p.get("direction").and_then(|d| d.as_str()).unwrap_or("")
-            )
-        }),
-        Err(e) => format!("query failed: {e}"),
+/// The road users seen since the last call: new tracks by label, and the newest one.
+async fn latest_tracks(store: &dyn EventStore, seen_up_to: &mut i64) -> String {
+    let q = EventQuery {
+        kind: Some("object_track".into()),
+        from_ms: Some(*seen_up_to + 1),
+        limit: Some(500),
+        ..EventQuery::default()
+    };
+    let page = match store.query_events(&q).await {
+        Ok(p) => p,
+        Err(e) => return format!("query failed: {e}"),
+    };
+    let mut new_by_label: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut newest: Option<String> = None;
+    let mut top = *seen_up_to;
+    for e in &page.events {
+        let ts = e.observed_at_ms;
+        if ts <= *seen_up_to {
+            continue;
+        }
+        top = top.max(ts);
+        let p = &e.payload;
+        if p.get("phase").and_then(|v| v.as_str()) != Some("new") {
+            continue;
+        }
+        let o = p.get("object");
+        let label = o.and_then(|o| o.get("label")).and_then(|l| l.as_str()).unwrap_or("?").to_string();
+        if newest.is_none() {
+            let id = o.and_then(|o| o.get("track_id")).and_then(|v| v.as_u64()).unwrap_or(0);
+            let score = o.and_then(|o| o.get("score")).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            newest = Some(format!("newest: {} {label} #{id} ({score:.2})", e.camera));
+        }
+        *new_by_label.entry(label).or_default() += 1;
     }
+    *seen_up_to = top;
+    if new_by_label.is_empty() {
+        return String::new();
+    }
+    let counts: Vec<String> = new_by_label.iter().map(|(l, n)| format!("{n} {l}")).collect();
+    format!("new road users: {}; {}", counts.join(", "), newest.unwrap_or_default())
 }
 
 pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::PrometheusHandle) -> anyhow::Result<()> {
@@ -137,28 +201,52 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
     println!("  aggregator: QUIC {quic} (mutual TLS), API http://{}/api/v1/events", server.addrs.http);
 
     let outbox = dir.join("agent").join("outbox.db");
+    let cameras = if opts.cameras.is_empty() {
+        vec![project_file(DEMO_CLIP)?.display().to_string()]
+    } else {
+        opts.cameras.clone()
+    };
+    let model = match &opts.model {
+        Some(m) => m.clone(),
+        None => project_file(DEMO_MODEL)?,
+    };
+    let config = dir.join("agent").join("agent.toml");
+    std::fs::write(&config, agent_config(&cameras, &model, &opts.backend))
+        .with_context(|| format!("writing {}", config.display()))?;
+    let synthetic = opts.rate_per_s > 0.0;
     let child = Command::new(&agent_bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
         .env("ITS_AGENT__DEVICE_BUNDLE", &bundle_dir)
         .env("ITS_AGENT__UPLINK__AGGREGATOR", quic.to_string())
         .env("ITS_AGENT__UPLINK__HEARTBEAT_INTERVAL_S", "2")
         .env("ITS_AGENT__UPLINK__BACKOFF_CAP_MS", "1000")
         .env("ITS_AGENT__OUTBOX__PATH", &outbox)
-        .env("ITS_AGENT__SYNTHETIC__ENABLED", "true")
-        .env("ITS_AGENT__SYNTHETIC__RATE_PER_S", opts.rate_per_s.to_string())
-        .env("ITS_AGENT__SYNTHETIC__CAMERAS", "[\"cam-north\", \"cam-south\"]")
+        .env("ITS_AGENT__SYNTHETIC__ENABLED", synthetic.to_string())
+        .env("ITS_AGENT__SYNTHETIC__RATE_PER_S", opts.rate_per_s.max(1.0).to_string())
+        .env("ITS_AGENT__SYNTHETIC__CAMERAS", "[\"synthetic\"]")
         .env("ITS_AGENT__HEALTH__INTERVAL_S", "5")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", agent_bin.display()))?;
     let mut agent = AgentProcess { child };
-    println!("  agent started ({} events/s over cameras cam-north, cam-south)\n", opts.rate_per_s);
+    println!("  agent started: model {}, backend {}", model.display(), opts.backend);
+    for (i, c) in cameras.iter().enumerate() {
+        println!("    cam-{}: {c}", i + 1);
+    }
+    if synthetic {
+        println!("    plus {} synthetic events/s", opts.rate_per_s);
+    }
+    println!("  (loading the model takes a few seconds; then road users appear as object_track events)\n");
 
     let started = Instant::now();
     let outage_at = opts.duration / 3;
     let outage_len = Duration::from_secs(5);
     let mut outage_done = false;
     let mut stop_tx = stop_tx;
+    let mut seen_up_to = 0i64;
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t = started.elapsed();
@@ -167,9 +255,9 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
         let pending = ob.as_ref().and_then(|v| v["pending_events"].as_u64()).unwrap_or(0);
         let produced = ob.as_ref().and_then(|v| v["produced_total"].as_u64()).unwrap_or(0);
         println!(
-            "  t={:>3}s  produced {produced:>6}  stored {stored:>6}  waiting in outbox {pending:>5}  {}",
+            "  t={:>3}s  produced {produced:>5}  stored {stored:>5}  waiting {pending:>4}  {}",
             t.as_secs(),
-            latest_line(server.store.as_ref()).await
+            latest_tracks(server.store.as_ref(), &mut seen_up_to).await
         );
         if !outage_done && !opts.duration.is_zero() && t >= outage_at {
             outage_done = true;
@@ -207,8 +295,9 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
         }
     }
     tokio::task::block_in_place(|| agent.terminate());
-    println!("\n  agent stopped; starting it again without its source so the outbox drains completely");
+    println!("\n  agent stopped; starting it again without cameras so the outbox drains completely");
     let child = Command::new(&agent_bin)
+        .env("ITS_AGENT__CAMERAS", "[]")
         .env("ITS_AGENT__DEVICE_BUNDLE", &bundle_dir)
         .env("ITS_AGENT__UPLINK__AGGREGATOR", server.addrs.quic.to_string())
         .env("ITS_AGENT__OUTBOX__PATH", &outbox)

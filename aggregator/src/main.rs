@@ -49,8 +49,18 @@ enum Command {
         /// Seconds to run (0 = until Ctrl-C).
         #[arg(long, default_value_t = 30)]
         duration: u64,
-        /// Synthetic events per second.
-        #[arg(long, default_value_t = 200.0)]
+        /// Camera for the agent: an rtsp:// URL or a video file (repeat for several). Default:
+        /// the bundled street clip, looped in real time.
+        #[arg(long = "camera")]
+        cameras: Vec<String>,
+        /// Detector model manifest (default: the bundled SSD MobileNet v2).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Detector backend: auto, tract, onnxruntime or tensorrt.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// Synthetic events per second on top of the cameras (0 = none), for load.
+        #[arg(long, default_value_t = 0.0)]
         rate: f64,
         /// HTTP API address (a free port is taken if it is in use).
         #[arg(long, default_value = "127.0.0.1:8470")]
@@ -148,7 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         },
-        Command::Demo { dir, duration, rate, http } => {
+        Command::Demo { dir, duration, cameras, model, backend, rate, http } => {
             let rt = runtime()?;
             rt.block_on(async {
                 let metrics = its_aggregator::server::install_metrics()?;
@@ -156,6 +166,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir,
                     duration: Duration::from_secs(duration),
                     rate_per_s: rate,
+                    cameras,
+                    model,
+                    backend,
                     http,
                 };
                 its_aggregator::demo::run_demo(opts, metrics).await

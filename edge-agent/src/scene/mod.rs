@@ -156,8 +156,8 @@ impl Scene {
                     let al = a.sprite.alpha[(sy * w as i64 + sx) as usize] as u32;
                     let src = a.sprite.image.get_pixel(sx as u32, sy as u32).0;
                     let dst = img.get_pixel_mut(x as u32, y as u32);
-                    for c in 0..3 {
-                        dst.0[c] = ((src[c] as u32 * al + dst.0[c] as u32 * (255 - al)) / 255) as u8;
+                    for (d, s) in dst.0.iter_mut().zip(src) {
+                        *d = ((s as u32 * al + *d as u32 * (255 - al)) / 255) as u8;
                     }
                 }
             }
@@ -240,6 +240,43 @@ pub fn encode_scene(scene: &Scene, path: &Path, bitrate_bps: u32, gop: u32) -> R
     std::fs::write(path, &out).map_err(|source| SceneError::Write { path: path.display().to_string(), source })
 }
 
+/// Runs `scene` through the real pipeline (encode to H.264, file source, decode, detection on
+/// every frame, tracking) and returns the confirmed tracks of each frame, in frame order.
+pub fn run_through_pipeline(
+    scene: &Scene,
+    detectors: Vec<Box<dyn crate::detect::Detector>>,
+    settings: crate::pipeline::VisionSettings,
+    dir: &Path,
+) -> anyhow::Result<Vec<library::FrameTracks>> {
+    use crate::pipeline::{CameraSpec, VisionPipeline};
+    use crate::source::{FileSpec, VideoSource};
+    let path = dir.join(format!("{}.264", scene.name));
+    encode_scene(scene, &path, 2_000_000, 30)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let camera = CameraSpec {
+        id: scene.name.to_string(),
+        source: VideoSource::File(FileSpec { path, looped: false, realtime: false, fps: scene.fps }),
+        detect_fps: 0.0,
+        queue_frames: 2,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let pipeline = VisionPipeline::start(vec![camera], detectors, settings, tx, rt.handle().clone())?;
+    let mut out: Vec<library::FrameTracks> = vec![Vec::new(); scene.frames];
+    let mut t0 = None;
+    while let Some(r) = rx.blocking_recv() {
+        if r.end_of_stream {
+            continue;
+        }
+        let t0 = *t0.get_or_insert(r.t_s);
+        let i = ((r.t_s - t0) * scene.fps).round() as usize;
+        if let Some(slot) = out.get_mut(i) {
+            *slot = r.tracks.iter().map(|t| (t.id, t.bbox)).collect();
+        }
+    }
+    pipeline.join();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,41 +344,4 @@ mod tests {
             rgb.iter().zip(want.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / rgb.len() as f64;
         assert!(err < 12.0, "mean absolute error {err}");
     }
-}
-
-/// Runs `scene` through the real pipeline (encode to H.264, file source, decode, detection on
-/// every frame, tracking) and returns the confirmed tracks of each frame, in frame order.
-pub fn run_through_pipeline(
-    scene: &Scene,
-    detectors: Vec<Box<dyn crate::detect::Detector>>,
-    settings: crate::pipeline::VisionSettings,
-    dir: &Path,
-) -> anyhow::Result<Vec<library::FrameTracks>> {
-    use crate::pipeline::{CameraSpec, VisionPipeline};
-    use crate::source::{FileSpec, VideoSource};
-    let path = dir.join(format!("{}.264", scene.name));
-    encode_scene(scene, &path, 2_000_000, 30)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let camera = CameraSpec {
-        id: scene.name.to_string(),
-        source: VideoSource::File(FileSpec { path, looped: false, realtime: false, fps: scene.fps }),
-        detect_fps: 0.0,
-        queue_frames: 2,
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let pipeline = VisionPipeline::start(vec![camera], detectors, settings, tx, rt.handle().clone())?;
-    let mut out: Vec<library::FrameTracks> = vec![Vec::new(); scene.frames];
-    let mut t0 = None;
-    while let Some(r) = rx.blocking_recv() {
-        if r.end_of_stream {
-            continue;
-        }
-        let t0 = *t0.get_or_insert(r.t_s);
-        let i = ((r.t_s - t0) * scene.fps).round() as usize;
-        if let Some(slot) = out.get_mut(i) {
-            *slot = r.tracks.iter().map(|t| (t.id, t.bbox)).collect();
-        }
-    }
-    pipeline.join();
-    Ok(out)
 }

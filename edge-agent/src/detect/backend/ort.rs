@@ -28,8 +28,21 @@ pub const STANDARD_LOCATIONS: &[&str] = &[
     "/opt/onnxruntime/lib/libonnxruntime.so",
 ];
 
-/// The library to load: the explicit path, `ORT_DYLIB_PATH`, or the first standard location
-/// that exists.
+/// Places next to the agent's executable where a package may put the library: `lib/` beside
+/// `bin/`, or the executable's own directory.
+fn beside_executable() -> Vec<PathBuf> {
+    let Ok(exe) = std::env::current_exe() else { return Vec::new() };
+    let Some(dir) = exe.parent() else { return Vec::new() };
+    let mut v = vec![dir.join("libonnxruntime.so")];
+    if let Some(up) = dir.parent() {
+        v.push(up.join("lib/its-agent/libonnxruntime.so"));
+        v.push(up.join("lib/libonnxruntime.so"));
+    }
+    v
+}
+
+/// The library to load: the explicit path, `ORT_DYLIB_PATH`, beside the executable, or the first
+/// standard location that exists.
 pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, BackendError> {
     if let Some(p) = explicit {
         return if p.is_file() {
@@ -45,11 +58,11 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, BackendError> {
             Err(BackendError::Library(format!("ORT_DYLIB_PATH: {} does not exist", p.display())))
         };
     }
-    STANDARD_LOCATIONS.iter().map(PathBuf::from).find(|p| p.is_file()).ok_or_else(|| {
+    beside_executable().into_iter().chain(STANDARD_LOCATIONS.iter().map(PathBuf::from)).find(|p| p.is_file()).ok_or_else(|| {
         BackendError::Library(format!(
             "ONNX Runtime (libonnxruntime.so >= 1.17) not found: set detector.onnxruntime_library or \
-             ORT_DYLIB_PATH, or install it in one of {}; `scripts/fetch-onnxruntime` extracts it from the \
-             PyPI wheel",
+             ORT_DYLIB_PATH, or install it beside the executable or in one of {}; \
+             `scripts/fetch-onnxruntime` extracts it from the PyPI wheel",
             STANDARD_LOCATIONS.join(", ")
         ))
     })
