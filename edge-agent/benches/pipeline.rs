@@ -69,8 +69,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn decode_frames(n: usize) -> Vec<Frame> {
-    let mut src =
-        FileSource::open(FileSpec { path: clip(), looped: false, realtime: false, fps: 10.0 }).expect("clip");
+    let mut src = FileSource::open(FileSpec { path: clip(), looped: false, realtime: false, fps: 10.0 }).expect("clip");
     let mut dec = SoftwareDecoder::new().expect("decoder");
     let stop = AtomicBool::new(false);
     let mut out = Vec::new();
@@ -243,7 +242,9 @@ fn realtime(seconds: u64) {
     let mut all: Vec<f64> = lags.iter().map(|l| l.1).collect();
     let q = lags.len() / 4;
     let mean = |v: &[(f64, f64)]| v.iter().map(|l| l.1).sum::<f64>() / v.len().max(1) as f64;
-    println!("| detected frames/s (total) | frames dropped | lag p50 ms | lag p99 ms | lag max ms | lag mean, first quarter | lag mean, last quarter |");
+    println!(
+        "| detected frames/s (total) | frames dropped | lag p50 ms | lag p99 ms | lag max ms | lag mean, first quarter | lag mean, last quarter |"
+    );
     println!("|---|---|---|---|---|---|---|");
     println!(
         "| {:.1} | {dropped} of {decoded} decoded | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
@@ -339,11 +340,17 @@ fn floor() {
     let m = manifest();
     let macs = its_agent::detect::backend::tract::multiply_adds(&m).expect("cost");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("model multiply-adds per frame (convolutions and matrix products, tract's count): {:.3} G", macs as f64 / 1e9);
+    println!(
+        "model multiply-adds per frame (convolutions and matrix products, tract's count): {:.3} G",
+        macs as f64 / 1e9
+    );
     match peak_gmacs_one_core() {
         Some(peak) => {
             let floor_ms = macs as f64 / (peak * 1e9) * 1000.0;
-            println!("measured peak of one core: {peak:.1} GMAC/s (AVX2 FMA, f32); {cores} cores: {:.1} GMAC/s", peak * cores as f64);
+            println!(
+                "measured peak of one core: {peak:.1} GMAC/s (AVX2 FMA, f32); {cores} cores: {:.1} GMAC/s",
+                peak * cores as f64
+            );
             println!(
                 "floor: {floor_ms:.2} ms per frame on one core, {:.2} ms on {cores}; at most {:.0} frames/s on this machine",
                 floor_ms / cores as f64,

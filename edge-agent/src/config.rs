@@ -694,6 +694,103 @@ mod tests {
         assert!(err.to_string().contains("max_byte"), "{err}");
     }
 
+    fn model_path() -> String {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/ssd-mobilenet-v2-coco/model.toml").display().to_string()
+    }
+
+    fn with_bundle(toml: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["device.pem", "device.key", "ca.pem"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let text = format!("device_bundle = {:?}\n{toml}", dir.path().display().to_string());
+        (dir, text)
+    }
+
+    fn load_str(text: &str) -> RawConfig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, text).expect("write");
+        RawConfig::load(Some(&p), Vec::new()).expect("parses")
+    }
+
+    #[test]
+    fn cameras_detector_and_tracker_problems_are_all_reported() {
+        let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("../media/vtest-street-768x576-10fps.mp4");
+        let (_bundle, text) = with_bundle(&format!(
+            r#"
+            [detector]
+            model = {model:?}
+            backend = "cuda"
+            [tracker]
+            low_score = 0.9
+            merge_classes = [["car", "lorry"]]
+            [[cameras]]
+            id = "north gate"
+            url = "rtsp://"
+            transport = "quic"
+            detect_fps = -1
+            [[cameras]]
+            id = "south"
+            url = "/nonexistent/clip.mp4"
+            [[cameras]]
+            id = "south"
+            url = {clip:?}
+            [[cameras]]
+            id = "east"
+            url = "http://admin:hunter2@10.0.0.9/video"
+            "#,
+            model = model_path(),
+            clip = clip.display().to_string()
+        ));
+        let err = load_str(&text).validate("agent.toml").expect_err("invalid");
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in [
+            "detector.backend",
+            "tracker.low_score",
+            "tracker.merge_classes[0][1]",
+            "cameras[0].id",
+            "cameras[0].url",
+            "cameras[0].transport",
+            "cameras[0].detect_fps",
+            "cameras[1].url",
+            "cameras[2].id",
+            "cameras[3].url",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+        let text = err.to_string();
+        assert!(!text.contains("hunter2"), "passwords never appear in messages: {text}");
+    }
+
+    #[test]
+    fn a_valid_camera_configuration_builds_the_vision_plan() {
+        let (_bundle, text) = with_bundle(&format!(
+            r#"
+            [detector]
+            model = {model:?}
+            backend = "tract"
+            [[cameras]]
+            id = "gate-1"
+            url = "rtsp://viewer:s3cret@192.0.2.10:554/stream1"
+            transport = "udp"
+            detect_fps = 5
+            "#,
+            model = model_path()
+        ));
+        let cfg = load_str(&text).validate("agent.toml").expect("valid");
+        let v = cfg.vision.expect("vision");
+        assert_eq!(v.backend, BackendChoice::Only(BackendKind::Tract));
+        assert_eq!(cfg.uplink.model, "ssd-mobilenet-v2-coco");
+        assert_eq!(cfg.uplink.cameras, vec!["gate-1".to_string()]);
+        let VideoSource::Rtsp(r) = &v.cameras[0].source else { panic!("rtsp") };
+        assert_eq!(r.url.as_str(), "rtsp://192.0.2.10:554/stream1", "credentials are taken out of the URL");
+        assert_eq!((r.username.as_deref(), r.password.as_deref()), (Some("viewer"), Some("s3cret")));
+        assert_eq!(r.transport, RtspTransport::Udp);
+        assert_eq!(v.tracker.high_score, 0.5, "the model's threshold");
+        assert_eq!(v.merged_classes, vec![vec![2, 7, 5]], "car, truck, bus by class id");
+    }
+
     #[test]
     fn environment_overrides_apply() {
         let raw =

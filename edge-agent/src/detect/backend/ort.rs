@@ -58,14 +58,18 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf, BackendError> {
             Err(BackendError::Library(format!("ORT_DYLIB_PATH: {} does not exist", p.display())))
         };
     }
-    beside_executable().into_iter().chain(STANDARD_LOCATIONS.iter().map(PathBuf::from)).find(|p| p.is_file()).ok_or_else(|| {
-        BackendError::Library(format!(
-            "ONNX Runtime (libonnxruntime.so >= 1.17) not found: set detector.onnxruntime_library or \
+    beside_executable()
+        .into_iter()
+        .chain(STANDARD_LOCATIONS.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            BackendError::Library(format!(
+                "ONNX Runtime (libonnxruntime.so >= 1.17) not found: set detector.onnxruntime_library or \
              ORT_DYLIB_PATH, or install it beside the executable or in one of {}; \
              `scripts/fetch-onnxruntime` extracts it from the PyPI wheel",
-            STANDARD_LOCATIONS.join(", ")
-        ))
-    })
+                STANDARD_LOCATIONS.join(", ")
+            ))
+        })
 }
 
 /// ONNX Runtime allows one environment per process; the first library loaded is the one used.

@@ -1,0 +1,191 @@
+//! The whole chain with real programs and a real camera stand-in: a real RTSP server
+//! (gst-rtsp-server through `scripts/rtsp-server`) streams the real street clip; an `its-agent`
+//! process pulls it, decodes, detects and tracks; its `object_track` events arrive at an
+//! `its-aggregator` process over QUIC and are served by its API. Then the RTSP server is killed:
+//! the agent reports the camera as reconnecting in its health; the server comes back and the
+//! agent recovers by itself, with the reconnect counted and new road users arriving.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Proc, agent_bin, aggregator_bin, wait_ready};
+use its_aggregator::pki::Pki;
+
+const DEVICE: &str = "vision-box";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct RtspServer(Child);
+
+impl RtspServer {
+    fn start(port: u16) -> Self {
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(root().join("scripts/rtsp-server"))
+            .args(["--port", &port.to_string(), "--path", "/street"])
+            .arg(root().join("media/vtest-street-768x576-10fps.mp4"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting scripts/rtsp-server (needs python3-gi and gst-rtsp-server: scripts/setup-test-peers)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        assert!(line.starts_with("ready"), "RTSP server did not start: {line:?}");
+        Self(child)
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    match http.get(url).send().await {
+        Ok(r) => r.json().await.unwrap_or(serde_json::Value::Null),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Fails the test with the processes' log when `deadline` has passed.
+fn check_deadline(deadline: Instant, what: &str, log: &Path) {
+    assert!(Instant::now() < deadline, "{what} in time; log tail:\n{}", tail(log));
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The camera's entry in the device's latest health report.
+async fn camera_health(http: &reqwest::Client, api: &str) -> serde_json::Value {
+    let devices = get(http, &format!("{api}/api/v1/devices")).await;
+    devices["devices"]
+        .as_array()
+        .and_then(|list| list.iter().find(|d| d["device_id"] == DEVICE))
+        .and_then(|d| d["last_health"]["cameras"].as_array().and_then(|c| c.first()).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// New `person` tracks from the camera observed at or after `from_ms`.
+async fn people(http: &reqwest::Client, api: &str, from_ms: i64) -> usize {
+    let page =
+        get(http, &format!("{api}/api/v1/events?kind=object_track&camera=street&limit=500&from={from_ms}")).await;
+    page["events"]
+        .as_array()
+        .map(|evs| {
+            evs.iter().filter(|e| e["payload"]["phase"] == "new" && e["payload"]["object"]["label"] == "person").count()
+        })
+        .unwrap_or(0)
+}
+
+async fn pause() {
+    tokio::time::sleep(Duration::from_millis(250)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_a_real_rtsp_camera_delivers_road_users_and_recovers_when_the_camera_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root_dir = dir.path();
+    let pki = Pki::new(root_dir.join("pki"));
+    pki.init(&[]).expect("pki init");
+    pki.enroll(DEVICE, &root_dir.join("bundle"), 30).expect("enroll");
+    let log = root_dir.join("processes.log");
+
+    let ready = root_dir.join("ready.json");
+    let mut cmd = Command::new(aggregator_bin());
+    cmd.arg("serve")
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("ITS_AGGREGATOR__DATABASE_URL", format!("sqlite://{}", root_dir.join("agg.db").display()))
+        .env("ITS_AGGREGATOR__PKI_DIR", root_dir.join("pki"))
+        .env("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0")
+        .env("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info");
+    let _aggregator = Proc::spawn("aggregator", cmd, &log);
+    let addrs = wait_ready(&ready, &log);
+    let api = format!("http://{}", addrs.http);
+
+    let port = free_tcp_port();
+    let server = RtspServer::start(port);
+    let config = root_dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[detector]\nmodel = {:?}\nbackend = \"tract\"\n\n[[cameras]]\nid = \"street\"\nurl = \"rtsp://127.0.0.1:{port}/street\"\ndetect_fps = 5\nstall_timeout_s = 2\nbackoff_base_ms = 200\nbackoff_cap_ms = 1000\n",
+            root().join("models/ssd-mobilenet-v2-coco/model.toml").display().to_string()
+        ),
+    )
+    .expect("config");
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("ITS_AGENT__DEVICE_BUNDLE", root_dir.join("bundle"))
+        .env("ITS_AGENT__UPLINK__AGGREGATOR", addrs.quic.to_string())
+        .env("ITS_AGENT__UPLINK__HEARTBEAT_INTERVAL_S", "1")
+        .env("ITS_AGENT__OUTBOX__PATH", root_dir.join("outbox.db"))
+        .env("ITS_AGENT__HEALTH__INTERVAL_S", "1")
+        .env("RUST_LOG", "info");
+    let _agent = Proc::spawn("agent", cmd, &log);
+
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    // Real people from the real clip arrive at the aggregator as tracked road users.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while people(&http, &api, 0).await < 2 {
+        check_deadline(deadline, "tracked people at the aggregator", &log);
+        pause().await;
+    }
+    let page = get(&http, &format!("{api}/api/v1/events?kind=object_track&camera=street&limit=1")).await;
+    let first = &page["events"][0];
+    assert_eq!(first["device_id"], DEVICE, "{first}");
+    assert_eq!(first["camera"], "street");
+    let b = &first["payload"]["object"]["box"];
+    assert!((0..4).all(|k| b[k].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v))), "normalised box: {b}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while camera_health(&http, &api).await["state"] != "streaming" {
+        check_deadline(deadline, "the camera reported streaming", &log);
+        pause().await;
+    }
+
+    // The camera goes away: the agent notices and says so in its health.
+    drop(server);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = camera_health(&http, &api).await;
+        if h["state"] == "reconnecting" && h["reconnects"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        check_deadline(deadline, "the camera reported reconnecting", &log);
+        pause().await;
+    }
+    let back_at = its_agent::unix_ms();
+
+    // It comes back: the agent recovers by itself and new road users arrive.
+    let _server = RtspServer::start(port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while people(&http, &api, back_at).await < 1 {
+        check_deadline(deadline, "people after the camera came back", &log);
+        pause().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while camera_health(&http, &api).await["state"] != "streaming" {
+        check_deadline(deadline, "the camera reported streaming again", &log);
+        pause().await;
+    }
+    let h = camera_health(&http, &api).await;
+    assert!(h["reconnects"].as_u64().unwrap_or(0) >= 1, "{h}");
+    assert!(h["last_error"].is_string(), "the reason of the loss is kept: {h}");
+}
