@@ -77,7 +77,9 @@ if [ "$missing" -ne 0 ]; then
 fi
 
 echo "compiler: $("$RUSTC" --version)"
-cargo build --release --target "$TARGET" -p its-agent ${extra[@]+"${extra[@]}"}
+# All detector backends: tract, ONNX Runtime (CPU) and its TensorRT provider. ONNX Runtime is
+# loaded at run time, so nothing of it is needed here (models/README.md says what the box needs).
+cargo build --release --target "$TARGET" -p its-agent --features "${AGENT_FEATURES:-tensorrt}" ${extra[@]+"${extra[@]}"}
 
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 bin="$target_dir/$TARGET/release/its-agent"

@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Proc, agent_bin, aggregator_bin, wait_ready};
@@ -17,39 +16,10 @@ use its_aggregator::pki::Pki;
 
 const DEVICE: &str = "vision-box";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+#[path = "../../edge-agent/tests/support/rtsp_server.rs"]
+mod rtsp_server;
 
-struct RtspServer(Child);
-
-impl RtspServer {
-    fn start(port: u16) -> Self {
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(root().join("scripts/rtsp-server"))
-            .args(["--port", &port.to_string(), "--path", "/street"])
-            .arg(root().join("media/vtest-street-768x576-10fps.mp4"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting scripts/rtsp-server (needs python3-gi and gst-rtsp-server: scripts/setup-test-peers)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
-        assert!(line.starts_with("ready"), "RTSP server did not start: {line:?}");
-        Self(child)
-    }
-}
-
-impl Drop for RtspServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
+use rtsp_server::{RtspServer, free_tcp_port, project_root as root};
 
 async fn get(http: &reqwest::Client, url: &str) -> serde_json::Value {
     match http.get(url).send().await {

@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(d) = arg("--save-frames") {
         std::fs::create_dir_all(&d)?;
         for s in lib.scenes() {
-            for i in [0, s.frames / 3, s.frames / 2] {
+            for i in [0, s.frames / 6, s.frames / 3, s.frames / 2] {
                 s.render(i).save(Path::new(&d).join(format!("{}-{i:03}.png", s.name)))?;
             }
         }
@@ -48,7 +48,24 @@ fn main() -> anyhow::Result<()> {
             &BackendOptions { kind: backend, threads: 1, ..Default::default() },
             1,
         )?;
-        let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: vec![vec![2, 5, 7]] };
+        let mut tracker = TrackerConfig::for_detector_threshold(manifest.score_threshold);
+        let num = |name: &str| arg(name).and_then(|v| v.parse::<f32>().ok());
+        if let Some(v) = num("--high") {
+            tracker.high_score = v;
+        }
+        if let Some(v) = num("--new-track") {
+            tracker.new_track_score = v;
+        }
+        if let Some(v) = num("--min-hits") {
+            tracker.min_hits = v as u32;
+        }
+        if let Some(v) = num("--max-lost") {
+            tracker.max_lost_s = v;
+        }
+        if let Some(v) = num("--match-iou") {
+            tracker.match_iou = v;
+        }
+        let settings = VisionSettings { tracker, merged_classes: vec![vec![2, 5, 7]] };
         let tracks = run_through_pipeline(&scene, detectors, settings, dir.path())?;
         let mut ignore = background.clone();
         ignore.extend(scenery_boxes(&scene));

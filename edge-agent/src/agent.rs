@@ -117,21 +117,17 @@ impl CameraMonitor {
     }
 }
 
-/// Loads the detectors (the configured backend, or the best that loads) and starts the cameras.
-pub fn start_vision(
+/// Loads `workers` detectors on the configured backend, or on the best that loads (`auto`).
+pub fn load_configured_detectors(
     v: &VisionConfig,
-    results: mpsc::Sender<FrameResult>,
-    rt: tokio::runtime::Handle,
-) -> anyhow::Result<VisionPipeline> {
+    workers: usize,
+) -> anyhow::Result<Vec<Box<dyn crate::detect::Detector>>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = if v.workers > 0 { v.workers } else { cores.min(v.cameras.len()).max(1) };
-    let threads = if v.backend_options.threads > 0 { v.backend_options.threads } else { (cores / workers).max(1) };
+    let threads =
+        if v.backend_options.threads > 0 { v.backend_options.threads } else { (cores / workers.max(1)).max(1) };
     let kinds: Vec<BackendKind> = match v.backend {
         BackendChoice::Only(k) => vec![k],
-        BackendChoice::Auto => [BackendKind::TensorRt, BackendKind::OnnxRuntime, BackendKind::Tract]
-            .into_iter()
-            .filter(|k| k.compiled_in().1)
-            .collect(),
+        BackendChoice::Auto => BackendKind::compiled_fastest_first(),
     };
     let options = crate::detect::BackendOptions { threads, ..v.backend_options.clone() };
     let detectors = load_detectors(&v.manifest, &kinds, &options, workers)
@@ -141,9 +137,21 @@ pub fn start_vision(
         backend = detectors.first().map_or("none", |d| d.backend_name()),
         workers,
         threads,
-        cameras = v.cameras.len(),
         "detector loaded"
     );
+    Ok(detectors)
+}
+
+/// Loads the detectors (the configured backend, or the best that loads) and starts the cameras.
+pub fn start_vision(
+    v: &VisionConfig,
+    results: mpsc::Sender<FrameResult>,
+    rt: tokio::runtime::Handle,
+) -> anyhow::Result<VisionPipeline> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = if v.workers > 0 { v.workers } else { cores.min(v.cameras.len()).max(1) };
+    let detectors = load_configured_detectors(v, workers)?;
+    tracing::info!(cameras = v.cameras.len(), workers, "starting the cameras");
     let settings = VisionSettings { tracker: v.tracker, merged_classes: v.merged_classes.clone() };
     Ok(VisionPipeline::start(v.cameras.clone(), detectors, settings, results, rt)?)
 }

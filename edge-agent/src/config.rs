@@ -474,8 +474,8 @@ impl RawConfig {
         e.check((1..=100).contains(&t.min_hits), "tracker.min_hits", || format!("{} is outside 1..=100", t.min_hits));
         let manifest = manifest?;
         let high = if d.score_threshold > 0.0 { d.score_threshold } else { manifest.score_threshold };
-        e.check(t.low_score <= high, "tracker.low_score", || {
-            format!("{} is above the detector's score threshold {high}", t.low_score)
+        e.check(t.low_score <= high - 0.1, "tracker.low_score", || {
+            format!("{} must be at least 0.1 below the detector's score threshold {high}", t.low_score)
         });
         let mut merged = Vec::new();
         for (i, set) in t.merge_classes.iter().enumerate() {
@@ -491,15 +491,11 @@ impl RawConfig {
             }
             merged.push(ids);
         }
-        let defaults = crate::track::TrackerConfig::default();
         let tracker = TrackerConfig {
-            high_score: high,
             low_score: t.low_score,
-            // ByteTrack starts tracks 0.1 above its detection threshold.
-            new_track_score: (high + (defaults.new_track_score - defaults.high_score)).min(0.99),
             max_lost_s: t.max_lost_s,
             min_hits: t.min_hits,
-            ..defaults
+            ..TrackerConfig::for_detector_threshold(high)
         };
         Some(VisionConfig {
             cameras,
@@ -787,8 +783,16 @@ mod tests {
         assert_eq!(r.url.as_str(), "rtsp://192.0.2.10:554/stream1", "credentials are taken out of the URL");
         assert_eq!((r.username.as_deref(), r.password.as_deref()), (Some("viewer"), Some("s3cret")));
         assert_eq!(r.transport, RtspTransport::Udp);
-        assert_eq!(v.tracker.high_score, 0.5, "the model's threshold");
+        assert_eq!(v.tracker.new_track_score, 0.5, "tracks start at the model's threshold");
+        assert!((v.tracker.high_score - 0.4).abs() < 1e-6, "and associate from a tenth below it");
         assert_eq!(v.merged_classes, vec![vec![2, 7, 5]], "car, truck, bus by class id");
+    }
+
+    #[test]
+    fn the_example_configuration_shows_exactly_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/agent.toml.example");
+        let parsed = RawConfig::load(Some(&example), Vec::new()).expect("the example parses");
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", RawConfig::default()), "example and defaults drifted apart");
     }
 
     #[test]

@@ -33,6 +33,10 @@ enum Command {
         #[arg(long)]
         path: Option<PathBuf>,
     },
+    /// Load the configured detector once and run one inference, then exit: with TensorRT this
+    /// builds the engine and stores it in detector.tensorrt_cache, so the service starts in
+    /// seconds instead of minutes. Run it when provisioning a box (and after a model change).
+    PrepareModel,
     /// Run the detector on pictures (JPEG, PNG) or a frame of a video file and print what it
     /// finds, one JSON object per detection: to check a model or a camera's view on site.
     Detect {
@@ -117,6 +121,9 @@ fn main() -> ExitCode {
         println!("{source}: configuration is valid");
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::PrepareModel) = &cli.command {
+        return report(prepare_model(&cfg));
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -157,6 +164,28 @@ async fn wait_for_signal() {
     }
 }
 
+fn prepare_model(cfg: &its_agent::config::AgentConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use its_agent::decode::{Frame, Picture};
+    let v = cfg.vision.as_ref().context("no camera is configured, so no detector is used")?;
+    let t0 = std::time::Instant::now();
+    let mut detectors = its_agent::agent::load_configured_detectors(v, 1)?;
+    let load = t0.elapsed();
+    let d = detectors.first_mut().context("no detector")?;
+    let frame = Frame::blank(v.manifest.input.width, v.manifest.input.height);
+    let (_, first) = d.detect(&Picture::I420(&frame), 0.5)?;
+    let (_, second) = d.detect(&Picture::I420(&frame), 0.5)?;
+    println!(
+        "{} on {}: loaded in {:.1} s, first inference {:.0} ms, then {:.1} ms",
+        v.manifest.name,
+        d.backend_name(),
+        load.as_secs_f64(),
+        first.inference.as_secs_f64() * 1000.0,
+        second.inference.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
 fn detect_stills(
     inputs: &[PathBuf],
     model: &std::path::Path,
@@ -170,10 +199,7 @@ fn detect_stills(
     let manifest = std::sync::Arc::new(ModelManifest::load(model)?);
     let kinds: Vec<BackendKind> = match backend {
         Some(b) => vec![BackendKind::parse(b).with_context(|| format!("unknown backend {b:?}"))?],
-        None => [BackendKind::TensorRt, BackendKind::OnnxRuntime, BackendKind::Tract]
-            .into_iter()
-            .filter(|k| k.compiled_in().1)
-            .collect(),
+        None => BackendKind::compiled_fastest_first(),
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut detectors = load_detectors(&manifest, &kinds, &BackendOptions { threads, ..BackendOptions::default() }, 1)?;

@@ -4,9 +4,6 @@
 //! going; the server comes back on the same port and the camera recovers by itself, with the
 //! reconnects counted.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,43 +14,23 @@ use its_agent::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
 use its_agent::track::TrackerConfig;
 use tokio::sync::mpsc;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+#[path = "support/rtsp_server.rs"]
+mod rtsp_server;
 
-struct RtspServer(Child);
+use rtsp_server::{RtspServer, free_tcp_port, project_root as root};
 
-impl RtspServer {
-    fn start(port: u16) -> Self {
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(root().join("scripts/rtsp-server"))
-            .args(["--port", &port.to_string(), "--path", "/street"])
-            .arg(root().join("media/vtest-street-768x576-10fps.mp4"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting scripts/rtsp-server (needs python3-gi and gst-rtsp-server: scripts/setup-test-peers)");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read");
-        assert!(line.starts_with("ready"), "RTSP server did not start: {line:?}");
-        Self(child)
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for RtspServer {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+fn rtsp(url: String, transport: RtspTransport, connect_ms: u64, stall_ms: u64, cap_ms: u64) -> VideoSource {
+    VideoSource::Rtsp(RtspSpec {
+        url: url::Url::parse(&url).expect("url"),
+        username: None,
+        password: None,
+        transport,
+        connect_timeout: Duration::from_millis(connect_ms),
+        stall_timeout: Duration::from_millis(stall_ms),
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_millis(cap_ms),
+        jitter: false,
+    })
 }
 
 /// Waits up to `secs` for a result matching `pred` from camera `cam`.
@@ -74,7 +51,7 @@ async fn wait_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rtsp_camera_streams_detections_and_recovers_after_the_server_restarts() {
-    let port = free_port();
+    let port = free_tcp_port();
     let mut server = RtspServer::start(port);
     let manifest =
         Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
@@ -82,17 +59,7 @@ async fn an_rtsp_camera_streams_detections_and_recovers_after_the_server_restart
         load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 2).expect("detector");
     let rtsp = CameraSpec {
         id: "rtsp-cam".into(),
-        source: VideoSource::Rtsp(RtspSpec {
-            url: url::Url::parse(&format!("rtsp://127.0.0.1:{port}/street")).expect("url"),
-            username: None,
-            password: None,
-            transport: RtspTransport::Tcp,
-            connect_timeout: Duration::from_secs(5),
-            stall_timeout: Duration::from_secs(3),
-            backoff_base: Duration::from_millis(200),
-            backoff_cap: Duration::from_secs(1),
-            jitter: false,
-        }),
+        source: rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 5000, 3000, 1000),
         detect_fps: 5.0,
         queue_frames: 2,
     };
@@ -163,17 +130,12 @@ async fn a_camera_that_never_answers_is_reported_and_retried_without_blocking_ot
     let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
     let dead = CameraSpec {
         id: "dead".into(),
-        source: VideoSource::Rtsp(RtspSpec {
-            url: url::Url::parse(&format!("rtsp://127.0.0.1:{port}/x")).expect("url"),
-            username: Some("admin".into()),
-            password: Some("secret".into()),
-            transport: RtspTransport::Udp,
-            connect_timeout: Duration::from_millis(500),
-            stall_timeout: Duration::from_secs(1),
-            backoff_base: Duration::from_millis(100),
-            backoff_cap: Duration::from_millis(300),
-            jitter: false,
-        }),
+        source: match rtsp(format!("rtsp://127.0.0.1:{port}/x"), RtspTransport::Udp, 500, 1000, 300) {
+            VideoSource::Rtsp(r) => {
+                VideoSource::Rtsp(RtspSpec { username: Some("admin".into()), password: Some("secret".into()), ..r })
+            }
+            other => other,
+        },
         detect_fps: 5.0,
         queue_frames: 2,
     };

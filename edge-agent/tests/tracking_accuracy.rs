@@ -29,7 +29,10 @@ fn synthetic_scenes_are_tracked_to_the_expected_accuracy() {
     for (scene, min_mota, min_idf1, max_switches) in [(lib.straight(), 0.75, 0.85, 0), (lib.crossing(), 0.7, 0.6, 8)] {
         let detectors: Vec<Box<dyn Detector>> =
             load_detectors(&manifest, &[BackendKind::Tract], &opts, 1).expect("detector");
-        let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: vec![vec![2, 5, 7]] };
+        let settings = VisionSettings {
+            tracker: TrackerConfig::for_detector_threshold(manifest.score_threshold),
+            merged_classes: vec![vec![2, 5, 7]],
+        };
         let tracks = run_through_pipeline(&scene, detectors, settings, dir.path()).expect("pipeline");
         let mut ignore: Vec<[f32; 4]> = scenery.iter().map(|d| d.bbox).collect();
         ignore.extend(scenery_boxes(&scene));

@@ -477,7 +477,7 @@ mod tests {
 
     #[test]
     fn payload_text_is_payload_json() {
-        use its_shared::event::{ClassCount, Direction, ObjectRef, Phase};
+        use its_shared::event::{ClassCount, Direction, ObjectRef, Phase, TrackPhase};
         let object = ObjectRef { track_id: 1, label: "c\"a}r".into(), score: 0.5, bbox: [0.0, 0.1, 0.2, 0.3] };
         let kinds = [
             EventKind::LineCrossing {
@@ -491,7 +491,7 @@ mod tests {
             EventKind::ZoneExit { zone: "z".into(), object: object.clone(), dwell_s: 2.0 },
             EventKind::ZoneDwell { zone: "z".into(), object: object.clone(), dwell_s: 2.0 },
             EventKind::StoppedVehicle { zone: "z".into(), object: object.clone(), stopped_s: 3.0 },
-            EventKind::WrongWay { zone: "z".into(), object, distance_m: 4.0, speed_kmh: Some(5.0) },
+            EventKind::WrongWay { zone: "z".into(), object: object.clone(), distance_m: 4.0, speed_kmh: Some(5.0) },
             EventKind::Congestion {
                 zone: "z".into(),
                 phase: Phase::Cleared,
@@ -503,6 +503,14 @@ mod tests {
                 line: "l".into(),
                 interval_s: 60,
                 counts: vec![ClassCount { label: "car".into(), direction: Direction::In, count: 4 }],
+            },
+            EventKind::ObjectTrack {
+                phase: TrackPhase::End,
+                object,
+                first_seen_ms: 1_700_000_000_000,
+                duration_s: 4.5,
+                frames: 41,
+                path: vec![[0.1, 0.9], [0.4, 0.6]],
             },
             EventKind::DeviceHealth(DeviceHealth { agent_version: "1".into(), ..Default::default() }),
         ];

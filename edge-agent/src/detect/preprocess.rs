@@ -49,6 +49,8 @@ struct Taps {
     i0: Vec<u32>,
     i1: Vec<u32>,
     w: Vec<f32>,
+    /// `w` in 1/256ths, for the integer path.
+    wq: Vec<u32>,
     /// Outside the letterboxed picture: padding.
     pad: Vec<bool>,
 }
@@ -65,6 +67,7 @@ impl Taps {
             t.i0.push(i0 as u32);
             t.i1.push((i0 + 1.0).min(max) as u32);
             t.w.push(s - i0);
+            t.wq.push(((s - i0) * 256.0).round() as u32);
             t.pad.push(!inside);
         }
         t
@@ -164,40 +167,40 @@ fn lerp(a: u8, b: u8, w: f32) -> f32 {
     a as f32 + (b as f32 - a as f32) * w
 }
 
-/// BT.601 limited-range YCbCr → RGB, the colour space H.264 cameras use unless they signal otherwise.
-#[inline]
-fn yuv_to_rgb(y: f32, u: f32, v: f32) -> [u8; 3] {
-    let c = (y - 16.0) * 1.164_383;
-    let d = u - 128.0;
-    let e = v - 128.0;
-    let r = c + 1.596_027 * e;
-    let g = c - 0.391_762 * d - 0.812_968 * e;
-    let b = c + 2.017_232 * d;
-    let q = |v: f32| (v + 0.5).clamp(0.0, 255.0) as u8;
-    [q(r), q(g), q(b)]
-}
-
+/// Bilinear resampling of an I420 frame straight into RGB, in fixed point (8-bit weights) with
+/// BT.601 limited-range conversion: the hot path of every detected frame.
 fn resample_i420(f: &Frame, xs: &Taps, ys: &Taps, cxs: &Taps, cys: &Taps, pad: u8, rgb: &mut [u8]) {
     let (w, cw) = (f.width as usize, f.width.div_ceil(2) as usize);
     let ow = xs.i0.len();
+    let blend = |a: u8, b: u8, wq: u32| a as u32 * (256 - wq) + b as u32 * wq;
     for (oy, row) in rgb.chunks_exact_mut(ow * 3).enumerate() {
         if ys.pad[oy] {
             row.fill(pad);
             continue;
         }
-        let (y0, y1, wy) = (ys.i0[oy] as usize * w, ys.i1[oy] as usize * w, ys.w[oy]);
-        let (c0, c1, wc) = (cys.i0[oy] as usize * cw, cys.i1[oy] as usize * cw, cys.w[oy]);
+        let (yr0, yr1) = (&f.y[ys.i0[oy] as usize * w..], &f.y[ys.i1[oy] as usize * w..]);
+        let (ur0, ur1) = (&f.u[cys.i0[oy] as usize * cw..], &f.u[cys.i1[oy] as usize * cw..]);
+        let (vr0, vr1) = (&f.v[cys.i0[oy] as usize * cw..], &f.v[cys.i1[oy] as usize * cw..]);
+        let (wy, wc) = (ys.wq[oy], cys.wq[oy]);
         for (ox, px) in row.chunks_exact_mut(3).enumerate() {
             if xs.pad[ox] {
                 px.fill(pad);
                 continue;
             }
-            let (x0, x1, wx) = (xs.i0[ox] as usize, xs.i1[ox] as usize, xs.w[ox]);
-            let luma = lerp(f.y[y0 + x0], f.y[y0 + x1], wx) * (1.0 - wy) + lerp(f.y[y1 + x0], f.y[y1 + x1], wx) * wy;
-            let (u0, u1, wu) = (cxs.i0[ox] as usize, cxs.i1[ox] as usize, cxs.w[ox]);
-            let chroma =
-                |p: &[u8]| lerp(p[c0 + u0], p[c0 + u1], wu) * (1.0 - wc) + lerp(p[c1 + u0], p[c1 + u1], wu) * wc;
-            px.copy_from_slice(&yuv_to_rgb(luma, chroma(&f.u), chroma(&f.v)));
+            let (x0, x1, wx) = (xs.i0[ox] as usize, xs.i1[ox] as usize, xs.wq[ox]);
+            let (u0, u1, wu) = (cxs.i0[ox] as usize, cxs.i1[ox] as usize, cxs.wq[ox]);
+            // Each blend is value x 256; two blends: value x 65536.
+            let vertical = |r0: &[u8], r1: &[u8], a: usize, b: usize, wh: u32, wv: u32| {
+                ((blend(r0[a], r0[b], wh) * (256 - wv) + blend(r1[a], r1[b], wh) * wv + (1 << 15)) >> 16) as i32
+            };
+            let luma = vertical(yr0, yr1, x0, x1, wx, wy);
+            let u = vertical(ur0, ur1, u0, u1, wu, wc);
+            let v = vertical(vr0, vr1, u0, u1, wu, wc);
+            let (c, d, e) = (298 * (luma - 16), u - 128, v - 128);
+            let q = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
+            px[0] = q(c + 409 * e);
+            px[1] = q(c - 100 * d - 208 * e);
+            px[2] = q(c + 516 * d);
         }
     }
 }

@@ -189,14 +189,16 @@ impl Library {
         Scene { name: "crossing", background: self.background.clone(), actors, fps: 10.0, frames: 120 }
     }
 
-    /// A parked van (scenery, not scored) in front of the lane: a pickup and a pedestrian pass
-    /// behind it and must keep their identity when they come out.
+    /// Short occlusions: a pickup drives behind a parked van, and a pedestrian walks behind
+    /// another who stands still (both scenery, not scored); each must keep its identity when it
+    /// comes out. A third road user passes in front of everything.
     pub fn occlusion(&self) -> Scene {
         let actors = vec![
-            Self::actor(0, self.van(130, 104), 10, &[(0.0, 12.0, [330.0, 270.0], [330.0, 270.0])]),
-            Self::actor(1, self.pickup(), 2, &[(0.0, 8.0, [-170.0, 290.0], [768.0, 290.0])]),
-            Self::actor(2, self.pedestrian(1), 1, &[(0.0, 12.0, [150.0, 290.0], [800.0, 290.0])]),
-            Self::actor(3, self.pedestrian(2), 3, &[(2.0, 12.0, [620.0, 450.0], [200.0, 450.0])]),
+            Self::actor(0, self.van(130, 104), 10, &[(0.0, 12.0, [330.0, 215.0], [330.0, 215.0])]),
+            Self::actor(0, self.pedestrian(0), 10, &[(0.0, 12.0, [470.0, 380.0], [470.0, 380.0])]),
+            Self::actor(1, self.pickup(), 2, &[(0.0, 6.5, [-170.0, 205.0], [768.0, 205.0])]),
+            Self::actor(2, self.pedestrian(1), 1, &[(1.0, 11.0, [250.0, 390.0], [700.0, 390.0])]),
+            Self::actor(3, self.walker(), 3, &[(2.0, 12.0, [650.0, 430.0], [150.0, 430.0])]),
         ];
         Scene { name: "occlusion", background: self.background.clone(), actors, fps: 10.0, frames: 120 }
     }

@@ -216,15 +216,17 @@ pub enum SceneError {
     Write { path: String, source: std::io::Error },
 }
 
-/// Encodes the scene as an Annex-B H.264 file (a keyframe every `gop` frames, `bitrate_bps`).
-pub fn encode_scene(scene: &Scene, path: &Path, bitrate_bps: u32, gop: u32) -> Result<(), SceneError> {
+/// Encodes the scene as an Annex-B H.264 file: a keyframe every `gop` frames, constant quality
+/// at quantiser `qp` (H.264's 0..=51; 26 looks like a typical camera stream), every frame kept.
+pub fn encode_scene(scene: &Scene, path: &Path, qp: u8, gop: u32) -> Result<(), SceneError> {
     use openh264::OpenH264API;
-    use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, RateControlMode};
+    use openh264::encoder::{Encoder, EncoderConfig, FrameRate, IntraFramePeriod, QpRange, RateControlMode};
     use openh264::formats::{RgbSliceU8, YUVBuffer};
+    let qp = qp.min(51);
     let cfg = EncoderConfig::new()
-        .bitrate(BitRate::from_bps(bitrate_bps))
         .max_frame_rate(FrameRate::from_hz(scene.fps as f32))
-        .rate_control_mode(RateControlMode::Bitrate)
+        .rate_control_mode(RateControlMode::Off)
+        .qp(QpRange::new(qp, qp))
         .intra_frame_period(IntraFramePeriod::from_num_frames(gop))
         .skip_frames(false);
     let mut enc =
@@ -251,7 +253,7 @@ pub fn run_through_pipeline(
     use crate::pipeline::{CameraSpec, VisionPipeline};
     use crate::source::{FileSpec, VideoSource};
     let path = dir.join(format!("{}.264", scene.name));
-    encode_scene(scene, &path, 2_000_000, 30)?;
+    encode_scene(scene, &path, 26, 30)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let camera = CameraSpec {
         id: scene.name.to_string(),
@@ -329,7 +331,7 @@ mod tests {
         let scene = Scene { name: "t", background: bg, actors: vec![a], fps: 10.0, frames: 10 };
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("s.264");
-        encode_scene(&scene, &p, 500_000, 30).expect("encode");
+        encode_scene(&scene, &p, 24, 30).expect("encode");
         let bytes = std::fs::read(&p).expect("read");
         let mut split = AccessUnitSplitter::new();
         let mut aus = Vec::new();
@@ -337,7 +339,12 @@ mod tests {
         split.finish(&mut aus);
         assert_eq!(aus.len(), 10);
         let mut dec = SoftwareDecoder::new().expect("decoder");
-        let (frame, _) = dec.decode(&aus[5], 0.5).expect("decode").expect("a frame");
+        let mut frames = Vec::new();
+        for (i, au) in aus.iter().enumerate() {
+            frames.extend(dec.decode(au, i as f64 / 10.0).expect("decode"));
+        }
+        assert_eq!(frames.len(), 10, "every frame decodes");
+        let (frame, _) = &frames[5];
         let rgb = frame.to_rgb();
         let want = scene.render(5);
         let err: f64 =

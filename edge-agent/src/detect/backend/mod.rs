@@ -44,6 +44,11 @@ impl BackendKind {
         }
     }
 
+    /// The backends of this build, fastest first (what `auto` tries, in order).
+    pub fn compiled_fastest_first() -> Vec<Self> {
+        [Self::TensorRt, Self::OnnxRuntime, Self::Tract].into_iter().filter(|k| k.compiled_in().1).collect()
+    }
+
     /// The cargo feature this backend needs, and whether this build has it.
     pub fn compiled_in(self) -> (&'static str, bool) {
         match self {
