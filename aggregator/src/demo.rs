@@ -176,6 +176,15 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let agent_bin = agent_binary()?;
+    let cameras = if opts.cameras.is_empty() {
+        vec![project_file(DEMO_CLIP)?.display().to_string()]
+    } else {
+        opts.cameras.clone()
+    };
+    let model = match &opts.model {
+        Some(m) => m.clone(),
+        None => project_file(DEMO_MODEL)?,
+    };
     println!("ITS Camera AI demo — working directory {}", dir.display());
 
     let pki = Pki::new(dir.join("pki"));
@@ -201,15 +210,6 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
     println!("  aggregator: QUIC {quic} (mutual TLS), API http://{}/api/v1/events", server.addrs.http);
 
     let outbox = dir.join("agent").join("outbox.db");
-    let cameras = if opts.cameras.is_empty() {
-        vec![project_file(DEMO_CLIP)?.display().to_string()]
-    } else {
-        opts.cameras.clone()
-    };
-    let model = match &opts.model {
-        Some(m) => m.clone(),
-        None => project_file(DEMO_MODEL)?,
-    };
     let config = dir.join("agent").join("agent.toml");
     std::fs::write(&config, agent_config(&cameras, &model, &opts.backend))
         .with_context(|| format!("writing {}", config.display()))?;

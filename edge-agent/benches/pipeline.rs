@@ -48,6 +48,14 @@ fn backends() -> Vec<BackendKind> {
     v
 }
 
+/// The backend of the real-time and memory sections: `--backend`, else the fastest in the build.
+fn chosen_backend() -> Option<BackendKind> {
+    let args: Vec<String> = std::env::args().collect();
+    let named =
+        args.iter().position(|a| a == "--backend").and_then(|i| args.get(i + 1)).and_then(|b| BackendKind::parse(b));
+    named.or_else(|| backends().last().copied())
+}
+
 /// User + system CPU seconds of this process so far.
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -217,7 +225,7 @@ fn stages() {
 }
 
 fn realtime(seconds: u64) {
-    let Some(kind) = backends().last().copied() else { return };
+    let Some(kind) = chosen_backend() else { return };
     println!(
         "\n## Real time: 2 cameras x 10 fps (street clip, looped), detection at 10 fps each, {} with 2 workers x 1 thread, {seconds} s",
         kind.as_str()
@@ -261,10 +269,11 @@ fn realtime(seconds: u64) {
 }
 
 fn rss_child(cameras: usize, seconds: u64) {
-    let Some(kind) = backends().last().copied() else { return };
+    let Some(kind) = chosen_backend() else { return };
     let cams: Vec<CameraSpec> = (0..cameras).map(|i| camera(&format!("c{i}"), true, true, 10.0)).collect();
-    let workers = 2.min(cameras);
-    let (_rt, p, mut rx) = start(cams, kind, workers, 1);
+    // Two workers (two model sessions) whatever the number of cameras, so the difference
+    // between 1 and 4 cameras is what the cameras themselves cost.
+    let (_rt, p, mut rx) = start(cams, kind, 2, 1);
     let t0 = Instant::now();
     let mut n = 0u64;
     while t0.elapsed() < Duration::from_secs(seconds) {
@@ -280,12 +289,14 @@ fn rss_child(cameras: usize, seconds: u64) {
 
 fn rss(seconds: u64) {
     println!("\n## Peak resident memory (whole process), cameras in real time at 10 fps, {seconds} s each");
+    println!("two detector workers (model sessions) in both runs");
     println!("| cameras | backend | peak RSS MiB | frames detected | frames dropped (load) |");
     println!("|---|---|---|---|---|");
     let me = std::env::current_exe().expect("exe");
     for cameras in [1, 4] {
         let out = std::process::Command::new(&me)
             .args(["--rss-child", &cameras.to_string(), "--seconds", &seconds.to_string()])
+            .args(chosen_backend().map(|b| vec!["--backend".to_string(), b.as_str().to_string()]).unwrap_or_default())
             .output()
             .expect("child");
         let text = String::from_utf8_lossy(&out.stdout);
