@@ -235,9 +235,6 @@ pub fn split_credentials(mut url: url::Url) -> (url::Url, Option<String>, Option
 /// Default channel depth between an RTSP source and its decoder: about 2 s of 30 fps video.
 pub const CHANNEL_UNITS: usize = 64;
 
-/// Default stall timeout reason: cameras send at least a few frames per second.
-pub const DEFAULT_STALL: Duration = Duration::from_secs(5);
-
 #[cfg(test)]
 mod tests {
     use super::*;
