@@ -99,6 +99,7 @@ impl CameraMonitor {
                 fps: detected as f32 / secs,
                 decoded_fps: cur[0].saturating_sub(prev[0]) as f32 / secs,
                 reconnects: s.source.reconnects.load(Ordering::Relaxed),
+                connect_failures: s.source.connect_failures.load(Ordering::Relaxed),
                 frames_dropped: self.drops.dropped(i),
                 units_dropped: s.source.units_dropped.load(Ordering::Relaxed),
                 decode_errors: s.decode_errors.load(Ordering::Relaxed),

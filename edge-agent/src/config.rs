@@ -352,7 +352,15 @@ impl RawCamera {
                 None
             }
         };
-        let source = if self.url.starts_with("rtsp://") || self.url.starts_with("rtsps://") {
+        // Out-of-range or NaN timeouts are reported above; the spec is built with a fallback so
+        // every other problem is still found.
+        let secs = |v: f64, fallback: f64| {
+            Duration::try_from_secs_f64(v.clamp(0.5, 600.0)).unwrap_or(Duration::from_secs_f64(fallback))
+        };
+        let source = if self.url.starts_with("rtsps://") {
+            e.push(format!("{path}.url"), "rtsps:// (RTSP over TLS) is not supported; use rtsp://");
+            None
+        } else if self.url.starts_with("rtsp://") {
             match url::Url::parse(&self.url) {
                 Ok(u) if u.host_str().is_some() => {
                     let (url, username, password) = crate::source::rtsp::split_credentials(u);
@@ -361,8 +369,8 @@ impl RawCamera {
                         username,
                         password,
                         transport: transport.unwrap_or(RtspTransport::Tcp),
-                        connect_timeout: Duration::from_secs_f64(self.connect_timeout_s.clamp(0.5, 600.0)),
-                        stall_timeout: Duration::from_secs_f64(self.stall_timeout_s.clamp(0.5, 600.0)),
+                        connect_timeout: secs(self.connect_timeout_s, 10.0),
+                        stall_timeout: secs(self.stall_timeout_s, 5.0),
                         backoff_base: Duration::from_millis(self.backoff_base_ms),
                         backoff_cap: Duration::from_millis(self.backoff_cap_ms),
                         jitter: true,
@@ -735,6 +743,11 @@ mod tests {
             [[cameras]]
             id = "east"
             url = "http://admin:hunter2@10.0.0.9/video"
+            [[cameras]]
+            id = "west"
+            url = "rtsps://10.0.0.8/stream"
+            stall_timeout_s = nan
+            connect_timeout_s = inf
             "#,
             model = model_path(),
             clip = clip.display().to_string()
@@ -752,6 +765,9 @@ mod tests {
             "cameras[1].url",
             "cameras[2].id",
             "cameras[3].url",
+            "cameras[4].url",
+            "cameras[4].stall_timeout_s",
+            "cameras[4].connect_timeout_s",
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }

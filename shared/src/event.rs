@@ -93,8 +93,10 @@ pub struct KindCount {
     pub count: u64,
 }
 
-/// State of one camera as the agent sees it.
+/// State of one camera as the agent sees it. Fields missing from a stored report (written by an
+/// older agent) read as their defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CameraHealth {
     pub camera: String,
     /// `connecting`, `streaming`, `reconnecting`, `ended`, `stopped`, `failed`.
@@ -103,8 +105,10 @@ pub struct CameraHealth {
     pub fps: f32,
     /// Frames per second decoded over the last report interval.
     pub decoded_fps: f32,
-    /// Reconnects of this camera's source since the agent started.
+    /// Times this camera's stream was lost (and reconnected) since the agent started.
     pub reconnects: u64,
+    /// Connection attempts to the camera that failed since the agent started.
+    pub connect_failures: u64,
     /// Frames not analysed because detection was behind (oldest dropped first), since start.
     pub frames_dropped: u64,
     /// Access units dropped before decoding because the decoder was behind, since start.
@@ -117,8 +121,10 @@ pub struct CameraHealth {
     pub last_error: Option<String>,
 }
 
-/// The agent's own report on itself, sent as a heartbeat and stored as an event.
+/// The agent's own report on itself, sent as a heartbeat and stored as an event. Fields missing
+/// from a stored report (written by an older agent) read as their defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DeviceHealth {
     /// Agent version (semver).
     pub agent_version: String,
@@ -321,6 +327,13 @@ mod tests {
             assert_eq!(tag, k.name());
             assert!(KIND_NAMES.contains(&k.name()));
         }
+    }
+
+    #[test]
+    fn a_stored_camera_report_of_an_older_agent_still_reads() {
+        let old = r#"{"camera":"cam-1","state":"streaming","fps":14.5,"reconnects":2}"#;
+        let h: CameraHealth = serde_json::from_str(old).expect("old report parses");
+        assert_eq!((h.camera.as_str(), h.reconnects, h.frames_dropped, h.last_error), ("cam-1", 2, 0, None));
     }
 
     #[test]

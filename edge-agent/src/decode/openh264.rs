@@ -7,8 +7,11 @@
 //! flushing and pictures come out in presentation order, a few access units later. Presentation
 //! times are matched to pictures by taking the smallest pending one, which is right in both modes.
 //! The switch happens at the first B slice: the access units since the last keyframe (kept
-//! until then) are decoded again without flushing, and pictures already handed out are not
-//! handed out twice.
+//! while the stream's first GOP shows whether it has B-frames) are decoded again without
+//! flushing, and pictures already handed out are not handed out twice.
+//!
+//! Decoding starts, and restarts after an error or a reset, at a keyframe: an IDR picture or an
+//! intra-coded (I) picture, so cameras that recover with I-frames rather than IDRs are followed.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -22,16 +25,20 @@ use crate::source::annexb::{nal_type, nal_units};
 
 /// Pending presentation times kept at most (a stream reorders a handful of pictures).
 const MAX_PENDING: usize = 32;
-/// Bytes of access units kept since the last keyframe while the stream has shown no B slice.
-const MAX_GOP_BYTES: usize = 32 << 20;
+/// Bytes of access units kept since the last keyframe while the stream's first GOP is checked
+/// for B slices.
+const MAX_GOP_BYTES: usize = 8 << 20;
 
 /// OpenH264 behind [`VideoDecoder`], with a picture-size limit.
 pub struct SoftwareDecoder {
     decoder: Decoder,
     /// Pictures above this many pixels are refused (default: 4096 x 2304, a 4K camera).
     pub max_pixels: u64,
-    /// After an error, access units are skipped until one carries an IDR slice.
+    /// Until a keyframe arrives (at the start, after a reset or an error) access units are skipped.
     waiting_for_idr: bool,
+    /// A whole GOP went by without a B slice: the stream has none, stop keeping access units.
+    gop_checked: bool,
+    keyframes_seen: u32,
     /// The stream has B slices: do not flush after each access unit.
     reordering: bool,
     /// Presentation times of access units whose pictures have not come out yet.
@@ -78,6 +85,16 @@ pub fn is_idr(access_unit: &[u8]) -> bool {
     nal_units(access_unit).any(|n| nal_type(n) == 5)
 }
 
+/// Whether decoding can start at this access unit: an IDR picture, or a picture whose slices are
+/// intra-coded (`slice_type` I or SI).
+pub fn is_keyframe(access_unit: &[u8]) -> bool {
+    is_idr(access_unit)
+        || nal_units(access_unit)
+            .find(|n| nal_type(n) == 1)
+            .and_then(slice_type)
+            .is_some_and(|t| matches!(t % 5, 2 | 4))
+}
+
 /// Reads an unsigned Exp-Golomb code at `*bit` of `data` (emulation prevention already removed).
 fn read_ue(data: &[u8], bit: &mut usize) -> Option<u32> {
     let get = |i: usize| data.get(i / 8).map(|b| (b >> (7 - i % 8)) & 1);
@@ -98,24 +115,27 @@ fn read_ue(data: &[u8], bit: &mut usize) -> Option<u32> {
     Some((1u32 << zeros) - 1 + v)
 }
 
+/// `slice_type` of a slice NAL unit (0 P, 1 B, 2 I, 3 SP, 4 SI; +5 when all slices share it).
+fn slice_type(nal: &[u8]) -> Option<u32> {
+    // The slice header's first bytes, emulation prevention bytes removed.
+    let mut rbsp = Vec::with_capacity(16);
+    let mut zeros = 0;
+    for &b in nal.iter().skip(1).take(16) {
+        if zeros >= 2 && b == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        rbsp.push(b);
+    }
+    let mut bit = 0;
+    let _first_mb = read_ue(&rbsp, &mut bit)?;
+    read_ue(&rbsp, &mut bit)
+}
+
 /// Whether any slice of the access unit is a B slice (`slice_type` 1 or 6).
 pub fn has_b_slice(access_unit: &[u8]) -> bool {
-    nal_units(access_unit).filter(|n| matches!(nal_type(n), 1 | 5)).any(|nal| {
-        // The slice header's first bytes, emulation prevention bytes removed.
-        let mut rbsp = Vec::with_capacity(16);
-        let mut zeros = 0;
-        for &b in nal.iter().skip(1).take(16) {
-            if zeros >= 2 && b == 3 {
-                zeros = 0;
-                continue;
-            }
-            zeros = if b == 0 { zeros + 1 } else { 0 };
-            rbsp.push(b);
-        }
-        let mut bit = 0;
-        let _first_mb = read_ue(&rbsp, &mut bit);
-        matches!(read_ue(&rbsp, &mut bit), Some(1 | 6))
-    })
+    nal_units(access_unit).filter(|n| matches!(nal_type(n), 1 | 5)).any(|nal| matches!(slice_type(nal), Some(1 | 6)))
 }
 
 impl SoftwareDecoder {
@@ -123,7 +143,9 @@ impl SoftwareDecoder {
         Ok(Self {
             decoder: new_decoder()?,
             max_pixels: 4096 * 2304,
-            waiting_for_idr: false,
+            waiting_for_idr: true,
+            gop_checked: false,
+            keyframes_seen: 0,
             reordering: false,
             pending: BinaryHeap::new(),
             gop: Vec::new(),
@@ -134,18 +156,24 @@ impl SoftwareDecoder {
     }
 
     /// Switches to reordering: decodes the kept access units again without flushing.
-    fn switch_to_reordering(&mut self) -> Result<(), DecodeError> {
+    /// Returns whether the current access unit can be decoded now (false: the kept units did
+    /// not cover the GOP, so decoding resumes at the next keyframe).
+    fn switch_to_reordering(&mut self) -> Result<bool, DecodeError> {
         self.reordering = true;
         self.skip_until = self.last_out;
         self.decoder = new_decoder()?;
         self.pending.clear();
         let gop = std::mem::take(&mut self.gop);
         self.gop_bytes = 0;
+        if gop.is_empty() {
+            self.waiting_for_idr = true;
+            return Ok(false);
+        }
         for (au, pts) in gop {
             // Pictures of these units were handed out already (or are older): only rebuild state.
             let _ = self.decode_one(&au, pts)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Feeds one unit to OpenH264 and returns the picture it produced, with its time.
@@ -172,7 +200,13 @@ impl SoftwareDecoder {
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(DecodeError::Corrupt(e.to_string())),
             };
-        let pts = self.pending.pop().map_or(pts_s, |Reverse(OrderedF64(t))| t);
+        let pts = if self.reordering {
+            self.pending.pop().map_or(pts_s, |Reverse(OrderedF64(t))| t)
+        } else {
+            // Flushed after every unit: the picture is this unit's.
+            self.pending.clear();
+            pts_s
+        };
         Ok(Some((decoded, pts)))
     }
 
@@ -184,27 +218,41 @@ impl SoftwareDecoder {
 
 impl VideoDecoder for SoftwareDecoder {
     fn decode(&mut self, access_unit: &[u8], pts_s: f64) -> Result<Option<(Frame, f64)>, DecodeError> {
-        let idr = is_idr(access_unit);
+        let keyframe = is_keyframe(access_unit);
         if self.waiting_for_idr {
-            if !idr {
+            if !keyframe {
                 return Ok(None);
             }
             // Start clean on the keyframe: OpenH264 keeps broken references otherwise.
             self.decoder = new_decoder()?;
             self.pending.clear();
+            self.gop.clear();
+            self.gop_bytes = 0;
             self.waiting_for_idr = false;
         }
         let result = if !self.reordering && has_b_slice(access_unit) {
-            self.switch_to_reordering().and_then(|()| self.decode_one(access_unit, pts_s))
+            match self.switch_to_reordering() {
+                Ok(true) => self.decode_one(access_unit, pts_s),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            }
         } else {
-            if !self.reordering {
-                if idr {
+            if !self.reordering && !self.gop_checked {
+                if keyframe {
+                    self.keyframes_seen += 1;
+                    // A whole GOP without a B slice: this stream has none.
+                    if self.keyframes_seen >= 2 {
+                        self.gop_checked = true;
+                    }
                     self.gop.clear();
                     self.gop_bytes = 0;
                 }
-                if self.gop_bytes + access_unit.len() <= MAX_GOP_BYTES {
+                if !self.gop_checked && self.gop_bytes + access_unit.len() <= MAX_GOP_BYTES {
                     self.gop_bytes += access_unit.len();
                     self.gop.push((access_unit.to_vec(), pts_s));
+                } else {
+                    self.gop.clear();
+                    self.gop_bytes = 0;
                 }
             }
             self.decode_one(access_unit, pts_s)
@@ -230,7 +278,9 @@ impl VideoDecoder for SoftwareDecoder {
 
     fn reset(&mut self) -> Result<(), DecodeError> {
         self.decoder = new_decoder()?;
-        self.waiting_for_idr = false;
+        self.waiting_for_idr = true;
+        self.gop_checked = false;
+        self.keyframes_seen = 0;
         self.reordering = false;
         self.pending.clear();
         self.gop.clear();
@@ -338,5 +388,9 @@ mod tests {
         assert!(!has_b_slice(&[0, 0, 0, 1, 0x41, 0b1100_0000]));
         // slice_type = 6 ("00111") → B (all slices B).
         assert!(has_b_slice(&[0, 0, 0, 1, 0x01, 0b1001_1100]));
+        // slice_type = 7 ("0001000") → I: a keyframe although not IDR.
+        assert!(is_keyframe(&[0, 0, 0, 1, 0x41, 0b1000_1000, 0]));
+        assert!(!is_keyframe(&[0, 0, 0, 1, 0x41, 0b1100_0000]), "P is not");
+        assert!(is_keyframe(&[0, 0, 0, 1, 0x65, 0b1000_0000]), "IDR is");
     }
 }

@@ -119,7 +119,8 @@ struct SampledFrame {
     frame: Frame,
     t_s: f64,
     wall_ms: i64,
-    discontinuity: bool,
+    /// Run of the stream the frame belongs to (see `decode_loop`).
+    epoch: u64,
 }
 
 /// What a camera hands to the workers.
@@ -139,11 +140,13 @@ struct CameraTracks {
     /// (group, tracker id) → camera id.
     ids: HashMap<(usize, u64), u64>,
     next_id: u64,
+    /// Run of the stream the tracks belong to.
+    epoch: u64,
 }
 
 impl CameraTracks {
     fn new(groups: usize, cfg: TrackerConfig) -> Self {
-        Self { trackers: (0..groups).map(|_| Tracker::new(cfg)).collect(), ids: HashMap::new(), next_id: 1 }
+        Self { trackers: (0..groups).map(|_| Tracker::new(cfg)).collect(), ids: HashMap::new(), next_id: 1, epoch: 0 }
     }
 
     fn global(&mut self, group: usize, id: u64) -> u64 {
@@ -273,6 +276,10 @@ impl VisionPipeline {
 
     /// Stops the cameras and workers and waits for their threads.
     pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.shutdown_tx.send(true);
         self.scheduler.shutdown();
@@ -286,6 +293,13 @@ impl VisionPipeline {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for VisionPipeline {
+    /// A pipeline dropped without `stop` (the agent failing elsewhere) still stops its threads.
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 
@@ -348,27 +362,26 @@ impl Sampler {
     }
 }
 
-/// Maps stream time to pipeline time and wall-clock time, re-anchored at every (re)start.
-#[derive(Debug, Clone, Copy)]
-struct Clock {
-    pts0: f64,
-    mono0: f64,
-    wall0: i64,
-}
-
 impl CameraContext {
     fn run(self, rt: tokio::runtime::Handle) {
         let id = self.spec.id.clone();
+        let mut clock = StreamClock::new(self.spec.live());
+        self.stats.source.set_state("connecting");
         let result = match self.spec.source.clone() {
             VideoSource::File(f) => match FileSource::open(f) {
-                Ok(mut src) => self.decode_loop(|stop| src.next(stop).map_err(|e| e.to_string())),
+                Ok(mut src) => self.decode_loop(&mut clock, |stop| src.next(stop).map_err(|e| e.to_string())),
                 Err(e) => Err(e.to_string()),
             },
             VideoSource::Rtsp(spec) => {
                 let (tx, mut rx) = mpsc::channel(crate::source::rtsp::CHANNEL_UNITS);
                 let task = rt.spawn(run_rtsp(spec, tx, self.stats.source.clone(), self.shutdown.clone()));
-                let r = self.decode_loop(|_| Ok(rx.blocking_recv()));
+                let r = self.decode_loop(&mut clock, |_| Ok(rx.blocking_recv()));
                 task.abort();
+                // Let the task end before the state is set below, so it cannot overwrite it.
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while !task.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 r
             }
         };
@@ -379,6 +392,9 @@ impl CameraContext {
             if let Ok(mut g) = self.stats.source.last_error.lock() {
                 *g = Some(e);
             }
+            // Its open tracks end here.
+            let (t_s, wall_ms) = clock.now();
+            self.scheduler.push(self.slot, Instant::now(), Work::End { t_s, wall_ms });
         }
         self.scheduler.close(self.slot);
     }
@@ -386,15 +402,14 @@ impl CameraContext {
     /// Pulls items until the source ends or the pipeline stops.
     fn decode_loop(
         &self,
+        clock: &mut StreamClock,
         mut next: impl FnMut(&AtomicBool) -> Result<Option<SourceItem>, String>,
     ) -> Result<(), String> {
         let mut decoder = SoftwareDecoder::new().map_err(|e| e.to_string())?;
         let mut sampler = Sampler::new(self.spec.detect_fps);
-        let started = Instant::now();
-        let mut clock: Option<Clock> = None;
-        let mut discontinuity = false;
-        let mut last: Option<(f64, i64)> = None;
-        self.stats.source.set_state("connecting");
+        // Incremented at every (re)start of the stream; frames carry it so the worker ends the
+        // old stream's tracks even if the first frame after a restart was dropped under load.
+        let mut epoch = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             let Some(item) = next(&self.stop)? else { break };
             match item {
@@ -403,13 +418,13 @@ impl CameraContext {
                     self.stats.source.set_state("streaming");
                     decoder.reset().map_err(|e| e.to_string())?;
                     sampler.reset();
-                    clock = None;
-                    discontinuity = true;
+                    clock.restart();
+                    epoch += 1;
                 }
                 SourceItem::Ended => {
                     self.stats.ended.store(true, Ordering::Relaxed);
                     self.stats.source.set_state("ended");
-                    let (t_s, wall_ms) = last.unwrap_or((started.elapsed().as_secs_f64(), crate::unix_ms()));
+                    let (t_s, wall_ms) = clock.now();
                     self.scheduler.push(self.slot, Instant::now(), Work::End { t_s, wall_ms });
                     break;
                 }
@@ -430,27 +445,11 @@ impl CameraContext {
                         }
                     };
                     self.stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
-                    let c = *clock.get_or_insert_with(|| Clock {
-                        pts0: pts_s,
-                        mono0: started.elapsed().as_secs_f64(),
-                        wall0: crate::unix_ms(),
-                    });
-                    let mut rel = pts_s - c.pts0;
-                    // Timestamps that stand still or run backwards (some cameras' RTP clocks):
-                    // take the frame's arrival instead, so time keeps moving for the tracker.
-                    if let Some((last_t, _)) = last
-                        && c.mono0 + rel <= last_t
-                    {
-                        rel = started.elapsed().as_secs_f64().max(last_t + 1e-3) - c.mono0;
-                    }
-                    let t_s = c.mono0 + rel;
+                    let (t_s, wall_ms) = clock.frame(pts_s);
                     if !sampler.take(t_s) {
                         continue;
                     }
-                    let wall_ms = c.wall0 + (rel * 1000.0) as i64;
-                    last = Some((t_s, wall_ms));
-                    let sf = SampledFrame { frame, t_s, wall_ms, discontinuity };
-                    discontinuity = false;
+                    let sf = SampledFrame { frame, t_s, wall_ms, epoch };
                     if self.scheduler.push(self.slot, arrived, Work::Frame(sf)) == Pushed::Shutdown {
                         break;
                     }
@@ -458,6 +457,74 @@ impl CameraContext {
             }
         }
         Ok(())
+    }
+}
+
+/// Maps a stream's presentation times to pipeline time (seconds, monotonic for the camera's
+/// whole life, across reconnects and loops) and wall-clock time.
+///
+/// Anchored at the first frame of every run of the stream. For a live source (a camera, or a
+/// file played in real time) stream time must keep pace with the clock: timestamps that stand
+/// still or run backwards (some cameras' RTP clocks), or that drift or jump more than
+/// [`StreamClock::MAX_SKEW_S`] from the clock, re-anchor it to the frame's arrival. A replayed
+/// file (not real time) keeps its own timestamps however fast it is read.
+#[derive(Debug, Clone)]
+pub struct StreamClock {
+    live: bool,
+    started: Instant,
+    /// `(pts0, mono0, wall0)`: the stream time, pipeline time and wall time of the anchor.
+    anchor: Option<(f64, f64, i64)>,
+    /// Pipeline and wall time of the last frame.
+    last: Option<(f64, i64)>,
+}
+
+impl StreamClock {
+    /// Largest difference tolerated between a live stream's time and the clock.
+    pub const MAX_SKEW_S: f64 = 2.0;
+
+    pub fn new(live: bool) -> Self {
+        Self { live, started: Instant::now(), anchor: None, last: None }
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The stream starts again: the next frame anchors the clock.
+    pub fn restart(&mut self) {
+        self.anchor = None;
+    }
+
+    fn anchor_at(&mut self, pts_s: f64) -> (f64, f64, i64) {
+        // Never behind the last frame, so time stays monotonic across restarts.
+        let mono0 = self.last.map_or(self.elapsed(), |(t, _)| self.elapsed().max(t + 1e-3));
+        let wall0 = self.last.map_or(crate::unix_ms(), |(_, w)| crate::unix_ms().max(w + 1));
+        let a = (pts_s, mono0, wall0);
+        self.anchor = Some(a);
+        a
+    }
+
+    /// Pipeline and wall-clock time of a frame presented at `pts_s`.
+    pub fn frame(&mut self, pts_s: f64) -> (f64, i64) {
+        let (pts0, mono0, wall0) = match self.anchor {
+            Some(a) => a,
+            None => self.anchor_at(pts_s),
+        };
+        let mut t = mono0 + (pts_s - pts0);
+        let mut wall = wall0 + ((pts_s - pts0) * 1000.0).round() as i64;
+        let behind = self.last.is_some_and(|(lt, _)| t <= lt);
+        let skewed = self.live && (t - self.elapsed()).abs() > Self::MAX_SKEW_S;
+        if behind || skewed {
+            let (_, m, w) = self.anchor_at(pts_s);
+            (t, wall) = (m, w);
+        }
+        self.last = Some((t, wall));
+        (t, wall)
+    }
+
+    /// The time of the last frame (or now, before any).
+    pub fn now(&self) -> (f64, i64) {
+        self.last.unwrap_or((self.elapsed(), crate::unix_ms()))
     }
 }
 
@@ -471,14 +538,33 @@ struct WorkerContext {
     min_score: f32,
 }
 
+/// Gives a camera back to the scheduler when dropped, also when processing panicked.
+struct Held<'a> {
+    scheduler: &'a Scheduler<Work>,
+    camera: usize,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.scheduler.release(self.camera);
+    }
+}
+
 impl WorkerContext {
     fn run(self, detector: &mut dyn Detector) {
         while let Some((cam, arrived, work)) = self.scheduler.take() {
-            let keep_going = match work {
+            let _held = Held { scheduler: &self.scheduler, camera: cam };
+            // A panic on one frame (a bug, or a backend tripping over a hostile picture) costs
+            // that frame, counted as a detection error, not the worker.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
                 Work::Frame(sf) => self.process(detector, cam, arrived, sf),
                 Work::End { t_s, wall_ms } => self.end(detector, cam, t_s, wall_ms),
-            };
-            self.scheduler.release(cam);
+            }));
+            let keep_going = outcome.unwrap_or_else(|_| {
+                self.stats[cam].detect_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(camera = %self.ids[cam], "frame processing panicked; frame skipped");
+                true
+            });
             if !keep_going {
                 break;
             }
@@ -487,10 +573,7 @@ impl WorkerContext {
 
     /// The camera's stream ended: report its remaining tracks as ended.
     fn end(&self, detector: &dyn Detector, cam: usize, t_s: f64, wall_ms: i64) -> bool {
-        let ended = match self.tracks[cam].lock() {
-            Ok(mut ct) => ct.finish(),
-            Err(_) => return true,
-        };
+        let ended = self.tracks[cam].lock().unwrap_or_else(|e| e.into_inner()).finish();
         let result = FrameResult {
             camera: cam,
             camera_id: self.ids[cam].clone(),
@@ -525,8 +608,12 @@ impl WorkerContext {
             }
         };
         let t0 = Instant::now();
-        let Ok(mut ct) = self.tracks[cam].lock() else { return true };
-        let mut ended = if sf.discontinuity { ct.finish() } else { Vec::new() };
+        // A worker that panicked mid-update leaves trackers that are still consistent enough to
+        // go on with (each update replaces whole tracks).
+        let mut ct = self.tracks[cam].lock().unwrap_or_else(|e| e.into_inner());
+        let discontinuity = sf.epoch != ct.epoch;
+        let mut ended = if discontinuity { ct.finish() } else { Vec::new() };
+        ct.epoch = sf.epoch;
         let mut per_group: Vec<Vec<TrackInput>> = vec![Vec::new(); ct.trackers.len()];
         for d in &detections {
             if let Some(Some(g)) = self.groups.get(d.class_id) {
@@ -574,7 +661,7 @@ impl WorkerContext {
             timings,
             track_time,
             manifest: detector.manifest().clone(),
-            discontinuity: sf.discontinuity,
+            discontinuity,
             end_of_stream: false,
         };
         self.results.blocking_send(result).is_ok()

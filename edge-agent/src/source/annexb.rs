@@ -148,6 +148,13 @@ impl AccessUnitSplitter {
         if matches!(t, 10 | 11) {
             return;
         }
+        if self.current.len() + nal.len() + 4 > self.max_nal {
+            // An access unit that never ends (no slice starts a new picture, or endless
+            // parameter sets): drop what it holds rather than grow without bound.
+            self.oversized += 1;
+            self.current.clear();
+            self.current_has_vcl = false;
+        }
         self.current.extend_from_slice(&[0, 0, 0, 1]);
         self.current.extend_from_slice(nal);
         self.current_has_vcl |= is_vcl(t);
@@ -238,6 +245,20 @@ mod tests {
         let aus = split_in_chunks(&bytes, 4);
         assert_eq!(aus.len(), 2);
         assert_eq!(aus[0], stream(&[nal(5, true, 5)]));
+    }
+
+    #[test]
+    fn an_access_unit_that_never_ends_stays_bounded() {
+        let mut s = AccessUnitSplitter::new();
+        s.max_nal = 1000;
+        let mut out = Vec::new();
+        // Slices that all continue one picture (first_mb_in_slice != 0), forever.
+        s.push(&stream(&[nal(5, true, 50)]), &mut out);
+        for _ in 0..100 {
+            s.push(&stream(&[nal(5, false, 50)]), &mut out);
+        }
+        assert!(s.current.len() <= 1000, "{}", s.current.len());
+        assert!(s.oversized >= 1);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct FileSource {
     pace_start: Option<(Instant, f64)>,
     started: bool,
     ended: bool,
+    /// Access units read since the file was (re)opened.
+    units_this_pass: u64,
+    loops: u64,
 }
 
 impl std::fmt::Debug for FileSource {
@@ -78,6 +81,8 @@ impl FileSource {
             pace_start: None,
             started: false,
             ended: false,
+            units_this_pass: 0,
+            loops: 0,
         })
     }
 
@@ -155,21 +160,37 @@ impl FileSource {
         if self.ended {
             return Ok(Some(SourceItem::Ended));
         }
-        let (data, pts) = match self.read_unit()? {
+        let unit = match self.read_unit() {
+            Ok(u) => u,
+            // A damaged sample (a file cut short, a corrupt index entry) ends this pass through
+            // the file rather than the camera; a file that yields nothing at all is an error.
+            Err(e) if self.units_this_pass > 0 => {
+                tracing::warn!(file = %self.spec.path.display(), error = %e, "unreadable sample; treating it as the end of the file");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let (data, pts) = match unit {
             Some(u) => u,
             None if self.spec.looped => {
-                self.rewind()?;
-                self.loop_offset_s = self.last_pts_s + self.frame_s;
-                match self.read_unit()? {
-                    Some(u) => u,
-                    None => return Err(file_err(&self.spec, "contains no video")),
+                if self.units_this_pass == 0 {
+                    return Err(file_err(&self.spec, "contains no video"));
                 }
+                self.rewind()?;
+                self.units_this_pass = 0;
+                self.loops += 1;
+                self.loop_offset_s = self.last_pts_s + self.frame_s;
+                // The picture jumps back to the start: everything before is unrelated.
+                return Ok(Some(SourceItem::Started {
+                    description: format!("{} (loop {})", self.describe(), self.loops),
+                }));
             }
             None => {
                 self.ended = true;
                 return Ok(Some(SourceItem::Ended));
             }
         };
+        self.units_this_pass += 1;
         let pts_s = pts + self.loop_offset_s;
         self.last_pts_s = self.last_pts_s.max(pts_s);
         if self.spec.realtime {
@@ -235,8 +256,17 @@ mod tests {
     fn a_looped_file_keeps_its_timestamps_increasing() {
         // Annex-B at 25 fps: 795 frames, then the loop.
         let spec = FileSpec { path: media("vtest-street-768x576-10fps.264"), looped: true, realtime: false, fps: 25.0 };
-        let u = units(spec, 1000);
-        assert_eq!(u.len(), 1000);
+        let stop = AtomicBool::new(false);
+        let mut src = FileSource::open(spec).expect("opens");
+        let (mut u, mut starts) = (Vec::new(), 0);
+        while u.len() < 1000 {
+            match src.next(&stop).expect("reads") {
+                Some(SourceItem::Unit(x)) => u.push(x),
+                Some(SourceItem::Started { .. }) => starts += 1,
+                _ => break,
+            }
+        }
+        assert_eq!(starts, 2, "the start and the loop are both marked");
         assert!(u.windows(2).all(|w| w[1].pts_s > w[0].pts_s), "timestamps must increase across the loop");
         assert!((u[999].pts_s - 999.0 / 25.0).abs() < 1e-6, "{}", u[999].pts_s);
     }

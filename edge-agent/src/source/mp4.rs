@@ -384,7 +384,7 @@ fn parse_track(trak: &[u8], file_len: u64) -> Result<Option<TrackIndex>, Mp4Erro
     let avcc = need(v.d, b"avcC", "avc1")?;
     let (nal_length_size, parameter_sets) = parse_avcc(avcc)?;
 
-    let sizes = parse_stsz(need(stbl, b"stsz", "stbl")?)?;
+    let sizes = parse_stsz(need(stbl, b"stsz", "stbl")?, file_len)?;
     let chunk_offsets = match find(stbl, b"stco")? {
         Some(b) => {
             let mut c = Cur::new(b, "stco");
@@ -462,7 +462,7 @@ fn parse_avcc(b: &[u8]) -> Result<(usize, Vec<u8>), Mp4Error> {
     Ok((nal_length_size, out))
 }
 
-fn parse_stsz(b: &[u8]) -> Result<Vec<u32>, Mp4Error> {
+fn parse_stsz(b: &[u8], file_len: u64) -> Result<Vec<u32>, Mp4Error> {
     let mut c = Cur::new(b, "stsz");
     c.version()?;
     let constant = c.u32()?;
@@ -471,6 +471,10 @@ fn parse_stsz(b: &[u8]) -> Result<Vec<u32>, Mp4Error> {
         return Err(invalid(format!("{n} samples exceed the limit of {MAX_SAMPLES}")));
     }
     if constant != 0 {
+        // Checked before anything is allocated for them: the samples must fit in the file.
+        if (constant as u64).saturating_mul(n as u64) > file_len {
+            return Err(invalid(format!("{n} samples of {constant} bytes do not fit in the file")));
+        }
         return Ok(vec![constant; n]);
     }
     if n.saturating_mul(4) > c.d.len() {

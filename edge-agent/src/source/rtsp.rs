@@ -2,9 +2,10 @@
 //! Annex-B with parameter sets before every keyframe.
 //!
 //! The session is reconnected, with capped exponential backoff, when the server goes away, the
-//! stream ends or errors, no frame arrives for `stall_timeout`, or the stream's parameters change
-//! to another picture size (a reconfigured camera: a fresh DESCRIBE gets the new SDP). Every
-//! reconnect is counted in [`SourceStats`] and so in the device's health.
+//! stream ends or errors, no video frame arrives for `stall_timeout` (RTCP reports do not count:
+//! a camera whose encoder froze still sends them), or the stream's parameters change to another
+//! picture size (a reconfigured camera: a fresh DESCRIBE gets the new SDP). Every loss of a
+//! playing stream is counted as a reconnect in [`SourceStats`] and so in the device's health.
 //!
 //! Access units go to the camera's decode thread through a bounded channel; when it is full the
 //! unit is dropped (counted) and so is everything up to the next keyframe, since later frames
@@ -28,8 +29,11 @@ use super::{AccessUnit, RtspSpec, RtspTransport, SourceItem};
 /// Counters and state of one source, read by the health report.
 #[derive(Debug, Default)]
 pub struct SourceStats {
-    /// Connections after the first one (each loss, stall or parameter change that led to one).
+    /// Playing streams lost (server gone, stall, error, parameter change), each followed by
+    /// reconnection attempts.
     pub reconnects: AtomicU64,
+    /// Connection attempts that failed (DESCRIBE/SETUP/PLAY refused or timed out).
+    pub connect_failures: AtomicU64,
     /// Access units dropped because the decoder was behind (including those up to the next keyframe).
     pub units_dropped: AtomicU64,
     /// RTP packets the server sent that never arrived (UDP), as retina reports them.
@@ -124,9 +128,11 @@ async fn play(
 ) -> Lost {
     let mut size: Option<(u32, u32)> = None;
     let mut skip_to_keyframe = false;
+    // The stall deadline runs from the last video frame, whatever else arrives meanwhile.
+    let mut deadline = tokio::time::Instant::now() + spec.stall_timeout;
     loop {
         let next = tokio::select! {
-            r = tokio::time::timeout(spec.stall_timeout, demuxed.next()) => r,
+            r = tokio::time::timeout_at(deadline, demuxed.next()) => r,
             _ = shutdown.changed() => return Lost::Shutdown,
         };
         let frame = match next {
@@ -136,6 +142,7 @@ async fn play(
             Ok(Some(Ok(CodecItem::VideoFrame(f)))) => f,
             Ok(Some(Ok(_))) => continue,
         };
+        deadline = tokio::time::Instant::now() + spec.stall_timeout;
         stats.packets_lost.fetch_add(frame.loss() as u64, Ordering::Relaxed);
         if frame.has_new_parameters() || size.is_none() {
             let now = video_size(&demuxed, frame.stream_id());
@@ -177,15 +184,11 @@ pub async fn run_rtsp(
 ) {
     let url = spec.display_url();
     let mut backoff = Backoff::new(spec.backoff_base, spec.backoff_cap, if spec.jitter { 0.5 } else { 0.0 });
-    let mut first = true;
+    stats.set_state("connecting");
     loop {
         if *shutdown.borrow() {
             break;
         }
-        if !first {
-            stats.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-        first = false;
         let attempt = tokio::select! {
             r = connect(&spec) => r,
             _ = shutdown.changed() => break,
@@ -203,16 +206,18 @@ pub async fn run_rtsp(
                     Lost::Shutdown | Lost::Receiver => break,
                     Lost::Reason(why) => {
                         tracing::warn!(%url, reason = %why, "camera stream lost; reconnecting");
+                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         stats.set_error(why);
+                        stats.set_state("reconnecting");
                     }
                 }
             }
             Err(why) => {
                 tracing::warn!(%url, reason = %why, "camera connection failed");
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 stats.set_error(why);
             }
         }
-        stats.set_state("reconnecting");
         let delay = backoff.next_delay(rand::random::<f64>());
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -222,10 +227,12 @@ pub async fn run_rtsp(
     stats.set_state("stopped");
 }
 
-/// The spec's URL without credentials, and the credentials it carried.
+/// The spec's URL without credentials, and the credentials it carried (percent-decoded: a
+/// password with `@` or `:` is written `%40`, `%3A` in a URL).
 pub fn split_credentials(mut url: url::Url) -> (url::Url, Option<String>, Option<String>) {
-    let user = (!url.username().is_empty()).then(|| url.username().to_string());
-    let pass = url.password().map(str::to_string);
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let user = (!url.username().is_empty()).then(|| decode(url.username()));
+    let pass = url.password().map(decode);
     let _ = url.set_username("");
     let _ = url.set_password(None);
     (url, user, pass)
@@ -240,10 +247,10 @@ mod tests {
 
     #[test]
     fn credentials_are_taken_out_of_the_url() {
-        let u = url::Url::parse("rtsp://admin:s3cret@10.0.0.5:554/stream1").expect("url");
+        let u = url::Url::parse("rtsp://admin:s3cret%40home%3A1@10.0.0.5:554/stream1").expect("url");
         let (clean, user, pass) = split_credentials(u);
         assert_eq!(clean.as_str(), "rtsp://10.0.0.5:554/stream1");
         assert_eq!(user.as_deref(), Some("admin"));
-        assert_eq!(pass.as_deref(), Some("s3cret"));
+        assert_eq!(pass.as_deref(), Some("s3cret@home:1"), "percent-encoded characters are decoded");
     }
 }
