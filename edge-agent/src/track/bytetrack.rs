@@ -23,6 +23,7 @@
 
 use super::assignment::{self, Assignment};
 use super::kalman::BoxKalman;
+use crate::detect::decode::iou;
 
 /// IoU above which a tracked and a lost track are taken to be the same object.
 const DUPLICATE_IOU: f32 = 0.85;
@@ -524,16 +525,6 @@ impl Tracker {
     }
 }
 
-/// Intersection over union of two `[x1, y1, x2, y2]` boxes (0 when both are empty).
-pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: &[f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,14 +565,6 @@ mod tests {
                 assert!(path.windows(2).all(|w| w[1][0] > w[0][0]), "n = {n}: repeated points {path:?}");
             }
         }
-    }
-
-    #[test]
-    fn iou_of_simple_boxes() {
-        assert_eq!(iou(&[0.0, 0.0, 10.0, 10.0], &[0.0, 0.0, 10.0, 10.0]), 1.0);
-        assert_eq!(iou(&[0.0, 0.0, 10.0, 10.0], &[5.0, 0.0, 15.0, 10.0]), 50.0 / 150.0);
-        assert_eq!(iou(&[0.0, 0.0, 10.0, 10.0], &[20.0, 20.0, 30.0, 30.0]), 0.0);
-        assert_eq!(iou(&[0.0, 0.0, 0.0, 0.0], &[0.0, 0.0, 0.0, 0.0]), 0.0);
     }
 
     #[test]

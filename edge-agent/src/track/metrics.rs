@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::assignment::{solve, solve_max_matching};
-use super::bytetrack::iou;
+use crate::detect::decode::iou;
 
 /// One frame of boxes: `(id, [x1, y1, x2, y2])`, ids unique within the frame.
 pub type FrameBoxes = Vec<(u64, [f32; 4])>;

@@ -23,7 +23,8 @@ pub mod bytetrack;
 pub mod kalman;
 pub mod metrics;
 
+pub use crate::detect::decode::iou;
 pub use assignment::{Assignment, solve, solve_max_matching};
-pub use bytetrack::{EndedTrack, TrackInput, TrackedObject, Tracker, TrackerConfig, TrackerOutput, iou};
+pub use bytetrack::{EndedTrack, TrackInput, TrackedObject, Tracker, TrackerConfig, TrackerOutput};
 pub use kalman::BoxKalman;
 pub use metrics::{FrameBoxes, MotMetrics, evaluate};
