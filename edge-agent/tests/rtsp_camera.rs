@@ -172,3 +172,45 @@ async fn a_camera_that_never_answers_is_reported_and_retried_without_blocking_ot
     drop(silent);
     tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_camera_is_declared_stalled_and_picked_up_again() {
+    let port = free_tcp_port();
+    let server = RtspServer::start(port);
+    let manifest =
+        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
+    let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
+    let cam = CameraSpec {
+        id: "frozen".into(),
+        source: rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 1000, 1500, 500),
+        detect_fps: 5.0,
+        queue_frames: 2,
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: Vec::new() };
+    let pipeline =
+        VisionPipeline::start(vec![cam], detectors, settings, tx, tokio::runtime::Handle::current()).expect("start");
+    let stats = pipeline.stats[0].clone();
+    assert!(wait_for(&mut rx, 0, 30, |r| !r.detections.is_empty()).await, "no detections before the freeze");
+
+    // The server process stops: its TCP connection stays open, but no frame comes.
+    server.freeze();
+    let t0 = Instant::now();
+    while stats.source.reconnects.load(Ordering::Relaxed) < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(15), "the stall was not detected");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await;
+    }
+    let err = stats.source.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+    assert!(err.contains("stalled"), "{err}");
+
+    // It wakes up: the camera is picked up again without help.
+    server.thaw();
+    let before = stats.frames_detected.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    while stats.frames_detected.load(Ordering::Relaxed) <= before + 3 || stats.source.state() != "streaming" {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the camera did not come back after the stall");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await;
+    }
+    drop(rx);
+    tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
+}

@@ -33,6 +33,16 @@ impl RtspServer {
         Self(child)
     }
 
+    /// SIGSTOP: the server keeps its connections open but sends nothing (a frozen camera).
+    pub fn freeze(&self) {
+        let _ = Command::new("kill").arg("-STOP").arg(self.0.id().to_string()).status();
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&self) {
+        let _ = Command::new("kill").arg("-CONT").arg(self.0.id().to_string()).status();
+    }
+
     /// kill -9.
     pub fn kill9(&mut self) {
         let _ = self.0.kill();
