@@ -6,8 +6,10 @@
 //! file (not real time) waits instead, so no frame is lost.
 //!
 //! A camera is handed to one worker at a time, so its frames are detected and tracked in order;
-//! different cameras run in parallel. Among cameras with work, the one whose waiting frame is
-//! oldest goes first, so no camera starves.
+//! different cameras run in parallel. Among cameras with work, the one served least recently goes
+//! first (round robin), so under overload every camera gets an equal share. (Taking the oldest
+//! waiting frame first is not fair with drop-oldest queues: the camera whose frames arrive a few
+//! milliseconds earlier in each period would win every time.)
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -25,6 +27,8 @@ struct Slot<T> {
     /// The camera will push no more frames.
     closed: bool,
     dropped: u64,
+    /// When a worker last took a frame of this camera (`None`: never).
+    last_served: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -65,6 +69,7 @@ impl<T> Scheduler<T> {
                 busy: false,
                 closed: false,
                 dropped: 0,
+                last_served: None,
             })
             .collect();
         Self { state: Mutex::new(State { slots, shutdown: false }), work: Condvar::new(), room: Condvar::new() }
@@ -100,8 +105,9 @@ impl<T> Scheduler<T> {
         }
     }
 
-    /// Takes the oldest waiting frame of a camera no other worker holds; blocks until there is
-    /// one. `None` once shut down, or once every camera is closed and drained.
+    /// Takes the oldest waiting frame of the least recently served camera that no other worker
+    /// holds; blocks until there is one. `None` once shut down, or once every camera is closed
+    /// and drained.
     pub fn take(&self) -> Option<(usize, Instant, T)> {
         let mut st = self.lock();
         loop {
@@ -113,13 +119,14 @@ impl<T> Scheduler<T> {
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| !s.busy)
-                .filter_map(|(i, s)| s.queue.front().map(|(t, _)| (i, *t)))
-                .min_by_key(|&(_, t)| t)
-                .map(|(i, _)| i);
+                .filter_map(|(i, s)| s.queue.front().map(|(t, _)| (i, s.last_served, *t)))
+                .min_by_key(|&(_, served, t)| (served, t))
+                .map(|(i, _, _)| i);
             if let Some(i) = pick {
                 let s = &mut st.slots[i];
                 if let Some((arrived, item)) = s.queue.pop_front() {
                     s.busy = true;
+                    s.last_served = Some(Instant::now());
                     self.room.notify_all();
                     return Some((i, arrived, item));
                 }
@@ -185,14 +192,14 @@ mod tests {
     }
 
     #[test]
-    fn a_camera_is_held_by_one_worker_at_a_time_and_the_oldest_frame_goes_first() {
+    fn a_camera_is_held_by_one_worker_at_a_time_and_cameras_take_turns() {
         let s = Scheduler::new(&[(4, true), (4, true)]);
         let t0 = Instant::now();
         s.push(0, t0 + Duration::from_millis(5), "a1");
         s.push(0, t0 + Duration::from_millis(6), "a2");
         s.push(1, t0 + Duration::from_millis(1), "b1");
         let first = s.take().expect("work");
-        assert_eq!((first.0, first.2), (1, "b1"), "camera 1's frame is older");
+        assert_eq!((first.0, first.2), (1, "b1"), "neither served yet: the older frame first");
         let second = s.take().expect("work");
         assert_eq!((second.0, second.2), (0, "a1"));
         // Camera 0 is busy and camera 1 empty: closing both ends the wait once released.
@@ -207,6 +214,26 @@ mod tests {
         s.release(0);
         s.release(1);
         assert!(s.take().is_none(), "closed and drained");
+    }
+
+    #[test]
+    fn under_overload_every_camera_gets_its_turn() {
+        // Camera 0's frames always arrive a little earlier than camera 1's; both queues are full.
+        let s = Scheduler::new(&[(2, true), (2, true)]);
+        let mut served = [0u32; 2];
+        let t0 = Instant::now();
+        for round in 0..20u64 {
+            let base = t0 + Duration::from_millis(100 * round);
+            s.push(0, base, round);
+            s.push(1, base + Duration::from_millis(3), round);
+            s.push(0, base + Duration::from_millis(50), round);
+            s.push(1, base + Duration::from_millis(53), round);
+            // One worker, one frame per round.
+            let (cam, _, _) = s.take().expect("work");
+            served[cam] += 1;
+            s.release(cam);
+        }
+        assert_eq!(served, [10, 10], "round robin, not the earliest phase winning every time");
     }
 
     #[test]
