@@ -214,3 +214,29 @@ async fn a_frozen_camera_is_declared_stalled_and_picked_up_again() {
     drop(rx);
     tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtsp_camera_over_udp_streams_detections() {
+    let port = free_tcp_port();
+    let _server = RtspServer::start(port);
+    let manifest =
+        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
+    let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
+    let cam = CameraSpec {
+        id: "udp".into(),
+        source: rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Udp, 5000, 3000, 1000),
+        detect_fps: 5.0,
+        queue_frames: 2,
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: Vec::new() };
+    let pipeline =
+        VisionPipeline::start(vec![cam], detectors, settings, tx, tokio::runtime::Handle::current()).expect("start");
+    assert!(
+        wait_for(&mut rx, 0, 30, |r| r.detections.iter().any(|d| &*d.label == "person") && r.size == (768, 576)).await,
+        "no person over RTP/UDP"
+    );
+    assert_eq!(pipeline.stats[0].source.state(), "streaming");
+    drop(rx);
+    tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
+}
