@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use its_agent::detect::{BackendKind, BackendOptions, Detector, ModelManifest, load_detectors};
+use its_agent::detect::{BackendKind, BackendOptions, ModelManifest, load_detectors};
 use its_agent::pipeline::{CameraSpec, FrameResult, VisionPipeline, VisionSettings};
 use its_agent::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
 use its_agent::track::TrackerConfig;
@@ -33,6 +33,23 @@ fn rtsp(url: String, transport: RtspTransport, connect_ms: u64, stall_ms: u64, c
     })
 }
 
+/// Starts the pipeline on `cameras` with `workers` tract detectors of the shipped model.
+fn start(cameras: Vec<CameraSpec>, workers: usize) -> (VisionPipeline, mpsc::Receiver<FrameResult>) {
+    let manifest =
+        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
+    let detectors =
+        load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), workers).expect("detector");
+    let (tx, rx) = mpsc::channel(64);
+    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: vec![vec![2, 5, 7]] };
+    let pipeline =
+        VisionPipeline::start(cameras, detectors, settings, tx, tokio::runtime::Handle::current()).expect("start");
+    (pipeline, rx)
+}
+
+fn camera(id: &str, source: VideoSource) -> CameraSpec {
+    CameraSpec { id: id.into(), source, detect_fps: 5.0, queue_frames: 2 }
+}
+
 /// Waits up to `secs` for a result matching `pred` from camera `cam`.
 async fn wait_for(
     rx: &mut mpsc::Receiver<FrameResult>,
@@ -53,31 +70,16 @@ async fn wait_for(
 async fn an_rtsp_camera_streams_detections_and_recovers_after_the_server_restarts() {
     let port = free_tcp_port();
     let mut server = RtspServer::start(port);
-    let manifest =
-        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
-    let detectors: Vec<Box<dyn Detector>> =
-        load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 2).expect("detector");
-    let rtsp = CameraSpec {
-        id: "rtsp-cam".into(),
-        source: rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 5000, 3000, 1000),
-        detect_fps: 5.0,
-        queue_frames: 2,
-    };
-    let file = CameraSpec {
-        id: "file-cam".into(),
-        source: VideoSource::File(FileSpec {
-            path: root().join("media/bikes-street-640x272-25fps.mp4"),
-            looped: true,
-            realtime: true,
-            fps: 25.0,
-        }),
-        detect_fps: 2.0,
-        queue_frames: 2,
-    };
-    let (tx, mut rx) = mpsc::channel(64);
-    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: vec![vec![2, 5, 7]] };
-    let pipeline = VisionPipeline::start(vec![rtsp, file], detectors, settings, tx, tokio::runtime::Handle::current())
-        .expect("pipeline");
+    let rtsp_cam =
+        camera("rtsp-cam", rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 5000, 3000, 1000));
+    let file = VideoSource::File(FileSpec {
+        path: root().join("media/bikes-street-640x272-25fps.mp4"),
+        looped: true,
+        realtime: true,
+        fps: 25.0,
+    });
+    let file_cam = CameraSpec { detect_fps: 2.0, ..camera("file-cam", file) };
+    let (pipeline, mut rx) = start(vec![rtsp_cam, file_cam], 2);
     let rtsp_stats = pipeline.stats[0].clone();
 
     // Real people in the real clip, through RTSP, decode, detection and tracking.
@@ -127,35 +129,20 @@ async fn a_camera_that_never_answers_is_reported_and_retried_without_blocking_ot
     // A TCP port that accepts and never speaks RTSP: DESCRIBE times out, the camera retries.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = silent.local_addr().expect("addr").port();
-    let manifest =
-        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
-    let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
-    let dead = CameraSpec {
-        id: "dead".into(),
-        source: match rtsp(format!("rtsp://127.0.0.1:{port}/x"), RtspTransport::Udp, 500, 1000, 300) {
-            VideoSource::Rtsp(r) => {
-                VideoSource::Rtsp(RtspSpec { username: Some("admin".into()), password: Some("secret".into()), ..r })
-            }
-            other => other,
-        },
-        detect_fps: 5.0,
-        queue_frames: 2,
+    let dead = match rtsp(format!("rtsp://127.0.0.1:{port}/x"), RtspTransport::Udp, 500, 1000, 300) {
+        VideoSource::Rtsp(r) => {
+            VideoSource::Rtsp(RtspSpec { username: Some("admin".into()), password: Some("secret".into()), ..r })
+        }
+        other => other,
     };
-    let file = CameraSpec {
-        id: "file".into(),
-        source: VideoSource::File(FileSpec {
-            path: root().join("media/vtest-street-768x576-10fps.264"),
-            looped: false,
-            realtime: false,
-            fps: 10.0,
-        }),
-        detect_fps: 0.0,
-        queue_frames: 2,
-    };
-    let (tx, mut rx) = mpsc::channel(64);
-    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: Vec::new() };
-    let pipeline = VisionPipeline::start(vec![dead, file], detectors, settings, tx, tokio::runtime::Handle::current())
-        .expect("start");
+    let file = VideoSource::File(FileSpec {
+        path: root().join("media/vtest-street-768x576-10fps.264"),
+        looped: false,
+        realtime: false,
+        fps: 10.0,
+    });
+    let (pipeline, mut rx) =
+        start(vec![camera("dead", dead), CameraSpec { detect_fps: 0.0, ..camera("file", file) }], 1);
     assert!(wait_for(&mut rx, 1, 30, |r| r.detections.iter().any(|d| &*d.label == "person")).await);
     let stats = pipeline.stats[0].clone();
     let t0 = Instant::now();
@@ -177,19 +164,8 @@ async fn a_camera_that_never_answers_is_reported_and_retried_without_blocking_ot
 async fn a_frozen_camera_is_declared_stalled_and_picked_up_again() {
     let port = free_tcp_port();
     let server = RtspServer::start(port);
-    let manifest =
-        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
-    let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
-    let cam = CameraSpec {
-        id: "frozen".into(),
-        source: rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 1000, 1500, 500),
-        detect_fps: 5.0,
-        queue_frames: 2,
-    };
-    let (tx, mut rx) = mpsc::channel(64);
-    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: Vec::new() };
-    let pipeline =
-        VisionPipeline::start(vec![cam], detectors, settings, tx, tokio::runtime::Handle::current()).expect("start");
+    let source = rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 1000, 1500, 500);
+    let (pipeline, mut rx) = start(vec![camera("frozen", source)], 1);
     let stats = pipeline.stats[0].clone();
     assert!(wait_for(&mut rx, 0, 30, |r| !r.detections.is_empty()).await, "no detections before the freeze");
 
@@ -219,19 +195,8 @@ async fn a_frozen_camera_is_declared_stalled_and_picked_up_again() {
 async fn an_rtsp_camera_over_udp_streams_detections() {
     let port = free_tcp_port();
     let _server = RtspServer::start(port);
-    let manifest =
-        Arc::new(ModelManifest::load(&root().join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
-    let detectors = load_detectors(&manifest, &[BackendKind::Tract], &BackendOptions::default(), 1).expect("detector");
-    let cam = CameraSpec {
-        id: "udp".into(),
-        source: rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Udp, 5000, 3000, 1000),
-        detect_fps: 5.0,
-        queue_frames: 2,
-    };
-    let (tx, mut rx) = mpsc::channel(64);
-    let settings = VisionSettings { tracker: TrackerConfig::default(), merged_classes: Vec::new() };
-    let pipeline =
-        VisionPipeline::start(vec![cam], detectors, settings, tx, tokio::runtime::Handle::current()).expect("start");
+    let source = rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Udp, 5000, 3000, 1000);
+    let (pipeline, mut rx) = start(vec![camera("udp", source)], 1);
     assert!(
         wait_for(&mut rx, 0, 30, |r| r.detections.iter().any(|d| &*d.label == "person") && r.size == (768, 576)).await,
         "no person over RTP/UDP"
