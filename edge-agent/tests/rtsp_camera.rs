@@ -205,3 +205,57 @@ async fn an_rtsp_camera_over_udp_streams_detections() {
     drop(rx);
     tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
 }
+
+/// A camera reconfigured to another picture size mid-stream: the agent reconnects (a fresh
+/// DESCRIBE) and says why. The stream: H.264 at 640x480 for 5 s, then 320x240 (encoded here,
+/// put in MPEG-TS by GStreamer's mpegtsmux, served by the real RTSP server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_picture_size_change_reconnects_the_camera() {
+    use its_agent::scene::{Scene, encode_scene};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let photo = image::open(root().join("media/dog.jpg")).expect("photo").into_rgb8();
+    let mut stream = Vec::new();
+    for (k, (w, h, frames)) in [(640u32, 480u32, 50usize), (320, 240, 300)].into_iter().enumerate() {
+        let background = image::imageops::resize(&photo, w, h, image::imageops::FilterType::Triangle);
+        let scene = Scene { name: "size", background, actors: Vec::new(), fps: 10.0, frames };
+        let part = dir.path().join(format!("part{k}.264"));
+        encode_scene(&scene, &part, 26, 30).expect("encode");
+        stream.extend(std::fs::read(&part).expect("read"));
+    }
+    let es = dir.path().join("two-sizes.264");
+    std::fs::write(&es, &stream).expect("write");
+    let ts = dir.path().join("two-sizes.ts");
+    let status = std::process::Command::new("gst-launch-1.0")
+        .args(["-q", "filesrc"])
+        .arg(format!("location={}", es.display()))
+        .args([
+            "!",
+            "video/x-h264,stream-format=byte-stream,framerate=10/1",
+            "!",
+            "h264parse",
+            "!",
+            "mpegtsmux",
+            "!",
+            "filesink",
+        ])
+        .arg(format!("location={}", ts.display()))
+        .status()
+        .expect("gst-launch-1.0 (gstreamer1.0-tools)");
+    assert!(status.success() && std::fs::metadata(&ts).map(|m| m.len()).unwrap_or(0) > 0, "muxing failed");
+
+    let port = free_tcp_port();
+    let _server = RtspServer::serve(port, &ts);
+    let source = rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 5000, 3000, 500);
+    let (pipeline, mut rx) = start(vec![camera("reconfigured", source)], 1);
+    assert!(wait_for(&mut rx, 0, 30, |r| r.size == (640, 480)).await, "no 640x480 frames first");
+    let stats = pipeline.stats[0].clone();
+    let t0 = Instant::now();
+    while stats.source.reconnects.load(Ordering::Relaxed) < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the size change did not reconnect the camera");
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await;
+    }
+    let err = stats.source.last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_default();
+    assert!(err.contains("picture size changed from 640x480 to 320x240"), "{err}");
+    drop(rx);
+    tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
+}

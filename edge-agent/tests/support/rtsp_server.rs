@@ -18,11 +18,16 @@ impl RtspServer {
     /// Serves `media/vtest-street-768x576-10fps.mp4` at `rtsp://127.0.0.1:{port}/street` and
     /// returns once the server listens.
     pub fn start(port: u16) -> Self {
+        Self::serve(port, &project_root().join("media/vtest-street-768x576-10fps.mp4"))
+    }
+
+    /// Serves `file` (MP4 or MPEG-TS) at `rtsp://127.0.0.1:{port}/street`.
+    pub fn serve(port: u16, file: &Path) -> Self {
         let root = project_root();
         let mut child = Command::new("/usr/bin/python3")
             .arg(root.join("scripts/rtsp-server"))
             .args(["--port", &port.to_string(), "--path", "/street"])
-            .arg(root.join("media/vtest-street-768x576-10fps.mp4"))
+            .arg(file)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
