@@ -18,14 +18,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use its_agent::decode::{Frame, Picture, SoftwareDecoder, VideoDecoder};
+use its_agent::decode::{Frame, Picture};
 use its_agent::detect::{BackendKind, BackendOptions, Detector, ModelDetector, ModelManifest, load_detectors};
 use its_agent::pipeline::{CameraSpec, FrameResult, VisionPipeline, VisionSettings};
-use its_agent::source::file::FileSource;
-use its_agent::source::{FileSpec, SourceItem, VideoSource};
+use its_agent::source::file::decode_recording;
+use its_agent::source::{FileSpec, VideoSource};
 use its_agent::track::TrackerConfig;
 
 fn root() -> PathBuf {
@@ -77,21 +77,12 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn decode_frames(n: usize) -> Vec<Frame> {
-    let mut src = FileSource::open(FileSpec { path: clip(), looped: false, realtime: false, fps: 10.0 }).expect("clip");
-    let mut dec = SoftwareDecoder::new().expect("decoder");
-    let stop = AtomicBool::new(false);
     let mut out = Vec::new();
-    while out.len() < n {
-        match src.next(&stop).expect("read") {
-            Some(SourceItem::Unit(u)) => {
-                if let Ok(Some((f, _))) = dec.decode(&u.data, u.pts_s) {
-                    out.push(f);
-                }
-            }
-            Some(SourceItem::Started { .. }) => {}
-            _ => break,
-        }
-    }
+    decode_recording(&clip(), 10.0, |f, _| {
+        out.push(f);
+        out.len() < n
+    })
+    .expect("clip");
     out
 }
 

@@ -164,19 +164,18 @@ async fn commit_track_events(
     uplink: Arc<UplinkHandle>,
     tick: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let mut sizes: std::collections::HashMap<usize, (u32, u32)> = std::collections::HashMap::new();
     let mut batch: Vec<NewEvent> = Vec::new();
     let mut open = true;
     while open {
         // Block for the first result, then take whatever else arrives within the tick.
         match results.recv().await {
-            Some(r) => collect(&r, &mut sizes, &mut batch),
+            Some(r) => batch.extend(crate::analyze::track_events(&r)),
             None => open = false,
         }
         let deadline = tokio::time::Instant::now() + tick;
         while open {
             match tokio::time::timeout_at(deadline, results.recv()).await {
-                Ok(Some(r)) => collect(&r, &mut sizes, &mut batch),
+                Ok(Some(r)) => batch.extend(crate::analyze::track_events(&r)),
                 Ok(None) => open = false,
                 Err(_) => break,
             }
@@ -193,14 +192,6 @@ async fn commit_track_events(
         uplink.appended.notify_one();
     }
     Ok(())
-}
-
-fn collect(r: &FrameResult, sizes: &mut std::collections::HashMap<usize, (u32, u32)>, out: &mut Vec<NewEvent>) {
-    if r.size != (0, 0) {
-        sizes.insert(r.camera, r.size);
-    }
-    let size = sizes.get(&r.camera).copied().unwrap_or(r.size);
-    out.extend(crate::analyze::track_events(r, size));
 }
 
 /// SoC temperature from the first thermal zone, where the board has one (Jetson does).

@@ -5,15 +5,20 @@ use its_shared::event::{EventKind, ObjectRef, TrackPhase};
 use crate::buffer::NewEvent;
 use crate::pipeline::FrameResult;
 
-/// A pixel box as a normalised `[x1, y1, x2, y2]` in 0..1.
-fn normalise(b: [f32; 4], (w, h): (u32, u32)) -> [f32; 4] {
-    let (w, h) = (w.max(1) as f32, h.max(1) as f32);
-    [(b[0] / w).clamp(0.0, 1.0), (b[1] / h).clamp(0.0, 1.0), (b[2] / w).clamp(0.0, 1.0), (b[3] / h).clamp(0.0, 1.0)]
+/// A pixel point as normalised `[x, y]` in 0..1.
+fn point([x, y]: [f32; 2], (w, h): (u32, u32)) -> [f32; 2] {
+    [(x / w.max(1) as f32).clamp(0.0, 1.0), (y / h.max(1) as f32).clamp(0.0, 1.0)]
 }
 
-/// The events one frame's tracking produced. `size` is the camera's picture size (an
-/// end-of-stream result has none of its own).
-pub fn track_events(r: &FrameResult, size: (u32, u32)) -> Vec<NewEvent> {
+/// A pixel box as a normalised `[x1, y1, x2, y2]` in 0..1.
+fn normalise(b: [f32; 4], size: (u32, u32)) -> [f32; 4] {
+    let ([x1, y1], [x2, y2]) = (point([b[0], b[1]], size), point([b[2], b[3]], size));
+    [x1, y1, x2, y2]
+}
+
+/// The events one frame's tracking produced.
+pub fn track_events(r: &FrameResult) -> Vec<NewEvent> {
+    let size = r.size;
     let label =
         |class_id: usize| r.manifest.label(class_id).map_or_else(|| format!("class-{class_id}"), |l| l.to_string());
     let at = |t_s: f64| r.wall_ms - ((r.t_s - t_s) * 1000.0).round() as i64;
@@ -38,7 +43,6 @@ pub fn track_events(r: &FrameResult, size: (u32, u32)) -> Vec<NewEvent> {
         });
     }
     for e in &r.ended {
-        let (w, h) = (size.0.max(1) as f32, size.1.max(1) as f32);
         out.push(NewEvent {
             camera: r.camera_id.to_string(),
             observed_at_ms: at(e.last_seen_s),
@@ -53,7 +57,7 @@ pub fn track_events(r: &FrameResult, size: (u32, u32)) -> Vec<NewEvent> {
                 first_seen_ms: at(e.first_seen_s),
                 duration_s: (e.last_seen_s - e.first_seen_s).max(0.0) as f32,
                 frames: e.hits,
-                path: e.path.iter().map(|p| [(p[0] / w).clamp(0.0, 1.0), (p[1] / h).clamp(0.0, 1.0)]).collect(),
+                path: e.path.iter().map(|&p| point(p, size)).collect(),
             },
         });
     }

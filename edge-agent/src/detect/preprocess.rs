@@ -109,10 +109,6 @@ impl Preprocessor {
         }
     }
 
-    pub fn spec(&self) -> &InputSpec {
-        &self.spec
-    }
-
     fn prepare_tables(&mut self, w: u32, h: u32) {
         if self.cached_for == (w, h) {
             return;

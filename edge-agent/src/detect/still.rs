@@ -3,14 +3,11 @@
 //! boxes on pictures.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 
 use image::{Rgb, RgbImage};
 
-use crate::decode::{SoftwareDecoder, VideoDecoder};
 use crate::detect::Detection;
-use crate::source::file::FileSource;
-use crate::source::{FileSpec, SourceItem};
+use crate::source::file::decode_recording;
 
 /// An RGB picture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,23 +36,17 @@ pub fn load_picture(path: &Path, frame: usize) -> anyhow::Result<RgbPicture> {
         let (width, height) = img.dimensions();
         return Ok(RgbPicture { width, height, data: img.into_raw() });
     }
-    let mut src = FileSource::open(FileSpec { path: path.to_path_buf(), looped: false, realtime: false, fps: 10.0 })?;
-    let mut decoder = SoftwareDecoder::new()?;
-    let stop = AtomicBool::new(false);
-    let mut n = 0usize;
-    while let Some(item) = src.next(&stop)? {
-        match item {
-            SourceItem::Unit(u) => {
-                if let Ok(Some((f, _))) = decoder.decode(&u.data, u.pts_s) {
-                    if n == frame {
-                        return Ok(RgbPicture { width: f.width, height: f.height, data: f.to_rgb() });
-                    }
-                    n += 1;
-                }
-            }
-            SourceItem::Ended => break,
-            SourceItem::Started { .. } => {}
+    let (mut seen, mut picture) = (0usize, None);
+    let n = decode_recording(path, 10.0, |f, _| {
+        if seen == frame {
+            picture = Some(RgbPicture { width: f.width, height: f.height, data: f.to_rgb() });
+            return false;
         }
+        seen += 1;
+        true
+    })?;
+    if let Some(p) = picture {
+        return Ok(p);
     }
     anyhow::bail!("{} has {n} decodable frames; frame {frame} does not exist", path.display())
 }

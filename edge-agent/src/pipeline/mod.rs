@@ -76,12 +76,6 @@ pub struct CameraStats {
     pub inference_us_total: AtomicU64,
     pub postprocess_us_total: AtomicU64,
     pub track_us_total: AtomicU64,
-    pub detections_total: AtomicU64,
-    pub tracks_started: AtomicU64,
-    /// The source reached the end of a file that does not loop.
-    pub ended: AtomicBool,
-    /// The source could not be opened at all (see `source.last_error`).
-    pub failed: AtomicBool,
 }
 
 /// What detection and tracking made of one frame.
@@ -90,7 +84,8 @@ pub struct FrameResult {
     /// Index of the camera in the pipeline's list.
     pub camera: usize,
     pub camera_id: Arc<str>,
-    /// Frame size in pixels.
+    /// Frame size in pixels (at end of stream: that of the last frame, which the ended tracks'
+    /// boxes refer to).
     pub size: (u32, u32),
     /// Stream time of the frame, seconds (monotonic across reconnects and loops).
     pub t_s: f64,
@@ -142,11 +137,19 @@ struct CameraTracks {
     next_id: u64,
     /// Run of the stream the tracks belong to.
     epoch: u64,
+    /// Picture size of the last frame (the frame the tracks' boxes refer to).
+    size: (u32, u32),
 }
 
 impl CameraTracks {
     fn new(groups: usize, cfg: TrackerConfig) -> Self {
-        Self { trackers: (0..groups).map(|_| Tracker::new(cfg)).collect(), ids: HashMap::new(), next_id: 1, epoch: 0 }
+        Self {
+            trackers: (0..groups).map(|_| Tracker::new(cfg)).collect(),
+            ids: HashMap::new(),
+            next_id: 1,
+            epoch: 0,
+            size: (0, 0),
+        }
     }
 
     fn global(&mut self, group: usize, id: u64) -> u64 {
@@ -158,12 +161,22 @@ impl CameraTracks {
         })
     }
 
+    /// The camera-wide id of an ended track, forgotten from then on.
+    fn release(&mut self, group: usize, id: u64) -> u64 {
+        self.ids.remove(&(group, id)).unwrap_or_else(|| {
+            // Every confirmed track is reported started (and so mapped) before it can end.
+            let v = self.next_id;
+            self.next_id += 1;
+            v
+        })
+    }
+
     /// Ends every track (stream discontinuity or end).
     fn finish(&mut self) -> Vec<EndedTrack> {
         let mut ended = Vec::new();
         for g in 0..self.trackers.len() {
             for mut e in self.trackers[g].finish() {
-                e.id = self.ids.remove(&(g, e.id)).unwrap_or_else(|| self.global(g, e.id));
+                e.id = self.release(g, e.id);
                 ended.push(e);
             }
         }
@@ -387,7 +400,6 @@ impl CameraContext {
         };
         if let Err(e) = result {
             tracing::error!(camera = %id, error = %e, "camera failed");
-            self.stats.failed.store(true, Ordering::Relaxed);
             self.stats.source.set_state("failed");
             if let Ok(mut g) = self.stats.source.last_error.lock() {
                 *g = Some(e);
@@ -422,7 +434,6 @@ impl CameraContext {
                     epoch += 1;
                 }
                 SourceItem::Ended => {
-                    self.stats.ended.store(true, Ordering::Relaxed);
                     self.stats.source.set_state("ended");
                     let (t_s, wall_ms) = clock.now();
                     self.scheduler.push(self.slot, Instant::now(), Work::End { t_s, wall_ms });
@@ -573,11 +584,14 @@ impl WorkerContext {
 
     /// The camera's stream ended: report its remaining tracks as ended.
     fn end(&self, detector: &dyn Detector, cam: usize, t_s: f64, wall_ms: i64) -> bool {
-        let ended = self.tracks[cam].lock().unwrap_or_else(|e| e.into_inner()).finish();
+        let (ended, size) = {
+            let mut ct = self.tracks[cam].lock().unwrap_or_else(|e| e.into_inner());
+            (ct.finish(), ct.size)
+        };
         let result = FrameResult {
             camera: cam,
             camera_id: self.ids[cam].clone(),
-            size: (0, 0),
+            size,
             t_s,
             wall_ms,
             detections: Vec::new(),
@@ -614,6 +628,7 @@ impl WorkerContext {
         let discontinuity = sf.epoch != ct.epoch;
         let mut ended = if discontinuity { ct.finish() } else { Vec::new() };
         ct.epoch = sf.epoch;
+        ct.size = (sf.frame.width, sf.frame.height);
         let mut per_group: Vec<Vec<TrackInput>> = vec![Vec::new(); ct.trackers.len()];
         for d in &detections {
             if let Some(Some(g)) = self.groups.get(d.class_id) {
@@ -632,7 +647,7 @@ impl WorkerContext {
                 started.push(t);
             }
             for mut e in out.ended {
-                e.id = ct.ids.remove(&(g, e.id)).unwrap_or(0);
+                e.id = ct.release(g, e.id);
                 ended.push(e);
             }
         }
@@ -640,8 +655,6 @@ impl WorkerContext {
         let track_time = t0.elapsed();
         let lag = arrived.elapsed();
         stats.frames_detected.fetch_add(1, Ordering::Relaxed);
-        stats.detections_total.fetch_add(detections.len() as u64, Ordering::Relaxed);
-        stats.tracks_started.fetch_add(started.len() as u64, Ordering::Relaxed);
         stats.lag_us_total.fetch_add(lag.as_micros() as u64, Ordering::Relaxed);
         stats.preprocess_us_total.fetch_add(timings.preprocess.as_micros() as u64, Ordering::Relaxed);
         stats.inference_us_total.fetch_add(timings.inference.as_micros() as u64, Ordering::Relaxed);

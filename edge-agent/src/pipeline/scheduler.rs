@@ -167,11 +167,6 @@ impl<T> Scheduler<T> {
     pub fn dropped(&self, slot: usize) -> u64 {
         self.lock().slots.get(slot).map_or(0, |s| s.dropped)
     }
-
-    /// Frames waiting in camera `slot`'s queue.
-    pub fn waiting(&self, slot: usize) -> usize {
-        self.lock().slots.get(slot).map_or(0, |s| s.queue.len())
-    }
 }
 
 #[cfg(test)]

@@ -4,14 +4,11 @@
 //! the street clip with its passers-by removed (per-pixel median of frames spread over 40 s).
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 
 use image::RgbImage;
 
 use super::{Actor, Leg, Scene, Sprite};
-use crate::decode::{SoftwareDecoder, VideoDecoder};
-use crate::source::file::FileSource;
-use crate::source::{FileSpec, SourceItem};
+use crate::source::file::decode_recording;
 use crate::track::metrics::{MotMetrics, evaluate};
 
 /// Real road users and a real street, loaded from `media/`.
@@ -65,26 +62,16 @@ fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
 
 /// Decodes frames `0..frames` of the street clip, keeping every `step`th.
 fn clip_frames(path: &Path, frames: usize, step: usize) -> anyhow::Result<Vec<RgbImage>> {
-    let mut src = FileSource::open(FileSpec { path: path.to_path_buf(), looped: false, realtime: false, fps: 10.0 })?;
-    let mut dec = SoftwareDecoder::new()?;
-    let stop = AtomicBool::new(false);
     let (mut out, mut n) = (Vec::new(), 0usize);
-    while n < frames {
-        match src.next(&stop)? {
-            Some(SourceItem::Unit(u)) => {
-                if let Some((f, _)) = dec.decode(&u.data, u.pts_s)? {
-                    if n.is_multiple_of(step) {
-                        let img = RgbImage::from_raw(f.width, f.height, f.to_rgb())
-                            .ok_or_else(|| anyhow::anyhow!("frame size mismatch"))?;
-                        out.push(img);
-                    }
-                    n += 1;
-                }
-            }
-            Some(SourceItem::Started { .. }) => {}
-            _ => break,
+    decode_recording(path, 10.0, |f, _| {
+        if n.is_multiple_of(step)
+            && let Some(img) = RgbImage::from_raw(f.width, f.height, f.to_rgb())
+        {
+            out.push(img);
         }
-    }
+        n += 1;
+        n < frames
+    })?;
     Ok(out)
 }
 
