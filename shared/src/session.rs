@@ -16,8 +16,17 @@
 //! - When an acknowledgement does not come within `ack_timeout`, the agent goes back to the last
 //!   acknowledged sequence number and sends again (go-back-N); duplicates this causes are filtered
 //!   by the aggregator's watermark, and across connections by the storage's unique key.
+//!
+//! # Snapshots
+//! Pictures of events travel beside this chain, never in it: the agent uploads each on a
+//! unidirectional stream of its own ([`SnapshotWindow`] decides which and when), the aggregator
+//! stores the picture and its row and only then sends [`Frame::SnapshotStored`] on the control
+//! stream ([`IngestSession::handle_snapshot_stored`]), and the agent deletes its copy only on that
+//! ([`AgentEvent::SnapshotStored`]). Anything not confirmed is uploaded again (after
+//! `confirm_timeout`, or on the next connection); the aggregator's store is idempotent on
+//! `(device, seq)`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::event::{DeviceHealth, EventEnvelope};
@@ -68,6 +77,9 @@ pub enum AgentEvent {
     LinkDead,
     /// The aggregator refused the session.
     Refused(String),
+    /// The aggregator durably stored the snapshot of this event: delete it from the outbox and
+    /// tell the connection's [`SnapshotWindow`].
+    SnapshotStored(u64),
 }
 
 /// What to load from the outbox next: up to `max_events` events with `seq > after`, in order.
@@ -198,6 +210,9 @@ impl AgentSession {
         match frame {
             Frame::Ack(Ack { up_to }) => self.handle_ack(up_to),
             Frame::Refuse { reason } => self.events.push_back(AgentEvent::Refused(reason)),
+            Frame::SnapshotStored { seq } if self.state != AgentState::Disconnected => {
+                self.events.push_back(AgentEvent::SnapshotStored(seq));
+            }
             // Config and OTA offers are handled by later stages; anything else from the
             // aggregator is ignored rather than trusted.
             _ => {}
@@ -420,6 +435,12 @@ impl IngestSession {
         self.transmit.push_back(Frame::Ack(Ack { up_to: high_water }));
     }
 
+    /// The snapshot of event `seq` of this device and its row are durably stored (the driver
+    /// stores snapshots from their own streams): tell the agent, which then deletes its copy.
+    pub fn handle_snapshot_stored(&mut self, seq: u64) {
+        self.transmit.push_back(Frame::SnapshotStored { seq });
+    }
+
     /// A [`IngestAction::Commit`] is durable.
     pub fn handle_committed(&mut self, up_to: u64) {
         if up_to > self.committed {
@@ -430,6 +451,166 @@ impl IngestSession {
 
     pub fn poll_transmit(&mut self) -> Option<Frame> {
         self.transmit.pop_front()
+    }
+}
+
+/// Tuning of the agent's snapshot uploads.
+#[derive(Debug, Clone)]
+pub struct SnapshotWindowConfig {
+    /// Snapshots uploaded and not yet confirmed, at most. Four keep a link busy while the
+    /// aggregator stores the previous ones, and bound what is resent after a loss to 4 x 3 MiB.
+    pub max_in_flight: usize,
+    /// How long after its stream was finished a snapshot may stay unconfirmed before it is
+    /// uploaded again. Storing takes milliseconds (a local file or one S3 PUT); a minute covers a
+    /// slow object store without resending pictures that are merely queued.
+    pub confirm_timeout: Duration,
+}
+
+impl Default for SnapshotWindowConfig {
+    fn default() -> Self {
+        Self { max_in_flight: 4, confirm_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// What to load from the outbox next: up to `max` snapshots with `seq > after`, ascending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    pub after: u64,
+    pub max: usize,
+}
+
+/// Counters of one connection's snapshot uploads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotStats {
+    /// Streams handed to the driver to upload.
+    pub uploads: u64,
+    /// Confirmations received for snapshots of this window.
+    pub confirmed: u64,
+    /// Uploads whose stream failed (the snapshot is retried after `confirm_timeout`).
+    pub failed: u64,
+    /// Times unconfirmed snapshots timed out and the window went back to upload them again.
+    pub rewinds: u64,
+}
+
+/// Which snapshots the agent uploads, per connection: a window of at most `max_in_flight`
+/// snapshots that are being written or wait for [`Frame::SnapshotStored`], in ascending `seq`.
+///
+/// The driver loads what [`SnapshotWindow::poll_request`] asks for, passes the loaded sequence
+/// numbers to [`SnapshotWindow::handle_loaded`], uploads those it returns, and reports each
+/// stream's end ([`SnapshotWindow::handle_written`] / [`SnapshotWindow::handle_write_failed`]) and
+/// each confirmation ([`SnapshotWindow::handle_stored`], after deleting the outbox's copy). A new
+/// connection starts a new window from `seq` 0, so everything unconfirmed is uploaded again.
+#[derive(Debug)]
+pub struct SnapshotWindow {
+    cfg: SnapshotWindowConfig,
+    /// Highest `seq` loaded on this connection: the next request starts after it.
+    after: u64,
+    /// Handed to the driver, stream not yet finished.
+    writing: BTreeSet<u64>,
+    /// Stream finished (or failed), confirmation awaited; the instant the wait started.
+    unconfirmed: BTreeMap<u64, Instant>,
+    /// The last load returned nothing: wait for [`SnapshotWindow::handle_appended`].
+    caught_up: bool,
+    stats: SnapshotStats,
+}
+
+impl SnapshotWindow {
+    pub fn new(cfg: SnapshotWindowConfig) -> Self {
+        Self {
+            cfg,
+            after: 0,
+            writing: BTreeSet::new(),
+            unconfirmed: BTreeMap::new(),
+            caught_up: false,
+            stats: SnapshotStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> SnapshotStats {
+        self.stats
+    }
+
+    /// Snapshots being written or awaiting confirmation.
+    pub fn in_flight(&self) -> usize {
+        self.writing.len() + self.unconfirmed.len()
+    }
+
+    /// What to load next, if anything.
+    pub fn poll_request(&self) -> Option<SnapshotRequest> {
+        let free = self.cfg.max_in_flight.saturating_sub(self.in_flight());
+        (!self.caught_up && free > 0).then_some(SnapshotRequest { after: self.after, max: free })
+    }
+
+    /// The result of a [`SnapshotRequest`]: the `seq`s of the snapshots loaded, ascending, all
+    /// above `request.after`. Returns those to upload now (a snapshot still being written from
+    /// before a rewind is not uploaded twice at once); empty for a stale request.
+    pub fn handle_loaded(&mut self, request: SnapshotRequest, seqs: &[u64]) -> Vec<u64> {
+        if request.after != self.after {
+            return Vec::new(); // stale: a rewind happened while loading
+        }
+        let Some(&last) = seqs.last() else {
+            self.caught_up = true;
+            return Vec::new();
+        };
+        self.after = self.after.max(last);
+        let fresh: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| *s > request.after && !self.writing.contains(s) && !self.unconfirmed.contains_key(s))
+            .collect();
+        self.writing.extend(fresh.iter().copied());
+        self.stats.uploads += fresh.len() as u64;
+        fresh
+    }
+
+    /// The stream of `seq` was finished: the confirmation is awaited from `now`.
+    pub fn handle_written(&mut self, now: Instant, seq: u64) {
+        if self.writing.remove(&seq) {
+            self.unconfirmed.insert(seq, now);
+        }
+    }
+
+    /// The stream of `seq` failed (reset by the peer, or the write failed): it stays in the
+    /// outbox and is uploaded again once `confirm_timeout` has passed (not at once: a refusal
+    /// would otherwise loop), or on the next connection.
+    pub fn handle_write_failed(&mut self, now: Instant, seq: u64) {
+        if self.writing.remove(&seq) {
+            self.stats.failed += 1;
+            self.unconfirmed.insert(seq, now);
+        }
+    }
+
+    /// The aggregator stored the snapshot of `seq` (and the driver deleted the outbox's copy).
+    pub fn handle_stored(&mut self, seq: u64) {
+        let was_writing = self.writing.remove(&seq);
+        if self.unconfirmed.remove(&seq).is_some() || was_writing {
+            self.stats.confirmed += 1;
+        }
+    }
+
+    /// The outbox has new snapshots.
+    pub fn handle_appended(&mut self) {
+        self.caught_up = false;
+    }
+
+    /// When [`SnapshotWindow::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.unconfirmed.values().min().map(|t| *t + self.cfg.confirm_timeout)
+    }
+
+    /// Unconfirmed snapshots whose wait is over are forgotten and the window goes back to just
+    /// before the lowest of them, so the next loads upload again whatever the outbox still holds
+    /// from there (confirmed ones are gone from it).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<u64> =
+            self.unconfirmed.iter().filter(|(_, t)| now >= **t + self.cfg.confirm_timeout).map(|(s, _)| *s).collect();
+        let Some(&lowest) = expired.first() else { return };
+        for s in &expired {
+            self.unconfirmed.remove(s);
+        }
+        self.after = self.after.min(lowest - 1);
+        self.caught_up = false;
+        self.stats.rewinds += 1;
     }
 }
 
@@ -480,6 +661,131 @@ mod tests {
         assert_eq!(b.next_delay(0.0).as_millis(), 100);
         let mut j = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.5);
         assert_eq!(j.next_delay(1.0).as_millis(), 50);
+    }
+
+    fn window(max: usize) -> SnapshotWindow {
+        SnapshotWindow::new(SnapshotWindowConfig { max_in_flight: max, confirm_timeout: Duration::from_secs(60) })
+    }
+
+    /// Loads from a simulated outbox holding `pending`, the way the driver does.
+    fn load(w: &mut SnapshotWindow, pending: &BTreeSet<u64>) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(req) = w.poll_request() {
+            let seqs: Vec<u64> = pending.range(req.after + 1..).take(req.max).copied().collect();
+            let fresh = w.handle_loaded(req, &seqs);
+            if seqs.is_empty() {
+                break;
+            }
+            out.extend(fresh);
+        }
+        out
+    }
+
+    #[test]
+    fn snapshot_window_uploads_in_order_within_its_limit() {
+        let t0 = Instant::now();
+        let mut pending: BTreeSet<u64> = [3, 5, 8, 9, 12, 20].into();
+        let mut w = window(4);
+        assert_eq!(load(&mut w, &pending), vec![3, 5, 8, 9]);
+        assert_eq!(w.poll_request(), None, "window full");
+        w.handle_written(t0, 3);
+        assert_eq!(w.poll_request(), None, "written but unconfirmed still counts");
+        pending.remove(&3);
+        w.handle_stored(3);
+        assert_eq!(load(&mut w, &pending), vec![12]);
+        pending.remove(&5);
+        w.handle_stored(5); // confirmed before the driver saw its stream finish
+        assert_eq!(load(&mut w, &pending), vec![20]);
+        // Caught up: nothing more is asked until the outbox has new snapshots.
+        pending.remove(&8);
+        w.handle_stored(8);
+        assert_eq!(load(&mut w, &pending), Vec::<u64>::new());
+        assert_eq!(w.poll_request(), None);
+        pending.insert(21);
+        w.handle_appended();
+        assert_eq!(load(&mut w, &pending), vec![21]);
+        assert_eq!(w.stats().uploads, 7);
+        assert_eq!(w.stats().confirmed, 3);
+    }
+
+    #[test]
+    fn unconfirmed_snapshots_are_uploaded_again_after_the_timeout() {
+        let t0 = Instant::now();
+        let mut pending: BTreeSet<u64> = [1, 2, 3].into();
+        let mut w = window(2);
+        assert_eq!(load(&mut w, &pending), vec![1, 2]);
+        w.handle_written(t0, 1);
+        w.handle_write_failed(t0 + Duration::from_secs(1), 2);
+        assert_eq!(w.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+        w.handle_timeout(t0 + Duration::from_secs(59));
+        assert_eq!(w.poll_request(), None, "nothing expired yet");
+        // 1 was stored meanwhile, but its confirmation was lost.
+        pending.remove(&1);
+        w.handle_timeout(t0 + Duration::from_secs(60));
+        assert_eq!(w.stats().rewinds, 1);
+        // Only 1 expired: the window goes back to it; 2 still waits.
+        assert_eq!(load(&mut w, &pending), vec![3]);
+        w.handle_timeout(t0 + Duration::from_secs(61));
+        assert_eq!(w.stats().rewinds, 2);
+        w.handle_written(t0 + Duration::from_secs(61), 3);
+        assert_eq!(load(&mut w, &pending), vec![2]);
+        assert_eq!(w.stats().failed, 1);
+    }
+
+    #[test]
+    fn a_snapshot_still_being_written_is_not_uploaded_twice_after_a_rewind() {
+        let t0 = Instant::now();
+        let pending: BTreeSet<u64> = [1, 2].into();
+        let mut w = window(4);
+        assert_eq!(load(&mut w, &pending), vec![1, 2]);
+        w.handle_written(t0, 1);
+        w.handle_timeout(t0 + Duration::from_secs(60));
+        // 2 is still being written: only 1 goes again.
+        assert_eq!(load(&mut w, &pending), vec![1]);
+        // A stale load (from before a rewind) uploads nothing.
+        let req = SnapshotRequest { after: 99, max: 1 };
+        assert_eq!(w.handle_loaded(req, &[100]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn snapshot_stored_reaches_the_agent_and_is_queued_by_the_ingest() {
+        let mut ingest = IngestSession::new();
+        ingest.handle_snapshot_stored(7);
+        assert_eq!(ingest.poll_transmit(), Some(Frame::SnapshotStored { seq: 7 }));
+        let mut agent = AgentSession::new(AgentSessionConfig::default(), 0);
+        agent.handle_frame(Frame::SnapshotStored { seq: 7 });
+        assert_eq!(agent.poll_event(), None, "ignored while disconnected");
+        agent.handle_connected(
+            Instant::now(),
+            Hello {
+                agent_version: "t".into(),
+                model: "m".into(),
+                cameras: vec![],
+                last_acked_seq: 0,
+                last_assigned_seq: 0,
+            },
+        );
+        agent.handle_frame(Frame::SnapshotStored { seq: 7 });
+        assert_eq!(agent.poll_event(), Some(AgentEvent::SnapshotStored(7)));
+        // Snapshots never travel on the control stream.
+        let mut ingest = IngestSession::new();
+        let hello = Hello {
+            agent_version: "t".into(),
+            model: "m".into(),
+            cameras: vec![],
+            last_acked_seq: 0,
+            last_assigned_seq: 0,
+        };
+        ingest.handle_frame(Frame::Hello(hello)).expect("hello");
+        ingest.handle_high_water(0);
+        let snap = crate::wire::SnapshotUpload {
+            seq: 1,
+            camera: "c".into(),
+            taken_at_ms: 0,
+            full_jpeg: vec![0xFF, 0xD8, 0xFF],
+            crop_jpeg: None,
+        };
+        assert_eq!(ingest.handle_frame(Frame::Snapshot(snap)), Err(IngestError::Unexpected("snapshot")));
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl World {
                 AgentEvent::HeartbeatDue => self.agent.send_heartbeat(now, 0, Default::default()),
                 AgentEvent::LinkDead => dead = true,
                 AgentEvent::Refused(r) => panic!("refused: {r}"),
+                AgentEvent::SnapshotStored(seq) => panic!("no snapshots on this link, yet stored {seq}"),
             }
         }
         while let Some(req) = self.agent.poll_batch_request() {
