@@ -90,6 +90,10 @@ impl Model {
             oldest_committed_ms: self.rows.values().map(|r| r.committed_ms).min(),
             evicted_total: self.evicted_total,
             evicted_by_kind: self.evicted_by_kind.clone(),
+            // This model has no snapshots (their tests are beside the outbox).
+            pending_snapshots: 0,
+            pending_snapshot_bytes: 0,
+            snapshots_evicted: 0,
         }
     }
 

@@ -7,5 +7,6 @@ pub mod outbox;
 pub mod stress;
 
 pub use outbox::{
-    AckOutcome, AppendOutcome, NewEvent, Outbox, OutboxConfig, OutboxError, OutboxStats, SCHEMA_VERSION, read_stats,
+    AckOutcome, AppendOutcome, DEFAULT_MAX_SNAPSHOT_BYTES, NewEvent, Outbox, OutboxConfig, OutboxError, OutboxStats,
+    SCHEMA_VERSION, SNAPSHOT_KIND, SnapshotImages, read_stats,
 };
