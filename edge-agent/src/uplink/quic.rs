@@ -1,5 +1,11 @@
 //! QUIC transport of the uplink: connect with mutual TLS, run the [`AgentSession`] over one
 //! bidirectional stream, reconnect with capped exponential backoff.
+//!
+//! Snapshots go beside it: once the session is welcomed, a task of the connection uploads the
+//! outbox's pending snapshots, each on a unidirectional stream of its own with a lower priority
+//! than the control stream, at most [`SnapshotWindowConfig::max_in_flight`] unconfirmed at a time
+//! ([`SnapshotWindow`] decides). The control loop never waits for it: it only forwards the
+//! aggregator's `SnapshotStored` confirmations, and the task deletes the confirmed snapshots.
 
 use crate::unix_ms;
 use std::net::SocketAddr;
@@ -9,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use its_shared::DeviceHealth;
-use its_shared::session::{AgentEvent, AgentSession, AgentSessionConfig, Backoff};
+use its_shared::session::{
+    AgentEvent, AgentSession, AgentSessionConfig, Backoff, SnapshotWindow, SnapshotWindowConfig,
+};
 use its_shared::wire::{self, Frame, FrameDecoder, Hello};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
@@ -39,17 +47,33 @@ pub struct UplinkConfig {
     pub cameras: Vec<String>,
 }
 
+/// Priority of the control stream (quinn's default); snapshot streams get a lower one.
+const CONTROL_PRIORITY: i32 = 0;
+/// Priority of snapshot streams: their bytes go out only when the control stream has none queued.
+const SNAPSHOT_PRIORITY: i32 = -1;
+/// Confirmations the control loop may queue for the snapshot task (it never waits on it: a
+/// confirmation that finds the queue full is dropped, and the snapshot is uploaded again later).
+const STORED_QUEUE: usize = 256;
+
 /// State the uplink shares with the rest of the agent.
 #[derive(Debug, Default)]
 pub struct UplinkHandle {
     /// Wakes the uplink when the outbox has new rows (producers call `notify_one`).
     pub appended: Notify,
+    /// Wakes the snapshot uploader when the outbox has new snapshots: producers that append
+    /// snapshots call `notify_one` on it as well as on `appended`.
+    pub snapshots_appended: Notify,
     pub connected: AtomicBool,
     /// Connections that ended (for any reason) since start.
     pub reconnects: AtomicU64,
     /// Highest acknowledged sequence number.
     pub acked: AtomicU64,
     pub resends: AtomicU64,
+    /// Snapshots the aggregator confirmed and the outbox deleted, since start.
+    pub snapshots_stored: AtomicU64,
+    /// Snapshot uploads started (streams opened), since start; more than `snapshots_stored`
+    /// when uploads are repeated after a reconnect or a timeout.
+    pub snapshot_uploads: AtomicU64,
 }
 
 /// Produces the health report sent in heartbeats.
@@ -116,7 +140,7 @@ async fn connect_and_drive(
     client: &quinn::ClientConfig,
     session: &mut AgentSession,
     outbox: &Arc<Outbox>,
-    handle: &UplinkHandle,
+    handle: &Arc<UplinkHandle>,
     health: &HealthFn,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Ended> {
@@ -134,13 +158,18 @@ async fn connect_and_drive(
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    send.set_priority(CONTROL_PRIORITY).context("setting the control stream's priority")?;
     handle.connected.store(true, Ordering::Relaxed);
     tracing::info!(%addr, "uplink connected");
 
     let (tx, mut rx) = mpsc::channel::<Result<Frame, String>>(64);
     let reader = tokio::spawn(read_frames(recv, tx));
-    let result = drive(cfg, session, &mut send, &mut rx, outbox, handle, health, shutdown).await;
+    let mut snapshots = SnapshotTask { conn: conn.clone(), outbox: outbox.clone(), handle: handle.clone(), task: None };
+    let result = drive(cfg, session, &mut send, &mut rx, &mut snapshots, outbox, handle, health, shutdown).await;
     reader.abort();
+    if let Some((task, _)) = snapshots.task.take() {
+        task.abort();
+    }
     let reason = match &result {
         Ok(()) => "shutdown".to_string(),
         Err(e) => format!("{e:#}"),
@@ -189,12 +218,114 @@ async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<Frame,
     }
 }
 
+/// The connection's snapshot uploader: started once the session is welcomed.
+struct SnapshotTask {
+    conn: quinn::Connection,
+    outbox: Arc<Outbox>,
+    handle: Arc<UplinkHandle>,
+    /// The running task and the queue of confirmations to it.
+    task: Option<(tokio::task::JoinHandle<()>, mpsc::Sender<u64>)>,
+}
+
+impl SnapshotTask {
+    fn start(&mut self) {
+        let (tx, rx) = mpsc::channel(STORED_QUEUE);
+        let (conn, outbox, handle) = (self.conn.clone(), self.outbox.clone(), self.handle.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = upload_snapshots(conn, outbox, handle, rx, SnapshotWindowConfig::default()).await {
+                // The control loop notices a dead connection on its own; only log here.
+                tracing::warn!(error = %format!("{e:#}"), "snapshot uploads stopped");
+            }
+        });
+        self.task = Some((task, tx));
+    }
+
+    /// Hands a confirmation to the uploader without waiting.
+    fn stored(&self, seq: u64) {
+        match &self.task {
+            Some((_, tx)) => {
+                if tx.try_send(seq).is_err() {
+                    tracing::debug!(seq, "snapshot confirmation queue full: the snapshot will be uploaded again");
+                }
+            }
+            None => tracing::debug!(seq, "snapshot confirmation before the session was ready: ignored"),
+        }
+    }
+}
+
+/// Uploads pending snapshots over `conn` until the connection ends (see the module docs).
+async fn upload_snapshots(
+    conn: quinn::Connection,
+    outbox: Arc<Outbox>,
+    handle: Arc<UplinkHandle>,
+    mut stored: mpsc::Receiver<u64>,
+    cfg: SnapshotWindowConfig,
+) -> anyhow::Result<()> {
+    let mut window = SnapshotWindow::new(cfg);
+    let mut writes: tokio::task::JoinSet<(u64, Result<(), String>)> = tokio::task::JoinSet::new();
+    loop {
+        while let Some(req) = window.poll_request() {
+            let ob = outbox.clone();
+            let loaded = tokio::task::spawn_blocking(move || ob.read_snapshots_after(req.after, req.max)).await??;
+            let seqs: Vec<u64> = loaded.iter().map(|u| u.seq).collect();
+            let fresh = window.handle_loaded(req, &seqs);
+            for upload in loaded.into_iter().filter(|u| fresh.contains(&u.seq)) {
+                handle.snapshot_uploads.fetch_add(1, Ordering::Relaxed);
+                let conn = conn.clone();
+                writes.spawn(async move {
+                    let seq = upload.seq;
+                    (seq, write_snapshot(&conn, upload).await.map_err(|e| format!("{e:#}")))
+                });
+            }
+        }
+        let deadline = window.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            seq = stored.recv() => {
+                let Some(seq) = seq else { return Ok(()) }; // the control loop ended
+                let ob = outbox.clone();
+                if tokio::task::spawn_blocking(move || ob.snapshot_stored(seq)).await?? {
+                    handle.snapshots_stored.fetch_add(1, Ordering::Relaxed);
+                }
+                window.handle_stored(seq);
+            }
+            Some(done) = writes.join_next(), if !writes.is_empty() => match done {
+                Ok((seq, Ok(()))) => window.handle_written(now_std(), seq),
+                Ok((seq, Err(e))) => {
+                    tracing::debug!(seq, error = %e, "snapshot upload failed; it will be uploaded again");
+                    window.handle_write_failed(now_std(), seq);
+                }
+                Err(e) => anyhow::bail!("snapshot upload task: {e}"),
+            },
+            _ = handle.snapshots_appended.notified() => window.handle_appended(),
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                window.handle_timeout(now_std());
+            }
+            reason = conn.closed() => {
+                tracing::debug!(%reason, "connection closed: snapshot uploads end");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One snapshot on a unidirectional stream of its own, at the snapshot priority.
+async fn write_snapshot(conn: &quinn::Connection, upload: wire::SnapshotUpload) -> anyhow::Result<()> {
+    let seq = upload.seq;
+    let bytes = wire::encode(&Frame::Snapshot(upload)).with_context(|| format!("encoding snapshot {seq}"))?;
+    let mut stream = conn.open_uni().await.context("opening a snapshot stream")?;
+    stream.set_priority(SNAPSHOT_PRIORITY).context("setting the snapshot stream's priority")?;
+    stream.write_all(&bytes).await.with_context(|| format!("writing snapshot {seq}"))?;
+    stream.finish().with_context(|| format!("finishing snapshot {seq}"))?;
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: &UplinkConfig,
     session: &mut AgentSession,
     send: &mut quinn::SendStream,
     rx: &mut mpsc::Receiver<Result<Frame, String>>,
+    snapshots: &mut SnapshotTask,
     outbox: &Arc<Outbox>,
     handle: &UplinkHandle,
     health: &HealthFn,
@@ -236,12 +367,15 @@ async fn drive(
                 AgentEvent::HeartbeatDue => session.send_heartbeat(now_std(), unix_ms(), health()),
                 AgentEvent::LinkDead => return Err(anyhow!("no acknowledgement through repeated resends")),
                 AgentEvent::Refused(reason) => return Err(anyhow!("aggregator refused the session: {reason}")),
+                AgentEvent::SnapshotStored(seq) => snapshots.stored(seq),
             }
         }
         if !welcomed && session.is_streaming() {
             welcomed = true;
             outbox.welcome(session.acked());
             tracing::info!(acked = session.acked(), "uplink session ready");
+            // After the welcome's ack was applied: a renumbering has moved the snapshots too.
+            snapshots.start();
         }
         if let Some(req) = session.poll_batch_request() {
             let ob = outbox.clone();
