@@ -57,6 +57,7 @@ async fn setup(database_url: &str) -> anyhow::Result<Setup> {
         pki_dir: root.join("pki"),
         ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(10) },
         http_listen: ([127, 0, 0, 1], 0).into(),
+        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);

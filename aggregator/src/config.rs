@@ -10,6 +10,7 @@ use its_shared::config::{ConfigErrors, parse_toml_with_env};
 use serde::Deserialize;
 
 use crate::ingest::IngestConfig;
+use crate::snapshots::SnapshotLocation;
 
 pub const ENV_PREFIX: &str = "ITS_AGGREGATOR__";
 
@@ -22,6 +23,7 @@ pub struct RawConfig {
     pub pki_dir: PathBuf,
     pub quic: RawQuic,
     pub http: RawHttp,
+    pub snapshots: RawSnapshots,
 }
 
 impl Default for RawConfig {
@@ -31,6 +33,7 @@ impl Default for RawConfig {
             pki_dir: PathBuf::from("/var/lib/its-aggregator/pki"),
             quic: RawQuic::default(),
             http: RawHttp::default(),
+            snapshots: RawSnapshots::default(),
         }
     }
 }
@@ -65,12 +68,28 @@ impl Default for RawHttp {
     }
 }
 
+/// Where event snapshots (JPEG pictures) are kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSnapshots {
+    /// `file:///ABSOLUTE/DIR` (a local directory, created if missing) or `s3://BUCKET[/PREFIX]`
+    /// (S3 or an S3-compatible store such as MinIO; credentials, region and endpoint from the
+    /// standard environment variables `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`). Objects are `snapshots/{device}/{seq}.jpg` and
+    /// `snapshots/{device}/{seq}-crop.jpg` under it. Empty (the default): the directory of the
+    /// SQLite database file, so pictures sit in a `snapshots/` directory beside `events.db` and
+    /// one backup covers both; with PostgreSQL or an in-memory database, the parent directory of
+    /// `pki_dir` (the aggregator's data directory in the default layout).
+    pub url: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub database_url: String,
     pub pki_dir: PathBuf,
     pub ingest: IngestConfig,
     pub http_listen: SocketAddr,
+    pub snapshots: SnapshotLocation,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,15 +137,71 @@ impl RawConfig {
             ),
             Some(_) => {}
         }
-        match (e.is_empty(), quic, http) {
-            (true, Some(quic), Some(http)) => Ok(ServerConfig {
+        let snapshots = match self.snapshot_location() {
+            Ok(loc) => Some(loc),
+            Err(message) => {
+                e.push("snapshots.url", message);
+                None
+            }
+        };
+        match (e.is_empty(), quic, http, snapshots) {
+            (true, Some(quic), Some(http), Some(snapshots)) => Ok(ServerConfig {
                 database_url: url.clone(),
                 pki_dir: self.pki_dir.clone(),
                 ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms) },
                 http_listen: http,
+                snapshots,
             }),
             _ => Err(e),
         }
+    }
+
+    /// `[snapshots] url`, or the default beside the database (see [`RawSnapshots::url`]).
+    fn snapshot_location(&self) -> Result<SnapshotLocation, String> {
+        let url = self.snapshots.url.trim();
+        if url.is_empty() {
+            return Ok(SnapshotLocation::Local(default_snapshot_dir(&self.database_url, &self.pki_dir)));
+        }
+        let parsed = url::Url::parse(url).map_err(|err| format!("{url:?} is not a URL: {err}"))?;
+        match parsed.scheme() {
+            "file" => {
+                let has_host = parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost");
+                match parsed.to_file_path() {
+                    Ok(dir) if !has_host && dir.is_absolute() => Ok(SnapshotLocation::Local(dir)),
+                    _ => Err(format!("{url:?}: use file:///ABSOLUTE/DIRECTORY")),
+                }
+            }
+            "s3" => {
+                let bucket = parsed.host_str().unwrap_or_default().to_owned();
+                if bucket.is_empty() {
+                    return Err(format!("{url:?}: use s3://BUCKET or s3://BUCKET/PREFIX"));
+                }
+                if parsed.query().is_some() || parsed.fragment().is_some() {
+                    return Err(format!("{url:?}: S3 settings come from the AWS_* environment variables, not the URL"));
+                }
+                let prefix = parsed.path().trim_matches('/').to_owned();
+                Ok(SnapshotLocation::S3 { bucket, prefix })
+            }
+            other => Err(format!("{url:?}: scheme {other:?} is not supported; use file:///DIR or s3://BUCKET/PREFIX")),
+        }
+    }
+}
+
+/// The directory of the SQLite database file, else the parent of `pki_dir` (else `pki_dir`).
+fn default_snapshot_dir(database_url: &str, pki_dir: &Path) -> PathBuf {
+    let sqlite_file = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|path| !path.is_empty() && !path.contains(":memory:"));
+    let base = match sqlite_file {
+        Some(file) => Path::new(file).parent().map(Path::to_path_buf),
+        None => pki_dir.parent().map(Path::to_path_buf),
+    };
+    match base {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        Some(_) => PathBuf::from("."),
+        None => pki_dir.to_path_buf(),
     }
 }
 
@@ -152,6 +227,49 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        assert!(RawConfig::default().validate("defaults").is_ok());
+        let cfg = RawConfig::default().validate("defaults").expect("valid");
+        assert_eq!(cfg.snapshots, SnapshotLocation::Local(PathBuf::from("/var/lib/its-aggregator")));
+    }
+
+    fn snapshots_with(database_url: &str, url: &str) -> Result<SnapshotLocation, Vec<String>> {
+        let raw = RawConfig::load(
+            None,
+            vec![
+                ("ITS_AGGREGATOR__DATABASE_URL".into(), database_url.into()),
+                ("ITS_AGGREGATOR__PKI_DIR".into(), "/srv/its/pki".into()),
+                ("ITS_AGGREGATOR__SNAPSHOTS__URL".into(), url.into()),
+            ],
+        )
+        .expect("parses");
+        raw.validate("env").map(|c| c.snapshots).map_err(|e| e.issues.iter().map(|i| i.path.clone()).collect())
+    }
+
+    #[test]
+    fn snapshot_location_defaults_beside_the_database() {
+        let local = |p: &str| Ok(SnapshotLocation::Local(PathBuf::from(p)));
+        assert_eq!(snapshots_with("sqlite:///data/agg/events.db", ""), local("/data/agg"));
+        assert_eq!(snapshots_with("sqlite:///data/agg/events.db?mode=rwc", ""), local("/data/agg"));
+        assert_eq!(snapshots_with("sqlite://events.db", ""), local("."));
+        assert_eq!(snapshots_with("sqlite::memory:", ""), local("/srv/its"));
+        assert_eq!(snapshots_with("postgres://u@h/db", ""), local("/srv/its"));
+    }
+
+    #[test]
+    fn snapshot_urls() {
+        assert_eq!(
+            snapshots_with("postgres://u@h/db", "file:///mnt/pictures"),
+            Ok(SnapshotLocation::Local(PathBuf::from("/mnt/pictures")))
+        );
+        assert_eq!(
+            snapshots_with("postgres://u@h/db", "s3://its-pictures/prod/eu"),
+            Ok(SnapshotLocation::S3 { bucket: "its-pictures".into(), prefix: "prod/eu".into() })
+        );
+        assert_eq!(
+            snapshots_with("postgres://u@h/db", "s3://its-pictures"),
+            Ok(SnapshotLocation::S3 { bucket: "its-pictures".into(), prefix: String::new() })
+        );
+        for bad in ["relative/dir", "file://host/dir", "gs://bucket", "s3:///prefix", "s3://b/p?region=x", "ftp://x"] {
+            assert_eq!(snapshots_with("postgres://u@h/db", bad), Err(vec!["snapshots.url".to_string()]), "{bad}");
+        }
     }
 }

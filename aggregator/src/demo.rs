@@ -124,6 +124,7 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
         pki_dir: dir.join("pki"),
         ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_secs(10) },
         http_listen: http,
+        snapshots: crate::snapshots::SnapshotLocation::Local(dir.to_path_buf()),
     }
 }
 

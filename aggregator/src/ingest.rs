@@ -3,6 +3,16 @@
 //!
 //! The device identity is the common name of the client certificate that rustls verified
 //! against the fleet CA and the current CRL; nothing the agent sends can change it.
+//!
+//! Snapshots arrive beside the control stream, each alone on a unidirectional stream, and are
+//! handled concurrently with it: the stream is read up to [`wire::MAX_SNAPSHOT_FRAME_LEN`] (a longer
+//! one is stopped before more is buffered), must hold exactly one [`Frame::Snapshot`] that passes
+//! [`wire::SnapshotUpload::check`] (limits, JPEG magic bytes), and is then stored: the pictures
+//! into object storage, then the row ([`EventStore::record_snapshot`]). Only then does the control
+//! stream carry [`Frame::SnapshotStored`] for it, and the agent deletes its copy. A snapshot
+//! already recorded is confirmed without being written again. A refused snapshot is counted and
+//! its stream stopped; a storage failure is counted and not confirmed (the agent uploads it again
+//! later); neither ends the connection, so pictures never hold up events.
 
 use crate::unix_ms;
 use std::net::SocketAddr;
@@ -12,11 +22,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use its_shared::session::{IngestAction, IngestSession};
 use its_shared::wire::{self, Frame, FrameDecoder};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::pki::{Pki, device_id_from_cert};
-use crate::store::EventStore;
+use crate::snapshots::SnapshotObjects;
+use crate::store::{EventStore, NewSnapshot};
 use crate::telemetry;
+
+/// Concurrent snapshot streams per connection. The agent keeps at most 4 in flight; 8 bound what a
+/// misbehaving agent can make us buffer to 8 x [`wire::MAX_SNAPSHOT_FRAME_LEN`] (about 24 MiB).
+const MAX_SNAPSHOT_STREAMS: u32 = 8;
+/// A snapshot stream must be complete within this: 3 MiB at 200 kbit/s, a poor cellular link.
+const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+/// Application error code with which a refused snapshot stream is stopped.
+const SNAPSHOT_REFUSED_CODE: u32 = 1;
+/// Confirmations waiting for the control stream.
+const STORED_QUEUE: usize = 64;
 
 /// One slot per device: a device has at most one live session on this aggregator.
 ///
@@ -58,9 +79,9 @@ fn server_config(pki: &Pki, idle: Duration) -> anyhow::Result<quinn::ServerConfi
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle.try_into().map_err(|e| anyhow!("idle timeout: {e}"))?));
-    // One control stream per agent; a few unidirectional streams for later snapshot uploads.
+    // One control stream per agent; unidirectional streams carry snapshots, one each.
     transport.max_concurrent_bidi_streams(4u32.into());
-    transport.max_concurrent_uni_streams(16u32.into());
+    transport.max_concurrent_uni_streams(MAX_SNAPSHOT_STREAMS.into());
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
@@ -77,6 +98,7 @@ pub async fn serve(
     pki: Pki,
     cfg: IngestConfig,
     store: Arc<dyn EventStore>,
+    snapshots: SnapshotObjects,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut stamp = pki.revocation_stamp();
@@ -86,10 +108,10 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return Ok(()) };
-                let (store, sessions) = (store.clone(), sessions.clone());
+                let (store, sessions, snapshots) = (store.clone(), sessions.clone(), snapshots.clone());
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = handle_connection(incoming, store, sessions).await {
+                    if let Err(e) = handle_connection(incoming, store, snapshots, sessions).await {
                         tracing::info!(%remote, error = %format!("{e:#}"), "agent connection ended");
                     }
                 });
@@ -118,6 +140,7 @@ pub async fn serve(
 async fn handle_connection(
     incoming: quinn::Incoming,
     store: Arc<dyn EventStore>,
+    snapshots: SnapshotObjects,
     sessions: DeviceSessions,
 ) -> anyhow::Result<()> {
     let conn = match incoming.await {
@@ -130,13 +153,19 @@ async fn handle_connection(
     let device = peer_device_id(&conn)?;
     let _active = telemetry::ConnectionGuard::new();
     tracing::info!(device = %device, remote = %conn.remote_address(), "agent connected");
+    let (stored_tx, mut stored_rx) = mpsc::channel(STORED_QUEUE);
+    let uploads =
+        SnapshotIngest { conn: conn.clone(), device: device.clone(), store: store.clone(), objects: snapshots };
+    let _uploads = AbortOnDrop(tokio::spawn(uploads.run(stored_tx)));
     let (mut send, mut recv) = conn.accept_bi().await.context("waiting for the control stream")?;
     let slot = sessions.slot(&device);
     let generation = slot.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
     slot.preempt.notify_waiters();
     let _exclusive = slot.lock.lock().await;
     let mut session = IngestSession::new();
-    let result = run_session(&device, &mut session, &mut send, &mut recv, store.as_ref(), &slot, generation).await;
+    let result =
+        run_session(&device, &mut session, &mut send, &mut recv, &mut stored_rx, store.as_ref(), &slot, generation)
+            .await;
     let stats = session.stats();
     telemetry::session_closed(&stats);
     match result {
@@ -166,11 +195,13 @@ fn peer_device_id(conn: &quinn::Connection) -> anyhow::Result<String> {
     Ok(device_id_from_cert(leaf)?)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     device: &str,
     session: &mut IngestSession,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
+    stored: &mut mpsc::Receiver<u64>,
     store: &dyn EventStore,
     slot: &DeviceSlot,
     generation: u64,
@@ -185,6 +216,11 @@ async fn run_session(
         }
         let read = tokio::select! {
             r = recv.read(&mut chunk) => r.context("reading from the agent")?,
+            Some(seq) = stored.recv() => {
+                session.handle_snapshot_stored(seq);
+                flush(session, send, &mut out).await?;
+                continue;
+            }
             _ = slot.preempt.notified() => continue,
         };
         let Some(n) = read else {
@@ -210,11 +246,160 @@ async fn run_session(
                 Some(IngestAction::Health(hb)) => store.record_health(device, &hb, unix_ms()).await?,
                 None => telemetry::batch_out_of_order(),
             }
-            while let Some(f) = session.poll_transmit() {
-                out.clear();
-                wire::encode_into(&f, &mut out)?;
-                send.write_all(&out).await.context("writing to the agent")?;
-            }
+            flush(session, send, &mut out).await?;
         }
+    }
+}
+
+/// Writes the frames the session queued.
+async fn flush(session: &mut IngestSession, send: &mut quinn::SendStream, out: &mut Vec<u8>) -> anyhow::Result<()> {
+    while let Some(f) = session.poll_transmit() {
+        out.clear();
+        wire::encode_into(&f, out)?;
+        send.write_all(out).await.context("writing to the agent")?;
+    }
+    Ok(())
+}
+
+/// Aborts the task when dropped (the connection's snapshot streams end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a snapshot stream was not confirmed.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotStreamError {
+    /// The agent sent something that is not an acceptable snapshot (metric label, message).
+    #[error("refused ({0}): {1}")]
+    Refused(&'static str, String),
+    /// The stream broke (connection lost, reset, timed out): nothing to count.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// Object storage or the database failed; the agent uploads it again later.
+    #[error("storing: {0:#}")]
+    Storage(anyhow::Error),
+}
+
+/// The snapshot streams of one connection.
+struct SnapshotIngest {
+    conn: quinn::Connection,
+    device: String,
+    store: Arc<dyn EventStore>,
+    objects: SnapshotObjects,
+}
+
+impl SnapshotIngest {
+    /// Accepts snapshot streams until the connection ends, each handled in a task of its own
+    /// (the transport admits [`MAX_SNAPSHOT_STREAMS`] at once); stored ones go to `stored`.
+    async fn run(self, stored: mpsc::Sender<u64>) {
+        let this = Arc::new(self);
+        let mut streams = tokio::task::JoinSet::new();
+        loop {
+            let accepted = tokio::select! {
+                a = this.conn.accept_uni() => a,
+                Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+            };
+            let mut stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(device = %this.device, error = %e, "no more snapshot streams");
+                    return;
+                }
+            };
+            let (this, stored) = (this.clone(), stored.clone());
+            streams.spawn(async move {
+                match this.receive(&mut stream).await {
+                    Ok(seq) => {
+                        // The control stream may be gone: the agent then uploads it again.
+                        let _ = stored.send(seq).await;
+                    }
+                    Err(SnapshotStreamError::Refused(reason, message)) => {
+                        telemetry::snapshot_refused(reason);
+                        tracing::warn!(device = %this.device, reason, %message, "snapshot refused");
+                        let _ = stream.stop(SNAPSHOT_REFUSED_CODE.into());
+                    }
+                    Err(e @ SnapshotStreamError::Storage(_)) => {
+                        telemetry::snapshot_failed();
+                        tracing::warn!(device = %this.device, error = %e, "snapshot not stored; the agent will upload it again");
+                    }
+                    Err(e @ SnapshotStreamError::Stream(_)) => {
+                        tracing::debug!(device = %this.device, error = %e, "snapshot stream ended early");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Reads, checks and stores one snapshot stream; returns the event's `seq` once the pictures
+    /// and their row are durable.
+    async fn receive(&self, stream: &mut quinn::RecvStream) -> Result<u64, SnapshotStreamError> {
+        let read = tokio::time::timeout(SNAPSHOT_STREAM_TIMEOUT, stream.read_to_end(wire::MAX_SNAPSHOT_FRAME_LEN));
+        let bytes = match read.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(quinn::ReadToEndError::TooLong)) => {
+                return Err(SnapshotStreamError::Refused(
+                    "too_large",
+                    format!("stream longer than {} bytes", wire::MAX_SNAPSHOT_FRAME_LEN),
+                ));
+            }
+            Ok(Err(quinn::ReadToEndError::Read(e))) => return Err(SnapshotStreamError::Stream(e.to_string())),
+            Err(_) => return Err(SnapshotStreamError::Stream("timed out".into())),
+        };
+        let upload = match wire::decode_one(&bytes) {
+            Ok(Frame::Snapshot(upload)) => upload,
+            Ok(other) => {
+                return Err(SnapshotStreamError::Refused(
+                    "malformed",
+                    format!("a {} frame on a snapshot stream", other.name()),
+                ));
+            }
+            Err(e) => return Err(SnapshotStreamError::Refused("malformed", e.to_string())),
+        };
+        drop(bytes);
+        upload.check().map_err(|e| SnapshotStreamError::Refused("invalid", e.to_string()))?;
+        let seq = upload.seq;
+        let started = Instant::now();
+        let device = self.device.as_str();
+        if self.store.has_snapshot(device, seq).await.map_err(|e| SnapshotStreamError::Storage(e.into()))? {
+            telemetry::snapshot_duplicate();
+            return Ok(seq);
+        }
+        let storage = |e: crate::snapshots::SnapshotStoreError| SnapshotStreamError::Storage(e.into());
+        let full_key = SnapshotObjects::full_key(device, seq).map_err(storage)?;
+        let full_bytes = upload.full_jpeg.len() as u64;
+        let crop = match upload.crop_jpeg {
+            Some(crop) => Some((SnapshotObjects::crop_key(device, seq).map_err(storage)?, crop)),
+            None => None,
+        };
+        let crop_meta = crop.as_ref().map(|(key, bytes)| (key.to_string(), bytes.len() as u64));
+        self.objects.put(&full_key, upload.full_jpeg).await.map_err(storage)?;
+        if let Some((key, bytes)) = crop {
+            self.objects.put(&key, bytes).await.map_err(storage)?;
+        }
+        let full_key = full_key.to_string();
+        let record = NewSnapshot {
+            seq,
+            camera: &upload.camera,
+            taken_at_ms: upload.taken_at_ms,
+            full_key: &full_key,
+            full_bytes,
+            crop: crop_meta.as_ref().map(|(k, n)| (k.as_str(), *n)),
+        };
+        let inserted = self
+            .store
+            .record_snapshot(device, &record, unix_ms())
+            .await
+            .map_err(|e| SnapshotStreamError::Storage(e.into()))?;
+        if inserted {
+            let bytes = full_bytes + crop_meta.as_ref().map_or(0, |(_, n)| *n);
+            telemetry::snapshot_stored(bytes, started.elapsed());
+        } else {
+            telemetry::snapshot_duplicate();
+        }
+        Ok(seq)
     }
 }

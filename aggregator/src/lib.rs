@@ -1,6 +1,7 @@
 //! `its-aggregator`: the central service. Modules: [`pki`] (the fleet CA), [`ingest`] (QUIC with
-//! mutual TLS, exactly-once), [`store`] (SQLite / PostgreSQL), [`http`] (REST API and metrics),
-//! [`server`] (wiring), [`demo`] (the README's demo).
+//! mutual TLS, exactly-once), [`store`] (SQLite / PostgreSQL), [`snapshots`] (event pictures in
+//! object storage), [`http`] (REST API and metrics), [`server`] (wiring), [`demo`] (the README's
+//! demo).
 
 pub mod config;
 pub mod demo;
@@ -8,6 +9,7 @@ pub mod http;
 pub mod ingest;
 pub mod pki;
 pub mod server;
+pub mod snapshots;
 pub mod store;
 pub mod telemetry;
 

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::config::ServerConfig;
 use crate::http::{AppState, router};
 use crate::pki::Pki;
+use crate::snapshots::SnapshotObjects;
 use crate::store::{EventStore, open_store};
 
 /// Where the listeners actually bound (port 0 in the configuration picks a free port).
@@ -53,6 +54,8 @@ impl Server {
         }
         let store =
             open_store(&cfg.database_url).await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+        let snapshots = SnapshotObjects::open(&cfg.snapshots)
+            .with_context(|| format!("opening the snapshot store {}", cfg.snapshots))?;
         let endpoint = crate::ingest::bind(&pki, &cfg.ingest)?;
         let quic = endpoint.local_addr().context("QUIC local address")?;
         let listener = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -60,11 +63,18 @@ impl Server {
             .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
         let http = listener.local_addr().context("HTTP local address")?;
         let addrs = BoundAddrs { quic, http };
-        tracing::info!(quic = %quic, http = %http, backend = store.backend(), "aggregator listening");
+        tracing::info!(quic = %quic, http = %http, backend = store.backend(), snapshots = snapshots.location(), "aggregator listening");
 
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(crate::ingest::serve(endpoint, pki, cfg.ingest.clone(), store.clone(), shutdown.clone()));
-        let app = router(AppState { store: store.clone(), metrics });
+        tasks.spawn(crate::ingest::serve(
+            endpoint,
+            pki,
+            cfg.ingest.clone(),
+            store.clone(),
+            snapshots.clone(),
+            shutdown.clone(),
+        ));
+        let app = router(AppState { store: store.clone(), snapshots, metrics });
         let mut sd = shutdown.clone();
         tasks.spawn(async move {
             axum::serve(listener, app)

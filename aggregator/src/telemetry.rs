@@ -13,6 +13,12 @@ pub const EVENTS_DUPLICATE: &str = "its_ingest_events_duplicate_total";
 pub const BATCHES_COMMITTED: &str = "its_ingest_batches_committed_total";
 pub const BATCHES_OUT_OF_ORDER: &str = "its_ingest_batches_out_of_order_total";
 pub const COMMIT_SECONDS: &str = "its_ingest_commit_seconds";
+pub const SNAPSHOTS_STORED: &str = "its_ingest_snapshots_stored_total";
+pub const SNAPSHOT_BYTES_STORED: &str = "its_ingest_snapshot_bytes_stored_total";
+pub const SNAPSHOTS_DUPLICATE: &str = "its_ingest_snapshots_duplicate_total";
+pub const SNAPSHOTS_REFUSED: &str = "its_ingest_snapshots_refused_total";
+pub const SNAPSHOTS_FAILED: &str = "its_ingest_snapshots_failed_total";
+pub const SNAPSHOT_STORE_SECONDS: &str = "its_ingest_snapshot_store_seconds";
 
 /// Registers descriptions (call once at start-up, after installing the recorder).
 pub fn describe() {
@@ -27,6 +33,29 @@ pub fn describe() {
     metrics::describe_counter!(BATCHES_COMMITTED, "Event batches committed");
     metrics::describe_counter!(BATCHES_OUT_OF_ORDER, "Event batches dropped because an earlier batch was missing");
     metrics::describe_histogram!(COMMIT_SECONDS, metrics::Unit::Seconds, "Time to commit one event batch");
+    metrics::describe_counter!(SNAPSHOTS_STORED, "Event snapshots stored (objects written and row committed)");
+    metrics::describe_counter!(
+        SNAPSHOT_BYTES_STORED,
+        metrics::Unit::Bytes,
+        "JPEG bytes of the snapshots stored (full frames and crops)"
+    );
+    metrics::describe_counter!(
+        SNAPSHOTS_DUPLICATE,
+        "Snapshots received again after they were stored (uploads repeated by the agent); confirmed, not rewritten"
+    );
+    metrics::describe_counter!(
+        SNAPSHOTS_REFUSED,
+        "Snapshot streams refused, by reason: too_large, malformed (not one snapshot frame), invalid (limits or not a JPEG)"
+    );
+    metrics::describe_counter!(
+        SNAPSHOTS_FAILED,
+        "Snapshots that could not be stored (object store or database failure); the agent uploads them again"
+    );
+    metrics::describe_histogram!(
+        SNAPSHOT_STORE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to store one snapshot (objects and row)"
+    );
 }
 
 pub fn handshake_refused() {
@@ -61,6 +90,25 @@ pub fn batch_committed(inserted: u64, duplicates: u64, took: Duration) {
     counter!(EVENTS_DUPLICATE).increment(duplicates);
     counter!(BATCHES_COMMITTED).increment(1);
     histogram!(COMMIT_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn snapshot_stored(bytes: u64, took: Duration) {
+    counter!(SNAPSHOTS_STORED).increment(1);
+    counter!(SNAPSHOT_BYTES_STORED).increment(bytes);
+    histogram!(SNAPSHOT_STORE_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn snapshot_duplicate() {
+    counter!(SNAPSHOTS_DUPLICATE).increment(1);
+}
+
+/// `reason`: `too_large`, `malformed` or `invalid`.
+pub fn snapshot_refused(reason: &'static str) {
+    counter!(SNAPSHOTS_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn snapshot_failed() {
+    counter!(SNAPSHOTS_FAILED).increment(1);
 }
 
 pub fn batch_out_of_order() {

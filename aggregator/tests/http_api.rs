@@ -7,8 +7,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use its_aggregator::http::{AppState, HTTP_REQUESTS_TOTAL, router};
+use its_aggregator::snapshots::SnapshotObjects;
 use its_aggregator::store::{
-    DeviceRecord, EventPage, EventQuery, EventStore, EventSummary, InsertOutcome, StoreError, open_store,
+    DeviceRecord, EventId, EventPage, EventQuery, EventStore, EventSummary, InsertOutcome, NewSnapshot, SnapshotLookup,
+    StoreError, open_store,
 };
 use its_shared::event::ObjectRef;
 use its_shared::wire::{Heartbeat, Hello};
@@ -35,9 +37,19 @@ fn event(seq: u64, camera: &str, observed_at_ms: i64) -> EventEnvelope {
     EventEnvelope { seq, camera: camera.to_owned(), observed_at_ms, kind }
 }
 
+/// Snapshot objects in memory.
+fn memory_objects() -> SnapshotObjects {
+    SnapshotObjects::with_store(Arc::new(object_store::memory::InMemory::new()), "memory")
+}
+
 /// A router over an in-memory SQLite store holding 250 events of `dev-a` (cam-1 and Tür-Süd)
 /// and 10 of `dev-b`.
 async fn app() -> (Router, Arc<dyn EventStore>) {
+    let (router, store, _) = app_with_objects().await;
+    (router, store)
+}
+
+async fn app_with_objects() -> (Router, Arc<dyn EventStore>, SnapshotObjects) {
     let store = open_store("sqlite::memory:").await.expect("open store");
     let hello = Hello {
         agent_version: "1.2.3".into(),
@@ -61,8 +73,9 @@ async fn app() -> (Router, Arc<dyn EventStore>) {
         )
         .await
         .expect("health");
-    let state = AppState { store: Arc::clone(&store), metrics: metrics_handle() };
-    (router(state), store)
+    let objects = memory_objects();
+    let state = AppState { store: Arc::clone(&store), snapshots: objects.clone(), metrics: metrics_handle() };
+    (router(state), store, objects)
 }
 
 async fn call(app: &Router, method: &str, uri: &str) -> (StatusCode, Option<String>, Vec<u8>) {
@@ -288,6 +301,15 @@ impl EventStore for BrokenStore {
     async fn device_seqs(&self, _: &str) -> Result<Vec<u64>, StoreError> {
         Err(self.err())
     }
+    async fn record_snapshot(&self, _: &str, _: &NewSnapshot<'_>, _: i64) -> Result<bool, StoreError> {
+        Err(self.err())
+    }
+    async fn has_snapshot(&self, _: &str, _: u64) -> Result<bool, StoreError> {
+        Err(self.err())
+    }
+    async fn snapshot_for_event(&self, _: &EventId) -> Result<SnapshotLookup, StoreError> {
+        Err(self.err())
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         Err(self.err())
     }
@@ -298,8 +320,12 @@ impl EventStore for BrokenStore {
 
 #[tokio::test]
 async fn unreachable_database_is_503() {
-    let app = router(AppState { store: Arc::new(BrokenStore { unreachable: true }), metrics: metrics_handle() });
-    for uri in ["/healthz", "/api/v1/devices", "/api/v1/events"] {
+    let app = router(AppState {
+        store: Arc::new(BrokenStore { unreachable: true }),
+        snapshots: memory_objects(),
+        metrics: metrics_handle(),
+    });
+    for uri in ["/healthz", "/api/v1/devices", "/api/v1/events", "/api/v1/events/dev-a:1/snapshot"] {
         let (status, v) = get_json(&app, uri).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
         assert_eq!(error_code(&v), "unavailable");
@@ -308,8 +334,12 @@ async fn unreachable_database_is_503() {
 
 #[tokio::test]
 async fn internal_failures_are_500_without_internals() {
-    let app = router(AppState { store: Arc::new(BrokenStore { unreachable: false }), metrics: metrics_handle() });
-    for uri in ["/api/v1/devices", "/api/v1/events?device=x"] {
+    let app = router(AppState {
+        store: Arc::new(BrokenStore { unreachable: false }),
+        snapshots: memory_objects(),
+        metrics: metrics_handle(),
+    });
+    for uri in ["/api/v1/devices", "/api/v1/events?device=x", "/api/v1/events/dev-a:1/snapshot"] {
         let (status, ctype, body) = call(&app, "GET", uri).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
         assert_eq!(ctype.as_deref(), Some("application/json"));
@@ -321,4 +351,124 @@ async fn internal_failures_are_500_without_internals() {
     // Parameter errors are still 400: they are checked before the store is called... or by it.
     let (status, _) = get_json(&app, "/api/v1/events?bogus=1").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots: GET /api/v1/events/{id}/snapshot
+
+/// A real JPEG whose bytes depend on `seed`.
+fn jpeg(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Jpeg).expect("encode");
+    out.into_inner()
+}
+
+/// Stores pictures the way the ingest does: objects first, then the row.
+async fn put_snapshot(
+    store: &Arc<dyn EventStore>,
+    objects: &SnapshotObjects,
+    device: &str,
+    seq: u64,
+    full: &[u8],
+    crop: Option<&[u8]>,
+) {
+    let full_key = SnapshotObjects::full_key(device, seq).expect("key");
+    objects.put(&full_key, full.to_vec()).await.expect("put full");
+    let crop_key = SnapshotObjects::crop_key(device, seq).expect("key").to_string();
+    if let Some(c) = crop {
+        objects.put(&crop_key.as_str().into(), c.to_vec()).await.expect("put crop");
+    }
+    let full_key = full_key.to_string();
+    let snap = NewSnapshot {
+        seq,
+        camera: "cam-1",
+        taken_at_ms: T0,
+        full_key: &full_key,
+        full_bytes: full.len() as u64,
+        crop: crop.map(|c| (crop_key.as_str(), c.len() as u64)),
+    };
+    assert!(store.record_snapshot(device, &snap, T0).await.expect("record"));
+}
+
+#[tokio::test]
+async fn snapshots_are_served_as_jpeg() {
+    let (app, store, objects) = app_with_objects().await;
+    let (full, crop) = (jpeg(64, 48, 1), jpeg(16, 16, 2));
+    put_snapshot(&store, &objects, "dev-a", 10, &full, Some(&crop)).await;
+    put_snapshot(&store, &objects, "dev-a", 12, &jpeg(32, 32, 3), None).await;
+
+    for uri in ["/api/v1/events/dev-a:10/snapshot", "/api/v1/events/dev-a%3A10/snapshot?variant=full"] {
+        let (status, ctype, body) = call(&app, "GET", uri).await;
+        assert_eq!((status, ctype.as_deref()), (StatusCode::OK, Some("image/jpeg")), "{uri}");
+        assert_eq!(body, full, "{uri}");
+    }
+    let (status, ctype, body) = call(&app, "GET", "/api/v1/events/dev-a:10/snapshot?variant=crop").await;
+    assert_eq!((status, ctype.as_deref()), (StatusCode::OK, Some("image/jpeg")));
+    assert_eq!(body, crop);
+    let (status, _, body) = call(&app, "HEAD", "/api/v1/events/dev-a:10/snapshot").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+
+    // The listing says which events have one.
+    let (_, v) = get_json(&app, "/api/v1/events?device=dev-a&from=1700000009000&to=1700000013000").await;
+    let flags: Vec<(String, bool)> = v["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| (e["id"].as_str().expect("id").to_owned(), e["has_snapshot"].as_bool().expect("has_snapshot")))
+        .collect();
+    assert_eq!(
+        flags,
+        vec![
+            ("dev-a:12".to_owned(), true),
+            ("dev-a:11".to_owned(), false),
+            ("dev-a:10".to_owned(), true),
+            ("dev-a:9".to_owned(), false)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn snapshot_errors_say_what_is_missing() {
+    let (app, store, objects) = app_with_objects().await;
+    put_snapshot(&store, &objects, "dev-a", 12, &jpeg(32, 32, 3), None).await;
+    // Pictures of an event that is not stored (the agent evicted it) are not served.
+    put_snapshot(&store, &objects, "dev-a", 999, &jpeg(32, 32, 4), None).await;
+    for (uri, code) in [
+        ("/api/v1/events/dev-a:11/snapshot", "snapshot_not_found"),
+        ("/api/v1/events/dev-a:12/snapshot?variant=crop", "snapshot_not_found"),
+        ("/api/v1/events/dev-a:999/snapshot", "event_not_found"),
+        ("/api/v1/events/dev-z:1/snapshot", "event_not_found"),
+        ("/api/v1/events/..:1/snapshot", "event_not_found"),
+        ("/api/v1/events/dev-a:18446744073709551615/snapshot", "event_not_found"),
+    ] {
+        let (status, v) = get_json(&app, uri).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(error_code(&v), code, "{uri}");
+    }
+    for (uri, code) in [
+        ("/api/v1/events/dev-a/snapshot", "invalid_parameter"),
+        ("/api/v1/events/dev-a:x/snapshot", "invalid_parameter"),
+        ("/api/v1/events/dev-a:-1/snapshot", "invalid_parameter"),
+        ("/api/v1/events/dev%2Fa:1/snapshot", "invalid_parameter"),
+        ("/api/v1/events/dev-a:12/snapshot?variant=thumb", "invalid_parameter"),
+        ("/api/v1/events/dev-a:12/snapshot?variant=crop&variant=full", "invalid_parameter"),
+        ("/api/v1/events/dev-a:12/snapshot?size=1", "unknown_parameter"),
+    ] {
+        let (status, v) = get_json(&app, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(error_code(&v), code, "{uri}");
+    }
+    let (status, v) = {
+        let (status, _, body) = call(&app, "POST", "/api/v1/events/dev-a:12/snapshot").await;
+        (status, serde_json::from_slice::<Value>(&body).expect("json"))
+    };
+    assert_eq!((status, error_code(&v)), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
+    // A row whose object is gone is an internal error, not a 404.
+    let full_key = SnapshotObjects::full_key("dev-a", 20).expect("key").to_string();
+    let snap = NewSnapshot { seq: 20, camera: "c", taken_at_ms: T0, full_key: &full_key, full_bytes: 3, crop: None };
+    store.record_snapshot("dev-a", &snap, T0).await.expect("record");
+    let (status, v) = get_json(&app, "/api/v1/events/dev-a:20/snapshot").await;
+    assert_eq!((status, error_code(&v)), (StatusCode::INTERNAL_SERVER_ERROR, "internal"));
 }

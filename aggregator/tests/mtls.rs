@@ -76,6 +76,7 @@ async fn fixture() -> Fixture {
         pki_dir: root.join("pki"),
         ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5) },
         http_listen: ([127, 0, 0, 1], 0).into(),
+        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = tokio::sync::watch::channel(false);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use its_aggregator::store::{EventQuery, EventStore, StoreError, open_store};
+use its_aggregator::store::{EventId, EventQuery, EventStore, NewSnapshot, SnapshotLookup, StoreError, open_store};
 use its_shared::event::{CameraHealth, ClassCount, Direction, ObjectRef, Phase};
 use its_shared::wire::{Heartbeat, Hello};
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
@@ -125,6 +125,8 @@ suite!(
     out_of_range_seq_stores_nothing,
     concurrent_overlapping_batches,
     event_json_public_form,
+    snapshots_are_recorded_once_per_event,
+    snapshot_lookup_tells_missing_event_from_missing_snapshot,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -631,6 +633,68 @@ async fn event_json_public_form(store: Arc<dyn EventStore>) {
     assert!(v.get("row_id").is_none());
     let page_json = serde_json::to_value(&page).expect("page json");
     assert!(page_json["next_cursor"].is_null());
+}
+
+fn snap<'a>(seq: u64, full_key: &'a str, crop: Option<(&'a str, u64)>) -> NewSnapshot<'a> {
+    NewSnapshot { seq, camera: "cam-1", taken_at_ms: T0 + 5, full_key, full_bytes: 12_345, crop }
+}
+
+fn id(device: &str, seq: u64) -> EventId {
+    EventId { device_id: device.to_owned(), seq }
+}
+
+async fn snapshots_are_recorded_once_per_event(store: Arc<dyn EventStore>) {
+    assert!(!store.has_snapshot("dev-a", 5).await.expect("has"));
+    let first = snap(5, "snapshots/dev-a/5.jpg", Some(("snapshots/dev-a/5-crop.jpg", 678)));
+    assert!(store.record_snapshot("dev-a", &first, T0 + 10).await.expect("record"));
+    // Again (an upload repeated by the agent): nothing changes, reported as not inserted.
+    let again = snap(5, "elsewhere.jpg", None);
+    assert!(!store.record_snapshot("dev-a", &again, T0 + 20).await.expect("record again"));
+    assert!(store.has_snapshot("dev-a", 5).await.expect("has"));
+    assert!(!store.has_snapshot("dev-b", 5).await.expect("other device"));
+    assert!(!store.has_snapshot("dev-a", 6).await.expect("other seq"));
+    store.insert_events("dev-a", &[ev(5, "cam-1", T0)], T0).await.expect("insert");
+    let SnapshotLookup::Found(rec) = store.snapshot_for_event(&id("dev-a", 5)).await.expect("lookup") else {
+        panic!("snapshot not found");
+    };
+    assert_eq!((rec.device_id.as_str(), rec.seq, rec.camera.as_str()), ("dev-a", 5, "cam-1"));
+    assert_eq!((rec.taken_at_ms, rec.stored_at_ms), (T0 + 5, T0 + 10));
+    assert_eq!((rec.full_key.as_str(), rec.full_bytes), ("snapshots/dev-a/5.jpg", 12_345));
+    assert_eq!((rec.crop_key.as_deref(), rec.crop_bytes), (Some("snapshots/dev-a/5-crop.jpg"), Some(678)));
+    // A sequence number no database can hold is refused, not wrapped.
+    let huge = snap(u64::MAX, "k", None);
+    assert!(matches!(store.record_snapshot("dev-a", &huge, T0).await, Err(StoreError::InvalidData(_))));
+    // Text the device chose is stored as text (NUL replaced on PostgreSQL, as for events).
+    let odd = NewSnapshot { camera: "Tür-Süd \u{0} '; DROP TABLE snapshots; --", ..snap(7, "k7", None) };
+    assert!(store.record_snapshot("dev-a", &odd, T0).await.expect("odd camera"));
+    assert!(store.has_snapshot("dev-a", 7).await.expect("has"));
+}
+
+async fn snapshot_lookup_tells_missing_event_from_missing_snapshot(store: Arc<dyn EventStore>) {
+    store.insert_events("dev-a", &batch(1..=4), T0).await.expect("insert");
+    // Pictures that arrived for an event that is not stored (yet, or evicted on the agent).
+    assert!(store.record_snapshot("dev-a", &snap(9, "k9", None), T0).await.expect("record"));
+    assert!(store.record_snapshot("dev-a", &snap(2, "k2", None), T0).await.expect("record"));
+    assert_eq!(store.snapshot_for_event(&id("dev-a", 9)).await.expect("lookup"), SnapshotLookup::NoEvent);
+    assert_eq!(store.snapshot_for_event(&id("dev-b", 2)).await.expect("lookup"), SnapshotLookup::NoEvent);
+    assert_eq!(store.snapshot_for_event(&id("dev-a", u64::MAX)).await.expect("lookup"), SnapshotLookup::NoEvent);
+    assert_eq!(store.snapshot_for_event(&id("dev-a", 3)).await.expect("lookup"), SnapshotLookup::NoSnapshot);
+    match store.snapshot_for_event(&id("dev-a", 2)).await.expect("lookup") {
+        SnapshotLookup::Found(rec) => {
+            assert_eq!((rec.full_key.as_str(), rec.crop_key, rec.crop_bytes), ("k2", None, None))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The listing flags the events that have one; the event arriving after its pictures too.
+    store.insert_events("dev-a", &[ev(9, "cam-1", T0 + 100)], T0).await.expect("insert 9");
+    let page =
+        store.query_events(&EventQuery { device: Some("dev-a".into()), ..EventQuery::default() }).await.expect("q");
+    let flags: Vec<(u64, bool)> = page.events.iter().map(|e| (e.seq, e.has_snapshot)).collect();
+    let mut flags = flags;
+    flags.sort_unstable();
+    assert_eq!(flags, vec![(1, false), (2, true), (3, false), (4, false), (9, true)]);
+    let v = serde_json::to_value(page.events.iter().find(|e| e.seq == 2).expect("event 2")).expect("json");
+    assert_eq!(v["has_snapshot"], true);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,13 @@
 //! | `GET /healthz` | `{"status":"ok","backend":"sqlite"}` after a database ping; 503 when it fails |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /api/v1/devices` | `{"devices":[...]}` |
-//! | `GET /api/v1/events?device=&camera=&kind=&from=&to=&limit=&cursor=` | `{"events":[...],"next_cursor":...}`, newest first |
+//! | `GET /api/v1/events?device=&camera=&kind=&from=&to=&limit=&cursor=` | `{"events":[...],"next_cursor":...}`, newest first; each event has `has_snapshot` |
+//! | `GET /api/v1/events/{id}/snapshot?variant=full\|crop` | the event's snapshot, `image/jpeg`: the full frame (default) or the crop |
+//!
+//! The snapshot route answers 400 `invalid_parameter` for an id that is not `<device>:<seq>` or a
+//! variant other than `full` / `crop`; 404 `event_not_found` when no such event is stored (even if
+//! pictures for it arrived), 404 `snapshot_not_found` when the event has no snapshot, or no crop
+//! for `variant=crop`; 503 `unavailable` when object storage cannot be reached.
 //!
 //! Every error is `{"error":{"code","message"}}` (see [`ApiError`]). Every request is counted in
 //! [`HTTP_REQUESTS_TOTAL`] by route template and status, and timed in
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{MatchedPath, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +30,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::store::{EventQuery, EventStore};
+use crate::snapshots::SnapshotObjects;
+use crate::store::{EventId, EventQuery, EventStore, SnapshotLookup};
 
 pub mod error;
 
@@ -41,6 +48,8 @@ const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn EventStore>,
+    /// Where the snapshot pictures are.
+    pub snapshots: SnapshotObjects,
     pub metrics: PrometheusHandle,
 }
 
@@ -51,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/events", get(list_events))
+        .route("/api/v1/events/{id}/snapshot", get(event_snapshot))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track_requests))
@@ -108,6 +118,80 @@ async fn list_events(
     Ok(Json(page).into_response())
 }
 
+/// Which picture of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotVariant {
+    Full,
+    Crop,
+}
+
+/// The query string of `GET /api/v1/events/{id}/snapshot`: at most one `variant`, `full` (the
+/// default, also when empty) or `crop`.
+pub fn parse_snapshot_variant(pairs: Vec<(String, String)>) -> Result<SnapshotVariant, ApiError> {
+    let mut variant = None;
+    for (name, value) in pairs {
+        if name != "variant" {
+            return Err(ApiError::unknown_parameter(&name));
+        }
+        if variant.is_some() {
+            return Err(ApiError::invalid_parameter("parameter variant given more than once"));
+        }
+        variant = Some(match value.as_str() {
+            "" | "full" => SnapshotVariant::Full,
+            "crop" => SnapshotVariant::Crop,
+            _ => return Err(ApiError::invalid_parameter("variant must be full or crop")),
+        });
+    }
+    Ok(variant.unwrap_or(SnapshotVariant::Full))
+}
+
+async fn event_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(pairs) = params.map_err(|_| ApiError::invalid_parameter("malformed query string"))?;
+    let variant = parse_snapshot_variant(pairs)?;
+    let id = EventId::parse(&id).ok_or_else(|| ApiError::invalid_parameter("the event id must be <device>:<seq>"))?;
+    let record = match state.store.snapshot_for_event(&id).await? {
+        SnapshotLookup::Found(record) => record,
+        SnapshotLookup::NoEvent => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "event_not_found", format!("no event {id} is stored")));
+        }
+        SnapshotLookup::NoSnapshot => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "snapshot_not_found",
+                format!("event {id} has no snapshot"),
+            ));
+        }
+    };
+    let key = match variant {
+        SnapshotVariant::Full => record.full_key,
+        SnapshotVariant::Crop => record.crop_key.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "snapshot_not_found",
+                format!("the snapshot of event {id} has no crop"),
+            )
+        })?,
+    };
+    match state.snapshots.get(&key).await {
+        Ok(Some(bytes)) => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=86400, immutable")],
+            bytes,
+        )
+            .into_response()),
+        // The row is written only after its objects: a missing one was removed behind our back.
+        Ok(None) => Err(ApiError::internal(&format!("object {key} of event {id} is missing"))),
+        Err(e) => {
+            tracing::warn!(error = %e, "snapshot store unavailable");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the snapshot store is unavailable"))
+        }
+    }
+}
+
 /// Maps the query string of `GET /api/v1/events` onto an [`EventQuery`]. Empty values count as
 /// absent; unknown and repeated parameters are refused. Kind, limit range and cursor are checked
 /// by the store (one place for both backends).
@@ -163,6 +247,33 @@ pub fn parse_time(name: &str, value: &str) -> Result<i64, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_variants() {
+        let q = |pairs: &[(&str, &str)]| {
+            parse_snapshot_variant(pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect())
+        };
+        assert_eq!(q(&[]), Ok(SnapshotVariant::Full));
+        assert_eq!(q(&[("variant", "")]), Ok(SnapshotVariant::Full));
+        assert_eq!(q(&[("variant", "full")]), Ok(SnapshotVariant::Full));
+        assert_eq!(q(&[("variant", "crop")]), Ok(SnapshotVariant::Crop));
+        for bad in [&[("variant", "thumb")][..], &[("variant", "crop"), ("variant", "crop")], &[("size", "1")]] {
+            assert_eq!(q(bad).map_err(|e| e.status), Err(StatusCode::BAD_REQUEST), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn event_ids_parse_strictly() {
+        let id = EventId::parse("box-7:42").expect("valid");
+        assert_eq!((id.device_id.as_str(), id.seq), ("box-7", 42));
+        assert_eq!(id.to_string(), "box-7:42");
+        assert_eq!(EventId::parse("a:b:3"), None, "device ids have no colon");
+        for bad in
+            ["", ":", "box", "box:", ":5", "box:-1", "box:+1", "box:1.0", "box: 1", "b x:1", "box:99999999999999999999"]
+        {
+            assert_eq!(EventId::parse(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn times_parse_as_millis_or_rfc3339() {

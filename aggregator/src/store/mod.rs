@@ -6,6 +6,10 @@
 //!   and [`EventStore::record_health`] for heartbeats.
 //! - The REST API reads with [`EventStore::list_devices`] and [`EventStore::query_events`]
 //!   (keyset pagination, newest first, with an opaque cursor).
+//! - Snapshots: the ingest puts an event's pictures into object storage (see
+//!   [`crate::snapshots`]), then records where with [`EventStore::record_snapshot`] (idempotent on
+//!   `(device_id, seq)`, durable when it returns) and only then confirms to the agent; the API
+//!   finds them with [`EventStore::snapshot_for_event`].
 //!
 //! Both backends keep the same schema (see `migrations/sqlite` and `migrations/postgres`) and
 //! pass the same test suite (`tests/storage.rs`).
@@ -131,9 +135,36 @@ pub struct EventPage {
     pub next_cursor: Option<String>,
 }
 
+/// How the API names an event: `"<device>:<seq>"` (device ids never contain `:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventId {
+    pub device_id: String,
+    pub seq: u64,
+}
+
+impl EventId {
+    /// Parses `"<device>:<seq>"`: a valid device id ([`crate::pki::validate_device_id`]) and a
+    /// sequence number in decimal digits (no sign, no leading `+`). `None` when malformed.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (device, seq) = s.rsplit_once(':')?;
+        crate::pki::validate_device_id(device).ok()?;
+        if seq.is_empty() || seq.len() > 20 || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self { device_id: device.to_owned(), seq: seq.parse().ok()? })
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.device_id, self.seq)
+    }
+}
+
 /// One stored event. Serializes to the public JSON form:
 /// `{"id": "<device>:<seq>", "device_id", "seq", "camera", "kind", "label", "@timestamp",
-/// "observed_at_ms", "ingested_at_ms", "payload"}`.
+/// "observed_at_ms", "ingested_at_ms", "payload", "has_snapshot"}`; with `has_snapshot` the
+/// pictures are at `GET /api/v1/events/{id}/snapshot`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
     /// Storage row id (pagination tie-breaker; not part of the public form).
@@ -146,11 +177,13 @@ pub struct StoredEvent {
     pub observed_at_ms: i64,
     pub ingested_at_ms: i64,
     pub payload: serde_json::Value,
+    /// A snapshot of this event is stored.
+    pub has_snapshot: bool,
 }
 
 impl Serialize for StoredEvent {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("StoredEvent", 10)?;
+        let mut s = serializer.serialize_struct("StoredEvent", 11)?;
         s.serialize_field("id", &format!("{}:{}", self.device_id, self.seq))?;
         s.serialize_field("device_id", &self.device_id)?;
         s.serialize_field("seq", &self.seq)?;
@@ -161,6 +194,7 @@ impl Serialize for StoredEvent {
         s.serialize_field("observed_at_ms", &self.observed_at_ms)?;
         s.serialize_field("ingested_at_ms", &self.ingested_at_ms)?;
         s.serialize_field("payload", &self.payload)?;
+        s.serialize_field("has_snapshot", &self.has_snapshot)?;
         s.end()
     }
 }
@@ -174,6 +208,45 @@ pub struct EventSummary {
     pub distinct_seqs: u64,
     pub min_seq: Option<u64>,
     pub max_seq: Option<u64>,
+}
+
+/// A snapshot to record: its pictures are already in object storage under these keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSnapshot<'a> {
+    /// Sequence number of the event the pictures belong to.
+    pub seq: u64,
+    pub camera: &'a str,
+    /// Capture time, Unix ms, agent clock.
+    pub taken_at_ms: i64,
+    pub full_key: &'a str,
+    pub full_bytes: u64,
+    /// Key and size of the crop, if the agent sent one.
+    pub crop: Option<(&'a str, u64)>,
+}
+
+/// Where the pictures of one event are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotRecord {
+    pub device_id: String,
+    pub seq: u64,
+    pub camera: String,
+    pub taken_at_ms: i64,
+    pub full_key: String,
+    pub full_bytes: u64,
+    pub crop_key: Option<String>,
+    pub crop_bytes: Option<u64>,
+    /// When the aggregator recorded it, Unix ms, aggregator clock.
+    pub stored_at_ms: i64,
+}
+
+/// Answer of [`EventStore::snapshot_for_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotLookup {
+    /// No such event is stored.
+    NoEvent,
+    /// The event is stored, without a snapshot.
+    NoSnapshot,
+    Found(SnapshotRecord),
 }
 
 /// Storage of devices and events. Object safe: the service holds an `Arc<dyn EventStore>`.
@@ -210,6 +283,19 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// All sequence numbers stored for a device, ascending.
     async fn device_seqs(&self, device_id: &str) -> Result<Vec<u64>, StoreError>;
+
+    /// Records the snapshot of event `snap.seq` of the device, whose pictures are already in
+    /// object storage. Idempotent on `(device_id, seq)`: when a snapshot is already recorded,
+    /// nothing changes and the answer is `false`. Durable when it returns `Ok`: the caller
+    /// confirms to the agent only then.
+    async fn record_snapshot(&self, device_id: &str, snap: &NewSnapshot<'_>, now_ms: i64) -> Result<bool, StoreError>;
+
+    /// Whether a snapshot of event `seq` of the device is recorded.
+    async fn has_snapshot(&self, device_id: &str, seq: u64) -> Result<bool, StoreError>;
+
+    /// The snapshot of an event, telling apart an event that is not stored (even if pictures
+    /// for it arrived) from one without a snapshot.
+    async fn snapshot_for_event(&self, id: &EventId) -> Result<SnapshotLookup, StoreError>;
 
     /// A cheap round trip to the database (health checks).
     async fn ping(&self) -> Result<(), StoreError>;
@@ -330,11 +416,16 @@ pub(crate) fn device_from_row(row: DeviceRow) -> Result<DeviceRecord, StoreError
     })
 }
 
-/// Row of the events table as both backends select it (payload as text).
-pub(crate) type EventRow = (i64, String, i64, String, String, Option<String>, i64, i64, String);
+/// Row of the events table as both backends select it (payload as text, then whether a
+/// snapshot is recorded, 0 or 1).
+pub(crate) type EventRow = (i64, String, i64, String, String, Option<String>, i64, i64, String, i64);
+
+/// The last column of [`EventRow`], for a query `FROM events` (the same SQL on both backends).
+pub(crate) const HAS_SNAPSHOT_COLUMN: &str = "CAST(CASE WHEN EXISTS (SELECT 1 FROM snapshots s \
+     WHERE s.device_id = events.device_id AND s.seq = events.seq) THEN 1 ELSE 0 END AS BIGINT)";
 
 pub(crate) fn event_from_row(row: EventRow) -> Result<StoredEvent, StoreError> {
-    let (row_id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload) = row;
+    let (row_id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload, has_snapshot) = row;
     let payload = serde_json::from_str(&payload)
         .map_err(|e| StoreError::Corrupt(format!("payload of event row {row_id}: {e}")))?;
     Ok(StoredEvent {
@@ -347,7 +438,33 @@ pub(crate) fn event_from_row(row: EventRow) -> Result<StoredEvent, StoreError> {
         observed_at_ms,
         ingested_at_ms,
         payload,
+        has_snapshot: has_snapshot != 0,
     })
+}
+
+/// Row of the snapshots table as both backends select it: `camera, taken_at_ms, full_key,
+/// full_bytes, crop_key, crop_bytes, stored_at_ms`.
+pub(crate) type SnapshotRow = (String, i64, String, i64, Option<String>, Option<i64>, i64);
+
+pub(crate) fn snapshot_from_row(id: &EventId, row: SnapshotRow) -> Result<SnapshotRecord, StoreError> {
+    let (camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, stored_at_ms) = row;
+    Ok(SnapshotRecord {
+        device_id: id.device_id.clone(),
+        seq: id.seq,
+        camera,
+        taken_at_ms,
+        full_key,
+        full_bytes: count_from_db(full_bytes)?,
+        crop_key,
+        crop_bytes: crop_bytes.map(count_from_db).transpose()?,
+        stored_at_ms,
+    })
+}
+
+/// A snapshot's sizes as the database stores them.
+pub(crate) fn snapshot_sizes(snap: &NewSnapshot<'_>) -> Result<(i64, Option<i64>), StoreError> {
+    let size = |n: u64| i64::try_from(n).map_err(|_| StoreError::InvalidData(format!("snapshot size {n}")));
+    Ok((size(snap.full_bytes)?, snap.crop.map(|(_, n)| size(n)).transpose()?))
 }
 
 /// Position after the last event of a page: the next page holds events strictly older in

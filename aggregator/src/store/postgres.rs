@@ -17,8 +17,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 
 use super::{
-    DeviceRecord, DeviceRow, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome, StoreError,
-    cameras_json, count_from_db, device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db,
+    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, HAS_SNAPSHOT_COLUMN,
+    InsertOutcome, NewSnapshot, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db, device_from_row,
+    health_json, page_from_rows, prepare_rows, seq_from_db, seq_to_db, snapshot_from_row, snapshot_sizes,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -189,10 +190,10 @@ impl EventStore for PostgresStore {
         if [v.device, v.camera].into_iter().flatten().any(|s| s.contains('\0')) {
             return Ok(EventPage { events: Vec::new(), next_cursor: None });
         }
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload::text \
-             FROM events WHERE TRUE",
-        );
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload::text, \
+             {HAS_SNAPSHOT_COLUMN} FROM events WHERE TRUE"
+        ));
         if let Some(device) = v.device {
             qb.push(" AND device_id = ").push_bind(device);
         }
@@ -236,6 +237,61 @@ impl EventStore for PostgresStore {
             .fetch_all(&self.pool)
             .await?;
         seqs.into_iter().map(|(s,)| seq_from_db(s)).collect()
+    }
+
+    async fn record_snapshot(&self, device_id: &str, snap: &NewSnapshot<'_>, now_ms: i64) -> Result<bool, StoreError> {
+        let (full_bytes, crop_bytes) = snapshot_sizes(snap)?;
+        let result = sqlx::query(
+            "INSERT INTO snapshots (device_id, seq, camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, \
+             stored_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (device_id, seq) DO NOTHING",
+        )
+        .bind(pg_text(device_id).as_ref())
+        .bind(seq_to_db(snap.seq)?)
+        .bind(pg_text(snap.camera).as_ref())
+        .bind(snap.taken_at_ms)
+        .bind(snap.full_key)
+        .bind(full_bytes)
+        .bind(snap.crop.map(|(key, _)| key))
+        .bind(crop_bytes)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn has_snapshot(&self, device_id: &str, seq: u64) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT 1::bigint FROM snapshots WHERE device_id = $1 AND seq = $2")
+            .bind(pg_text(device_id).as_ref())
+            .bind(seq_to_db(seq)?)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn snapshot_for_event(&self, id: &EventId) -> Result<SnapshotLookup, StoreError> {
+        let Ok(seq) = seq_to_db(id.seq) else {
+            return Ok(SnapshotLookup::NoEvent); // nothing is stored above i64::MAX
+        };
+        let event: Option<(i64,)> = sqlx::query_as("SELECT 1::bigint FROM events WHERE device_id = $1 AND seq = $2")
+            .bind(pg_text(&id.device_id).as_ref())
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        if event.is_none() {
+            return Ok(SnapshotLookup::NoEvent);
+        }
+        let row: Option<SnapshotRow> = sqlx::query_as(
+            "SELECT camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, stored_at_ms \
+             FROM snapshots WHERE device_id = $1 AND seq = $2",
+        )
+        .bind(pg_text(&id.device_id).as_ref())
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(SnapshotLookup::Found(snapshot_from_row(id, row)?)),
+            None => Ok(SnapshotLookup::NoSnapshot),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -18,8 +18,10 @@ use sqlx::sqlite::{
 use sqlx::{Arguments as _, QueryBuilder, Sqlite};
 
 use super::{
-    DeviceRecord, DeviceRow, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome, RowIn,
-    StoreError, cameras_json, count_from_db, device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db,
+    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, HAS_SNAPSHOT_COLUMN,
+    InsertOutcome, NewSnapshot, RowIn, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db,
+    device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db, seq_to_db, snapshot_from_row,
+    snapshot_sizes,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -234,10 +236,10 @@ impl EventStore for SqliteStore {
 
     async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
         let v = q.validate()?;
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload \
-             FROM events WHERE 1 = 1",
-        );
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload, \
+             {HAS_SNAPSHOT_COLUMN} FROM events WHERE 1 = 1"
+        ));
         if let Some(device) = v.device {
             qb.push(" AND device_id = ").push_bind(device);
         }
@@ -281,6 +283,61 @@ impl EventStore for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         seqs.into_iter().map(|(s,)| seq_from_db(s)).collect()
+    }
+
+    async fn record_snapshot(&self, device_id: &str, snap: &NewSnapshot<'_>, now_ms: i64) -> Result<bool, StoreError> {
+        let (full_bytes, crop_bytes) = snapshot_sizes(snap)?;
+        let result = sqlx::query(
+            "INSERT INTO snapshots (device_id, seq, camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, \
+             stored_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING",
+        )
+        .bind(device_id)
+        .bind(seq_to_db(snap.seq)?)
+        .bind(snap.camera)
+        .bind(snap.taken_at_ms)
+        .bind(snap.full_key)
+        .bind(full_bytes)
+        .bind(snap.crop.map(|(key, _)| key))
+        .bind(crop_bytes)
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn has_snapshot(&self, device_id: &str, seq: u64) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM snapshots WHERE device_id = ? AND seq = ?")
+            .bind(device_id)
+            .bind(seq_to_db(seq)?)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn snapshot_for_event(&self, id: &EventId) -> Result<SnapshotLookup, StoreError> {
+        let Ok(seq) = seq_to_db(id.seq) else {
+            return Ok(SnapshotLookup::NoEvent); // nothing is stored above i64::MAX
+        };
+        let event: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM events WHERE device_id = ? AND seq = ?")
+            .bind(id.device_id.as_str())
+            .bind(seq)
+            .fetch_optional(&self.reader)
+            .await?;
+        if event.is_none() {
+            return Ok(SnapshotLookup::NoEvent);
+        }
+        let row: Option<SnapshotRow> = sqlx::query_as(
+            "SELECT camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, stored_at_ms \
+             FROM snapshots WHERE device_id = ? AND seq = ?",
+        )
+        .bind(id.device_id.as_str())
+        .bind(seq)
+        .fetch_optional(&self.reader)
+        .await?;
+        match row {
+            Some(row) => Ok(SnapshotLookup::Found(snapshot_from_row(id, row)?)),
+            None => Ok(SnapshotLookup::NoSnapshot),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -173,3 +173,63 @@ impl Drop for UdpRelay {
         self.task.abort();
     }
 }
+
+/// A UDP relay for one agent whose agent-to-aggregator direction is a slow link: packets leave at
+/// `bytes_per_s`, at most `queue` wait (more are dropped, as a router with a small buffer does),
+/// so QUIC's congestion control sees a real bottleneck. The other direction is not limited.
+pub struct ThrottledRelay {
+    pub addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ThrottledRelay {
+    pub async fn start(upstream: SocketAddr, bytes_per_s: u64, queue: usize) -> Self {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
+        let addr = front.local_addr().expect("relay addr");
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+        back.connect(upstream).await.expect("connect upstream");
+        let agent: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(queue.max(1));
+        let mut tasks = Vec::new();
+        let (f, a) = (front.clone(), agent.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = f.recv_from(&mut buf).await {
+                *a.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+                let _ = tx.try_send(buf[..n].to_vec()); // full queue: dropped
+            }
+        }));
+        let b = back.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each packet occupies the link for len / rate; the next leaves after it.
+            let mut free_at = tokio::time::Instant::now();
+            while let Some(packet) = rx.recv().await {
+                let now = tokio::time::Instant::now();
+                if free_at < now {
+                    free_at = now;
+                }
+                free_at += Duration::from_secs_f64(packet.len() as f64 / bytes_per_s as f64);
+                tokio::time::sleep_until(free_at).await;
+                let _ = b.send(&packet).await;
+            }
+        }));
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *agent.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        }));
+        Self { addr, tasks }
+    }
+}
+
+impl Drop for ThrottledRelay {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
