@@ -187,7 +187,7 @@ fn stages() {
                     n += 1;
                 }
             }
-            let stats = p.stats.clone();
+            let stats = p.stats();
             p.join();
             let wall = t0.elapsed().as_secs_f64();
             let cpu = cpu_seconds() - cpu0;
@@ -239,7 +239,7 @@ fn realtime(seconds: u64) {
         lags.push((t0.elapsed().as_secs_f64(), ms(r.lag)));
     }
     let dropped = (0..2).map(|i| p.frames_dropped(i)).sum::<u64>() - dropped0.unwrap_or(0);
-    let decoded: u64 = p.stats.iter().map(|s| s.frames_decoded.load(Ordering::Relaxed)).sum();
+    let decoded: u64 = p.stats().iter().map(|s| s.frames_decoded.load(Ordering::Relaxed)).sum();
     p.stop();
     let mut all: Vec<f64> = lags.iter().map(|l| l.1).collect();
     let q = lags.len() / 4;

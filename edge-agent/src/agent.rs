@@ -6,18 +6,21 @@
 //! ```
 
 use crate::unix_ms;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
 use its_shared::event::{CameraHealth, DeviceHealth, EventKind, KindCount};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
+use crate::analyze::runner::{AnalyzeStats, Analyzed, SceneBoard, run_analysis};
 use crate::buffer::{NewEvent, Outbox};
-use crate::config::{AgentConfig, BackendChoice, VisionConfig};
+use crate::config::{AgentConfig, BackendChoice, RawConfig, VisionConfig};
 use crate::detect::{BackendKind, load_detectors};
-use crate::pipeline::{CameraStats, DropCounter, FrameResult, VisionPipeline, VisionSettings};
+use crate::pipeline::{FrameResult, VisionPipeline, VisionSettings};
+use crate::reload::{ConfigFile, LiveVision, PipelineSlot};
 use crate::source::run_synthetic;
 use crate::uplink::quic::HealthFn;
 use crate::uplink::{UplinkHandle, run_uplink};
@@ -43,9 +46,9 @@ pub fn health_report(
         evicted_total: s.evicted_total,
         evicted_by_kind: s.evicted_by_kind.iter().map(|(k, v)| KindCount { kind: k.clone(), count: *v }).collect(),
         uplink_reconnects: uplink.reconnects.load(Ordering::Relaxed),
-        cameras: match vision {
-            Some(v) => v.report(),
-            None => cameras
+        cameras: match vision.map(CameraMonitor::report) {
+            Some(v) if !v.is_empty() => v,
+            _ => cameras
                 .iter()
                 .map(|c| CameraHealth { camera: c.clone(), state: "synthetic".into(), ..CameraHealth::default() })
                 .collect(),
@@ -56,26 +59,20 @@ pub fn health_report(
 
 /// Reads the cameras' counters for health reports; rates are over the time since the last report.
 pub struct CameraMonitor {
-    ids: Vec<String>,
-    stats: Vec<Arc<CameraStats>>,
-    drops: DropCounter,
-    last: std::sync::Mutex<(Instant, Vec<[u64; 3]>)>,
+    pipeline: PipelineSlot,
+    /// Time of the last report and, per camera id, the counters then.
+    last: std::sync::Mutex<(Instant, HashMap<String, [u64; 3]>)>,
 }
 
 impl std::fmt::Debug for CameraMonitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CameraMonitor").field("cameras", &self.ids).finish()
+        f.debug_struct("CameraMonitor").finish_non_exhaustive()
     }
 }
 
 impl CameraMonitor {
-    pub fn new(pipeline: &VisionPipeline) -> Self {
-        Self {
-            ids: pipeline.cameras.iter().map(|c| c.id.clone()).collect(),
-            stats: pipeline.stats.clone(),
-            drops: pipeline.drop_counter(),
-            last: std::sync::Mutex::new((Instant::now(), vec![[0; 3]; pipeline.cameras.len()])),
-        }
+    pub fn new(pipeline: PipelineSlot) -> Self {
+        Self { pipeline, last: std::sync::Mutex::new((Instant::now(), HashMap::new())) }
     }
 
     /// Per-camera health; frame rates and lag over the interval since the previous call.
@@ -84,23 +81,26 @@ impl CameraMonitor {
         let Ok(mut last) = self.last.lock() else { return Vec::new() };
         let secs = now.duration_since(last.0).as_secs_f32().max(1e-3);
         last.0 = now;
-        let mut out = Vec::with_capacity(self.ids.len());
-        for (i, (id, s)) in self.ids.iter().zip(&self.stats).enumerate() {
+        let Some(pipeline) = self.pipeline.read().ok().and_then(|p| p.clone()) else { return Vec::new() };
+        let drops = pipeline.drop_counter();
+        let mut out = Vec::new();
+        let mut seen = HashMap::new();
+        for (slot, spec, s) in pipeline.cameras() {
             let cur = [
                 s.frames_decoded.load(Ordering::Relaxed),
                 s.frames_detected.load(Ordering::Relaxed),
                 s.lag_us_total.load(Ordering::Relaxed),
             ];
-            let prev = last.1.get(i).copied().unwrap_or([0; 3]);
+            let prev = last.1.get(&spec.id).copied().unwrap_or([0; 3]);
             let detected = cur[1].saturating_sub(prev[1]);
             out.push(CameraHealth {
-                camera: id.clone(),
+                camera: spec.id.clone(),
                 state: s.source.state().to_string(),
                 fps: detected as f32 / secs,
                 decoded_fps: cur[0].saturating_sub(prev[0]) as f32 / secs,
                 reconnects: s.source.reconnects.load(Ordering::Relaxed),
                 connect_failures: s.source.connect_failures.load(Ordering::Relaxed),
-                frames_dropped: self.drops.dropped(i),
+                frames_dropped: drops.dropped(slot),
                 units_dropped: s.source.units_dropped.load(Ordering::Relaxed),
                 decode_errors: s.decode_errors.load(Ordering::Relaxed),
                 lag_ms: if detected > 0 {
@@ -110,10 +110,9 @@ impl CameraMonitor {
                 },
                 last_error: s.source.last_error.lock().ok().and_then(|g| g.clone()),
             });
-            if let Some(p) = last.1.get_mut(i) {
-                *p = cur;
-            }
+            seen.insert(spec.id, cur);
         }
+        last.1 = seen;
         out
     }
 }
@@ -157,41 +156,63 @@ pub fn start_vision(
     Ok(VisionPipeline::start(v.cameras.clone(), detectors, settings, results, rt)?)
 }
 
-/// Turns frame results into events and commits them, one transaction per `tick`.
-async fn commit_track_events(
-    mut results: mpsc::Receiver<FrameResult>,
+/// Commits analysed events (and their pictures), one transaction per `tick`.
+async fn commit_events(
+    mut analyzed: mpsc::Receiver<Analyzed>,
     outbox: Arc<Outbox>,
     uplink: Arc<UplinkHandle>,
     tick: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let mut batch: Vec<NewEvent> = Vec::new();
+    let mut batch = Analyzed::default();
     let mut open = true;
+    let add = |batch: &mut Analyzed, a: Analyzed| {
+        let base = batch.events.len();
+        batch.events.extend(a.events);
+        batch.snapshots.extend(a.snapshots.into_iter().map(|(i, s)| (base + i, s)));
+    };
     while open {
         // Block for the first result, then take whatever else arrives within the tick.
-        match results.recv().await {
-            Some(r) => batch.extend(crate::analyze::track_events(&r)),
+        match analyzed.recv().await {
+            Some(a) => add(&mut batch, a),
             None => open = false,
         }
         let deadline = tokio::time::Instant::now() + tick;
         while open {
-            match tokio::time::timeout_at(deadline, results.recv()).await {
-                Ok(Some(r)) => batch.extend(crate::analyze::track_events(&r)),
+            match tokio::time::timeout_at(deadline, analyzed.recv()).await {
+                Ok(Some(a)) => add(&mut batch, a),
                 Ok(None) => open = false,
                 Err(_) => break,
             }
         }
-        if batch.is_empty() {
+        if batch.events.is_empty() {
             continue;
         }
-        let events = std::mem::take(&mut batch);
+        let Analyzed { events, snapshots } = std::mem::take(&mut batch);
+        let pictures = !snapshots.is_empty();
         let ob = outbox.clone();
-        let outcome = tokio::task::spawn_blocking(move || ob.append(&events, unix_ms())).await??;
+        let outcome =
+            tokio::task::spawn_blocking(move || ob.append_with_snapshots(&events, snapshots, unix_ms())).await??;
         if outcome.evicted > 0 {
             tracing::warn!(evicted = outcome.evicted, "outbox full: evicted the oldest unsent events");
         }
         uplink.appended.notify_one();
+        if pictures {
+            uplink.snapshots_appended.notify_one();
+        }
     }
     Ok(())
+}
+
+/// Starts the analyze stage on its own thread: frame results in, analysed events out.
+pub fn start_analysis(
+    results: mpsc::Receiver<FrameResult>,
+    board: Arc<SceneBoard>,
+    stats: Arc<AnalyzeStats>,
+) -> std::io::Result<(std::thread::JoinHandle<()>, mpsc::Receiver<Analyzed>)> {
+    let (tx, rx) = mpsc::channel(64);
+    let handle =
+        std::thread::Builder::new().name("analyze".into()).spawn(move || run_analysis(results, board, stats, tx))?;
+    Ok((handle, rx))
 }
 
 /// SoC temperature from the first thermal zone, where the board has one (Jetson does).
@@ -200,8 +221,23 @@ fn read_soc_temperature() -> Option<f32> {
     text.trim().parse::<f32>().ok().map(|milli| milli / 1000.0)
 }
 
+/// How the running agent finds its configuration again (hot reload).
+#[derive(Debug, Clone)]
+pub struct Reloading {
+    /// The raw form the running configuration was validated from.
+    pub raw: RawConfig,
+    /// Name of the configuration in messages.
+    pub source: String,
+    /// The file to watch (`None`: embedded defaults, nothing to reload).
+    pub file: Option<ConfigFile>,
+    /// Reload now (SIGHUP).
+    pub now: Arc<Notify>,
+    /// How often the file is checked for changes.
+    pub poll: std::time::Duration,
+}
+
 /// Runs the agent until `shutdown` becomes true.
-pub async fn run_agent(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run_agent(cfg: AgentConfig, reload: Reloading, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let outbox_cfg = cfg.outbox.clone();
     if let Some(dir) = outbox_cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -224,15 +260,17 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> any
     let cameras = cfg.uplink.cameras.clone();
     let mut tasks = tokio::task::JoinSet::new();
 
-    let mut pipeline = None;
-    if let Some(v) = cfg.vision.clone() {
-        let (tx, rx) = mpsc::channel(256);
-        let rt = tokio::runtime::Handle::current();
-        let p = tokio::task::spawn_blocking(move || start_vision(&v, tx, rt)).await??;
-        tasks.spawn(commit_track_events(rx, outbox.clone(), uplink.clone(), std::time::Duration::from_millis(50)));
-        pipeline = Some(p);
-    }
-    let monitor = pipeline.as_ref().map(|p| Arc::new(CameraMonitor::new(p)));
+    // Short: results hold their frame (for snapshots) until analysed.
+    let (tx, rx) = mpsc::channel(16);
+    let board = Arc::new(SceneBoard::default());
+    let (_analysis, analyzed) = start_analysis(rx, board.clone(), Arc::new(AnalyzeStats::default()))?;
+    tasks.spawn(commit_events(analyzed, outbox.clone(), uplink.clone(), std::time::Duration::from_millis(50)));
+    let live = {
+        let (raw, source, cfg2, rt) =
+            (reload.raw.clone(), reload.source.clone(), cfg.clone(), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || LiveVision::start(raw, source, &cfg2, board, tx, rt)).await??
+    };
+    let monitor = Some(Arc::new(CameraMonitor::new(live.pipeline())));
     let health: HealthFn = {
         let (ob, up, cams, mon) = (outbox.clone(), uplink.clone(), cameras.clone(), monitor.clone());
         Arc::new(move || health_report(&ob, &up, started, &cams, mon.as_deref()))
@@ -271,19 +309,9 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> any
             }
         });
     }
-    // Stop the cameras when shutdown is asked (the event task then drains and ends).
-    if let Some(p) = pipeline {
-        let mut sd = shutdown.clone();
-        tasks.spawn(async move {
-            while !*sd.borrow() {
-                if sd.changed().await.is_err() {
-                    break;
-                }
-            }
-            tokio::task::spawn_blocking(move || p.stop()).await?;
-            Ok(())
-        });
-    }
+    // Reload the configuration when its file changes (or on SIGHUP); stop the cameras when
+    // shutdown is asked (the analysis and commit tasks then drain and end).
+    tasks.spawn(watch_config(live, reload, shutdown.clone()));
     while let Some(res) = tasks.join_next().await {
         match res {
             Ok(Ok(())) => {}
@@ -294,5 +322,45 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: watch::Receiver<bool>) -> any
             Err(e) => return Err(e.into()),
         }
     }
+    Ok(())
+}
+
+/// Applies configuration changes until shutdown, then stops the cameras.
+async fn watch_config(live: LiveVision, reload: Reloading, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let live = Arc::new(std::sync::Mutex::new(live));
+    let mut last = reload.file.as_ref().and_then(ConfigFile::fingerprint);
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(reload.poll) => false,
+            _ = reload.now.notified() => true,
+            _ = async { while !*shutdown.borrow() { if shutdown.changed().await.is_err() { break; } } } => break,
+        };
+        let Some(file) = reload.file.clone() else { continue };
+        let now = file.fingerprint();
+        if now.is_none() || (now == last && !forced) {
+            continue; // unreadable (being rewritten?) or unchanged
+        }
+        last = now;
+        let l = live.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let raw = file.load()?;
+            l.lock().unwrap_or_else(|e| e.into_inner()).apply(raw)
+        })
+        .await?;
+        match outcome {
+            Ok(r) if r.is_empty() => tracing::info!("configuration reloaded: nothing changed"),
+            Ok(r) => {
+                tracing::info!(
+                    added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, rescened = ?r.rescened,
+                    "configuration reloaded; other cameras untouched"
+                );
+                if !r.needs_restart.is_empty() {
+                    tracing::warn!(sections = ?r.needs_restart, "these settings changed and take effect at the next restart");
+                }
+            }
+            Err(e) => tracing::error!("configuration change refused, the running configuration stays:\n{e}"),
+        }
+    }
+    tokio::task::spawn_blocking(move || live.lock().unwrap_or_else(|e| e.into_inner()).stop()).await?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use std::sync::Arc;
 
+use crate::analyze::{RawScene, SceneSpec};
 use crate::buffer::OutboxConfig;
 use crate::detect::{BackendKind, BackendOptions, ModelManifest};
 use crate::pipeline::CameraSpec;
@@ -24,7 +25,7 @@ use crate::uplink::tls::DeviceBundle;
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "ITS_AGENT__";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
     /// Directory with `device.pem`, `device.key` and `ca.pem` from `its-aggregator device enroll`.
@@ -55,7 +56,7 @@ impl Default for RawConfig {
 }
 
 /// One camera: an RTSP stream or a recording.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawCamera {
     /// Camera id, unique on this box; events carry it.
@@ -87,6 +88,8 @@ pub struct RawCamera {
     pub file_fps: f64,
     /// Frames that may wait for detection; under load the oldest is dropped (and counted).
     pub queue_frames: usize,
+    /// What is measured on this camera's picture: calibration, count lines, zones.
+    pub scene: RawScene,
 }
 
 impl Default for RawCamera {
@@ -104,11 +107,12 @@ impl Default for RawCamera {
             realtime: true,
             file_fps: 10.0,
             queue_frames: 2,
+            scene: RawScene::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawDetector {
     /// The model's manifest (`model.toml`, see models/README.md).
@@ -146,7 +150,7 @@ impl Default for RawDetector {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawTracker {
     /// Detections between this and the score threshold only extend existing tracks (ByteTrack's
@@ -172,7 +176,7 @@ impl Default for RawTracker {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawUplink {
     /// `host:port` of the aggregator's QUIC listener (the aggregator's default port is 8471).
@@ -215,7 +219,7 @@ impl Default for RawUplink {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawOutbox {
     pub path: PathBuf,
@@ -239,7 +243,7 @@ impl Default for RawOutbox {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSynthetic {
     /// Off by default: a real box counts real traffic.
@@ -266,7 +270,7 @@ impl Default for RawSynthetic {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHealth {
     /// A device_health event every 60 s: enough for a fleet view, cheap on a metered link.
@@ -309,6 +313,8 @@ pub struct VisionConfig {
     pub workers: usize,
     pub tracker: TrackerConfig,
     pub merged_classes: Vec<Vec<usize>>,
+    /// Each camera's scene, in the order of `cameras`.
+    pub scenes: Vec<SceneSpec>,
 }
 
 impl RawCamera {
@@ -480,6 +486,14 @@ impl RawConfig {
             format!("{} is outside 0..=60", t.max_lost_s)
         });
         e.check((1..=100).contains(&t.min_hits), "tracker.min_hits", || format!("{} is outside 1..=100", t.min_hits));
+        let labels: Vec<&str> =
+            manifest.as_ref().map(|m| m.labels.iter().flatten().map(|l| &**l).collect()).unwrap_or_default();
+        let mut scenes = Vec::new();
+        for (i, c) in self.cameras.iter().enumerate() {
+            if let Some(spec) = c.scene.validate(&format!("cameras[{i}].scene"), &labels, e) {
+                scenes.push(spec);
+            }
+        }
         let manifest = manifest?;
         let high = if d.score_threshold > 0.0 { d.score_threshold } else { manifest.score_threshold };
         e.check(t.low_score <= high - 0.1, "tracker.low_score", || {
@@ -520,6 +534,7 @@ impl RawConfig {
             workers: d.workers,
             tracker,
             merged_classes: merged,
+            scenes,
         })
     }
 }

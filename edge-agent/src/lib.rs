@@ -1,6 +1,7 @@
 //! `its-agent`: the edge agent. Stages (each a module with its config, runtime and tests):
-//! [`source`] → [`decode`] → [`detect`] → [`track`] → (events) → [`buffer`] → [`uplink`];
-//! [`pipeline`] runs the vision stages per camera, [`agent`] wires everything together.
+//! [`source`] → [`decode`] → [`detect`] → [`track`] → [`analyze`] → [`buffer`] → [`uplink`];
+//! [`pipeline`] runs the vision stages per camera, [`agent`] wires everything together and
+//! [`reload`] applies configuration changes without a restart.
 
 pub mod agent;
 pub mod analyze;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod decode;
 pub mod detect;
 pub mod pipeline;
+pub mod reload;
 pub mod scene;
 pub mod source;
 pub mod track;

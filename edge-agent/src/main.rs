@@ -119,6 +119,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::CheckConfig) = &cli.command {
         println!("{source}: configuration is valid");
+        for line in its_agent::reload::describe_scenes(&cfg) {
+            println!("  {line}");
+        }
         return ExitCode::SUCCESS;
     }
     if let Some(Command::PrepareModel) = &cli.command {
@@ -131,6 +134,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let reload = its_agent::agent::Reloading {
+        raw,
+        source,
+        file: cli.config.clone().map(|path| its_agent::reload::ConfigFile { path, env: std::env::vars().collect() }),
+        now: std::sync::Arc::new(tokio::sync::Notify::new()),
+        poll: std::time::Duration::from_secs(2),
+    };
     report(rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -138,8 +148,25 @@ fn main() -> ExitCode {
             tracing::info!("shutting down");
             let _ = tx.send(true);
         });
-        its_agent::agent::run_agent(cfg, rx).await
+        tokio::spawn(reload_on_sighup(reload.now.clone()));
+        its_agent::agent::run_agent(cfg, reload, rx).await
     }))
+}
+
+/// SIGHUP reloads the configuration at once (it is also picked up by itself within seconds).
+async fn reload_on_sighup(now: std::sync::Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                now.notify_one();
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = now;
 }
 
 async fn wait_for_signal() {

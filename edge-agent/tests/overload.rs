@@ -52,7 +52,7 @@ fn overloaded_cameras_drop_their_oldest_frames_and_stay_current() {
     }
     let detected_per_s = per_camera.iter().sum::<u32>() as f64 / 6.0;
     let dropped: Vec<u64> = (0..4).map(|i| pipeline.frames_dropped(i)).collect();
-    let decoded: u64 = pipeline.stats.iter().map(|s| s.frames_decoded.load(Ordering::Relaxed)).sum();
+    let decoded: u64 = pipeline.stats().iter().map(|s| s.frames_decoded.load(Ordering::Relaxed)).sum();
     pipeline.stop();
 
     assert!(detected_per_s < 40.0, "the test needs more load than the machine can detect ({detected_per_s:.1}/s)");

@@ -80,7 +80,7 @@ async fn an_rtsp_camera_streams_detections_and_recovers_after_the_server_restart
     });
     let file_cam = CameraSpec { detect_fps: 2.0, ..camera("file-cam", file) };
     let (pipeline, mut rx) = start(vec![rtsp_cam, file_cam], 2);
-    let rtsp_stats = pipeline.stats[0].clone();
+    let rtsp_stats = pipeline.stats()[0].clone();
 
     // Real people in the real clip, through RTSP, decode, detection and tracking.
     assert!(
@@ -144,7 +144,7 @@ async fn a_camera_that_never_answers_is_reported_and_retried_without_blocking_ot
     let (pipeline, mut rx) =
         start(vec![camera("dead", dead), CameraSpec { detect_fps: 0.0, ..camera("file", file) }], 1);
     assert!(wait_for(&mut rx, 1, 30, |r| r.detections.iter().any(|d| &*d.label == "person")).await);
-    let stats = pipeline.stats[0].clone();
+    let stats = pipeline.stats()[0].clone();
     let t0 = Instant::now();
     while stats.source.connect_failures.load(Ordering::Relaxed) < 2 {
         assert!(t0.elapsed() < Duration::from_secs(10), "the dead camera is not retried");
@@ -166,7 +166,7 @@ async fn a_frozen_camera_is_declared_stalled_and_picked_up_again() {
     let server = RtspServer::start(port);
     let source = rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 1000, 1500, 500);
     let (pipeline, mut rx) = start(vec![camera("frozen", source)], 1);
-    let stats = pipeline.stats[0].clone();
+    let stats = pipeline.stats()[0].clone();
     assert!(wait_for(&mut rx, 0, 30, |r| !r.detections.is_empty()).await, "no detections before the freeze");
 
     // The server process stops: its TCP connection stays open, but no frame comes.
@@ -201,7 +201,7 @@ async fn an_rtsp_camera_over_udp_streams_detections() {
         wait_for(&mut rx, 0, 30, |r| r.detections.iter().any(|d| &*d.label == "person") && r.size == (768, 576)).await,
         "no person over RTP/UDP"
     );
-    assert_eq!(pipeline.stats[0].source.state(), "streaming");
+    assert_eq!(pipeline.stats()[0].source.state(), "streaming");
     drop(rx);
     tokio::task::spawn_blocking(move || pipeline.stop()).await.expect("stop");
 }
@@ -248,7 +248,7 @@ async fn a_picture_size_change_reconnects_the_camera() {
     let source = rtsp(format!("rtsp://127.0.0.1:{port}/street"), RtspTransport::Tcp, 5000, 3000, 500);
     let (pipeline, mut rx) = start(vec![camera("reconfigured", source)], 1);
     assert!(wait_for(&mut rx, 0, 30, |r| r.size == (640, 480)).await, "no 640x480 frames first");
-    let stats = pipeline.stats[0].clone();
+    let stats = pipeline.stats()[0].clone();
     let t0 = Instant::now();
     while stats.source.reconnects.load(Ordering::Relaxed) < 1 {
         assert!(t0.elapsed() < Duration::from_secs(20), "the size change did not reconnect the camera");

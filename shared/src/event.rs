@@ -43,7 +43,7 @@ pub struct ObjectRef {
 }
 
 /// Direction of travel across a count line, relative to the side the line calls "in".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     In,

@@ -18,7 +18,7 @@ pub mod scheduler;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -106,6 +106,8 @@ pub struct FrameResult {
     pub discontinuity: bool,
     /// The camera's stream ended (a file without loop): no frame, only the last `ended` tracks.
     pub end_of_stream: bool,
+    /// The decoded picture (shared, not copied), for snapshots; `None` at end of stream.
+    pub frame: Option<Arc<Frame>>,
 }
 
 /// A decoded frame waiting for detection.
@@ -139,6 +141,8 @@ struct CameraTracks {
     epoch: u64,
     /// Picture size of the last frame (the frame the tracks' boxes refer to).
     size: (u32, u32),
+    /// The camera was removed and its tracks ended: late frames are ignored.
+    removed: bool,
 }
 
 impl CameraTracks {
@@ -149,6 +153,7 @@ impl CameraTracks {
             next_id: 1,
             epoch: 0,
             size: (0, 0),
+            removed: false,
         }
     }
 
@@ -209,23 +214,58 @@ fn class_groups(manifest: &ModelManifest, merged: &[Vec<usize>]) -> (Vec<Option<
 
 /// A running pipeline.
 pub struct VisionPipeline {
-    pub cameras: Vec<CameraSpec>,
-    pub stats: Vec<Arc<CameraStats>>,
+    /// Cameras by scheduler slot; a removed camera leaves `None` (slots are never reused, so a
+    /// late frame of a removed camera can never be taken for another).
+    slots: Arc<RwLock<Vec<Option<Arc<CameraSlot>>>>>,
     scheduler: Arc<Scheduler<Work>>,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    camera_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    manifest: Arc<ModelManifest>,
+    groups: usize,
+    tracker: TrackerConfig,
+    /// Taken at stop, so the receiver sees the end once the workers are gone.
+    results: Mutex<Option<mpsc::Sender<FrameResult>>>,
+    rt: tokio::runtime::Handle,
+}
+
+/// One camera of a running pipeline.
+struct CameraSlot {
+    spec: CameraSpec,
+    id: Arc<str>,
+    stats: Arc<CameraStats>,
+    tracks: Mutex<CameraTracks>,
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl CameraSlot {
+    fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+    }
 }
 
 impl std::fmt::Debug for VisionPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VisionPipeline").field("cameras", &self.cameras.len()).finish()
+        f.debug_struct("VisionPipeline").field("cameras", &self.camera_ids()).finish()
     }
 }
 
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl VisionPipeline {
-    /// Starts every camera, with one detector worker per detector given (all of the same
-    /// model). RTSP sources run on the tokio runtime `rt`. Results arrive on `results`.
+    /// Starts the detector workers (one per detector) and the cameras. The pipeline ends by
+    /// itself when every camera's stream ended (replayed files), unless [`Self::keep_open`].
     pub fn start(
         cameras: Vec<CameraSpec>,
         detectors: Vec<Box<dyn Detector>>,
@@ -236,48 +276,137 @@ impl VisionPipeline {
         let Some(manifest) = detectors.first().map(|d| d.manifest().clone()) else {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no detector"));
         };
-        let slots: Vec<(usize, bool)> = cameras.iter().map(|c| (c.queue_frames.max(1), c.live())).collect();
-        let scheduler = Arc::new(Scheduler::new(&slots));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-        let stats: Vec<Arc<CameraStats>> = cameras.iter().map(|_| Arc::new(CameraStats::default())).collect();
+        let scheduler = Arc::new(Scheduler::new(&[]));
+        // Until the cameras are added, workers must not take "no open camera" for "all done".
+        scheduler.keep_open(true);
         let (groups, n_groups) = class_groups(&manifest, &settings.merged_classes);
         let groups = Arc::new(groups);
-        let tracks: Arc<Vec<Mutex<CameraTracks>>> =
-            Arc::new(cameras.iter().map(|_| Mutex::new(CameraTracks::new(n_groups, settings.tracker))).collect());
-        let ids: Arc<Vec<Arc<str>>> = Arc::new(cameras.iter().map(|c| Arc::from(c.id.as_str())).collect());
-
-        let mut threads = Vec::new();
+        let slots = Arc::new(RwLock::new(Vec::new()));
+        let mut workers = Vec::new();
         for (w, mut detector) in detectors.into_iter().enumerate() {
             let ctx = WorkerContext {
                 scheduler: scheduler.clone(),
-                stats: stats.clone(),
-                tracks: tracks.clone(),
+                slots: slots.clone(),
                 groups: groups.clone(),
-                ids: ids.clone(),
                 results: results.clone(),
                 min_score: settings.tracker.low_score,
             };
-            threads.push(
+            workers.push(
                 std::thread::Builder::new().name(format!("detect-{w}")).spawn(move || ctx.run(detector.as_mut()))?,
             );
         }
-        for (i, cam) in cameras.iter().enumerate() {
-            let ctx = CameraContext {
-                slot: i,
-                spec: cam.clone(),
-                scheduler: scheduler.clone(),
-                stats: stats[i].clone(),
-                stop: stop.clone(),
-                shutdown: shutdown_rx.clone(),
-            };
-            let rt = rt.clone();
-            threads.push(std::thread::Builder::new().name(format!("cam-{}", cam.id)).spawn(move || ctx.run(rt))?);
+        let pipeline = Self {
+            slots,
+            scheduler,
+            workers: Mutex::new(workers),
+            camera_threads: Mutex::new(Vec::new()),
+            manifest,
+            groups: n_groups,
+            tracker: settings.tracker,
+            results: Mutex::new(Some(results)),
+            rt,
+        };
+        for cam in cameras {
+            pipeline.add_camera(cam)?;
         }
-        Ok(Self { cameras, stats, scheduler, stop, threads, shutdown_tx })
+        pipeline.scheduler.keep_open(false);
+        Ok(pipeline)
     }
 
-    /// Frames dropped from camera `i`'s detection queue so far.
+    /// Keeps the workers waiting for cameras even when none is left (a running agent whose
+    /// configuration may add cameras at any time).
+    pub fn keep_open(&self) {
+        self.scheduler.keep_open(true);
+    }
+
+    /// Starts one more camera; the others are not touched. Returns its slot.
+    pub fn add_camera(&self, spec: CameraSpec) -> std::io::Result<usize> {
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let slot = Arc::new(CameraSlot {
+            id: Arc::from(spec.id.as_str()),
+            stats: Arc::new(CameraStats::default()),
+            tracks: Mutex::new(CameraTracks::new(self.groups, self.tracker)),
+            stop: Arc::new(AtomicBool::new(false)),
+            shutdown,
+            spec: spec.clone(),
+        });
+        let index = {
+            let mut slots = write(&self.slots);
+            let index = self.scheduler.add_slot(spec.queue_frames.max(1), spec.live());
+            if slots.len() <= index {
+                slots.resize(index + 1, None);
+            }
+            slots[index] = Some(slot.clone());
+            index
+        };
+        let ctx = CameraContext {
+            slot: index,
+            spec: spec.clone(),
+            scheduler: self.scheduler.clone(),
+            stats: slot.stats.clone(),
+            stop: slot.stop.clone(),
+            shutdown: shutdown_rx,
+        };
+        let rt = self.rt.clone();
+        let thread = std::thread::Builder::new().name(format!("cam-{}", spec.id)).spawn(move || ctx.run(rt));
+        match thread {
+            Ok(t) => lock(&self.camera_threads).push(t),
+            Err(e) => {
+                write(&self.slots)[index] = None;
+                self.scheduler.close(index);
+                return Err(e);
+            }
+        }
+        tracing::info!(camera = %spec.id, slot = index, "camera added");
+        Ok(index)
+    }
+
+    /// Stops one camera: its stream is closed, its waiting frames dropped, its open tracks
+    /// ended (reported like the end of a stream). The other cameras are not touched. `false`
+    /// when no camera has that id.
+    pub fn remove_camera(&self, id: &str) -> bool {
+        let found = {
+            let mut slots = write(&self.slots);
+            let found = slots.iter().position(|s| s.as_ref().is_some_and(|c| &*c.id == id));
+            found.and_then(|i| slots[i].take().map(|c| (i, c)))
+        };
+        let Some((index, cam)) = found else { return false };
+        cam.signal_stop();
+        self.scheduler.retire(index);
+        let (ended, size) = {
+            let mut ct = lock(&cam.tracks);
+            ct.removed = true;
+            (ct.finish(), ct.size)
+        };
+        let (t_s, wall_ms) = (ended.iter().map(|e| e.last_seen_s).fold(0.0, f64::max), crate::unix_ms());
+        let results = lock(&self.results).clone();
+        if let Some(tx) = results {
+            let _ = tx.blocking_send(end_result(index, &cam.id, size, t_s, wall_ms, ended, &self.manifest));
+        }
+        cam.stats.source.set_state("stopped");
+        tracing::info!(camera = %id, "camera removed");
+        true
+    }
+
+    /// The running cameras: slot, spec and counters.
+    pub fn cameras(&self) -> Vec<(usize, CameraSpec, Arc<CameraStats>)> {
+        read(&self.slots)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|c| (i, c.spec.clone(), c.stats.clone())))
+            .collect()
+    }
+
+    pub fn camera_ids(&self) -> Vec<String> {
+        read(&self.slots).iter().flatten().map(|c| c.id.to_string()).collect()
+    }
+
+    /// Counters of the running cameras, in the order they were added.
+    pub fn stats(&self) -> Vec<Arc<CameraStats>> {
+        read(&self.slots).iter().flatten().map(|c| c.stats.clone()).collect()
+    }
+
+    /// Frames dropped from slot `i`'s detection queue so far.
     pub fn frames_dropped(&self, i: usize) -> u64 {
         self.scheduler.dropped(i)
     }
@@ -288,35 +417,70 @@ impl VisionPipeline {
     }
 
     /// Stops the cameras and workers and waits for their threads.
-    pub fn stop(mut self) {
-        self.shut_down();
-    }
-
-    fn shut_down(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.shutdown_tx.send(true);
+    pub fn stop(&self) {
+        for c in read(&self.slots).iter().flatten() {
+            c.signal_stop();
+        }
         self.scheduler.shutdown();
-        for t in self.threads.drain(..) {
+        self.join_threads();
+        lock(&self.results).take();
+    }
+
+    fn join_threads(&self) {
+        let cams: Vec<_> = lock(&self.camera_threads).drain(..).collect();
+        for t in cams {
+            let _ = t.join();
+        }
+        let workers: Vec<_> = lock(&self.workers).drain(..).collect();
+        for t in workers {
             let _ = t.join();
         }
     }
 
-    /// Waits until every camera has ended (files that do not loop) and all frames are through.
-    pub fn join(mut self) {
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+    /// Waits until every camera's stream ended and the workers finished their frames.
+    pub fn join(self) {
+        self.join_threads();
+        lock(&self.results).take();
     }
 }
 
 impl Drop for VisionPipeline {
-    /// A pipeline dropped without `stop` (the agent failing elsewhere) still stops its threads.
     fn drop(&mut self) {
-        self.shut_down();
+        self.stop();
     }
 }
 
-/// Reads the scheduler's per-camera drop counters.
+/// The result that ends a camera's tracks (end of stream, or the camera removed).
+fn end_result(
+    camera: usize,
+    id: &Arc<str>,
+    size: (u32, u32),
+    t_s: f64,
+    wall_ms: i64,
+    ended: Vec<EndedTrack>,
+    manifest: &Arc<ModelManifest>,
+) -> FrameResult {
+    FrameResult {
+        camera,
+        camera_id: id.clone(),
+        size,
+        t_s,
+        wall_ms,
+        detections: Vec::new(),
+        tracks: Vec::new(),
+        started: Vec::new(),
+        ended,
+        lag: Duration::ZERO,
+        timings: DetectTimings::default(),
+        track_time: Duration::ZERO,
+        manifest: manifest.clone(),
+        discontinuity: false,
+        end_of_stream: true,
+        frame: None,
+    }
+}
+
+/// Reads the per-camera drop counters.
 #[derive(Clone)]
 pub struct DropCounter(Arc<Scheduler<Work>>);
 
@@ -541,10 +705,8 @@ impl StreamClock {
 
 struct WorkerContext {
     scheduler: Arc<Scheduler<Work>>,
-    stats: Vec<Arc<CameraStats>>,
-    tracks: Arc<Vec<Mutex<CameraTracks>>>,
+    slots: Arc<RwLock<Vec<Option<Arc<CameraSlot>>>>>,
     groups: Arc<Vec<Option<usize>>>,
-    ids: Arc<Vec<Arc<str>>>,
     results: mpsc::Sender<FrameResult>,
     min_score: f32,
 }
@@ -565,15 +727,18 @@ impl WorkerContext {
     fn run(self, detector: &mut dyn Detector) {
         while let Some((cam, arrived, work)) = self.scheduler.take() {
             let _held = Held { scheduler: &self.scheduler, camera: cam };
+            let Some(slot) = read(&self.slots).get(cam).cloned().flatten() else {
+                continue; // removed meanwhile: its tracks were ended by the removal
+            };
             // A panic on one frame (a bug, or a backend tripping over a hostile picture) costs
             // that frame, counted as a detection error, not the worker.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match work {
-                Work::Frame(sf) => self.process(detector, cam, arrived, sf),
-                Work::End { t_s, wall_ms } => self.end(detector, cam, t_s, wall_ms),
+                Work::Frame(sf) => self.process(detector, cam, &slot, arrived, sf),
+                Work::End { t_s, wall_ms } => self.end(detector, cam, &slot, t_s, wall_ms),
             }));
             let keep_going = outcome.unwrap_or_else(|_| {
-                self.stats[cam].detect_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(camera = %self.ids[cam], "frame processing panicked; frame skipped");
+                slot.stats.detect_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(camera = %slot.id, "frame processing panicked; frame skipped");
                 true
             });
             if !keep_going {
@@ -583,40 +748,34 @@ impl WorkerContext {
     }
 
     /// The camera's stream ended: report its remaining tracks as ended.
-    fn end(&self, detector: &dyn Detector, cam: usize, t_s: f64, wall_ms: i64) -> bool {
+    fn end(&self, detector: &dyn Detector, cam: usize, slot: &CameraSlot, t_s: f64, wall_ms: i64) -> bool {
         let (ended, size) = {
-            let mut ct = self.tracks[cam].lock().unwrap_or_else(|e| e.into_inner());
+            let mut ct = lock(&slot.tracks);
+            if ct.removed {
+                return true;
+            }
             (ct.finish(), ct.size)
         };
-        let result = FrameResult {
-            camera: cam,
-            camera_id: self.ids[cam].clone(),
-            size,
-            t_s,
-            wall_ms,
-            detections: Vec::new(),
-            tracks: Vec::new(),
-            started: Vec::new(),
-            ended,
-            lag: Duration::ZERO,
-            timings: DetectTimings::default(),
-            track_time: Duration::ZERO,
-            manifest: detector.manifest().clone(),
-            discontinuity: false,
-            end_of_stream: true,
-        };
+        let result = end_result(cam, &slot.id, size, t_s, wall_ms, ended, detector.manifest());
         self.results.blocking_send(result).is_ok()
     }
 
     /// Detects and tracks one frame; `false` when the results receiver is gone.
-    fn process(&self, detector: &mut dyn Detector, cam: usize, arrived: Instant, sf: SampledFrame) -> bool {
-        let stats = &self.stats[cam];
+    fn process(
+        &self,
+        detector: &mut dyn Detector,
+        cam: usize,
+        slot: &CameraSlot,
+        arrived: Instant,
+        sf: SampledFrame,
+    ) -> bool {
+        let stats = &slot.stats;
         let (detections, timings) = match detector.detect(&Picture::I420(&sf.frame), self.min_score) {
             Ok(r) => r,
             Err(e) => {
                 let n = stats.detect_errors.fetch_add(1, Ordering::Relaxed) + 1;
                 if n <= 3 || n.is_multiple_of(100) {
-                    tracing::warn!(camera = %self.ids[cam], errors = n, error = %e, "detection failed");
+                    tracing::warn!(camera = %slot.id, errors = n, error = %e, "detection failed");
                 }
                 return true;
             }
@@ -624,7 +783,10 @@ impl WorkerContext {
         let t0 = Instant::now();
         // A worker that panicked mid-update leaves trackers that are still consistent enough to
         // go on with (each update replaces whole tracks).
-        let mut ct = self.tracks[cam].lock().unwrap_or_else(|e| e.into_inner());
+        let mut ct = lock(&slot.tracks);
+        if ct.removed {
+            return true;
+        }
         let discontinuity = sf.epoch != ct.epoch;
         let mut ended = if discontinuity { ct.finish() } else { Vec::new() };
         ct.epoch = sf.epoch;
@@ -662,7 +824,7 @@ impl WorkerContext {
         stats.track_us_total.fetch_add(track_time.as_micros() as u64, Ordering::Relaxed);
         let result = FrameResult {
             camera: cam,
-            camera_id: self.ids[cam].clone(),
+            camera_id: slot.id.clone(),
             size: (sf.frame.width, sf.frame.height),
             t_s: sf.t_s,
             wall_ms: sf.wall_ms,
@@ -676,6 +838,7 @@ impl WorkerContext {
             manifest: detector.manifest().clone(),
             discontinuity,
             end_of_stream: false,
+            frame: Some(Arc::new(sf.frame)),
         };
         self.results.blocking_send(result).is_ok()
     }

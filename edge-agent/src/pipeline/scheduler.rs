@@ -35,6 +35,8 @@ struct Slot<T> {
 struct State<T> {
     slots: Vec<Slot<T>>,
     shutdown: bool,
+    /// Workers wait for work even when every slot is closed (slots may still be added).
+    keep_open: bool,
 }
 
 /// The frame queues of all cameras.
@@ -72,7 +74,11 @@ impl<T> Scheduler<T> {
                 last_served: None,
             })
             .collect();
-        Self { state: Mutex::new(State { slots, shutdown: false }), work: Condvar::new(), room: Condvar::new() }
+        Self {
+            state: Mutex::new(State { slots, shutdown: false, keep_open: false }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -89,6 +95,9 @@ impl<T> Scheduler<T> {
                 return Pushed::Shutdown;
             }
             let Some(s) = st.slots.get_mut(slot) else { return Pushed::Shutdown };
+            if s.closed {
+                return Pushed::Shutdown; // retired
+            }
             if s.queue.len() < s.capacity {
                 s.queue.push_back((arrived, item));
                 self.work.notify_one();
@@ -131,7 +140,7 @@ impl<T> Scheduler<T> {
                     return Some((i, arrived, item));
                 }
             }
-            if st.slots.iter().all(|s| s.closed && s.queue.is_empty()) {
+            if !st.keep_open && st.slots.iter().all(|s| s.closed && s.queue.is_empty()) {
                 return None;
             }
             st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -157,6 +166,41 @@ impl<T> Scheduler<T> {
     }
 
     /// Stops everything: pushes are refused, `take` returns `None`.
+    /// Adds a camera slot (`capacity` frames, live or not) and returns its index. Indices are
+    /// never reused.
+    pub fn add_slot(&self, capacity: usize, live: bool) -> usize {
+        let mut st = self.lock();
+        st.slots.push(Slot {
+            queue: VecDeque::with_capacity(capacity.max(1)),
+            capacity: capacity.max(1),
+            live,
+            busy: false,
+            closed: false,
+            dropped: 0,
+            last_served: None,
+        });
+        st.slots.len() - 1
+    }
+
+    /// Closes a slot and drops what waits in it (a camera removed): a pusher blocked on it
+    /// returns.
+    pub fn retire(&self, slot: usize) {
+        let mut st = self.lock();
+        if let Some(s) = st.slots.get_mut(slot) {
+            s.closed = true;
+            s.queue.clear();
+            s.capacity = 0;
+        }
+        self.work.notify_all();
+        self.room.notify_all();
+    }
+
+    /// Whether workers keep waiting when every slot is closed (see [`State::keep_open`]).
+    pub fn keep_open(&self, keep: bool) {
+        self.lock().keep_open = keep;
+        self.work.notify_all();
+    }
+
     pub fn shutdown(&self) {
         self.lock().shutdown = true;
         self.work.notify_all();
