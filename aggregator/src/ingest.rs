@@ -32,8 +32,10 @@ use crate::telemetry;
 /// Concurrent snapshot streams per connection. The agent keeps at most 4 in flight; 8 bound what a
 /// misbehaving agent can make us buffer to 8 x [`wire::MAX_SNAPSHOT_FRAME_LEN`] (about 24 MiB).
 const MAX_SNAPSHOT_STREAMS: u32 = 8;
-/// A snapshot stream must be complete within this: 3 MiB at 200 kbit/s, a poor cellular link.
-const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+/// A snapshot stream must be complete within this: 10 minutes, enough for the agent's window of
+/// 4 x 3 MiB sharing a 200 kbit/s cellular link (about 8 minutes). A stalled stream is dropped
+/// and the agent uploads the snapshot again.
+const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
 /// Application error code with which a refused snapshot stream is stopped.
 const SNAPSHOT_REFUSED_CODE: u32 = 1;
 /// Confirmations waiting for the control stream.

@@ -360,7 +360,7 @@ impl State {
 
 /// The durable outbox. `Send + Sync`; all methods block (call them from `spawn_blocking`).
 ///
-/// Lock order: `writer` -> `evict_gate` -> `reader` -> `state`.
+/// Lock order: `writer` -> `evict_gate` -> `reader` -> `state`; `snapshot_reader` is taken alone.
 pub struct Outbox {
     cfg: OutboxConfig,
     /// Most bytes of pending snapshots (see *Eviction*).
@@ -369,6 +369,8 @@ pub struct Outbox {
     writer: Mutex<Connection>,
     /// Reads, so they proceed while the writer waits for an fsync.
     reader: Mutex<Connection>,
+    /// Reads of snapshots (megabytes of pictures), so they never hold up reads of events.
+    snapshot_reader: Mutex<Connection>,
     /// Held by an eviction from choosing its rows until its state is published, and by
     /// [`Outbox::read_for_send`] / [`Outbox::mark_sending`] while they raise `limbo_high`.
     evict_gate: Mutex<()>,
@@ -576,15 +578,21 @@ impl Outbox {
         let mut state = load_state(&writer, true)?;
         state.limbo_high = state.acked.max(state.sent_reserved);
 
-        let reader = Connection::open(&cfg.path)?;
-        reader.busy_timeout(BUSY_TIMEOUT)?;
-        reader.pragma_update(None, "query_only", true)?;
+        let open_reader = || -> Result<Connection, OutboxError> {
+            let reader = Connection::open(&cfg.path)?;
+            reader.busy_timeout(BUSY_TIMEOUT)?;
+            reader.pragma_update(None, "query_only", true)?;
+            Ok(reader)
+        };
+        let reader = open_reader()?;
+        let snapshot_reader = open_reader()?;
 
         Ok(Self {
             cfg,
             max_snapshot_bytes,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            snapshot_reader: Mutex::new(snapshot_reader),
             evict_gate: Mutex::new(()),
             state: Mutex::new(state),
         })
@@ -756,7 +764,7 @@ impl Outbox {
             return Ok(Vec::new());
         };
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        let r = lock(&self.reader);
+        let r = lock(&self.snapshot_reader);
         let mut stmt = r.prepare_cached(
             "SELECT seq, camera, taken_at_ms, full, crop FROM snapshots WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;

@@ -51,6 +51,8 @@ pub struct UplinkConfig {
 const CONTROL_PRIORITY: i32 = 0;
 /// Priority of snapshot streams: their bytes go out only when the control stream has none queued.
 const SNAPSHOT_PRIORITY: i32 = -1;
+/// Pause before the snapshot task retries after the outbox failed (e.g. busy beyond its timeout).
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 /// Confirmations the control loop may queue for the snapshot task (it never waits on it: a
 /// confirmation that finds the queue full is dropped, and the snapshot is uploaded again later).
 const STORED_QUEUE: usize = 256;
@@ -266,7 +268,14 @@ async fn upload_snapshots(
     loop {
         while let Some(req) = window.poll_request() {
             let ob = outbox.clone();
-            let loaded = tokio::task::spawn_blocking(move || ob.read_snapshots_after(req.after, req.max)).await??;
+            let loaded = match tokio::task::spawn_blocking(move || ob.read_snapshots_after(req.after, req.max)).await? {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading snapshots from the outbox failed; retrying");
+                    tokio::time::sleep(SNAPSHOT_RETRY).await;
+                    continue;
+                }
+            };
             let seqs: Vec<u64> = loaded.iter().map(|u| u.seq).collect();
             let fresh = window.handle_loaded(req, &seqs);
             for upload in loaded.into_iter().filter(|u| fresh.contains(&u.seq)) {
@@ -283,10 +292,17 @@ async fn upload_snapshots(
             seq = stored.recv() => {
                 let Some(seq) = seq else { return Ok(()) }; // the control loop ended
                 let ob = outbox.clone();
-                if tokio::task::spawn_blocking(move || ob.snapshot_stored(seq)).await?? {
-                    handle.snapshots_stored.fetch_add(1, Ordering::Relaxed);
+                match tokio::task::spawn_blocking(move || ob.snapshot_stored(seq)).await? {
+                    Ok(deleted) => {
+                        if deleted {
+                            handle.snapshots_stored.fetch_add(1, Ordering::Relaxed);
+                        }
+                        window.handle_stored(seq);
+                    }
+                    // Still in the outbox and in the window: uploaded again after the confirmation
+                    // timeout, confirmed again by the aggregator, deleted then.
+                    Err(e) => tracing::warn!(seq, error = %e, "deleting a confirmed snapshot failed"),
                 }
-                window.handle_stored(seq);
             }
             Some(done) = writes.join_next(), if !writes.is_empty() => match done {
                 Ok((seq, Ok(()))) => window.handle_written(now_std(), seq),
