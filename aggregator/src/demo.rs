@@ -60,12 +60,35 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// The agent's configuration for the demo.
-fn agent_config(cameras: &[String], model: &Path, backend: &str) -> String {
+/// The bundled clip's scene: a count line across the road the pedestrians walk along and a zone
+/// over the road where standing a while is reported (with pictures, so the snapshot endpoint has
+/// something to show). Counts every 10 s so they show up quickly.
+const DEMO_SCENE: &str = r#"
+[cameras.scene]
+image_size = [768, 576]
+counts_interval_s = 10
+snapshot_kinds = ["line_crossing", "zone_dwell"]
+[[cameras.scene.lines]]
+name = "road-east"
+points = [[470.0, 150.0], [540.0, 440.0]]
+in_side = "left"
+classes = ["person"]
+[[cameras.scene.zones]]
+name = "road"
+polygon = [[0.0, 190.0], [330.0, 185.0], [600.0, 150.0], [700.0, 115.0], [768.0, 250.0], [768.0, 480.0], [420.0, 320.0], [0.0, 235.0]]
+classes = ["person"]
+dwell_s = 15
+"#;
+
+/// The agent's configuration for the demo (`scene`: the bundled clip's count line and zone).
+fn agent_config(cameras: &[String], model: &Path, backend: &str, scene: bool) -> String {
     let mut out = String::from("[detector]\n");
     out += &format!("model = {}\nbackend = {}\n", toml_str(&model.display().to_string()), toml_str(backend));
     for (i, url) in cameras.iter().enumerate() {
         out += &format!("\n[[cameras]]\nid = \"cam-{}\"\nurl = {}\n", i + 1, toml_str(url));
+        if scene {
+            out += DEMO_SCENE;
+        }
     }
     out
 }
@@ -126,6 +149,46 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
         http_listen: http,
         snapshots: crate::snapshots::SnapshotLocation::Local(dir.to_path_buf()),
     }
+}
+
+/// What the analytics reported so far: crossings by direction, the latest counts, dwell
+/// reports, and where the newest picture can be fetched.
+async fn traffic_summary(store: &dyn EventStore, http: SocketAddr) -> Option<String> {
+    let page = |kind: &str| EventQuery { kind: Some(kind.into()), limit: Some(500), ..EventQuery::default() };
+    let crossings = store.query_events(&page("line_crossing")).await.ok()?.events;
+    let dwell = store.query_events(&page("zone_dwell")).await.ok()?.events;
+    let counts = store.query_events(&EventQuery { limit: Some(1), ..page("counts") }).await.ok()?.events;
+    if crossings.is_empty() && dwell.is_empty() && counts.is_empty() {
+        return None;
+    }
+    let dir = |d: &str| crossings.iter().filter(|e| e.payload["direction"] == d).count();
+    let mut out = format!("crossings in {} / out {}, standing in the road {}", dir("in"), dir("out"), dwell.len());
+    if let Some(c) = counts.first() {
+        let per: Vec<String> = c.payload["counts"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        format!(
+                            "{} {} {}",
+                            x["count"],
+                            x["label"].as_str().unwrap_or("?"),
+                            x["direction"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out += &format!(
+            "; last {} s count: {}",
+            c.payload["interval_s"],
+            if per.is_empty() { "none".into() } else { per.join(", ") }
+        );
+    }
+    if let Some(e) = crossings.iter().chain(&dwell).filter(|e| e.has_snapshot).max_by_key(|e| e.observed_at_ms) {
+        out += &format!("; picture: http://{http}/api/v1/events/{}:{}/snapshot", e.device_id, e.seq);
+    }
+    Some(out)
 }
 
 /// The road users seen since the last call: new tracks by label, and the newest one.
@@ -212,7 +275,7 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
 
     let outbox = dir.join("agent").join("outbox.db");
     let config = dir.join("agent").join("agent.toml");
-    std::fs::write(&config, agent_config(&cameras, &model, &opts.backend))
+    std::fs::write(&config, agent_config(&cameras, &model, &opts.backend, opts.cameras.is_empty()))
         .with_context(|| format!("writing {}", config.display()))?;
     let synthetic = opts.rate_per_s > 0.0;
     let child = Command::new(&agent_bin)
@@ -260,6 +323,9 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
             t.as_secs(),
             latest_tracks(server.store.as_ref(), &mut seen_up_to).await
         );
+        if let Some(line) = traffic_summary(server.store.as_ref(), server.addrs.http).await {
+            println!("          {line}");
+        }
         if !outage_done && !opts.duration.is_zero() && t >= outage_at {
             outage_done = true;
             println!(

@@ -238,12 +238,12 @@ pub struct Reloading {
 
 /// Runs the agent until `shutdown` becomes true.
 pub async fn run_agent(cfg: AgentConfig, reload: Reloading, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let outbox_cfg = cfg.outbox.clone();
+    let (outbox_cfg, snapshot_budget) = (cfg.outbox.clone(), cfg.max_snapshot_bytes);
     if let Some(dir) = outbox_cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let outbox = Arc::new(
-        tokio::task::spawn_blocking(move || Outbox::open(outbox_cfg))
+        tokio::task::spawn_blocking(move || Outbox::open_with_snapshot_budget(outbox_cfg, snapshot_budget))
             .await?
             .with_context(|| format!("opening the outbox {}", cfg.outbox.path.display()))?,
     );

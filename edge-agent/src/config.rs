@@ -230,6 +230,10 @@ pub struct RawOutbox {
     pub max_age_h: u64,
     /// Sequence numbers reserved per write of the "sent" mark (see the outbox's contract).
     pub reserve_ahead: u64,
+    /// Bytes of event pictures kept apart from `max_bytes` (pictures never crowd out events);
+    /// 128 MiB holds about a thousand full-frame snapshots, days of incidents offline. Over it,
+    /// the oldest pictures are dropped (counted as `snapshot` in the eviction counters).
+    pub max_snapshot_bytes: u64,
 }
 
 impl Default for RawOutbox {
@@ -239,6 +243,7 @@ impl Default for RawOutbox {
             max_bytes: 512 * 1024 * 1024,
             max_age_h: 168,
             reserve_ahead: 8192,
+            max_snapshot_bytes: crate::buffer::DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 }
@@ -288,6 +293,8 @@ impl Default for RawHealth {
 pub struct AgentConfig {
     pub uplink: UplinkConfig,
     pub outbox: OutboxConfig,
+    /// Budget of the outbox's pictures (bytes).
+    pub max_snapshot_bytes: u64,
     pub synthetic: Option<SyntheticConfig>,
     pub health_interval: Duration,
     /// Cameras, detector and tracker; `None` when no camera is configured.
@@ -603,6 +610,9 @@ impl RawConfig {
         let o = &self.outbox;
         e.check(o.max_bytes >= 1024 * 1024, "outbox.max_bytes", || format!("{} is below 1 MiB", o.max_bytes));
         e.check(o.max_age_h >= 1, "outbox.max_age_h", || "must be at least 1".into());
+        e.check(o.max_snapshot_bytes >= 4 * 1024 * 1024, "outbox.max_snapshot_bytes", || {
+            format!("{} is below 4 MiB (one snapshot may take 3 MiB)", o.max_snapshot_bytes)
+        });
         e.check(o.reserve_ahead >= 1, "outbox.reserve_ahead", || "must be at least 1".into());
         e.check(o.path.file_name().is_some(), "outbox.path", || "must name a file".into());
         let s = &self.synthetic;
@@ -655,6 +665,7 @@ impl RawConfig {
                 max_age: Duration::from_secs(o.max_age_h * 3600),
                 reserve_ahead: o.reserve_ahead,
             },
+            max_snapshot_bytes: o.max_snapshot_bytes,
             synthetic: s.enabled.then(|| SyntheticConfig {
                 rate_per_s: s.rate_per_s,
                 cameras: s.cameras.clone(),

@@ -105,6 +105,17 @@ struct ZoneState {
     stop_reported: bool,
 }
 
+/// A crossing waiting for the speed around it.
+#[derive(Debug, Clone)]
+struct PendingCrossing {
+    line: String,
+    direction: Direction,
+    t: f64,
+    at_ms: i64,
+    object: ObjectRef,
+    bbox_px: [f32; 4],
+}
+
 #[derive(Debug, Clone)]
 struct TrackState {
     label: String,
@@ -123,6 +134,7 @@ struct TrackState {
     still: Option<(f64, Point)>,
     /// Zone index → time spent in it (for the speed measurement's zone).
     zone_time: Vec<f64>,
+    pending: Vec<PendingCrossing>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -252,6 +264,7 @@ impl SceneAnalyzer {
             moving_speeds: Vec::new(),
             still: None,
             zone_time: vec![0.0; n_zones],
+            pending: Vec::new(),
         });
         let dt = st.samples.back().map_or(0.0, |s| (sample.t - s.t).max(0.0));
         st.label = label;
@@ -289,18 +302,21 @@ impl SceneAnalyzer {
                     ls.counted = Some((direction, at));
                     *self.counts[i].entry((st.label.clone(), direction)).or_insert(0) += 1;
                     let t_cross = t0 + (sample.t - t0) * c.t;
-                    let speed_kmh = st.speed_kmh.map(|v| v as f32);
-                    let kind = EventKind::LineCrossing {
+                    // Reported once the speed around the crossing is known (half a window later).
+                    st.pending.push(PendingCrossing {
                         line: line.name.clone(),
-                        object: ObjectRef { track_id: id, label: st.label.clone(), score, bbox },
                         direction,
-                        speed_kmh,
-                    };
-                    out.push(self.event(wall_at(t_cross), kind, Some(bbox_px)));
+                        t: t_cross,
+                        at_ms: wall_at(t_cross),
+                        object: ObjectRef { track_id: id, label: st.label.clone(), score, bbox },
+                        bbox_px,
+                    });
                 }
             }
             st.lines[i].last = Some((sample.img, sample.t));
         }
+
+        self.report_crossings(&mut st, false, out);
 
         // Zones.
         let calibrated = self.spec.calibration.is_some();
@@ -458,7 +474,8 @@ impl SceneAnalyzer {
     }
 
     fn end_track(&mut self, id: u64, at_ms: i64, out: &mut Vec<AnalyzedEvent>) {
-        let Some(st) = self.tracks.remove(&id) else { return };
+        let Some(mut st) = self.tracks.remove(&id) else { return };
+        self.report_crossings(&mut st, true, out);
         let object = Self::object(id, &st);
         for (z, zone) in self.spec.zones.iter().enumerate() {
             let zs = &st.zones[z];
@@ -483,6 +500,45 @@ impl SceneAnalyzer {
                 .map(|z| z.name.clone());
             out.push(self.event(at_ms, EventKind::SpeedMeasurement { object, speed_kmh, zone }, Some(st.bbox_px)));
         }
+    }
+
+    /// Reports the crossings whose surrounding speed window has passed (or all, at the track's
+    /// end), with the speed fitted over the positions around the crossing: centred, so it is the
+    /// speed at the line, not the speed before it.
+    fn report_crossings(&self, st: &mut TrackState, ending: bool, out: &mut Vec<AnalyzedEvent>) {
+        if st.pending.is_empty() {
+            return;
+        }
+        let now = st.samples.back().map_or(f64::MIN, |s| s.t);
+        let half = self.spec.speed.window_s / 2.0;
+        let (due, waiting): (Vec<PendingCrossing>, Vec<PendingCrossing>) =
+            std::mem::take(&mut st.pending).into_iter().partition(|p| ending || now - p.t >= half);
+        st.pending = waiting;
+        for p in due {
+            let speed_kmh = self.speed_between(st, p.t - half, p.t + half, ending).map(|v| v as f32);
+            let kind = EventKind::LineCrossing { line: p.line, object: p.object, direction: p.direction, speed_kmh };
+            out.push(self.event(p.at_ms, kind, Some(p.bbox_px)));
+        }
+    }
+
+    /// Speed (km/h) fitted over the positions between `t0` and `t1`; they must span half the
+    /// window (a third when the track ended early and no more positions will come).
+    fn speed_between(&self, st: &TrackState, t0: f64, t1: f64, ending: bool) -> Option<f64> {
+        let window: Vec<GroundSample> = st
+            .samples
+            .iter()
+            .filter(|s| s.t >= t0 - 1e-6 && s.t <= t1 + 1e-6 && !s.cut)
+            .filter_map(|s| s.ground.map(|p| GroundSample { t: s.t, p }))
+            .collect();
+        let span = match (window.first(), window.last()) {
+            (Some(a), Some(b)) => b.t - a.t,
+            _ => 0.0,
+        };
+        let need = self.spec.speed.window_s * if ending { 1.0 / 3.0 } else { 0.5 };
+        if span < need {
+            return None;
+        }
+        robust_velocity(&window).map(|v| v.kmh()).filter(|&k| k <= self.spec.speed.max_kmh)
     }
 
     /// The track's speed: the median of its speeds while it moved, if it moved long and far

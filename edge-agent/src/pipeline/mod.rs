@@ -223,8 +223,9 @@ pub struct VisionPipeline {
     manifest: Arc<ModelManifest>,
     groups: usize,
     tracker: TrackerConfig,
-    /// Taken at stop, so the receiver sees the end once the workers are gone.
-    results: Mutex<Option<mpsc::Sender<FrameResult>>>,
+    /// Weak: the workers hold the channel open, so its receiver sees the end when they are gone
+    /// (every camera's stream ended, or the pipeline stopped).
+    results: mpsc::WeakSender<FrameResult>,
     rt: tokio::runtime::Handle,
 }
 
@@ -303,7 +304,7 @@ impl VisionPipeline {
             manifest,
             groups: n_groups,
             tracker: settings.tracker,
-            results: Mutex::new(Some(results)),
+            results: results.downgrade(),
             rt,
         };
         for cam in cameras {
@@ -379,8 +380,7 @@ impl VisionPipeline {
             (ct.finish(), ct.size)
         };
         let (t_s, wall_ms) = (ended.iter().map(|e| e.last_seen_s).fold(0.0, f64::max), crate::unix_ms());
-        let results = lock(&self.results).clone();
-        if let Some(tx) = results {
+        if let Some(tx) = self.results.upgrade() {
             let _ = tx.blocking_send(end_result(index, &cam.id, size, t_s, wall_ms, ended, &self.manifest));
         }
         cam.stats.source.set_state("stopped");
@@ -423,7 +423,6 @@ impl VisionPipeline {
         }
         self.scheduler.shutdown();
         self.join_threads();
-        lock(&self.results).take();
     }
 
     fn join_threads(&self) {
@@ -440,7 +439,6 @@ impl VisionPipeline {
     /// Waits until every camera's stream ended and the workers finished their frames.
     pub fn join(self) {
         self.join_threads();
-        lock(&self.results).take();
     }
 }
 
