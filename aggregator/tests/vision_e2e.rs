@@ -61,6 +61,41 @@ async fn people(http: &reqwest::Client, api: &str, from_ms: i64) -> usize {
         .unwrap_or(0)
 }
 
+/// The whole picture as one zone whose entries carry pictures: the first road user tracked
+/// produces a `zone_enter` with a snapshot.
+const SCENE: &str = r#"
+[cameras.scene]
+image_size = [768, 576]
+snapshot_kinds = ["zone_enter"]
+[[cameras.scene.zones]]
+name = "all"
+polygon = [[0.0, 0.0], [768.0, 0.0], [768.0, 576.0], [0.0, 576.0]]
+"#;
+
+/// Waits for a `zone_enter` with a stored snapshot and checks the pictures the API serves.
+async fn check_snapshot(http: &reqwest::Client, api: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let page = get(http, &format!("{api}/api/v1/events?kind=zone_enter&camera=street&limit=50")).await;
+        let with = page["events"].as_array().and_then(|evs| evs.iter().find(|e| e["has_snapshot"] == true).cloned());
+        if let Some(e) = with {
+            break e["id"].as_str().expect("id").to_string();
+        }
+        check_deadline(deadline, "a zone_enter event with its snapshot", log);
+        pause().await;
+    };
+    let full = http.get(format!("{api}/api/v1/events/{id}/snapshot")).send().await.expect("GET snapshot");
+    assert_eq!(full.status(), 200);
+    assert_eq!(full.headers()["content-type"], "image/jpeg");
+    let bytes = full.bytes().await.expect("body");
+    let img = image::load_from_memory(&bytes).expect("a JPEG");
+    assert_eq!((img.width(), img.height()), (768, 576), "the camera's full frame");
+    let crop = http.get(format!("{api}/api/v1/events/{id}/snapshot?variant=crop")).send().await.expect("GET crop");
+    assert_eq!(crop.status(), 200);
+    let crop = image::load_from_memory(&crop.bytes().await.expect("body")).expect("a JPEG");
+    assert!(crop.width() < 768 && crop.height() < 576, "a crop around the road user");
+}
+
 async fn pause() {
     tokio::time::sleep(Duration::from_millis(250)).await;
 }
@@ -94,7 +129,7 @@ async fn an_agent_on_a_real_rtsp_camera_delivers_road_users_and_recovers_when_th
     std::fs::write(
         &config,
         format!(
-            "[detector]\nmodel = {:?}\nbackend = \"tract\"\n\n[[cameras]]\nid = \"street\"\nurl = \"rtsp://127.0.0.1:{port}/street\"\ndetect_fps = 5\nstall_timeout_s = 2\nbackoff_base_ms = 200\nbackoff_cap_ms = 1000\n",
+            "[detector]\nmodel = {:?}\nbackend = \"tract\"\n\n[[cameras]]\nid = \"street\"\nurl = \"rtsp://127.0.0.1:{port}/street\"\ndetect_fps = 5\nstall_timeout_s = 2\nbackoff_base_ms = 200\nbackoff_cap_ms = 1000\n{SCENE}",
             root().join("models/ssd-mobilenet-v2-coco/model.toml").display().to_string()
         ),
     )
@@ -118,6 +153,7 @@ async fn an_agent_on_a_real_rtsp_camera_delivers_road_users_and_recovers_when_th
         check_deadline(deadline, "tracked people at the aggregator", &log);
         pause().await;
     }
+    check_snapshot(&http, &api, &log).await;
     let page = get(&http, &format!("{api}/api/v1/events?kind=object_track&camera=street&limit=1")).await;
     let first = &page["events"][0];
     assert_eq!(first["device_id"], DEVICE, "{first}");

@@ -1,0 +1,57 @@
+//! The traffic analytics measured against ground truth on the clean synthetic traffic scenes
+//! (real vehicle pictures at known speeds through a known calibration, encoded to H.264 and run
+//! through decode, detection, tracking and the scene analyzer): counts per line and direction are
+//! exact, speeds are within the targets, and wrong-way drivers and stopped vehicles are reported
+//! within 2 s of when they are due, with no false alarm. The hard scenes (queue, occlusion) are
+//! measured by `cargo bench -p its-agent --bench analytics` (BENCHMARKS.md).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use its_agent::analyze::accuracy::{ON_TIME_S, evaluate, run_scene, scene_config};
+use its_agent::detect::{BackendKind, BackendOptions, ModelManifest, load_detectors};
+use its_agent::pipeline::VisionSettings;
+use its_agent::scene::library::Library;
+use its_agent::track::TrackerConfig;
+use its_shared::config::ConfigErrors;
+
+#[test]
+fn clean_traffic_scenes_are_counted_exactly_with_accurate_speeds_and_timely_incidents() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest =
+        Arc::new(ModelManifest::load(&root.join("models/ssd-mobilenet-v2-coco/model.toml")).expect("manifest"));
+    let lib = Library::load(&root.join("media")).expect("media");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut clean = 0;
+    for scene in lib.traffic_scenes().into_iter().filter(|s| s.clean) {
+        clean += 1;
+        let spec = scene_config(&scene).validate("scene", &[], &mut ConfigErrors::new("test")).expect("survey valid");
+        // The fastest backend of this build that loads (ONNX Runtime when present, else tract).
+        let detectors = BackendKind::compiled_fastest_first()
+            .into_iter()
+            .find_map(|k| {
+                load_detectors(&manifest, &[k], &BackendOptions { kind: k, threads: 2, ..Default::default() }, 1).ok()
+            })
+            .expect("a detector loads");
+        let settings = VisionSettings {
+            tracker: TrackerConfig::for_detector_threshold(manifest.score_threshold),
+            merged_classes: vec![vec![2, 5, 7]],
+        };
+        let events = run_scene(&scene, spec, detectors, settings, dir.path()).expect("pipeline");
+        let acc = evaluate(&scene, &events);
+        println!("{}\n{}", its_agent::analyze::accuracy::Accuracy::TABLE_HEADER, acc.table_row());
+        let name = scene.scene.name;
+        assert!(acc.counts_exact(), "{name}: counts per line and direction {:?}", acc.counts);
+        let mae = acc.speed_mae().expect("speeds measured");
+        assert!(mae < 3.0, "{name}: speed MAE {mae:.2} km/h");
+        assert!(acc.speed_errors.len() as u32 * 10 >= acc.count_error().1 * 8, "{name}: most crossings carry a speed");
+        let worst = acc.speed_max_rel().expect("speeds");
+        assert!(worst < 0.08, "{name}: worst speed error {:.1}%", worst * 100.0);
+        for (kind, zone, delay) in &acc.incidents {
+            let d = delay.unwrap_or_else(|| panic!("{name}: {kind} in {zone} not reported"));
+            assert!(d.abs() <= ON_TIME_S, "{name}: {kind} in {zone} reported {d:+.1} s from when due");
+        }
+        assert!(acc.false_alarms.is_empty(), "{name}: false alarms {:?}", acc.false_alarms);
+    }
+    assert!(clean >= 3, "the clean scenes: free flow, wrong-way, stopped vehicle");
+}
