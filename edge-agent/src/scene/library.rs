@@ -121,7 +121,7 @@ impl Library {
     }
 
     fn actor(id: u64, sprite: Sprite, z: i32, legs: &[(f64, f64, [f64; 2], [f64; 2])]) -> Actor {
-        Actor { id, sprite, z, legs: legs.iter().map(|&(t0, t1, from, to)| Leg { t0, t1, from, to }).collect() }
+        Actor::on_legs(id, sprite, z, legs.iter().map(|&(t0, t1, from, to)| Leg { t0, t1, from, to }).collect())
     }
 
     fn pickup(&self) -> Sprite {

@@ -7,10 +7,15 @@
 //! (OpenH264's encoder), so measurements run through the same decode, detection and tracking as
 //! a camera.
 //!
+//! An actor moves either along [`Leg`]s (its sprite's top-left corner, at the sprite's own size)
+//! or by per-frame [`Placement`]s (position, size and drawing order of every frame, the sprite
+//! scaled to each: how [`traffic`] draws vehicles seen in perspective).
+//!
 //! Occlusion: actors are drawn in order of `z`; a box less than half visible is not required of
 //! the tracker (scored as "don't care", as MOT benchmarks do with heavily occluded objects).
 
 pub mod library;
+pub mod traffic;
 
 use std::path::Path;
 
@@ -55,6 +60,20 @@ impl Sprite {
     pub fn size(&self) -> (u32, u32) {
         self.image.dimensions()
     }
+
+    /// The sprite (picture and opacity) resized to `width` x `height`.
+    pub fn scaled(&self, width: u32, height: u32) -> Self {
+        let (w, h) = (width.max(1), height.max(1));
+        if (w, h) == self.size() {
+            return self.clone();
+        }
+        let filter = imageops::FilterType::Triangle;
+        let image = imageops::resize(&self.image, w, h, filter);
+        let alpha = image::GrayImage::from_raw(self.image.width(), self.image.height(), self.alpha.clone())
+            .map(|m| imageops::resize(&m, w, h, filter).into_raw())
+            .unwrap_or_else(|| vec![255; (w * h) as usize]);
+        Self { label: self.label, image, alpha }
+    }
 }
 
 /// Straight-line motion between two points (top-left corner of the sprite), in pixels and
@@ -67,6 +86,25 @@ pub struct Leg {
     pub to: [f64; 2],
 }
 
+/// Where an actor is drawn in one frame: the sprite scaled to `width` x `height` with its
+/// top-left corner at `(x, y)` (pixels), drawn in order of `z` (higher is nearer the camera).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub frame: usize,
+    pub x: i64,
+    pub y: i64,
+    pub width: u32,
+    pub height: u32,
+    pub z: i32,
+}
+
+impl Placement {
+    /// `[x1, y1, x2, y2]` in pixels, not clipped.
+    pub fn bbox(&self) -> [f32; 4] {
+        [self.x as f32, self.y as f32, (self.x + self.width as i64) as f32, (self.y + self.height as i64) as f32]
+    }
+}
+
 /// One road user (or a static occluder, `id` 0, not scored).
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -75,11 +113,34 @@ pub struct Actor {
     pub sprite: Sprite,
     /// Consecutive legs; between legs the actor waits at the last point.
     pub legs: Vec<Leg>,
+    /// Per-frame placements, in frame order; when there are any they replace `legs` and `z`: the
+    /// actor is in exactly the frames listed, scaled to each placement's size.
+    pub placements: Vec<Placement>,
     /// Drawing order: higher is nearer the camera.
     pub z: i32,
 }
 
 impl Actor {
+    /// An actor moving along `legs` at its sprite's size.
+    pub fn on_legs(id: u64, sprite: Sprite, z: i32, legs: Vec<Leg>) -> Self {
+        Self { id, sprite, legs, placements: Vec::new(), z }
+    }
+
+    /// An actor drawn at per-frame `placements` (in frame order).
+    pub fn with_placements(id: u64, sprite: Sprite, placements: Vec<Placement>) -> Self {
+        Self { id, sprite, legs: Vec::new(), placements, z: 0 }
+    }
+
+    /// Where and how large the actor is in frame `i` (at `fps`), if it is in the scene then.
+    pub fn placement(&self, i: usize, fps: f64) -> Option<Placement> {
+        if !self.placements.is_empty() {
+            return self.placements.binary_search_by_key(&i, |p| p.frame).ok().map(|k| self.placements[k]);
+        }
+        let p = self.position(i as f64 / fps)?;
+        let (width, height) = self.sprite.size();
+        Some(Placement { frame: i, x: p[0].round() as i64, y: p[1].round() as i64, width, height, z: self.z })
+    }
+
     /// Top-left position at time `t`, if the actor is in the scene then.
     pub fn position(&self, t: f64) -> Option<[f64; 2]> {
         let first = self.legs.first()?;
@@ -126,23 +187,28 @@ impl Scene {
         self.background.dimensions()
     }
 
-    fn placed(&self, t: f64) -> Vec<(&Actor, [i64; 2])> {
-        let mut v: Vec<(&Actor, [i64; 2])> = self
-            .actors
-            .iter()
-            .filter_map(|a| a.position(t).map(|p| (a, [p[0].round() as i64, p[1].round() as i64])))
-            .collect();
-        v.sort_by_key(|(a, _)| a.z);
+    /// The actors in frame `i` with their placements, in drawing order (farthest first).
+    fn placed(&self, i: usize) -> Vec<(&Actor, Placement)> {
+        let mut v: Vec<(&Actor, Placement)> =
+            self.actors.iter().filter_map(|a| a.placement(i, self.fps).map(|p| (a, p))).collect();
+        v.sort_by_key(|(_, p)| p.z);
         v
     }
 
     /// Frame `i` as RGB.
     pub fn render(&self, i: usize) -> RgbImage {
-        let t = i as f64 / self.fps;
         let mut img = self.background.clone();
         let (fw, fh) = (img.width() as i64, img.height() as i64);
-        for (a, [x0, y0]) in self.placed(t) {
-            let (w, h) = a.sprite.size();
+        for (a, p) in self.placed(i) {
+            let scaled;
+            let sprite = if (p.width, p.height) == a.sprite.size() {
+                &a.sprite
+            } else {
+                scaled = a.sprite.scaled(p.width, p.height);
+                &scaled
+            };
+            let (w, h) = sprite.size();
+            let (x0, y0) = (p.x, p.y);
             for sy in 0..h as i64 {
                 let y = y0 + sy;
                 if y < 0 || y >= fh {
@@ -153,8 +219,8 @@ impl Scene {
                     if x < 0 || x >= fw {
                         continue;
                     }
-                    let al = a.sprite.alpha[(sy * w as i64 + sx) as usize] as u32;
-                    let src = a.sprite.image.get_pixel(sx as u32, sy as u32).0;
+                    let al = sprite.alpha[(sy * w as i64 + sx) as usize] as u32;
+                    let src = sprite.image.get_pixel(sx as u32, sy as u32).0;
                     let dst = img.get_pixel_mut(x as u32, y as u32);
                     for (d, s) in dst.0.iter_mut().zip(src) {
                         *d = ((s as u32 * al + *d as u32 * (255 - al)) / 255) as u8;
@@ -167,28 +233,20 @@ impl Scene {
 
     /// The true boxes of the scored actors in frame `i`, with their visibility.
     pub fn truth(&self, i: usize) -> Vec<TruthBox> {
-        let t = i as f64 / self.fps;
-        let placed = self.placed(t);
+        let placed = self.placed(i);
         let (fw, fh) = self.size();
         let mut out = Vec::new();
-        for (k, (a, [x0, y0])) in placed.iter().enumerate() {
+        for (k, (a, p)) in placed.iter().enumerate() {
             if a.id == 0 {
                 continue;
             }
-            let (w, h) = a.sprite.size();
-            let full = [*x0 as f32, *y0 as f32, (*x0 + w as i64) as f32, (*y0 + h as i64) as f32];
+            let full = p.bbox();
             let clipped = [full[0].max(0.0), full[1].max(0.0), full[2].min(fw as f32), full[3].min(fh as f32)];
             if clipped[2] <= clipped[0] || clipped[3] <= clipped[1] {
                 continue;
             }
             // Visible pixels: inside the frame and not under a nearer actor (sampled on a grid).
-            let nearer: Vec<[f32; 4]> = placed[k + 1..]
-                .iter()
-                .map(|(b, [bx, by])| {
-                    let (bw, bh) = b.sprite.size();
-                    [*bx as f32, *by as f32, (*bx + bw as i64) as f32, (*by + bh as i64) as f32]
-                })
-                .collect();
+            let nearer: Vec<[f32; 4]> = placed[k + 1..].iter().map(|(_, q)| q.bbox()).collect();
             let (mut seen, mut total) = (0u32, 0u32);
             for gy in 0..16 {
                 for gx in 0..16 {
@@ -293,12 +351,14 @@ mod tests {
             id: 1,
             sprite: Sprite::new("car", &solid(10, 10, 200), 20, 10, 0),
             legs: vec![Leg { t0: 0.0, t1: 1.0, from: [0.0, 0.0], to: [100.0, 0.0] }],
+            placements: Vec::new(),
             z: 1,
         };
         let far = Actor {
             id: 2,
             sprite: Sprite::new("person", &solid(10, 10, 50), 10, 10, 0),
             legs: vec![Leg { t0: 0.0, t1: 1.0, from: [50.0, 0.0], to: [50.0, 0.0] }],
+            placements: Vec::new(),
             z: 0,
         };
         let scene = Scene { name: "t", background: solid(120, 40, 0), actors: vec![near, far], fps: 10.0, frames: 11 };
@@ -315,6 +375,37 @@ mod tests {
     }
 
     #[test]
+    fn placed_actors_are_drawn_scaled_in_their_boxes_and_depth_order() {
+        let place = |frame, x, y, width, height, z| Placement { frame, x, y, width, height, z };
+        // A 10x10 sprite drawn 20x10 in frame 0 and 40x20 in frame 1; a second one on top of it in frame 1.
+        let grows = Actor::with_placements(
+            1,
+            Sprite::new("car", &solid(10, 10, 200), 10, 10, 0),
+            vec![place(0, 5, 5, 20, 10, 0), place(1, 10, 10, 40, 20, 5)],
+        );
+        let front = Actor::with_placements(
+            2,
+            Sprite::new("car", &solid(10, 10, 100), 10, 10, 0),
+            vec![place(1, 30, 10, 20, 20, 6)],
+        );
+        let scene = Scene { name: "t", background: solid(80, 40, 0), actors: vec![front, grows], fps: 10.0, frames: 3 };
+        let t0 = scene.truth(0);
+        assert_eq!(t0.len(), 1);
+        assert_eq!(t0[0].bbox, [5.0, 5.0, 25.0, 15.0]);
+        let img = scene.render(0);
+        assert_eq!(img.get_pixel(24, 14).0, [200, 200, 200]);
+        assert_eq!(img.get_pixel(25, 14).0, [0, 0, 0]);
+        let t1 = scene.truth(1);
+        let grown = t1.iter().find(|b| b.id == 1).expect("grown");
+        assert_eq!(grown.bbox, [10.0, 10.0, 50.0, 30.0]);
+        assert!((grown.visible - 0.5).abs() < 0.01, "half under the nearer actor: {}", grown.visible);
+        let img = scene.render(1);
+        assert_eq!(img.get_pixel(12, 28).0, [200, 200, 200]);
+        assert_eq!(img.get_pixel(35, 20).0, [100, 100, 100], "higher z on top");
+        assert!(scene.truth(2).is_empty(), "only in the frames placed");
+    }
+
+    #[test]
     fn an_encoded_scene_decodes_to_what_was_rendered() {
         use crate::decode::{SoftwareDecoder, VideoDecoder};
         use crate::source::annexb::AccessUnitSplitter;
@@ -326,6 +417,7 @@ mod tests {
             id: 1,
             sprite: Sprite::new("car", &solid(8, 8, 250), 16, 12, 2),
             legs: vec![Leg { t0: 0.0, t1: 1.0, from: [0.0, 10.0], to: [40.0, 10.0] }],
+            placements: Vec::new(),
             z: 0,
         };
         let scene = Scene { name: "t", background: bg, actors: vec![a], fps: 10.0, frames: 10 };
