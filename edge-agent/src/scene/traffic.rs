@@ -20,7 +20,8 @@
 //! length x width x height cuboid; sprites seen from behind keep their proportions at that
 //! height). Nearer vehicles are drawn over farther ones. The pickup seen from the side (flipped
 //! for westbound traffic) is the vehicle the detector finds reliably from about 170 px wide,
-//! which is what fixes the zoom of the camera: every vehicle is 175-270 px wide.
+//! which is what fixes the zoom of the camera: a whole pickup is 210-265 px wide (the van, kept
+//! in proportion, 155-180 px).
 //!
 //! # Truth
 //!
