@@ -10,7 +10,7 @@
 //! - [`runner`]: the stage's thread, with scenes that can be replaced while it runs;
 //! - [`accuracy`]: the analytics measured against synthetic scenes with ground truth.
 
-// pub mod accuracy;
+pub mod accuracy;
 pub mod config;
 pub mod runner;
 pub mod scene;

@@ -35,13 +35,18 @@ use super::speed::{GroundSample, robust_velocity};
 use crate::buffer::NewEvent;
 use crate::pipeline::FrameResult;
 
-/// Positions outside a zone before a road user counts as having left it.
-const EXIT_AFTER: u32 = 3;
+/// Wrong-way progress is measured on the median position over this long (a box shrinking for a
+/// few frames behind a passing vehicle is not a movement).
+const WRONG_WAY_SMOOTHING_S: f64 = 0.5;
+/// Time outside a zone before a road user counts as having left it: a box jittering on the edge,
+/// or shrunk for a moment by a vehicle passing in front, does not leave.
+const EXIT_AFTER_S: f64 = 1.0;
 /// Radius (metres, or configured pixels without a calibration) a standing vehicle stays within.
 const STILL_RADIUS_M: f64 = 1.0;
 const STILL_RADIUS_PX: f64 = 25.0;
-/// Positions averaged for the stopped-vehicle test.
-const STILL_SMOOTHING: usize = 5;
+/// Where a road user stands is the median of its positions over this long: robust to the box
+/// shrinking while another vehicle passes in front (under a second at traffic speeds).
+const STILL_WINDOW_S: f64 = 2.5;
 /// A reported stop suppresses new reports within this distance (metres / pixels).
 const SUPPRESS_RADIUS_M: f64 = 3.0;
 const SUPPRESS_RADIUS_PX: f64 = 30.0;
@@ -60,6 +65,9 @@ struct Seen {
     score: f32,
     bbox: [f32; 4],
     bbox_px: [f32; 4],
+    /// Where and when the tracker first saw it (configured pixels), before its track was
+    /// confirmed: a road user confirmed just past a line still counts.
+    first: (Point, f64),
 }
 
 /// A picture to attach to an event: the box (frame pixels) to draw and crop, if any.
@@ -95,7 +103,8 @@ struct LineState {
 #[derive(Debug, Clone, Default)]
 struct ZoneState {
     inside: bool,
-    outside_streak: u32,
+    /// Since when it has been outside (while still counted inside).
+    outside_since: Option<f64>,
     entered_t: f64,
     dwell_reported: bool,
     /// Furthest progress along the zone direction since entering, and whether wrong-way was
@@ -126,8 +135,9 @@ struct TrackState {
     samples: VecDeque<Sample>,
     lines: Vec<LineState>,
     zones: Vec<ZoneState>,
-    /// Latest speed estimate, km/h.
+    /// Latest speed estimate, km/h, and the velocity it comes from (m/s on the ground).
     speed_kmh: Option<f64>,
+    velocity: Option<[f64; 2]>,
     /// Speeds while moving (time, km/h), for the track's median.
     moving_speeds: Vec<(f64, f32)>,
     /// Where and since when the road user stands (smoothed position in metres or pixels).
@@ -220,7 +230,10 @@ impl SceneAnalyzer {
             let label = r.manifest.label(t.class_id).map_or_else(|| format!("class-{}", t.class_id), |l| l.to_string());
             let sample = Sample { t: r.t_s, img, ground, cut };
             let norm = [b[0] / fw, b[1] / fh, b[2] / fw, b[3] / fh].map(|v| v.clamp(0.0, 1.0));
-            let seen = Seen { id: t.id, label, score: t.score, bbox: norm, bbox_px: b };
+            let f = t.first_bbox;
+            let first_img = [f64::from((f[0] + f[2]) / 2.0) * scale.0, f64::from(f[3]) * scale.1];
+            let seen =
+                Seen { id: t.id, label, score: t.score, bbox: norm, bbox_px: b, first: (first_img, t.first_seen_s) };
             self.update_track(seen, sample, &wall_at, &mut out);
         }
         for e in &r.ended {
@@ -251,7 +264,8 @@ impl SceneAnalyzer {
 
     fn update_track(&mut self, seen: Seen, sample: Sample, wall_at: &dyn Fn(f64) -> i64, out: &mut Vec<AnalyzedEvent>) {
         let (n_lines, n_zones) = (self.spec.lines.len(), self.spec.zones.len());
-        let Seen { id, label, score, bbox, bbox_px } = seen;
+        let Seen { id, label, score, bbox, bbox_px, first } = seen;
+        let new_track = !self.tracks.contains_key(&id);
         let mut st = self.tracks.remove(&id).unwrap_or_else(|| TrackState {
             label: label.clone(),
             score,
@@ -261,6 +275,7 @@ impl SceneAnalyzer {
             lines: vec![LineState::default(); n_lines],
             zones: vec![ZoneState::default(); n_zones],
             speed_kmh: None,
+            velocity: None,
             moving_speeds: Vec::new(),
             still: None,
             zone_time: vec![0.0; n_zones],
@@ -285,6 +300,9 @@ impl SceneAnalyzer {
                 continue;
             }
             let ls = &mut st.lines[i];
+            if new_track && first.1 < sample.t && line_side(line, first.0) != 0 {
+                ls.last = Some(first);
+            }
             let side = line_side(line, sample.img);
             if side == 0 {
                 continue;
@@ -328,7 +346,7 @@ impl SceneAnalyzer {
             let object = ObjectRef { track_id: id, label: st.label.clone(), score, bbox };
             let zs = &mut st.zones[z];
             if inside_now {
-                zs.outside_streak = 0;
+                zs.outside_since = None;
                 if !zs.inside {
                     *zs = ZoneState { inside: true, entered_t: sample.t, ..ZoneState::default() };
                     out.push(self.event(
@@ -338,12 +356,12 @@ impl SceneAnalyzer {
                     ));
                 }
             } else if zs.inside {
-                zs.outside_streak += 1;
-                if zs.outside_streak >= EXIT_AFTER {
+                let left = *zs.outside_since.get_or_insert(sample.t);
+                if sample.t - left >= EXIT_AFTER_S {
                     zs.inside = false;
-                    let dwell_s = (sample.t - zs.entered_t) as f32;
+                    let dwell_s = (left - zs.entered_t) as f32;
                     out.push(self.event(
-                        wall_at(sample.t),
+                        wall_at(left),
                         EventKind::ZoneExit { zone: zone.name.clone(), object: object.clone(), dwell_s },
                         Some(bbox_px),
                     ));
@@ -367,7 +385,11 @@ impl SceneAnalyzer {
             if let Some(dir) = zone_direction(zone, &self.spec)
                 && !zs.wrong_way_reported
             {
-                let pos = if calibrated { sample.ground } else { Some(sample.img) };
+                // Progress along the lane from the median position of the last half second (a box
+                // shrinking behind a passing vehicle is not a movement), counted only while the
+                // fitted velocity also points against the lane.
+                let pos = median_position(&st.samples, WRONG_WAY_SMOOTHING_S, calibrated);
+                let against = st.velocity.is_none_or(|v| v[0] * dir[0] + v[1] * dir[1] < 0.0);
                 if let Some(pos) = pos
                     && !sample.cut
                 {
@@ -375,7 +397,7 @@ impl SceneAnalyzer {
                     let best = zs.best_along.map_or(along, |b: f64| b.max(along));
                     zs.best_along = Some(best);
                     let min = if calibrated { zone.wrong_way_min_m } else { zone.wrong_way_min_px };
-                    if best - along >= min {
+                    if best - along >= min && against {
                         zs.wrong_way_reported = true;
                         let kind = EventKind::WrongWay {
                             zone: zone.name.clone(),
@@ -436,11 +458,13 @@ impl SceneAnalyzer {
             _ => 0.0,
         };
         // Half a window of positions at least: fewer is not a measurement.
-        st.speed_kmh = if span >= self.spec.speed.window_s * 0.5 {
-            robust_velocity(&window).map(|v| v.kmh()).filter(|&k| k <= self.spec.speed.max_kmh)
+        let fit = if span >= self.spec.speed.window_s * 0.5 {
+            robust_velocity(&window).filter(|v| v.kmh() <= self.spec.speed.max_kmh)
         } else {
             None
         };
+        st.speed_kmh = fit.map(|v| v.kmh());
+        st.velocity = fit.map(|v| v.v);
         if let Some(k) = st.speed_kmh
             && k >= MOVING_KMH
         {
@@ -451,23 +475,44 @@ impl SceneAnalyzer {
     /// Follows where the road user stands; `true` when it moved away from where it stood.
     fn update_still(&self, st: &mut TrackState) -> bool {
         let calibrated = self.spec.calibration.is_some();
+        let Some(now) = st.samples.back().map(|s| s.t) else { return false };
         let recent: Vec<Point> = st
             .samples
             .iter()
-            .rev()
-            .take(STILL_SMOOTHING)
+            .filter(|s| now - s.t <= STILL_WINDOW_S)
             .filter_map(|s| if calibrated { s.ground } else { Some(s.img) })
             .collect();
         if recent.is_empty() {
             return false;
         }
-        let n = recent.len() as f64;
-        let mean = [recent.iter().map(|p| p[0]).sum::<f64>() / n, recent.iter().map(|p| p[1]).sum::<f64>() / n];
+        let median = |k: usize| {
+            let mut v: Vec<f64> = recent.iter().map(|p| p[k]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let mean = [median(0), median(1)];
         let radius = if calibrated { STILL_RADIUS_M } else { STILL_RADIUS_PX };
-        let Some(now) = st.samples.back().map(|s| s.t) else { return false };
         let (still, moved) = match st.still {
             Some((since, anchor)) if distance(anchor, mean) <= radius => ((since, anchor), false),
-            _ => ((now, mean), true),
+            _ => {
+                // A new place: it has stood there since the earliest position around it, going
+                // back until three in a row are elsewhere (the median lags behind a stop).
+                let mut since = now;
+                let mut away = 0;
+                for s in st.samples.iter().rev() {
+                    let p = if calibrated { s.ground } else { Some(s.img) };
+                    if p.is_some_and(|p| distance(p, mean) <= radius) {
+                        since = s.t;
+                        away = 0;
+                    } else {
+                        away += 1;
+                        if away >= 3 {
+                            break;
+                        }
+                    }
+                }
+                ((since, mean), true)
+            }
         };
         st.still = Some(still);
         moved
@@ -504,21 +549,40 @@ impl SceneAnalyzer {
 
     /// Reports the crossings whose surrounding speed window has passed (or all, at the track's
     /// end), with the speed fitted over the positions around the crossing: centred, so it is the
-    /// speed at the line, not the speed before it.
+    /// speed at the line, not the speed before it. When the box is cut by the picture edge on
+    /// one side of the line (a line near the edge), a window twice as wide around it is used; a
+    /// crossing is reported at most one window after it happened.
     fn report_crossings(&self, st: &mut TrackState, ending: bool, out: &mut Vec<AnalyzedEvent>) {
         if st.pending.is_empty() {
             return;
         }
         let now = st.samples.back().map_or(f64::MIN, |s| s.t);
-        let half = self.spec.speed.window_s / 2.0;
-        let (due, waiting): (Vec<PendingCrossing>, Vec<PendingCrossing>) =
-            std::mem::take(&mut st.pending).into_iter().partition(|p| ending || now - p.t >= half);
-        st.pending = waiting;
-        for p in due {
-            let speed_kmh = self.speed_between(st, p.t - half, p.t + half, ending).map(|v| v as f32);
-            let kind = EventKind::LineCrossing { line: p.line, object: p.object, direction: p.direction, speed_kmh };
+        let w = self.spec.speed.window_s;
+        let mut waiting = Vec::new();
+        for p in std::mem::take(&mut st.pending) {
+            let centred = if ending || now - p.t >= w / 2.0 {
+                self.speed_between(st, p.t - w / 2.0, p.t + w / 2.0, ending)
+            } else {
+                None
+            };
+            let wide = || self.speed_between(st, p.t - w, p.t + w, ending);
+            let speed_kmh = match centred {
+                Some(v) => Some(v),
+                None if ending || now - p.t >= w => wide(),
+                None => {
+                    waiting.push(p);
+                    continue;
+                }
+            };
+            let kind = EventKind::LineCrossing {
+                line: p.line,
+                object: p.object,
+                direction: p.direction,
+                speed_kmh: speed_kmh.map(|v| v as f32),
+            };
             out.push(self.event(p.at_ms, kind, Some(p.bbox_px)));
         }
+        st.pending = waiting;
     }
 
     /// Speed (km/h) fitted over the positions between `t0` and `t1`; they must span half the
@@ -654,6 +718,25 @@ impl SceneAnalyzer {
     }
 }
 
+/// Component-wise median of the positions of the last `window` seconds (ground or picture).
+fn median_position(samples: &VecDeque<Sample>, window: f64, ground: bool) -> Option<Point> {
+    let now = samples.back()?.t;
+    let pts: Vec<Point> = samples
+        .iter()
+        .filter(|s| now - s.t <= window && !s.cut)
+        .filter_map(|s| if ground { s.ground } else { Some(s.img) })
+        .collect();
+    if pts.is_empty() {
+        return None;
+    }
+    let median = |k: usize| {
+        let mut v: Vec<f64> = pts.iter().map(|p| p[k]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Some([median(0), median(1)])
+}
+
 /// Side of `p` relative to the nearest segment of the line: -1, 0 or 1.
 fn line_side(line: &LineSpec, p: Point) -> i8 {
     let mut best: Option<(f64, f64)> = None;
@@ -761,7 +844,15 @@ mod tests {
         fn frame(&self, t: f64, boxes: &[(u64, [f32; 4])], ended: &[u64]) -> FrameResult {
             let tracks = boxes
                 .iter()
-                .map(|&(id, bbox)| TrackedObject { id, bbox, score: 0.8, class_id: CAR, first_seen_s: 0.0, hits: 10 })
+                .map(|&(id, bbox)| TrackedObject {
+                    id,
+                    bbox,
+                    score: 0.8,
+                    class_id: CAR,
+                    first_seen_s: t,
+                    first_bbox: bbox,
+                    hits: 10,
+                })
                 .collect();
             let ended = ended
                 .iter()
@@ -957,7 +1048,9 @@ mod tests {
         assert_eq!(wrong.len(), 1, "{wrong:?}");
         let (id, t, d) = wrong[0];
         assert_eq!(id, 2);
-        assert!((0.95..=1.15).contains(&t), "10 m at 1 m per 0.1 s: at {t}");
+        // 10 m at 1 m per 0.1 s is 1.0 s; measured on the median of the last half second, a
+        // quarter of a second later.
+        assert!((1.15..=1.4).contains(&t), "10 m at 1 m per 0.1 s, seen through the median: at {t}");
         assert!(d >= 10.0);
     }
 
@@ -1012,9 +1105,9 @@ mod tests {
         let clip = Clip::new();
         let mut a = SceneAnalyzer::new("cam", spec);
         let mut seen = Vec::new();
-        for i in 0..40 {
+        for i in 0..50 {
             let t = i as f64 * 0.1;
-            // On the edge, jittering in and out, then well inside, then out.
+            // On the edge, jittering in and out, then well inside, then out (for over a second).
             let x = if i < 10 {
                 if i % 2 == 0 { 99.0 } else { 101.0 }
             } else if i < 35 {

@@ -123,6 +123,8 @@ pub struct TrackedObject {
     pub class_id: usize,
     /// Time of the track's first detection (tentative period included), seconds.
     pub first_seen_s: f64,
+    /// Box of that first detection (where the road user was before its track was confirmed).
+    pub first_bbox: [f32; 4],
     /// Detections matched so far, this one included.
     pub hits: u32,
 }
@@ -309,6 +311,7 @@ impl Track {
             score: self.last_score,
             class_id: self.class_id(),
             first_seen_s: self.first_seen_s,
+            first_bbox: self.first_bbox,
             hits: self.hits,
         }
     }
