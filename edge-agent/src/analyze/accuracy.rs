@@ -80,32 +80,18 @@ pub fn run_scene(
     settings: VisionSettings,
     dir: &Path,
 ) -> anyhow::Result<Vec<(f64, NewEvent)>> {
-    use crate::pipeline::{CameraSpec, VisionPipeline};
-    use crate::source::{FileSpec, VideoSource};
     let s = &scene.scene;
-    let path = dir.join(format!("{}.264", s.name));
-    crate::scene::encode_scene(s, &path, 26, 30)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let camera = CameraSpec {
-        id: s.name.to_string(),
-        source: VideoSource::File(FileSpec { path, looped: false, realtime: false, fps: s.fps }),
-        detect_fps: 0.0,
-        queue_frames: 2,
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let pipeline = VisionPipeline::start(vec![camera], detectors, settings, tx, rt.handle().clone())?;
     let mut analyzer = SceneAnalyzer::new(s.name, spec);
     // Wall time of the first frame (scene time 0): events are timed against it.
     let mut first: Option<i64> = None;
     let mut out = Vec::new();
-    while let Some(r) = rx.blocking_recv() {
+    crate::scene::replay_scene(s, detectors, settings, dir, |r| {
         let wall0 = *first.get_or_insert(r.wall_ms);
         for a in analyzer.process(&r) {
             let t = (a.event.observed_at_ms - wall0) as f64 / 1000.0;
             out.push((t, a.event));
         }
-    }
-    pipeline.join();
+    })?;
     Ok(out)
 }
 

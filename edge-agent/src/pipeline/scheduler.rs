@@ -62,23 +62,15 @@ pub enum Pushed {
 impl<T> Scheduler<T> {
     /// One slot per camera: `(capacity, live)`.
     pub fn new(slots: &[(usize, bool)]) -> Self {
-        let slots = slots
-            .iter()
-            .map(|&(capacity, live)| Slot {
-                queue: VecDeque::with_capacity(capacity.max(1)),
-                capacity: capacity.max(1),
-                live,
-                busy: false,
-                closed: false,
-                dropped: 0,
-                last_served: None,
-            })
-            .collect();
-        Self {
-            state: Mutex::new(State { slots, shutdown: false, keep_open: false }),
+        let s = Self {
+            state: Mutex::new(State { slots: Vec::new(), shutdown: false, keep_open: false }),
             work: Condvar::new(),
             room: Condvar::new(),
+        };
+        for &(capacity, live) in slots {
+            s.add_slot(capacity, live);
         }
+        s
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {

@@ -300,14 +300,15 @@ pub fn encode_scene(scene: &Scene, path: &Path, qp: u8, gop: u32) -> Result<(), 
     std::fs::write(path, &out).map_err(|source| SceneError::Write { path: path.display().to_string(), source })
 }
 
-/// Runs `scene` through the real pipeline (encode to H.264, file source, decode, detection on
-/// every frame, tracking) and returns the confirmed tracks of each frame, in frame order.
-pub fn run_through_pipeline(
+/// Encodes `scene` to H.264 and replays it through the real pipeline (file source, decode,
+/// detection on every frame, tracking), handing every frame result to `each` in order.
+pub fn replay_scene(
     scene: &Scene,
     detectors: Vec<Box<dyn crate::detect::Detector>>,
     settings: crate::pipeline::VisionSettings,
     dir: &Path,
-) -> anyhow::Result<Vec<library::FrameTracks>> {
+    mut each: impl FnMut(crate::pipeline::FrameResult),
+) -> anyhow::Result<()> {
     use crate::pipeline::{CameraSpec, VisionPipeline};
     use crate::source::{FileSpec, VideoSource};
     let path = dir.join(format!("{}.264", scene.name));
@@ -321,19 +322,33 @@ pub fn run_through_pipeline(
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let pipeline = VisionPipeline::start(vec![camera], detectors, settings, tx, rt.handle().clone())?;
+    while let Some(r) = rx.blocking_recv() {
+        each(r);
+    }
+    pipeline.join();
+    Ok(())
+}
+
+/// Runs `scene` through the real pipeline (see [`replay_scene`]) and returns the confirmed
+/// tracks of each frame, in frame order.
+pub fn run_through_pipeline(
+    scene: &Scene,
+    detectors: Vec<Box<dyn crate::detect::Detector>>,
+    settings: crate::pipeline::VisionSettings,
+    dir: &Path,
+) -> anyhow::Result<Vec<library::FrameTracks>> {
     let mut out: Vec<library::FrameTracks> = vec![Vec::new(); scene.frames];
     let mut t0 = None;
-    while let Some(r) = rx.blocking_recv() {
+    replay_scene(scene, detectors, settings, dir, |r| {
         if r.end_of_stream {
-            continue;
+            return;
         }
         let t0 = *t0.get_or_insert(r.t_s);
         let i = ((r.t_s - t0) * scene.fps).round() as usize;
         if let Some(slot) = out.get_mut(i) {
             *slot = r.tracks.iter().map(|t| (t.id, t.bbox)).collect();
         }
-    }
-    pipeline.join();
+    })?;
     Ok(out)
 }
 
