@@ -229,9 +229,24 @@ pub enum EventKind {
     },
     /// The agent's health report.
     DeviceHealth(DeviceHealth),
+    /// Periodic occupancy of a zone (declared after `DeviceHealth` so the binary encoding of
+    /// every older kind, in outboxes written before it existed, stays the same).
+    ZoneOccupancy {
+        zone: String,
+        interval_s: u32,
+        /// Road users in the zone, averaged over the analysed frames of the interval.
+        mean: f32,
+        /// Most road users in the zone at once.
+        max: u32,
+        /// Fraction of the analysed frames with at least one road user in the zone (0..1), the
+        /// "occupancy" of a loop detector.
+        occupied: f32,
+        /// Road users that entered the zone during the interval.
+        entered: u32,
+    },
 }
 
-/// All kind names, in declaration order (`device_health` last).
+/// All kind names, in declaration order.
 pub const KIND_NAMES: &[&str] = &[
     "line_crossing",
     "speed_measurement",
@@ -244,10 +259,23 @@ pub const KIND_NAMES: &[&str] = &[
     "counts",
     "object_track",
     "device_health",
+    "zone_occupancy",
 ];
 
 /// The kinds that describe the road (all but the agent's own `device_health`).
-pub const ROAD_KINDS: &[&str] = KIND_NAMES.split_at(KIND_NAMES.len() - 1).0;
+pub const ROAD_KINDS: &[&str] = &[
+    "line_crossing",
+    "speed_measurement",
+    "zone_enter",
+    "zone_exit",
+    "zone_dwell",
+    "stopped_vehicle",
+    "wrong_way",
+    "congestion",
+    "counts",
+    "object_track",
+    "zone_occupancy",
+];
 
 impl EventKind {
     /// The snake_case name of this kind, as used in JSON, MQTT topics and API filters.
@@ -264,6 +292,7 @@ impl EventKind {
             EventKind::Counts { .. } => "counts",
             EventKind::ObjectTrack { .. } => "object_track",
             EventKind::DeviceHealth(_) => "device_health",
+            EventKind::ZoneOccupancy { .. } => "zone_occupancy",
         }
     }
 
@@ -327,6 +356,16 @@ mod tests {
             assert_eq!(tag, k.name());
             assert!(KIND_NAMES.contains(&k.name()));
         }
+    }
+
+    #[test]
+    fn road_kinds_are_every_kind_but_device_health() {
+        let mut all: Vec<&str> = ROAD_KINDS.to_vec();
+        all.push("device_health");
+        all.sort_unstable();
+        let mut names = KIND_NAMES.to_vec();
+        names.sort_unstable();
+        assert_eq!(all, names);
     }
 
     #[test]

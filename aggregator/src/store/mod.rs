@@ -630,6 +630,14 @@ mod tests {
                 path: vec![[0.1, 0.9], [0.4, 0.6]],
             },
             EventKind::DeviceHealth(DeviceHealth { agent_version: "1".into(), ..Default::default() }),
+            EventKind::ZoneOccupancy {
+                zone: "z".into(),
+                interval_s: 60,
+                mean: 1.25,
+                max: 3,
+                occupied: 0.5,
+                entered: 7,
+            },
         ];
         assert_eq!(kinds.len(), KIND_NAMES.len());
         for k in kinds {

@@ -22,8 +22,9 @@
 //! - **Congestion**: occupancy at least `min_occupancy` and (with a calibration) mean speed at
 //!   most `max_mean_speed_kmh`, sustained `sustain_s` → `started`; `ongoing` reports; neither
 //!   for `clear_s` → `cleared`.
-//! - **Counts**: per line, class and direction, every `counts_interval` (aligned to the wall
-//!   clock), and what is left when the stream ends.
+//! - **Counts**: per line, class and direction, and per zone its occupancy (mean and most road
+//!   users in it, fraction of frames occupied, entries), every `counts_interval` (aligned to the
+//!   wall clock), and what is left when the stream ends.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -147,6 +148,16 @@ struct TrackState {
     pending: Vec<PendingCrossing>,
 }
 
+/// A zone's occupancy over a counting interval.
+#[derive(Debug, Clone, Default)]
+struct Occupancy {
+    frames: u32,
+    occupied_frames: u32,
+    sum: u64,
+    max: u32,
+    entered: u32,
+}
+
 #[derive(Debug, Clone, Default)]
 struct CongestionState {
     cond_since: Option<f64>,
@@ -166,6 +177,8 @@ pub struct SceneAnalyzer {
     congestion: Vec<CongestionState>,
     /// Per line: (label, direction) → count in the current interval.
     counts: Vec<BTreeMap<(String, Direction), u32>>,
+    /// Per zone: occupancy over the current interval.
+    occupancy: Vec<Occupancy>,
     /// Wall-clock start of the current counting interval (ms), once a frame was seen.
     interval_start_ms: Option<i64>,
     /// Times (stream seconds) of the snapshots of the last minute.
@@ -188,6 +201,7 @@ impl SceneAnalyzer {
             reported_stops: vec![Vec::new(); zones],
             congestion: vec![CongestionState::default(); zones],
             counts: vec![BTreeMap::new(); lines],
+            occupancy: vec![Occupancy::default(); zones],
             interval_start_ms: None,
             snapshots: VecDeque::new(),
             spec,
@@ -238,6 +252,15 @@ impl SceneAnalyzer {
         }
         for e in &r.ended {
             self.end_track(e.id, wall_at(e.last_seen_s), &mut out);
+        }
+        if !r.end_of_stream {
+            for (z, occ) in self.occupancy.iter_mut().enumerate() {
+                let n = self.tracks.values().filter(|st| st.zones[z].inside).count() as u32;
+                occ.frames += 1;
+                occ.occupied_frames += u32::from(n > 0);
+                occ.sum += u64::from(n);
+                occ.max = occ.max.max(n);
+            }
         }
         self.update_congestion(r.t_s, r.wall_ms, &mut out);
         if r.end_of_stream
@@ -349,6 +372,7 @@ impl SceneAnalyzer {
                 zs.outside_since = None;
                 if !zs.inside {
                     *zs = ZoneState { inside: true, entered_t: sample.t, ..ZoneState::default() };
+                    self.occupancy[z].entered += 1;
                     out.push(self.event(
                         wall_at(sample.t),
                         EventKind::ZoneEnter { zone: zone.name.clone(), object: object.clone() },
@@ -694,6 +718,19 @@ impl SceneAnalyzer {
                 .map(|((label, direction), count)| ClassCount { label, direction, count })
                 .collect();
             let kind = EventKind::Counts { line: line.name.clone(), interval_s, counts };
+            out.push(self.event(end_ms, kind, None));
+        }
+        for (z, zone) in self.spec.zones.iter().enumerate() {
+            let o = std::mem::take(&mut self.occupancy[z]);
+            let frames = o.frames.max(1) as f32;
+            let kind = EventKind::ZoneOccupancy {
+                zone: zone.name.clone(),
+                interval_s,
+                mean: o.sum as f32 / frames,
+                max: o.max,
+                occupied: o.occupied_frames as f32 / frames,
+                entered: o.entered,
+            };
             out.push(self.event(end_ms, kind, None));
         }
     }
@@ -1090,6 +1127,19 @@ mod tests {
         assert!((q - (24.0 + 4.5)).abs() < 0.5, "first to last car 24 m, plus one car: {q}");
         assert_eq!(phases[1].0, Phase::Cleared);
         assert!(phases[1].1 >= 8.0);
+        let occ = a
+            .process(&clip.end(10.0))
+            .into_iter()
+            .find_map(|e| match e.event.kind {
+                EventKind::ZoneOccupancy { mean, max, occupied, entered, .. } => Some((mean, max, occupied, entered)),
+                _ => None,
+            })
+            .expect("occupancy reported with the counts");
+        // Five cars in the zone for the first 7 s of 10 s (they leave at 6 s and count as inside
+        // for a second more), none after.
+        assert_eq!((occ.1, occ.3), (5, 5));
+        assert!((occ.2 - 0.7).abs() < 0.02, "occupied fraction {}", occ.2);
+        assert!((occ.0 - 3.5).abs() < 0.1, "mean occupancy {}", occ.0);
     }
 
     #[test]

@@ -88,6 +88,14 @@ pub fn synthetic_event(rng: &mut impl Rng, kind: &str) -> EventKind {
             frames: rng.random_range(3..200),
             path: vec![[0.2, 0.9], [0.5, 0.6], [0.7, 0.4]],
         },
+        "zone_occupancy" => EventKind::ZoneOccupancy {
+            zone: "junction".into(),
+            interval_s: 60,
+            mean: rng.random_range(0.0..6.0),
+            max: rng.random_range(0..12),
+            occupied: rng.random_range(0.0..1.0),
+            entered: rng.random_range(0..30),
+        },
         "counts" => EventKind::Counts {
             line: "stop-line".into(),
             interval_s: 60,
