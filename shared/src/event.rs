@@ -246,7 +246,7 @@ pub enum EventKind {
     },
 }
 
-/// All kind names, in declaration order.
+/// All kind names, `device_health` last.
 pub const KIND_NAMES: &[&str] = &[
     "line_crossing",
     "speed_measurement",
@@ -258,24 +258,12 @@ pub const KIND_NAMES: &[&str] = &[
     "congestion",
     "counts",
     "object_track",
-    "device_health",
     "zone_occupancy",
+    "device_health",
 ];
 
 /// The kinds that describe the road (all but the agent's own `device_health`).
-pub const ROAD_KINDS: &[&str] = &[
-    "line_crossing",
-    "speed_measurement",
-    "zone_enter",
-    "zone_exit",
-    "zone_dwell",
-    "stopped_vehicle",
-    "wrong_way",
-    "congestion",
-    "counts",
-    "object_track",
-    "zone_occupancy",
-];
+pub const ROAD_KINDS: &[&str] = KIND_NAMES.split_at(KIND_NAMES.len() - 1).0;
 
 impl EventKind {
     /// The snake_case name of this kind, as used in JSON, MQTT topics and API filters.
