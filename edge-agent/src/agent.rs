@@ -15,7 +15,7 @@ use anyhow::Context;
 use its_shared::event::{CameraHealth, DeviceHealth, EventKind, KindCount};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::analyze::runner::{AnalyzeStats, Analyzed, SceneBoard, run_analysis};
+use crate::analyze::runner::{Analyzed, SceneBoard, run_analysis};
 use crate::buffer::{NewEvent, Outbox};
 use crate::config::{AgentConfig, BackendChoice, RawConfig, VisionConfig};
 use crate::detect::{BackendKind, load_detectors};
@@ -207,11 +207,9 @@ async fn commit_events(
 pub fn start_analysis(
     results: mpsc::Receiver<FrameResult>,
     board: Arc<SceneBoard>,
-    stats: Arc<AnalyzeStats>,
 ) -> std::io::Result<(std::thread::JoinHandle<()>, mpsc::Receiver<Analyzed>)> {
     let (tx, rx) = mpsc::channel(64);
-    let handle =
-        std::thread::Builder::new().name("analyze".into()).spawn(move || run_analysis(results, board, stats, tx))?;
+    let handle = std::thread::Builder::new().name("analyze".into()).spawn(move || run_analysis(results, board, tx))?;
     Ok((handle, rx))
 }
 
@@ -263,7 +261,7 @@ pub async fn run_agent(cfg: AgentConfig, reload: Reloading, shutdown: watch::Rec
     // Short: results hold their frame (for snapshots) until analysed.
     let (tx, rx) = mpsc::channel(16);
     let board = Arc::new(SceneBoard::default());
-    let (_analysis, analyzed) = start_analysis(rx, board.clone(), Arc::new(AnalyzeStats::default()))?;
+    let (_analysis, analyzed) = start_analysis(rx, board.clone())?;
     tasks.spawn(commit_events(analyzed, outbox.clone(), uplink.clone(), std::time::Duration::from_millis(50)));
     let live = {
         let (raw, source, cfg2, rt) =

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use its_shared::event::{Direction, EventKind};
+use its_shared::event::EventKind;
 
 use super::config::{RawCalibrationPoint, RawCongestion, RawLine, RawScene, RawZone, SceneSpec};
 use super::scene::SceneAnalyzer;
@@ -173,10 +173,6 @@ impl Accuracy {
     }
 }
 
-fn dir_name(d: Direction) -> &'static str {
-    d.as_str()
-}
-
 /// Compares the events of a run with the scene's truth.
 pub fn evaluate(scene: &TrafficScene, events: &[(f64, NewEvent)]) -> Accuracy {
     let truth = &scene.truth;
@@ -192,8 +188,8 @@ pub fn evaluate(scene: &TrafficScene, events: &[(f64, NewEvent)]) -> Accuracy {
     let mut detected: Vec<(f64, String, &'static str, Option<f32>, bool)> = Vec::new();
     for (t, e) in events {
         if let EventKind::LineCrossing { line, direction, speed_kmh, .. } = &e.kind {
-            acc.counts.entry((line.clone(), dir_name(*direction))).or_insert((0, 0)).1 += 1;
-            detected.push((*t, line.clone(), dir_name(*direction), *speed_kmh, false));
+            acc.counts.entry((line.clone(), direction.as_str())).or_insert((0, 0)).1 += 1;
+            detected.push((*t, line.clone(), direction.as_str(), *speed_kmh, false));
         }
     }
     // Speeds: match each true crossing to the nearest unmatched detection.

@@ -232,31 +232,35 @@ pub struct SceneSpec {
 }
 
 impl Default for SceneSpec {
+    /// The scene of a camera with none configured: nothing drawn, the default settings.
     fn default() -> Self {
-        RawScene::default().validate("scene", &[], &mut ConfigErrors::new("defaults")).unwrap_or_else(|| SceneSpec {
+        let raw = RawScene::default();
+        SceneSpec {
             image_size: None,
             calibration: None,
-            counts_interval: Duration::from_secs(60),
+            counts_interval: Duration::from_secs(u64::from(raw.counts_interval_s)),
             lines: Vec::new(),
             zones: Vec::new(),
-            speed: SpeedSpec { window_s: 1.5, min_track_s: 1.0, min_distance_m: 3.0, max_kmh: 250.0 },
-            snapshot_kinds: Vec::new(),
-            snapshots_per_minute: 0,
-        })
+            speed: SpeedSpec::from(&raw.speed),
+            snapshot_kinds: raw.snapshot_kinds,
+            snapshots_per_minute: raw.snapshots_per_minute,
+        }
     }
 }
 
-/// Kinds a snapshot can be asked for (those about a road user, and congestion).
-pub const SNAPSHOT_KINDS: &[&str] = &[
-    "line_crossing",
-    "speed_measurement",
-    "zone_enter",
-    "zone_exit",
-    "zone_dwell",
-    "stopped_vehicle",
-    "wrong_way",
-    "congestion",
-];
+impl From<&RawSpeed> for SpeedSpec {
+    fn from(s: &RawSpeed) -> Self {
+        Self { window_s: s.window_s, min_track_s: s.min_track_s, min_distance_m: s.min_distance_m, max_kmh: s.max_kmh }
+    }
+}
+
+/// Road kinds that cannot carry a picture: periodic reports and the tracker's own summaries.
+const NO_PICTURE_KINDS: &[&str] = &["counts", "zone_occupancy", "object_track"];
+
+/// Kinds a snapshot can be asked for: those about a road user, and congestion.
+pub fn snapshot_kinds() -> impl Iterator<Item = &'static str> {
+    its_shared::event::ROAD_KINDS.iter().copied().filter(|k| !NO_PICTURE_KINDS.contains(k))
+}
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -464,8 +468,8 @@ impl RawScene {
             });
         }
         for (k, kind) in self.snapshot_kinds.iter().enumerate() {
-            e.check(SNAPSHOT_KINDS.contains(&kind.as_str()), &format!("{path}.snapshot_kinds[{k}]"), || {
-                format!("{kind:?} is not one of {}", SNAPSHOT_KINDS.join(", "))
+            e.check(snapshot_kinds().any(|s| s == kind), &format!("{path}.snapshot_kinds[{k}]"), || {
+                format!("{kind:?} is not one of {}", snapshot_kinds().collect::<Vec<_>>().join(", "))
             });
         }
         e.check(self.snapshots_per_minute <= 6000, &format!("{path}.snapshots_per_minute"), || {
@@ -480,12 +484,7 @@ impl RawScene {
             counts_interval: Duration::from_secs(u64::from(self.counts_interval_s)),
             lines,
             zones,
-            speed: SpeedSpec {
-                window_s: s.window_s,
-                min_track_s: s.min_track_s,
-                min_distance_m: s.min_distance_m,
-                max_kmh: s.max_kmh,
-            },
+            speed: SpeedSpec::from(s),
             snapshot_kinds: self.snapshot_kinds.clone(),
             snapshots_per_minute: self.snapshots_per_minute,
         })

@@ -26,10 +26,6 @@ pub struct SceneBoard {
 }
 
 impl SceneBoard {
-    pub fn new(scenes: HashMap<String, SceneSpec>) -> Self {
-        Self { scenes: Mutex::new(scenes), generation: AtomicU64::new(1) }
-    }
-
     /// Publishes a new set of scenes (cameras absent from it get an empty scene).
     pub fn replace(&self, scenes: HashMap<String, SceneSpec>) {
         *self.scenes.lock().unwrap_or_else(|p| p.into_inner()) = scenes;
@@ -52,16 +48,6 @@ pub struct Analyzed {
     pub snapshots: Vec<(usize, SnapshotImages)>,
 }
 
-/// What the analyze stage did, for logs and tests.
-#[derive(Debug, Default)]
-pub struct AnalyzeStats {
-    pub frames: AtomicU64,
-    pub events: AtomicU64,
-    pub snapshots: AtomicU64,
-    pub snapshot_errors: AtomicU64,
-    pub reconfigured: AtomicU64,
-}
-
 struct CameraAnalysis {
     generation: u64,
     analyzer: SceneAnalyzer,
@@ -69,15 +55,9 @@ struct CameraAnalysis {
 
 /// Runs until `results` closes (the pipeline stopped) or `out` is gone. Blocking: run it on its
 /// own thread.
-pub fn run_analysis(
-    mut results: mpsc::Receiver<FrameResult>,
-    board: Arc<SceneBoard>,
-    stats: Arc<AnalyzeStats>,
-    out: mpsc::Sender<Analyzed>,
-) {
+pub fn run_analysis(mut results: mpsc::Receiver<FrameResult>, board: Arc<SceneBoard>, out: mpsc::Sender<Analyzed>) {
     let mut cameras: HashMap<Arc<str>, CameraAnalysis> = HashMap::new();
     while let Some(r) = results.blocking_recv() {
-        stats.frames.fetch_add(1, Ordering::Relaxed);
         let mut batch = Analyzed { events: track_events(&r), snapshots: Vec::new() };
         let generation = board.generation();
         let cam = cameras.entry(r.camera_id.clone()).or_insert_with(|| CameraAnalysis {
@@ -89,7 +69,6 @@ pub fn run_analysis(
             let spec = board.get(&r.camera_id);
             if &spec != cam.analyzer.spec() {
                 tracing::info!(camera = %r.camera_id, lines = spec.lines.len(), zones = spec.zones.len(), "scene reconfigured");
-                stats.reconfigured.fetch_add(1, Ordering::Relaxed);
                 batch.events.extend(cam.analyzer.reconfigure(spec, r.wall_ms).into_iter().map(|a| a.event));
             }
         }
@@ -97,12 +76,10 @@ pub fn run_analysis(
             if let (Some(ask), Some(frame)) = (a.snapshot, r.frame.as_deref()) {
                 match encode_snapshot(frame, ask.bbox) {
                     Ok(j) => {
-                        stats.snapshots.fetch_add(1, Ordering::Relaxed);
                         let images = SnapshotImages { taken_at_ms: r.wall_ms, full_jpeg: j.full, crop_jpeg: j.crop };
                         batch.snapshots.push((batch.events.len(), images));
                     }
                     Err(e) => {
-                        stats.snapshot_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(camera = %r.camera_id, error = %e, "snapshot not encoded; event sent without it");
                     }
                 }
@@ -112,7 +89,6 @@ pub fn run_analysis(
         if batch.events.is_empty() {
             continue;
         }
-        stats.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
         if out.blocking_send(batch).is_err() {
             return;
         }

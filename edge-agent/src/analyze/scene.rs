@@ -748,11 +748,6 @@ impl SceneAnalyzer {
             }
         }
     }
-
-    /// Road users followed right now.
-    pub fn tracked(&self) -> usize {
-        self.tracks.len()
-    }
 }
 
 /// Component-wise median of the positions of the last `window` seconds (ground or picture).
