@@ -73,6 +73,8 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidQuery(msg) => ApiError::invalid_parameter(msg),
             StoreError::BadCursor => ApiError::invalid_cursor(),
             StoreError::Unavailable(_) => ApiError::unavailable(&e),
+            StoreError::NotFound(msg) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
+            StoreError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
             StoreError::Config(_)
             | StoreError::Migration(_)
             | StoreError::InvalidData(_)

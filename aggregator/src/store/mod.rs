@@ -23,8 +23,11 @@ use its_shared::wire::{Heartbeat, Hello};
 use serde::Serialize;
 use serde::ser::SerializeStruct as _;
 
+pub mod db;
 pub mod postgres;
 pub mod sqlite;
+
+pub use db::{Db, Pool};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -65,6 +68,12 @@ pub enum StoreError {
     /// Any other database error.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// The thing named does not exist (the message names it and is safe to show).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The change conflicts with what is stored (a name already taken, ...); safe to show.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -108,6 +117,47 @@ pub struct DeviceRecord {
     pub last_health_ms: Option<i64>,
     /// Highest sequence number stored for the device (0 if none).
     pub high_water_seq: u64,
+}
+
+/// A camera as grants and scopes name it: the device that serves it and its id on that device.
+/// Written `device/camera` in the API (device ids never contain `/`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+pub struct CameraRef {
+    pub device_id: String,
+    pub camera: String,
+}
+
+impl CameraRef {
+    /// Parses `device/camera` (a valid device id, a non-empty camera id of at most 128 bytes).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (device, camera) = s.split_once('/')?;
+        crate::pki::validate_device_id(device).ok()?;
+        if camera.is_empty() || camera.len() > 128 || camera.chars().any(char::is_control) {
+            return None;
+        }
+        Some(Self { device_id: device.to_owned(), camera: camera.to_owned() })
+    }
+}
+
+impl std::fmt::Display for CameraRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.device_id, self.camera)
+    }
+}
+
+/// What a caller may see. `All` for unrestricted roles; `Limited` for a viewer or integrator
+/// granted some sites and/or cameras: it sees the cameras of those sites (a camera's site is its
+/// own assignment, else its device's) and the cameras named, and nothing else. An empty
+/// `Limited` sees nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Scope {
+    #[default]
+    All,
+    Limited {
+        sites: Vec<String>,
+        cameras: Vec<CameraRef>,
+    },
 }
 
 /// Filter and page of [`EventStore::query_events`]. Every field is optional.
@@ -302,6 +352,9 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
+
+    /// The connection pools, for the storage written once for both backends (see [`db`]).
+    fn db(&self) -> Db;
 }
 
 /// Opens (and migrates) the store named by `url`:

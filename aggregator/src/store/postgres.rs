@@ -302,6 +302,10 @@ impl EventStore for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
+
+    fn db(&self) -> super::Db {
+        super::Db::Postgres(self.pool.clone())
+    }
 }
 
 #[cfg(test)]

@@ -348,4 +348,8 @@ impl EventStore for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+
+    fn db(&self) -> super::Db {
+        super::Db::Sqlite { writer: self.writer.clone(), reader: self.reader.clone() }
+    }
 }
