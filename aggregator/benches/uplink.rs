@@ -57,7 +57,10 @@ async fn setup(database_url: &str) -> anyhow::Result<Setup> {
         pki_dir: root.join("pki"),
         ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(10) },
         http_listen: ([127, 0, 0, 1], 0).into(),
+        http_tls: None,
+        http_trusted_proxies: Vec::new(),
         snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
+        retention: its_aggregator::store::RetentionPolicy::off(),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);

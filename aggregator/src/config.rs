@@ -9,8 +9,11 @@ use std::time::Duration;
 use its_shared::config::{ConfigErrors, parse_toml_with_env};
 use serde::Deserialize;
 
+use crate::http::client_addr::IpNet;
+use crate::http::transport::TlsFiles;
 use crate::ingest::IngestConfig;
 use crate::snapshots::SnapshotLocation;
+use crate::store::retention::RetentionPolicy;
 
 pub const ENV_PREFIX: &str = "ITS_AGGREGATOR__";
 
@@ -24,6 +27,8 @@ pub struct RawConfig {
     pub quic: RawQuic,
     pub http: RawHttp,
     pub snapshots: RawSnapshots,
+    pub retention: RawRetention,
+    pub auth: RawAuth,
 }
 
 impl Default for RawConfig {
@@ -34,6 +39,8 @@ impl Default for RawConfig {
             quic: RawQuic::default(),
             http: RawHttp::default(),
             snapshots: RawSnapshots::default(),
+            retention: RawRetention::default(),
+            auth: RawAuth::default(),
         }
     }
 }
@@ -57,14 +64,23 @@ impl Default for RawQuic {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHttp {
-    /// Loopback only: this release has no user authentication, so the API must not be exposed.
-    /// Put a reverse proxy with authentication in front of it if it must be reached remotely.
+    /// Where the API listens. A loopback address (the default) serves plain HTTP, for a reverse
+    /// proxy on the same host; any other address needs `tls_cert` and `tls_key` (HTTPS).
     pub listen: String,
+    /// PEM certificate chain for HTTPS (leaf first). Set with `tls_key`; the files are reloaded
+    /// when they change, so a renewed certificate needs no restart.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// Reverse proxies (IP addresses or CIDRs, e.g. `["127.0.0.1", "10.0.0.0/8"]`) whose
+    /// `X-Forwarded-For` / `Forwarded` header names the client. Empty (the default): the TCP peer
+    /// is the client, and the headers are ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8470".into() }
+        Self { listen: "127.0.0.1:8470".into(), tls_cert: None, tls_key: None, trusted_proxies: Vec::new() }
     }
 }
 
@@ -89,7 +105,92 @@ pub struct ServerConfig {
     pub pki_dir: PathBuf,
     pub ingest: IngestConfig,
     pub http_listen: SocketAddr,
+    /// HTTPS certificate and key; `None`: plain HTTP (loopback only).
+    pub http_tls: Option<TlsFiles>,
+    /// Whose forwarding headers are believed (see [`crate::http::client_addr`]).
+    pub http_trusted_proxies: Vec<IpNet>,
     pub snapshots: SnapshotLocation,
+    /// What is deleted, and when (see [`crate::store::retention`]).
+    pub retention: RetentionPolicy,
+    /// Token lifetimes, key rotation, sign-in throttling (see [`crate::auth`]).
+    pub auth: crate::auth::AuthConfig,
+}
+
+/// `[auth]`: token lifetimes, signing key rotation and sign-in throttling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuth {
+    /// Access token lifetime, seconds (60..=3600; default 600).
+    pub access_token_ttl_s: u64,
+    /// Session lifetime: sign in again after this many days (1..=90; default 14).
+    pub session_ttl_days: u64,
+    /// Rotate the token signing key after this many days (0 = only by hand; default 30).
+    pub key_rotation_days: u64,
+    /// Failed sign-ins per account within `throttle_window_s` before it is locked (default 5).
+    pub max_failures_per_account: u32,
+    /// Failed sign-ins per client address within `throttle_window_s` before it is locked (default 20).
+    pub max_failures_per_address: u32,
+    /// Window of the failure counts, seconds (default 900).
+    pub throttle_window_s: u64,
+    /// How long a lockout lasts, seconds (default 900).
+    pub lockout_s: u64,
+    /// Name shown by authenticator apps (default "ITS Camera AI").
+    pub issuer_name: String,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        let d = crate::auth::AuthConfig::default();
+        Self {
+            access_token_ttl_s: d.access_ttl.as_secs(),
+            session_ttl_days: d.session_ttl.as_secs() / 86_400,
+            key_rotation_days: d.key_rotation.as_secs() / 86_400,
+            max_failures_per_account: 5,
+            max_failures_per_address: 20,
+            throttle_window_s: d.throttle_window.as_secs(),
+            lockout_s: d.lockout.as_secs(),
+            issuer_name: d.issuer_name,
+        }
+    }
+}
+
+impl RawAuth {
+    fn validate(&self, e: &mut ConfigErrors) -> crate::auth::AuthConfig {
+        let a = self;
+        e.check((60..=3600).contains(&a.access_token_ttl_s), "auth.access_token_ttl_s", || {
+            "must be between 60 and 3600".into()
+        });
+        e.check((1..=90).contains(&a.session_ttl_days), "auth.session_ttl_days", || "must be between 1 and 90".into());
+        e.check(a.key_rotation_days <= 3650, "auth.key_rotation_days", || {
+            "must be at most 3650 (0 = only by hand)".into()
+        });
+        e.check((1..=100).contains(&a.max_failures_per_account), "auth.max_failures_per_account", || {
+            "must be between 1 and 100".into()
+        });
+        e.check((1..=10_000).contains(&a.max_failures_per_address), "auth.max_failures_per_address", || {
+            "must be between 1 and 10000".into()
+        });
+        e.check((10..=86_400).contains(&a.throttle_window_s), "auth.throttle_window_s", || {
+            "must be between 10 and 86400".into()
+        });
+        e.check((1..=86_400).contains(&a.lockout_s), "auth.lockout_s", || "must be between 1 and 86400".into());
+        e.check(
+            !a.issuer_name.trim().is_empty() && a.issuer_name.len() <= 64 && !a.issuer_name.contains(':'),
+            "auth.issuer_name",
+            || "1 to 64 characters, no ':'".into(),
+        );
+        crate::auth::AuthConfig {
+            access_ttl: Duration::from_secs(a.access_token_ttl_s),
+            session_ttl: Duration::from_secs(a.session_ttl_days * 86_400),
+            key_rotation: Duration::from_secs(a.key_rotation_days * 86_400),
+            max_failures_per_account: i64::from(a.max_failures_per_account),
+            max_failures_per_addr: i64::from(a.max_failures_per_address),
+            throttle_window: Duration::from_secs(a.throttle_window_s),
+            lockout: Duration::from_secs(a.lockout_s),
+            issuer_name: a.issuer_name.trim().to_owned(),
+            ..crate::auth::AuthConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,13 +230,13 @@ impl RawConfig {
         e.check(quic.is_some(), "quic.listen", || format!("{:?} is not an IP:port address", self.quic.listen));
         e.check(self.quic.idle_timeout_ms >= 1000, "quic.idle_timeout_ms", || "must be at least 1000".into());
         let http: Option<SocketAddr> = self.http.listen.parse().ok();
-        match http {
-            None => e.push("http.listen", format!("{:?} is not an IP:port address", self.http.listen)),
-            Some(a) if !a.ip().is_loopback() => e.push(
-                "http.listen",
-                format!("{a} is not a loopback address: the API has no authentication in this release; keep it on 127.0.0.1 and put an authenticating reverse proxy in front"),
-            ),
-            Some(_) => {}
+        let http_tls = self.http_tls(http, &mut e);
+        let mut trusted_proxies = Vec::new();
+        for (i, entry) in self.http.trusted_proxies.iter().enumerate() {
+            match entry.parse::<IpNet>() {
+                Ok(net) => trusted_proxies.push(net),
+                Err(err) => e.push(format!("http.trusted_proxies[{i}]"), err.to_string()),
+            }
         }
         let snapshots = match self.snapshot_location() {
             Ok(loc) => Some(loc),
@@ -144,15 +245,60 @@ impl RawConfig {
                 None
             }
         };
+        let retention = self.retention.policy(&mut e);
+        let auth = self.auth.validate(&mut e);
         match (e.is_empty(), quic, http, snapshots) {
             (true, Some(quic), Some(http), Some(snapshots)) => Ok(ServerConfig {
                 database_url: url.clone(),
                 pki_dir: self.pki_dir.clone(),
                 ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms) },
                 http_listen: http,
+                http_tls,
+                http_trusted_proxies: trusted_proxies,
                 snapshots,
+                retention,
+                auth,
             }),
             _ => Err(e),
+        }
+    }
+
+    /// `[http]` listen address against `tls_cert` / `tls_key`: a non-loopback address needs both,
+    /// they come together, and the files must be a usable certificate chain and its key.
+    fn http_tls(&self, listen: Option<SocketAddr>, e: &mut ConfigErrors) -> Option<TlsFiles> {
+        let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        let (cert, key) = (set(&self.http.tls_cert), set(&self.http.tls_key));
+        match listen {
+            None => e.push("http.listen", format!("{:?} is not an IP:port address", self.http.listen)),
+            Some(a) if !a.ip().is_loopback() && cert.is_none() && key.is_none() => e.push(
+                "http.listen",
+                format!(
+                    "{a} is not a loopback address: set http.tls_cert and http.tls_key to serve HTTPS on it, \
+                     or bind to 127.0.0.1 behind a reverse proxy that terminates TLS"
+                ),
+            ),
+            Some(_) => {}
+        }
+        let files = match (cert, key) {
+            (None, None) => return None,
+            (Some(_), None) => {
+                e.push("http.tls_key", "tls_cert is set: set tls_key to its private key (PEM) too");
+                return None;
+            }
+            (None, Some(_)) => {
+                e.push("http.tls_cert", "tls_key is set: set tls_cert to the certificate chain (PEM) too");
+                return None;
+            }
+            (Some(cert), Some(key)) => TlsFiles { cert, key },
+        };
+        match files.load() {
+            Ok(_) => Some(files),
+            Err(errors) => {
+                for err in errors {
+                    e.push(format!("http.{}", err.field()), err.detail());
+                }
+                None
+            }
         }
     }
 
@@ -185,6 +331,116 @@ impl RawConfig {
             other => Err(format!("{url:?}: scheme {other:?} is not supported; use file:///DIR or s3://BUCKET/PREFIX")),
         }
     }
+}
+
+/// Retention of events, health history and snapshots (see [`crate::store::retention`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRetention {
+    /// Delete events, health reports and snapshots older than this many days (by the time the
+    /// device observed them). 0 turns age retention off. Default 90.
+    pub max_age_days: u64,
+    /// Keep the database plus the snapshot pictures under this size: an integer (bytes) or a
+    /// string with a unit, `"50GB"` (10^9), `"500MiB"` (2^20), `"1.5 TB"`. Above it, the oldest
+    /// events and their pictures are deleted until the total is under 95% of it. 0 (the
+    /// default) turns size retention off.
+    pub max_total_bytes: RawByteSize,
+    /// Seconds between retention runs (at least 10). Default 300.
+    pub interval_s: u64,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        Self { max_age_days: 90, max_total_bytes: RawByteSize::Bytes(0), interval_s: 300 }
+    }
+}
+
+/// A size as written in the configuration: bytes, or a string with a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawByteSize {
+    Bytes(i64),
+    Text(String),
+}
+
+/// Longest age accepted (100 years): beyond it the cutoff would not fit in Unix milliseconds.
+const MAX_AGE_DAYS: u64 = 36_500;
+/// Smallest size limit accepted (a smaller one is surely a unit mistake).
+const MIN_TOTAL_BYTES: u64 = 1 << 20;
+
+impl RawRetention {
+    /// The policy, or the problems (pushed to `e` with their paths; then the policy returned is
+    /// meaningless).
+    pub fn policy(&self, e: &mut ConfigErrors) -> RetentionPolicy {
+        e.check(self.max_age_days <= MAX_AGE_DAYS, "retention.max_age_days", || {
+            format!("{} days is more than {MAX_AGE_DAYS}; use 0 to turn age retention off", self.max_age_days)
+        });
+        e.check(self.interval_s >= 10, "retention.interval_s", || "must be at least 10".into());
+        let max_total_bytes = match &self.max_total_bytes {
+            RawByteSize::Bytes(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            RawByteSize::Text(text) => parse_byte_size(text),
+        };
+        let max_total_bytes = match max_total_bytes {
+            Ok(0) => None,
+            Ok(n) if n < MIN_TOTAL_BYTES => {
+                e.push(
+                    "retention.max_total_bytes",
+                    format!("{n} bytes is less than 1 MiB; write a unit (\"50GB\", \"500MiB\") or 0 to turn it off"),
+                );
+                None
+            }
+            Ok(n) => Some(n),
+            Err(message) => {
+                e.push("retention.max_total_bytes", message);
+                None
+            }
+        };
+        RetentionPolicy {
+            max_age: (self.max_age_days > 0 && self.max_age_days <= MAX_AGE_DAYS)
+                .then(|| Duration::from_secs(self.max_age_days * 86_400)),
+            max_total_bytes,
+            interval: Duration::from_secs(self.interval_s),
+            ..RetentionPolicy::default()
+        }
+    }
+}
+
+/// Parses a size: digits (with an optional fraction), optional spaces, an optional unit:
+/// `B`; `k`/`kB`, `M`/`MB`, `G`/`GB`, `T`/`TB` (powers of 1000); `Ki`/`KiB`, `Mi`/`MiB`,
+/// `Gi`/`GiB`, `Ti`/`TiB` (powers of 1024). Units are case-insensitive. `"50GB"` is
+/// 50,000,000,000 bytes, `"500MiB"` 524,288,000.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let s = text.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim_start());
+    let bad = || format!("{text:?} is not a size; write bytes or a number with a unit, e.g. \"50GB\" or \"500MiB\"");
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if int.is_empty() || (number.contains('.') && frac.is_empty()) || frac.contains('.') || frac.len() > 9 {
+        return Err(bad());
+    }
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let too_large = || format!("{text:?} is too large");
+    let int: u64 = int.parse().map_err(|_| too_large())?;
+    let whole = int.checked_mul(multiplier).ok_or_else(too_large)?;
+    let fraction = if frac.is_empty() {
+        0
+    } else {
+        let digits: u64 = frac.parse().map_err(|_| bad())?;
+        let scale = 10u128.pow(frac.len() as u32);
+        (u128::from(digits) * u128::from(multiplier) / scale) as u64
+    };
+    whole.checked_add(fraction).ok_or_else(too_large)
 }
 
 /// The directory of the SQLite database file, else the parent of `pki_dir` (else `pki_dir`).
@@ -223,6 +479,108 @@ mod tests {
         let err = raw.validate("env").expect_err("invalid");
         let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(paths, vec!["database_url", "quic.listen", "http.listen"]);
+    }
+
+    /// A self-signed certificate and its key in `dir`, as `(cert, key)` paths.
+    fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert, c.cert.pem()).expect("write cert");
+        std::fs::write(&key, c.signing_key.serialize_pem()).expect("write key");
+        (cert, key)
+    }
+
+    fn http_with(vars: &[(&str, &str)]) -> Result<ServerConfig, Vec<(String, String)>> {
+        let env = vars.iter().map(|(k, v)| (format!("ITS_AGGREGATOR__HTTP__{k}"), v.to_string()));
+        let raw = RawConfig::load(None, env).expect("parses");
+        raw.validate("env").map_err(|e| e.issues.into_iter().map(|i| (i.path, i.message)).collect())
+    }
+
+    fn paths<T>(r: Result<T, Vec<(String, String)>>) -> Vec<String> {
+        r.err().unwrap_or_default().into_iter().map(|(p, _)| p).collect()
+    }
+
+    #[test]
+    fn non_loopback_http_needs_tls() {
+        let issues = http_with(&[("LISTEN", "0.0.0.0:8470")]).err().expect("refused");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        let (path, message) = &issues[0];
+        assert_eq!(path, "http.listen");
+        assert!(message.contains("tls_cert") && message.contains("127.0.0.1"), "{message}");
+        assert_eq!(paths(http_with(&[("LISTEN", "[::]:8470")])), ["http.listen"]);
+        assert_eq!(paths(http_with(&[("LISTEN", "192.0.2.10:443")])), ["http.listen"]);
+        // Loopback, v4 or v6, needs nothing.
+        let cfg = http_with(&[("LISTEN", "[::1]:8470")]).expect("loopback");
+        assert_eq!(cfg.http_tls, None);
+        assert!(cfg.http_trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn non_loopback_http_with_tls_is_accepted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = self_signed(dir.path(), "api");
+        let (c, k) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+        let cfg = http_with(&[("LISTEN", "0.0.0.0:443"), ("TLS_CERT", c), ("TLS_KEY", k)]).expect("valid");
+        assert_eq!(cfg.http_listen, "0.0.0.0:443".parse().expect("addr"));
+        assert_eq!(cfg.http_tls, Some(TlsFiles { cert: cert.clone(), key: key.clone() }));
+        // TLS on loopback is fine too.
+        let cfg = http_with(&[("TLS_CERT", c), ("TLS_KEY", k)]).expect("valid");
+        assert_eq!(cfg.http_tls, Some(TlsFiles { cert, key }));
+    }
+
+    #[test]
+    fn tls_cert_and_key_come_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = self_signed(dir.path(), "api");
+        let (c, k) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+        assert_eq!(paths(http_with(&[("LISTEN", "0.0.0.0:443"), ("TLS_KEY", k)])), ["http.tls_cert"]);
+        assert_eq!(paths(http_with(&[("LISTEN", "0.0.0.0:443"), ("TLS_CERT", c)])), ["http.tls_key"]);
+        assert_eq!(paths(http_with(&[("TLS_KEY", k)])), ["http.tls_cert"]);
+        // An empty value (an environment override clearing it) is unset.
+        assert_eq!(paths(http_with(&[("LISTEN", "0.0.0.0:443"), ("TLS_CERT", ""), ("TLS_KEY", "")])), ["http.listen"]);
+    }
+
+    #[test]
+    fn tls_files_must_be_usable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = self_signed(dir.path(), "api");
+        let (_, other_key) = self_signed(dir.path(), "other");
+        let missing = dir.path().join("missing.pem");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").expect("write");
+        let s = |p: &Path| p.to_str().expect("utf-8").to_owned();
+        let listen = ("LISTEN", "0.0.0.0:443");
+
+        // Both missing: both reported, each naming its file.
+        let issues =
+            http_with(&[listen, ("TLS_CERT", &s(&missing)), ("TLS_KEY", &s(&garbage))]).err().expect("refused");
+        let got: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(got, ["http.tls_cert", "http.tls_key"]);
+        assert!(issues[0].1.contains(&s(&missing)), "{issues:?}");
+        assert!(issues[1].1.contains(&s(&garbage)), "{issues:?}");
+
+        // A key where the certificate should be, and the other way round.
+        assert_eq!(paths(http_with(&[listen, ("TLS_CERT", &s(&key)), ("TLS_KEY", &s(&key))])), ["http.tls_cert"]);
+        assert_eq!(paths(http_with(&[listen, ("TLS_CERT", &s(&cert)), ("TLS_KEY", &s(&cert))])), ["http.tls_key"]);
+
+        // The key of another certificate.
+        let issues = http_with(&[listen, ("TLS_CERT", &s(&cert)), ("TLS_KEY", &s(&other_key))]).err().expect("refused");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].0, "http.tls_key");
+        assert!(issues[0].1.contains("does not belong") && issues[0].1.contains(&s(&cert)), "{issues:?}");
+    }
+
+    #[test]
+    fn trusted_proxies() {
+        let cfg = http_with(&[("TRUSTED_PROXIES", r#"["127.0.0.1", "10.0.0.0/8", "fd00::/8"]"#)]).expect("valid");
+        let got: Vec<String> = cfg.http_trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
+        let issues = http_with(&[("TRUSTED_PROXIES", r#"["127.0.0.1", "proxy.local", "10.0.0.1/8", "10.0.0.0/40"]"#)])
+            .err()
+            .expect("refused");
+        let got: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(got, ["http.trusted_proxies[1]", "http.trusted_proxies[2]", "http.trusted_proxies[3]"]);
+        assert!(issues[1].1.contains("10.0.0.0/8"), "the network is suggested: {issues:?}");
     }
 
     #[test]

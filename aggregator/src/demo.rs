@@ -147,7 +147,11 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
         pki_dir: dir.join("pki"),
         ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_secs(10) },
         http_listen: http,
+        http_tls: None,
+        http_trusted_proxies: Vec::new(),
         snapshots: crate::snapshots::SnapshotLocation::Local(dir.to_path_buf()),
+        retention: crate::store::RetentionPolicy::off(),
+        auth: crate::auth::AuthConfig::default(),
     }
 }
 

@@ -2,7 +2,10 @@
 //! acknowledges only what storage has committed.
 //!
 //! The device identity is the common name of the client certificate that rustls verified
-//! against the fleet CA and the current CRL; nothing the agent sends can change it.
+//! against the fleet CA and the current CRL; nothing the agent sends can change it. A device an
+//! operator disabled ([`crate::store::Fleet::update_device`]) is refused right after the
+//! handshake (a `Refuse` frame with reason `device disabled`, then the connection is closed), and
+//! its live connections are closed within about a second of the change.
 //!
 //! Snapshots arrive beside the control stream, each alone on a unidirectional stream, and are
 //! handled concurrently with it: the stream is read up to [`wire::MAX_SNAPSHOT_FRAME_LEN`] (a longer
@@ -26,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::pki::{Pki, device_id_from_cert};
 use crate::snapshots::SnapshotObjects;
-use crate::store::{EventStore, NewSnapshot};
+use crate::store::{EventStore, Fleet, NewSnapshot};
 use crate::telemetry;
 
 /// Concurrent snapshot streams per connection. The agent keeps at most 4 in flight; 8 bound what a
@@ -55,9 +58,16 @@ struct DeviceSlot {
     preempt: tokio::sync::Notify,
 }
 
+/// Live connections by device, then by [`quinn::Connection::stable_id`] (a reconnecting device
+/// may briefly have two).
+type LiveConnections = std::collections::HashMap<String, std::collections::HashMap<usize, quinn::Connection>>;
+
 #[derive(Default, Clone)]
 pub struct DeviceSessions {
     slots: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<DeviceSlot>>>>,
+    /// Every connection from its device's identification to its end, so that disabling a
+    /// device closes it.
+    live: Arc<std::sync::Mutex<LiveConnections>>,
 }
 
 impl DeviceSessions {
@@ -65,6 +75,88 @@ impl DeviceSessions {
         let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(device.to_string()).or_default().clone()
     }
+
+    /// Registers a live connection until the returned guard is dropped.
+    fn register(&self, device: &str, conn: &quinn::Connection) -> LiveRegistration {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.entry(device.to_owned()).or_default().insert(conn.stable_id(), conn.clone());
+        LiveRegistration { sessions: self.clone(), device: device.to_owned(), id: conn.stable_id() }
+    }
+
+    /// Whether any connection is live.
+    fn any_live(&self) -> bool {
+        !self.live.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Closes the live connections of these devices; returns how many were closed.
+    fn close_devices(&self, devices: &[String], reason: &str) -> usize {
+        let conns: Vec<quinn::Connection> = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            devices.iter().filter_map(|d| live.get(d)).flat_map(|m| m.values().cloned()).collect()
+        };
+        for conn in &conns {
+            conn.close(DEVICE_DISABLED_CODE.into(), reason.as_bytes());
+        }
+        conns.len()
+    }
+}
+
+/// Removes its connection from [`DeviceSessions`] when dropped.
+struct LiveRegistration {
+    sessions: DeviceSessions,
+    device: String,
+    id: usize,
+}
+
+impl Drop for LiveRegistration {
+    fn drop(&mut self) {
+        let mut live = self.sessions.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(conns) = live.get_mut(&self.device) {
+            conns.remove(&self.id);
+            if conns.is_empty() {
+                live.remove(&self.device);
+            }
+        }
+    }
+}
+
+/// Application error code with which the connection of a disabled device is closed.
+const DEVICE_DISABLED_CODE: u32 = 2;
+/// What a disabled device is told (the `Refuse` frame and the close reason).
+const DEVICE_DISABLED_REASON: &str = "device disabled";
+
+/// Closes the live connections of the devices that are disabled now.
+async fn close_disabled(fleet: Fleet, sessions: DeviceSessions) {
+    if !sessions.any_live() {
+        return;
+    }
+    match fleet.disabled_devices().await {
+        Ok(disabled) => {
+            let closed = sessions.close_devices(&disabled, DEVICE_DISABLED_REASON);
+            for _ in 0..closed {
+                telemetry::disabled_device_refused("live");
+            }
+            if closed > 0 {
+                tracing::info!(connections = closed, "closed the connections of disabled devices");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "checking for disabled devices failed"),
+    }
+}
+
+/// Tells a disabled device why on its control stream (when it opens one soon), then closes.
+async fn refuse_disabled(conn: &quinn::Connection) {
+    if let Ok(Ok((mut send, _recv))) = tokio::time::timeout(Duration::from_secs(2), conn.accept_bi()).await {
+        let mut buf = Vec::new();
+        if wire::encode_into(&Frame::Refuse { reason: DEVICE_DISABLED_REASON.to_owned() }, &mut buf).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.write_all(&buf)).await;
+            // Wait (briefly) until the agent has the frame, so the close does not cut it off.
+            if send.finish().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            }
+        }
+    }
+    conn.close(DEVICE_DISABLED_CODE.into(), DEVICE_DISABLED_REASON.as_bytes());
 }
 
 /// Transport settings of the listener.
@@ -105,20 +197,28 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let mut stamp = pki.revocation_stamp();
     let sessions = DeviceSessions::default();
+    let fleet = Fleet::new(store.db());
     let mut reload = tokio::time::interval(Duration::from_secs(1));
+    let mut disabled_check: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return Ok(()) };
-                let (store, sessions, snapshots) = (store.clone(), sessions.clone(), snapshots.clone());
+                let (store, sessions, snapshots, fleet) =
+                    (store.clone(), sessions.clone(), snapshots.clone(), fleet.clone());
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = handle_connection(incoming, store, snapshots, sessions).await {
+                    if let Err(e) = handle_connection(incoming, store, snapshots, sessions, fleet).await {
                         tracing::info!(%remote, error = %format!("{e:#}"), "agent connection ended");
                     }
                 });
             }
             _ = reload.tick() => {
+                // Devices disabled meanwhile lose their connections (in a task of its own: a slow
+                // database must not hold up accepting; one check at a time).
+                if disabled_check.as_ref().is_none_or(|h| h.is_finished()) {
+                    disabled_check = Some(tokio::spawn(close_disabled(fleet.clone(), sessions.clone())));
+                }
                 let now = pki.revocation_stamp();
                 if now != stamp {
                     match server_config(&pki, cfg.idle_timeout) {
@@ -144,6 +244,7 @@ async fn handle_connection(
     store: Arc<dyn EventStore>,
     snapshots: SnapshotObjects,
     sessions: DeviceSessions,
+    fleet: Fleet,
 ) -> anyhow::Result<()> {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -153,6 +254,13 @@ async fn handle_connection(
         }
     };
     let device = peer_device_id(&conn)?;
+    // Registered before the check: a device disabled right after it is closed by the next sweep.
+    let _live = sessions.register(&device, &conn);
+    if fleet.is_device_disabled(&device).await.context("checking whether the device is disabled")? {
+        telemetry::disabled_device_refused("connect");
+        refuse_disabled(&conn).await;
+        return Err(anyhow!("device {device} is disabled: connection refused"));
+    }
     let _active = telemetry::ConnectionGuard::new();
     tracing::info!(device = %device, remote = %conn.remote_address(), "agent connected");
     let (stored_tx, mut stored_rx) = mpsc::channel(STORED_QUEUE);

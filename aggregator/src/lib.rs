@@ -3,6 +3,7 @@
 //! object storage), [`http`] (REST API and metrics), [`server`] (wiring), [`demo`] (the README's
 //! demo).
 
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod http;

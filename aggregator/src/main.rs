@@ -41,6 +41,12 @@ enum Command {
     /// Device certificates.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// People who use the API.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run an aggregator and an agent on this machine and show events arriving.
     Demo {
         /// Working directory (default: a new directory under the system temp dir).
@@ -66,6 +72,29 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8470")]
         http: SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user. The password is asked for on the terminal (twice), or read from the first
+    /// line of standard input with --password-stdin. There is no default password.
+    Add {
+        username: String,
+        /// admin, operator, analyst, viewer, integrator or device.
+        #[arg(long)]
+        role: String,
+        /// Read the password from standard input instead of the terminal.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a new token signing key; the old one keeps verifying until its tokens expire.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +180,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}\t{}\tuntil {}\t{state}", c.device_id, c.serial_hex, c.not_after);
             }
         }
+        Command::User(cmd) => {
+            let cfg = match raw.validate(&source) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            return runtime()?.block_on(user_command(cmd, &cfg));
+        }
+        Command::Keys(KeysCommand::Rotate) => {
+            let cfg = match raw.validate(&source) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            runtime()?.block_on(async {
+                let store = its_aggregator::store::open_store(&cfg.database_url).await?;
+                let auth = its_aggregator::auth::AuthService::open(store.db(), cfg.auth.clone()).await?;
+                let kid = auth.keys.rotate(its_aggregator::unix_ms()).await?;
+                auth.audit_quiet(
+                    its_aggregator::auth::store::AuditEntry {
+                        actor: "cli".into(),
+                        action: "keys.rotated",
+                        target: Some(kid.clone()),
+                        outcome: "success",
+                        ..Default::default()
+                    },
+                    its_aggregator::unix_ms(),
+                )
+                .await;
+                println!("new signing key {kid}; running aggregators pick it up within 30 s");
+                anyhow::Ok(())
+            })?;
+        }
         Command::CheckConfig => match raw.validate(&source) {
             Ok(_) => println!("{source}: configuration is valid"),
             Err(e) => {
@@ -194,6 +260,73 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 server.wait().await
             })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn user_command(cmd: UserCommand, cfg: &its_aggregator::config::ServerConfig) -> anyhow::Result<ExitCode> {
+    use its_aggregator::auth::{AuthError, AuthService, Role};
+    let store = its_aggregator::store::open_store(&cfg.database_url)
+        .await
+        .with_context(|| format!("opening {}", its_aggregator::server::redact(&cfg.database_url)))?;
+    let auth = AuthService::open(store.db(), cfg.auth.clone()).await?;
+    match cmd {
+        UserCommand::Add { username, role, password_stdin } => {
+            let Some(role) = Role::parse(&role) else {
+                eprintln!("error: unknown role {role:?}; use admin, operator, analyst, viewer, integrator or device");
+                return Ok(ExitCode::from(2));
+            };
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+                line.trim_end_matches(['\n', '\r']).to_owned()
+            } else {
+                let first =
+                    rpassword::prompt_password(format!("password for {username}: ")).context("reading the password")?;
+                let again = rpassword::prompt_password("again: ").context("reading the password")?;
+                if first != again {
+                    eprintln!("error: the passwords differ");
+                    return Ok(ExitCode::from(2));
+                }
+                first
+            };
+            match auth.create_user(&username, &password, role, &its_aggregator::store::Scope::All).await {
+                Ok(id) => {
+                    auth.audit_quiet(
+                        its_aggregator::auth::store::AuditEntry {
+                            actor: "cli".into(),
+                            action: "user.created",
+                            target: Some(format!("user:{}", its_aggregator::auth::normalise_username(&username))),
+                            outcome: "success",
+                            detail: serde_json::json!({ "role": role }),
+                            ..Default::default()
+                        },
+                        its_aggregator::unix_ms(),
+                    )
+                    .await;
+                    println!(
+                        "user {} created (id {id}, role {role})",
+                        its_aggregator::auth::normalise_username(&username)
+                    );
+                }
+                Err(AuthError::Invalid(msg)) => {
+                    eprintln!("error: {msg}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(AuthError::Store(its_aggregator::store::StoreError::Conflict(msg))) => {
+                    eprintln!("error: {msg}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        UserCommand::List => {
+            for u in auth.store.list_users().await? {
+                let state = if u.disabled { "disabled" } else { "active" };
+                let mfa = if u.totp_enabled { "mfa" } else { "no-mfa" };
+                println!("{}\t{}\t{}\t{state}\t{mfa}", u.user_id, u.username, u.role);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

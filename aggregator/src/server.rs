@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::config::ServerConfig;
+use crate::http::transport::{self, ReloadingCert};
 use crate::http::{AppState, router};
 use crate::pki::Pki;
 use crate::snapshots::SnapshotObjects;
@@ -56,6 +57,11 @@ impl Server {
             open_store(&cfg.database_url).await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
         let snapshots = SnapshotObjects::open(&cfg.snapshots)
             .with_context(|| format!("opening the snapshot store {}", cfg.snapshots))?;
+        // Before binding, so a bad certificate file stops the start with its path.
+        let https = match &cfg.http_tls {
+            Some(files) => Some(ReloadingCert::load(files.clone())?),
+            None => None,
+        };
         let endpoint = crate::ingest::bind(&pki, &cfg.ingest)?;
         let quic = endpoint.local_addr().context("QUIC local address")?;
         let listener = tokio::net::TcpListener::bind(cfg.http_listen)
@@ -63,7 +69,8 @@ impl Server {
             .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
         let http = listener.local_addr().context("HTTP local address")?;
         let addrs = BoundAddrs { quic, http };
-        tracing::info!(quic = %quic, http = %http, backend = store.backend(), snapshots = snapshots.location(), "aggregator listening");
+        let scheme = if https.is_some() { "https" } else { "http" };
+        tracing::info!(quic = %quic, http = %http, scheme, backend = store.backend(), snapshots = snapshots.location(), "aggregator listening");
 
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(crate::ingest::serve(
@@ -74,16 +81,46 @@ impl Server {
             snapshots.clone(),
             shutdown.clone(),
         ));
-        let app = router(AppState { store: store.clone(), snapshots, metrics });
-        let mut sd = shutdown.clone();
+        let retention = crate::store::Retention::new(store.db(), snapshots.clone(), cfg.retention.clone());
+        let retention_shutdown = shutdown.clone();
         tasks.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = sd.changed().await;
-                })
-                .await
-                .context("HTTP server")
+            retention.run(retention_shutdown).await;
+            Ok(())
         });
+        let auth =
+            crate::auth::AuthService::open(store.db(), cfg.auth.clone()).await.context("opening the user store")?;
+        if auth.store.count_users().await? == 0 {
+            tracing::warn!("no users yet: create the first admin with `its-aggregator user add <name> --role admin`");
+        }
+        tasks.spawn({
+            let auth = Arc::clone(&auth);
+            let sd = shutdown.clone();
+            async move {
+                auth.run_upkeep(sd).await;
+                Ok(())
+            }
+        });
+        let access =
+            crate::http::access_map().map_err(|e| anyhow::anyhow!("endpoints without a declared permission: {e}"))?;
+        let app = router(AppState {
+            store: store.clone(),
+            snapshots,
+            metrics,
+            trusted_proxies: Arc::new(cfg.http_trusted_proxies.clone()),
+            auth,
+            fleet: crate::store::fleet::Fleet::new(store.db()),
+            access: Arc::new(access),
+        });
+        match https {
+            Some(cert) => {
+                let tls = transport::server_config(Arc::clone(&cert))?;
+                tasks.spawn(cert.watch(transport::RELOAD_INTERVAL, shutdown.clone()));
+                tasks.spawn(transport::serve_https(listener, app, tls, shutdown.clone()));
+            }
+            None => {
+                tasks.spawn(transport::serve_http(listener, app, shutdown.clone()));
+            }
+        }
         if let Some(path) = ready_file {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, serde_json::to_vec(&addrs)?).with_context(|| format!("writing {}", tmp.display()))?;

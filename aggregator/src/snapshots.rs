@@ -134,6 +134,17 @@ impl SnapshotObjects {
             Err(e) => Err(e.into()),
         }
     }
+
+    /// Deletes the object under `key` (as a database row names it): `true` if it was deleted,
+    /// `false` if it did not exist (S3 does not tell; it answers `true`). Retention only.
+    pub async fn delete(&self, key: &str) -> Result<bool, SnapshotStoreError> {
+        let path = Path::parse(key).map_err(|_| SnapshotStoreError::BadKey(key.to_owned()))?;
+        match self.store.delete(&path).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use metrics::{counter, gauge, histogram};
 pub const CONNECTIONS_TOTAL: &str = "its_ingest_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "its_ingest_connections_active";
 pub const HANDSHAKES_REFUSED: &str = "its_ingest_handshakes_refused_total";
+pub const DISABLED_REFUSED: &str = "its_ingest_disabled_device_refused_total";
 pub const EVENTS_STORED: &str = "its_ingest_events_stored_total";
 pub const EVENTS_DUPLICATE: &str = "its_ingest_events_duplicate_total";
 pub const BATCHES_COMMITTED: &str = "its_ingest_batches_committed_total";
@@ -19,6 +20,14 @@ pub const SNAPSHOTS_DUPLICATE: &str = "its_ingest_snapshots_duplicate_total";
 pub const SNAPSHOTS_REFUSED: &str = "its_ingest_snapshots_refused_total";
 pub const SNAPSHOTS_FAILED: &str = "its_ingest_snapshots_failed_total";
 pub const SNAPSHOT_STORE_SECONDS: &str = "its_ingest_snapshot_store_seconds";
+pub const RETENTION_DELETED_EVENTS: &str = "its_retention_deleted_events_total";
+pub const RETENTION_DELETED_HEALTH: &str = "its_retention_deleted_health_total";
+pub const RETENTION_DELETED_SNAPSHOTS: &str = "its_retention_deleted_snapshots_total";
+pub const RETENTION_DELETED_BYTES: &str = "its_retention_deleted_bytes_total";
+pub const RETENTION_RUNS: &str = "its_retention_runs_total";
+pub const RETENTION_OBJECT_FAILURES: &str = "its_retention_object_delete_failures_total";
+pub const RETENTION_FAILURES: &str = "its_retention_failures_total";
+pub const STORAGE_BYTES: &str = "its_storage_bytes";
 
 /// Registers descriptions (call once at start-up, after installing the recorder).
 pub fn describe() {
@@ -27,6 +36,10 @@ pub fn describe() {
     metrics::describe_counter!(
         HANDSHAKES_REFUSED,
         "QUIC/TLS handshakes refused (unknown, expired or revoked certificates, bad ALPN)"
+    );
+    metrics::describe_counter!(
+        DISABLED_REFUSED,
+        "Connections of disabled devices refused after mutual TLS (at: connect) or closed when the device was disabled (at: live)"
     );
     metrics::describe_counter!(EVENTS_STORED, "Events committed to storage");
     metrics::describe_counter!(EVENTS_DUPLICATE, "Events received again after they were stored (resends), dropped");
@@ -56,10 +69,44 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time to store one snapshot (objects and row)"
     );
+    metrics::describe_counter!(RETENTION_DELETED_EVENTS, "Events deleted by retention, by reason: age, size");
+    metrics::describe_counter!(
+        RETENTION_DELETED_HEALTH,
+        "Device health history rows deleted by retention, by reason: age, size"
+    );
+    metrics::describe_counter!(
+        RETENTION_DELETED_SNAPSHOTS,
+        "Snapshot rows (and their objects) deleted by retention, by reason: age, size"
+    );
+    metrics::describe_counter!(
+        RETENTION_DELETED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes freed by retention (snapshot objects exactly, database rows estimated), by reason: age, size"
+    );
+    metrics::describe_counter!(RETENTION_RUNS, "Retention runs that deleted something, by reason: age, size");
+    metrics::describe_counter!(
+        RETENTION_OBJECT_FAILURES,
+        "Snapshot objects whose deletion failed after their rows were deleted (left in object storage; logged)"
+    );
+    metrics::describe_counter!(
+        RETENTION_FAILURES,
+        "Retention runs that failed (database errors); retried next interval"
+    );
+    metrics::describe_gauge!(
+        STORAGE_BYTES,
+        metrics::Unit::Bytes,
+        "Storage that size retention counts (database and snapshot bytes), measured by its last run, by part: database, snapshots"
+    );
 }
 
 pub fn handshake_refused() {
     counter!(HANDSHAKES_REFUSED).increment(1);
+}
+
+/// A disabled device's connection refused. `at`: `connect` (refused after mutual TLS) or `live`
+/// (closed when the device was disabled).
+pub fn disabled_device_refused(at: &'static str) {
+    counter!(DISABLED_REFUSED, "at" => at).increment(1);
 }
 
 /// Counts a connection while it lives.
@@ -118,4 +165,27 @@ pub fn batch_out_of_order() {
 /// Duplicates the session filtered before storage (its watermark) count as duplicates too.
 pub fn session_closed(stats: &IngestStats) {
     counter!(EVENTS_DUPLICATE).increment(stats.duplicates);
+}
+
+/// One retention run that deleted something. `reason`: `age` or `size`.
+pub fn retention_run(reason: &'static str, events: u64, health: u64, snapshots: u64, bytes: u64) {
+    counter!(RETENTION_RUNS, "reason" => reason).increment(1);
+    counter!(RETENTION_DELETED_EVENTS, "reason" => reason).increment(events);
+    counter!(RETENTION_DELETED_HEALTH, "reason" => reason).increment(health);
+    counter!(RETENTION_DELETED_SNAPSHOTS, "reason" => reason).increment(snapshots);
+    counter!(RETENTION_DELETED_BYTES, "reason" => reason).increment(bytes);
+}
+
+pub fn retention_object_failures(n: u64) {
+    counter!(RETENTION_OBJECT_FAILURES).increment(n);
+}
+
+pub fn retention_failed() {
+    counter!(RETENTION_FAILURES).increment(1);
+}
+
+/// What size retention measured: database and snapshot bytes.
+pub fn storage_bytes(database: u64, snapshots: u64) {
+    gauge!(STORAGE_BYTES, "part" => "database").set(database as f64);
+    gauge!(STORAGE_BYTES, "part" => "snapshots").set(snapshots as f64);
 }

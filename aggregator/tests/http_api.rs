@@ -74,7 +74,12 @@ async fn app_with_objects() -> (Router, Arc<dyn EventStore>, SnapshotObjects) {
         .await
         .expect("health");
     let objects = memory_objects();
-    let state = AppState { store: Arc::clone(&store), snapshots: objects.clone(), metrics: metrics_handle() };
+    let state = AppState {
+        store: Arc::clone(&store),
+        snapshots: objects.clone(),
+        metrics: metrics_handle(),
+        trusted_proxies: Arc::default(),
+    };
     (router(state), store, objects)
 }
 
@@ -324,6 +329,7 @@ async fn unreachable_database_is_503() {
         store: Arc::new(BrokenStore { unreachable: true }),
         snapshots: memory_objects(),
         metrics: metrics_handle(),
+        trusted_proxies: Arc::default(),
     });
     for uri in ["/healthz", "/api/v1/devices", "/api/v1/events", "/api/v1/events/dev-a:1/snapshot"] {
         let (status, v) = get_json(&app, uri).await;
@@ -338,6 +344,7 @@ async fn internal_failures_are_500_without_internals() {
         store: Arc::new(BrokenStore { unreachable: false }),
         snapshots: memory_objects(),
         metrics: metrics_handle(),
+        trusted_proxies: Arc::default(),
     });
     for uri in ["/api/v1/devices", "/api/v1/events?device=x", "/api/v1/events/dev-a:1/snapshot"] {
         let (status, ctype, body) = call(&app, "GET", uri).await;

@@ -76,7 +76,10 @@ async fn fixture() -> Fixture {
         pki_dir: root.join("pki"),
         ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5) },
         http_listen: ([127, 0, 0, 1], 0).into(),
+        http_tls: None,
+        http_trusted_proxies: Vec::new(),
         snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
+        retention: its_aggregator::store::RetentionPolicy::off(),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -204,4 +207,46 @@ async fn a_reconnect_supersedes_the_old_connection_of_the_same_device() {
     .await
     .expect("old connection ended");
     assert!(ended.contains("superseded"), "{ended}");
+}
+
+/// A disabled device's valid certificate is refused ("device disabled"), its live connection is
+/// closed when it is disabled, and it is served again once enabled; other devices are unaffected.
+#[tokio::test]
+async fn a_disabled_device_is_refused_and_its_live_connection_closed() {
+    use its_aggregator::store::{DevicePatch, Fleet};
+    let f = fixture().await;
+    let fleet = Fleet::new(f.server.store.db());
+    let dir = f.root.join("box-d");
+    f.pki.enroll("box-d", &dir, 30).expect("enroll");
+    let bundle = DeviceBundle::in_dir(&dir);
+    try_session(f.server.addrs.quic, &bundle).await.expect("served while enabled");
+
+    // A live connection, welcomed.
+    let ep = client_endpoint(&bundle).expect("endpoint");
+    let live = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = live.open_bi().await.expect("stream");
+    send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let n = recv.read(&mut buf).await.expect("read").expect("welcome");
+    dec.extend(&buf[..n]);
+    assert!(matches!(dec.next_frame(), Ok(Some(Frame::Ack(_)))), "welcomed");
+
+    let disable = |on: bool| DevicePatch { disabled: Some(on), ..DevicePatch::default() };
+    fleet.update_device("box-d", &disable(true), its_aggregator::unix_ms()).await.expect("disable");
+    // Closed within a few seconds (the server checks every second).
+    let closed = tokio::time::timeout(Duration::from_secs(5), live.closed()).await.expect("live connection closed");
+    assert!(closed.to_string().contains("device disabled"), "{closed}");
+
+    // New connections are refused, with the reason.
+    let refused = try_session(f.server.addrs.quic, &bundle).await.expect_err("disabled device served");
+    assert!(refused.contains("device disabled"), "{refused}");
+
+    // Another device is served meanwhile.
+    let other = f.root.join("box-ok");
+    f.pki.enroll("box-ok", &other, 30).expect("enroll");
+    try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&other)).await.expect("other device served");
+
+    fleet.update_device("box-d", &disable(false), its_aggregator::unix_ms()).await.expect("enable");
+    try_session(f.server.addrs.quic, &bundle).await.expect("served again once enabled");
 }

@@ -48,7 +48,10 @@ async fn fixture() -> Fixture {
         pki_dir: root.join("pki"),
         ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(10) },
         http_listen: ([127, 0, 0, 1], 0).into(),
+        http_tls: None,
+        http_trusted_proxies: Vec::new(),
         snapshots: SnapshotLocation::Local(root.join("objects")),
+        retention: its_aggregator::store::RetentionPolicy::off(),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);

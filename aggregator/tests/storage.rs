@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
-use its_aggregator::store::{EventId, EventQuery, EventStore, NewSnapshot, SnapshotLookup, StoreError, open_store};
+use its_aggregator::store::{
+    CameraPatch, CameraRef, DevicePatch, EventId, EventQuery, EventStore, Fleet, NewSnapshot, Scope, SnapshotLookup,
+    StoreError, open_store,
+};
 use its_shared::event::{CameraHealth, ClassCount, Direction, ObjectRef, Phase};
 use its_shared::wire::{Heartbeat, Hello};
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
@@ -127,6 +130,16 @@ suite!(
     event_json_public_form,
     snapshots_are_recorded_once_per_event,
     snapshot_lookup_tells_missing_event_from_missing_snapshot,
+    event_filters_alone_and_combined,
+    invalid_event_filters_are_refused,
+    injection_looking_filter_values_match_nothing,
+    site_filter_follows_device_and_camera_sites,
+    scopes_limit_events_devices_and_cameras,
+    sites_are_managed,
+    device_patches,
+    cameras_follow_hellos_and_patches,
+    disabled_devices_are_listed,
+    health_history_is_kept,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -695,6 +708,583 @@ async fn snapshot_lookup_tells_missing_event_from_missing_snapshot(store: Arc<dy
     assert_eq!(flags, vec![(1, false), (2, true), (3, false), (4, false), (9, true)]);
     let v = serde_json::to_value(page.events.iter().find(|e| e.seq == 2).expect("event 2")).expect("json");
     assert_eq!(v["has_snapshot"], true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event filters, sites, devices and cameras (the fleet)
+
+fn fleet(store: &Arc<dyn EventStore>) -> Fleet {
+    Fleet::new(store.db())
+}
+
+fn at(seq: u64, camera: &str, observed_at_ms: i64, kind: EventKind) -> EventEnvelope {
+    EventEnvelope { seq, camera: camera.to_owned(), observed_at_ms, kind }
+}
+
+/// The ten kinds of one round of [`seed_filter_events`], by `seq % 10` (10 as 0).
+fn filter_kind(i: u64) -> EventKind {
+    match i % 10 {
+        1 => EventKind::LineCrossing {
+            line: "north".into(),
+            object: object(i, "car"),
+            direction: Direction::In,
+            speed_kmh: Some(50.0),
+        },
+        2 => EventKind::LineCrossing {
+            line: "north".into(),
+            object: object(i, "truck"),
+            direction: Direction::Out,
+            speed_kmh: Some(80.3),
+        },
+        3 => EventKind::LineCrossing {
+            line: "south".into(),
+            object: object(i, "car"),
+            direction: Direction::In,
+            speed_kmh: None,
+        },
+        4 => EventKind::SpeedMeasurement { object: object(i, "car"), speed_kmh: 61.5, zone: Some("junction".into()) },
+        5 => EventKind::SpeedMeasurement { object: object(i, "truck"), speed_kmh: 95.0, zone: None },
+        6 => EventKind::ZoneEnter { zone: "junction".into(), object: object(i, "truck") },
+        7 => EventKind::Congestion {
+            zone: "junction".into(),
+            phase: Phase::Started,
+            occupancy: 9,
+            mean_speed_kmh: Some(12.0),
+            queue_length_m: None,
+        },
+        8 => EventKind::WrongWay {
+            zone: "ramp".into(),
+            object: object(i, "car"),
+            distance_m: 20.0,
+            speed_kmh: Some(30.0),
+        },
+        9 => EventKind::Counts {
+            line: "north".into(),
+            interval_s: 60,
+            counts: vec![ClassCount { label: "car".into(), direction: Direction::In, count: 2 }],
+        },
+        _ => EventKind::ZoneOccupancy {
+            zone: "junction".into(),
+            interval_s: 60,
+            mean: 1.5,
+            max: 3,
+            occupied: 0.5,
+            entered: 4,
+        },
+    }
+}
+
+/// dev-a, cam-1: three rounds of the ten kinds (seqs 1..=30, one every 10 ms); snapshots of
+/// seqs 1 and 6.
+async fn seed_filter_events(store: &Arc<dyn EventStore>) {
+    let events: Vec<_> = (1..=30u64).map(|s| at(s, "cam-1", T0 + s as i64 * 10, filter_kind(s))).collect();
+    store.insert_events("dev-a", &events, T0).await.expect("insert");
+    for seq in [1, 6] {
+        let s = NewSnapshot { seq, camera: "cam-1", taken_at_ms: T0, full_key: "k", full_bytes: 1, crop: None };
+        store.record_snapshot("dev-a", &s, T0).await.expect("snapshot");
+    }
+}
+
+/// The seqs matching `q` (all pages of `limit`), newest first.
+async fn seqs_of(store: &Arc<dyn EventStore>, q: &EventQuery, limit: u32) -> Vec<u64> {
+    walk(store, EventQuery { limit: Some(limit), ..q.clone() }).await.iter().map(|e| e.seq).collect()
+}
+
+/// The seqs of the three rounds whose `seq % 10` (10 as 0) is in `residues`, newest first.
+fn rounds(residues: &[u64]) -> Vec<u64> {
+    (1..=30u64).rev().filter(|s| residues.contains(&(s % 10))).collect()
+}
+
+async fn event_filters_alone_and_combined(store: Arc<dyn EventStore>) {
+    seed_filter_events(&store).await;
+    let cases: Vec<(EventQuery, Vec<u64>)> = vec![
+        (EventQuery { zone: Some("junction".into()), ..Default::default() }, rounds(&[4, 6, 7, 0])),
+        (EventQuery { zone: Some("ramp".into()), ..Default::default() }, rounds(&[8])),
+        (EventQuery { line: Some("north".into()), ..Default::default() }, rounds(&[1, 2, 9])),
+        (EventQuery { line: Some("south".into()), ..Default::default() }, rounds(&[3])),
+        (EventQuery { direction: Some("in".into()), ..Default::default() }, rounds(&[1, 3])),
+        (EventQuery { direction: Some("out".into()), ..Default::default() }, rounds(&[2])),
+        (EventQuery { label: Some("car".into()), ..Default::default() }, rounds(&[1, 3, 4, 8])),
+        (EventQuery { label: Some("truck".into()), ..Default::default() }, rounds(&[2, 5, 6])),
+        (EventQuery { min_speed_kmh: Some(60.0), ..Default::default() }, rounds(&[2, 4, 5])),
+        (EventQuery { max_speed_kmh: Some(50.0), ..Default::default() }, rounds(&[1, 7, 8])),
+        // Inclusive bounds, at the values the payload shows (80.3 as stored from an f32).
+        (EventQuery { min_speed_kmh: Some(50.0), max_speed_kmh: Some(61.5), ..Default::default() }, rounds(&[1, 4])),
+        (EventQuery { min_speed_kmh: Some(80.3), max_speed_kmh: Some(80.3), ..Default::default() }, rounds(&[2])),
+        (EventQuery { has_snapshot: Some(true), ..Default::default() }, vec![6, 1]),
+        (
+            EventQuery { has_snapshot: Some(false), ..Default::default() },
+            (1..=30u64).rev().filter(|s| ![1, 6].contains(s)).collect(),
+        ),
+        // Combined.
+        (
+            EventQuery {
+                line: Some("north".into()),
+                direction: Some("out".into()),
+                label: Some("truck".into()),
+                ..Default::default()
+            },
+            rounds(&[2]),
+        ),
+        (EventQuery { zone: Some("junction".into()), label: Some("truck".into()), ..Default::default() }, rounds(&[6])),
+        (
+            EventQuery { zone: Some("junction".into()), min_speed_kmh: Some(10.0), ..Default::default() },
+            rounds(&[4, 7]),
+        ),
+        (EventQuery { label: Some("car".into()), max_speed_kmh: Some(55.0), ..Default::default() }, rounds(&[1, 8])),
+        (
+            EventQuery { kind: Some("congestion".into()), zone: Some("junction".into()), ..Default::default() },
+            rounds(&[7]),
+        ),
+        (EventQuery { zone: Some("junction".into()), has_snapshot: Some(true), ..Default::default() }, vec![6]),
+        (
+            EventQuery {
+                line: Some("north".into()),
+                from_ms: Some(T0 + 100),
+                to_ms: Some(T0 + 250),
+                ..Default::default()
+            },
+            vec![22, 21, 19, 12, 11],
+        ),
+        (EventQuery { zone: Some("junction".into()), line: Some("north".into()), ..Default::default() }, vec![]),
+        (EventQuery { zone: Some("nowhere".into()), ..Default::default() }, vec![]),
+        (EventQuery { label: Some("bicycle".into()), ..Default::default() }, vec![]),
+        (EventQuery { min_speed_kmh: Some(95.5), ..Default::default() }, vec![]),
+    ];
+    for (q, want) in cases {
+        // One page, and walked in pages of 1 and 2: the same events in the same order.
+        assert_eq!(seqs_of(&store, &q, 1000).await, want, "{q:?}");
+        assert_eq!(seqs_of(&store, &q, 2).await, want, "{q:?} in pages of 2");
+        assert_eq!(seqs_of(&store, &q, 1).await, want, "{q:?} in pages of 1");
+    }
+    // Page boundaries are exact: 12 junction events in pages of 4 are three full pages.
+    let mut q = EventQuery { zone: Some("junction".into()), limit: Some(4), ..Default::default() };
+    let mut pages = Vec::new();
+    loop {
+        let page = store.query_events(&q).await.expect("page");
+        pages.push(page.events.len());
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages, vec![4, 4, 4]);
+}
+
+async fn invalid_event_filters_are_refused(store: Arc<dyn EventStore>) {
+    let cases = [
+        EventQuery { direction: Some("up".into()), ..Default::default() },
+        EventQuery { direction: Some("IN".into()), ..Default::default() },
+        EventQuery { direction: Some("' OR 1=1 --".into()), ..Default::default() },
+        EventQuery { min_speed_kmh: Some(f64::NAN), ..Default::default() },
+        EventQuery { max_speed_kmh: Some(f64::INFINITY), ..Default::default() },
+        EventQuery { min_speed_kmh: Some(f64::NEG_INFINITY), ..Default::default() },
+        EventQuery { min_speed_kmh: Some(60.0), max_speed_kmh: Some(50.0), ..Default::default() },
+    ];
+    for q in cases {
+        match store.query_events(&q).await {
+            Err(StoreError::InvalidQuery(_)) => {}
+            other => panic!("{q:?}: expected InvalidQuery, got {other:?}"),
+        }
+    }
+    store
+        .query_events(&EventQuery { min_speed_kmh: Some(50.0), max_speed_kmh: Some(50.0), ..Default::default() })
+        .await
+        .expect("equal bounds");
+}
+
+async fn injection_looking_filter_values_match_nothing(store: Arc<dyn EventStore>) {
+    seed_filter_events(&store).await;
+    let evil_zone = "z'); DROP TABLE events; --";
+    store.record_hello("dev-a", &hello("1", &["cam-1"]), T0).await.expect("hello");
+    store
+        .insert_events(
+            "dev-a",
+            &[at(100, "cam-1", T0, EventKind::ZoneEnter { zone: evil_zone.into(), object: object(1, "c'ar") })],
+            T0,
+        )
+        .await
+        .expect("insert");
+    let values =
+        ["' OR '1'='1", "' OR 1=1 --", "\"; DROP TABLE events; --", "%", "_", "*", "\\", "junction'--", "a\0b"];
+    for v in values {
+        let queries = [
+            EventQuery { site: Some(v.into()), ..Default::default() },
+            EventQuery { label: Some(v.into()), ..Default::default() },
+            EventQuery { zone: Some(v.into()), ..Default::default() },
+            EventQuery { line: Some(v.into()), ..Default::default() },
+            EventQuery { scope: Scope::Limited { sites: vec![v.into()], cameras: vec![] }, ..Default::default() },
+            EventQuery {
+                scope: Scope::Limited {
+                    sites: vec![],
+                    cameras: vec![CameraRef { device_id: v.into(), camera: v.into() }],
+                },
+                ..Default::default()
+            },
+        ];
+        for q in queries {
+            let page = store.query_events(&q).await.expect("injection-looking filter is a value");
+            assert!(page.events.is_empty(), "{q:?} matched {:?}", page.events);
+        }
+    }
+    // The tables are intact and an exact value matches.
+    let page =
+        store.query_events(&EventQuery { zone: Some(evil_zone.into()), ..Default::default() }).await.expect("exact");
+    assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![100]);
+    let page =
+        store.query_events(&EventQuery { label: Some("c'ar".into()), ..Default::default() }).await.expect("exact");
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(store.device_event_summary("dev-a").await.expect("summary").total, 31);
+    // Fleet lookups with such values are not found, never errors.
+    let f = fleet(&store);
+    for v in values {
+        assert!(matches!(f.get_device(v, &Scope::All).await, Err(StoreError::NotFound(_))), "{v:?}");
+        assert!(matches!(f.get_site(v).await, Err(StoreError::NotFound(_))), "{v:?}");
+        assert!(f.list_cameras(&Scope::All, Some(v), None).await.expect("cameras").is_empty());
+        assert!(f.list_cameras(&Scope::All, None, Some(v)).await.expect("cameras").is_empty());
+        assert!(!f.is_device_disabled(v).await.expect("disabled"));
+        let site = DevicePatch { site_id: Some(Some(v.into())), ..Default::default() };
+        assert!(matches!(f.update_device("dev-a", &site, T0).await, Err(StoreError::InvalidQuery(_))), "{v:?}");
+    }
+}
+
+/// Sites north and south; dev-a (cam-1, cam-2) in north with cam-2 overridden to south; dev-b
+/// (cam-1) without a site. Events: dev-a cam-1 seqs 1..=4, cam-2 5..=8, cam-9 (never announced)
+/// 9; dev-b cam-1 1..=3.
+async fn seed_sites(store: &Arc<dyn EventStore>) -> Fleet {
+    let f = fleet(store);
+    f.create_site("north", "North junction", T0).await.expect("site");
+    f.create_site("south", "South junction", T0).await.expect("site");
+    store.record_hello("dev-a", &hello("1.0.0", &["cam-1", "cam-2"]), T0).await.expect("hello");
+    store.record_hello("dev-b", &hello("1.0.0", &["cam-1"]), T0).await.expect("hello");
+    let north = DevicePatch { site_id: Some(Some("north".into())), ..Default::default() };
+    f.update_device("dev-a", &north, T0).await.expect("assign");
+    let south = CameraPatch { site_id: Some(Some("south".into())), ..Default::default() };
+    f.update_camera("dev-a", "cam-2", &south).await.expect("override");
+    let camera = |s: u64| match s {
+        1..=4 => "cam-1",
+        5..=8 => "cam-2",
+        _ => "cam-9",
+    };
+    let a: Vec<_> = (1..=9u64).map(|s| ev(s, camera(s), T0 + s as i64 * 10)).collect();
+    store.insert_events("dev-a", &a, T0).await.expect("insert a");
+    let b: Vec<_> = (1..=3u64).map(|s| ev(s, "cam-1", T0 + s as i64 * 10 + 5)).collect();
+    store.insert_events("dev-b", &b, T0).await.expect("insert b");
+    f
+}
+
+/// `(device, seq)` of every event matching `q`, newest first, walked in pages of 2.
+async fn ids_of(store: &Arc<dyn EventStore>, q: EventQuery) -> Vec<(String, u64)> {
+    walk(store, EventQuery { limit: Some(2), ..q }).await.into_iter().map(|e| (e.device_id, e.seq)).collect()
+}
+
+fn ids(device: &str, seqs: &[u64]) -> Vec<(String, u64)> {
+    seqs.iter().map(|s| (device.to_owned(), *s)).collect()
+}
+
+async fn site_filter_follows_device_and_camera_sites(store: Arc<dyn EventStore>) {
+    let f = seed_sites(&store).await;
+    let site = |s: &str| EventQuery { site: Some(s.into()), ..Default::default() };
+    assert_eq!(ids_of(&store, site("north")).await, ids("dev-a", &[4, 3, 2, 1]));
+    assert_eq!(ids_of(&store, site("south")).await, ids("dev-a", &[8, 7, 6, 5]));
+    assert!(ids_of(&store, site("west")).await.is_empty());
+    // With other filters.
+    let q = EventQuery { kind: Some("line_crossing".into()), ..site("south") };
+    assert_eq!(ids_of(&store, q).await, ids("dev-a", &[5]));
+
+    // dev-b joins south: its events follow.
+    let to = |s: Option<&str>| DevicePatch { site_id: Some(s.map(str::to_owned)), ..Default::default() };
+    f.update_device("dev-b", &to(Some("south")), T0).await.expect("assign b");
+    let south = ids_of(&store, site("south")).await;
+    assert_eq!(south.len(), 7);
+    assert!(south.windows(2).all(|w| w[0] != w[1]));
+    // dev-a moves to south: cam-1 follows, cam-2 keeps its own site (south as well).
+    f.update_device("dev-a", &to(Some("south")), T0).await.expect("move a");
+    assert!(ids_of(&store, site("north")).await.is_empty());
+    assert_eq!(ids_of(&store, site("south")).await.len(), 11);
+    // cam-2 follows its device again, dev-a moves back north: both cameras are north.
+    f.update_camera("dev-a", "cam-2", &CameraPatch { site_id: Some(None), ..Default::default() }).await.expect("clear");
+    f.update_device("dev-a", &to(Some("north")), T0).await.expect("back");
+    assert_eq!(ids_of(&store, site("north")).await, ids("dev-a", &[8, 7, 6, 5, 4, 3, 2, 1]));
+    // Unassigned: no site.
+    f.update_device("dev-a", &to(None), T0).await.expect("unassign");
+    assert!(ids_of(&store, site("north")).await.is_empty());
+    let cams = f.list_cameras(&Scope::All, Some("dev-a"), None).await.expect("cameras");
+    assert!(cams.iter().all(|c| c.site_id.is_none() && c.site_override.is_none()), "{cams:?}");
+}
+
+async fn scopes_limit_events_devices_and_cameras(store: Arc<dyn EventStore>) {
+    let f = seed_sites(&store).await;
+    let scoped = |scope: Scope| EventQuery { scope, ..Default::default() };
+    let limited = |sites: &[&str], cameras: &[&str]| Scope::Limited {
+        sites: sites.iter().map(|s| (*s).to_owned()).collect(),
+        cameras: cameras.iter().map(|c| CameraRef::parse(c).expect("camera ref")).collect(),
+    };
+    assert_eq!(ids_of(&store, scoped(Scope::All)).await.len(), 12);
+    assert_eq!(ids_of(&store, scoped(limited(&["north"], &[]))).await, ids("dev-a", &[4, 3, 2, 1]));
+    assert_eq!(ids_of(&store, scoped(limited(&[], &["dev-b/cam-1"]))).await, ids("dev-b", &[3, 2, 1]));
+    // A granted camera needs no row (cam-9 was never announced).
+    assert_eq!(ids_of(&store, scoped(limited(&[], &["dev-a/cam-9"]))).await, ids("dev-a", &[9]));
+    // Sites and cameras together: the union; with a filter: the intersection.
+    let both = limited(&["south"], &["dev-b/cam-1"]);
+    let got = ids_of(&store, scoped(both.clone())).await;
+    let mut want = ids("dev-a", &[8, 7, 6, 5]);
+    want.extend(ids("dev-b", &[3, 2, 1]));
+    let mut sorted = got.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want);
+    let q = EventQuery { device: Some("dev-b".into()), ..scoped(both.clone()) };
+    assert_eq!(ids_of(&store, q).await, ids("dev-b", &[3, 2, 1]));
+    let q = EventQuery { site: Some("north".into()), ..scoped(both.clone()) };
+    assert!(ids_of(&store, q).await.is_empty());
+    // Nothing granted: nothing, whatever the filters.
+    let empty = limited(&[], &[]);
+    assert!(ids_of(&store, scoped(empty.clone())).await.is_empty());
+    let q = EventQuery { device: Some("dev-a".into()), site: Some("north".into()), ..scoped(empty.clone()) };
+    assert!(ids_of(&store, q).await.is_empty());
+    assert!(ids_of(&store, scoped(limited(&["west"], &["dev-c/cam-1"]))).await.is_empty());
+
+    // Single events.
+    let north = limited(&["north"], &[]);
+    assert!(f.event_visible(&id("dev-a", 1), &north).await.expect("visible"));
+    assert!(!f.event_visible(&id("dev-a", 5), &north).await.expect("other site"));
+    assert!(!f.event_visible(&id("dev-b", 1), &north).await.expect("other device"));
+    assert!(!f.event_visible(&id("dev-a", 99), &Scope::All).await.expect("missing"));
+    assert!(!f.event_visible(&id("dev-a", u64::MAX), &Scope::All).await.expect("huge"));
+    assert!(f.event_visible(&id("dev-b", 1), &Scope::All).await.expect("all"));
+    assert!(f.event_visible(&id("dev-a", 9), &limited(&[], &["dev-a/cam-9"])).await.expect("granted camera"));
+    assert!(!f.event_visible(&id("dev-a", 1), &empty).await.expect("empty"));
+
+    // Devices: seen through at least one camera, with only those cameras.
+    let devices = f.list_devices(&Scope::All).await.expect("all devices");
+    assert_eq!(devices.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), vec!["dev-a", "dev-b"]);
+    assert_eq!(devices[0].cameras.len(), 2);
+    let devices = f.list_devices(&north).await.expect("north devices");
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].device_id, "dev-a");
+    assert_eq!(devices[0].cameras.iter().map(|c| c.camera.as_str()).collect::<Vec<_>>(), vec!["cam-1"]);
+    let devices = f.list_devices(&limited(&[], &["dev-b/cam-1"])).await.expect("granted devices");
+    assert_eq!(devices.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(), vec!["dev-b"]);
+    assert!(f.list_devices(&empty).await.expect("none").is_empty());
+    assert_eq!(f.get_device("dev-a", &north).await.expect("visible device").cameras.len(), 1);
+    for (device, scope) in [("dev-b", &north), ("dev-a", &empty), ("dev-x", &Scope::All)] {
+        assert!(matches!(f.get_device(device, scope).await, Err(StoreError::NotFound(_))), "{device} {scope:?}");
+    }
+    // Cameras.
+    let cams = f.list_cameras(&both, None, None).await.expect("cameras");
+    let names: Vec<_> = cams.iter().map(|c| format!("{}/{}", c.device_id, c.camera)).collect();
+    assert_eq!(names, vec!["dev-a/cam-2", "dev-b/cam-1"]);
+    assert_eq!(f.list_cameras(&Scope::All, None, Some("south")).await.expect("south").len(), 1);
+    assert_eq!(f.list_cameras(&Scope::All, Some("dev-a"), Some("north")).await.expect("a north").len(), 1);
+    assert!(f.list_cameras(&empty, None, None).await.expect("none").is_empty());
+    assert!(matches!(f.get_camera("dev-a", "cam-1", &both).await, Err(StoreError::NotFound(_))));
+    assert_eq!(f.get_camera("dev-a", "cam-2", &both).await.expect("visible camera").site_id.as_deref(), Some("south"));
+}
+
+async fn sites_are_managed(store: Arc<dyn EventStore>) {
+    let f = fleet(&store);
+    assert!(f.list_sites().await.expect("none").is_empty());
+    let s = f.create_site("north-1", "  North junction ", T0).await.expect("create");
+    assert_eq!((s.site_id.as_str(), s.name.as_str(), s.created_at_ms), ("north-1", "North junction", T0));
+    assert!(matches!(f.create_site("north-1", "Again", T0 + 1).await, Err(StoreError::Conflict(_))));
+    for bad in ["", "a b", "a/b", "x'--", &"x".repeat(65), "é"] {
+        assert!(matches!(f.create_site(bad, "Name", T0).await, Err(StoreError::InvalidQuery(_))), "{bad:?}");
+    }
+    for bad in ["", "   ", "a\nb"] {
+        assert!(matches!(f.create_site("s2", bad, T0).await, Err(StoreError::InvalidQuery(_))), "{bad:?}");
+    }
+    f.create_site("a.site_2", "Second", T0 + 5).await.expect("second");
+    let sites = f.list_sites().await.expect("list");
+    assert_eq!(sites.iter().map(|s| s.site_id.as_str()).collect::<Vec<_>>(), vec!["a.site_2", "north-1"]);
+    let renamed = f.rename_site("north-1", "North").await.expect("rename");
+    assert_eq!((renamed.name.as_str(), renamed.created_at_ms), ("North", T0));
+    assert!(matches!(f.rename_site("nope", "X").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(f.rename_site("north-1", "").await, Err(StoreError::InvalidQuery(_))));
+
+    // In use: a device, then a camera of its own.
+    store.record_hello("dev-a", &hello("1", &["cam-1", "cam-2"]), T0).await.expect("hello");
+    let assign = DevicePatch { site_id: Some(Some("north-1".into())), ..Default::default() };
+    f.update_device("dev-a", &assign, T0).await.expect("assign");
+    let counted = f.get_site("north-1").await.expect("get");
+    assert_eq!((counted.devices, counted.cameras), (1, 2));
+    assert!(matches!(f.delete_site("north-1").await, Err(StoreError::Conflict(_))));
+    f.update_device("dev-a", &DevicePatch { site_id: Some(None), ..Default::default() }, T0).await.expect("unassign");
+    let own = CameraPatch { site_id: Some(Some("north-1".into())), ..Default::default() };
+    f.update_camera("dev-a", "cam-2", &own).await.expect("camera site");
+    assert!(matches!(f.delete_site("north-1").await, Err(StoreError::Conflict(_))));
+    f.update_camera("dev-a", "cam-2", &CameraPatch { site_id: Some(None), ..Default::default() }).await.expect("clear");
+    f.delete_site("north-1").await.expect("delete");
+    assert!(matches!(f.delete_site("north-1").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(f.get_site("north-1").await, Err(StoreError::NotFound(_))));
+    assert_eq!(f.list_sites().await.expect("list").len(), 1);
+}
+
+async fn device_patches(store: Arc<dyn EventStore>) {
+    let f = fleet(&store);
+    f.create_site("north", "North", T0).await.expect("site");
+    store.record_hello("dev-a", &hello("1.2.0", &["cam-1"]), T0).await.expect("hello");
+    store.insert_events("dev-a", &batch(1..=5), T0).await.expect("insert");
+    let d = f.get_device("dev-a", &Scope::All).await.expect("get");
+    assert_eq!((d.name.as_deref(), d.site_id.as_deref(), d.disabled, d.disabled_at_ms), (None, None, false, None));
+    assert_eq!((d.agent_version.as_str(), d.model.as_str(), d.high_water_seq), ("1.2.0", "yolo11n", 5));
+    assert_eq!((d.first_seen_ms, d.last_seen_ms, d.online), (T0, T0, false));
+    assert_eq!(d.cameras.len(), 1);
+
+    let patch = |name: Option<Option<&str>>, site: Option<Option<&str>>, disabled: Option<bool>| DevicePatch {
+        name: name.map(|n| n.map(str::to_owned)),
+        site_id: site.map(|s| s.map(str::to_owned)),
+        disabled,
+    };
+    let d =
+        f.update_device("dev-a", &patch(Some(Some(" Gate 3 ")), Some(Some("north")), None), T0 + 1).await.expect("p");
+    assert_eq!((d.name.as_deref(), d.site_id.as_deref()), (Some("Gate 3"), Some("north")));
+    assert_eq!(d.cameras[0].site_id.as_deref(), Some("north"));
+    // Absent fields stay.
+    let d = f.update_device("dev-a", &patch(None, None, None), T0 + 2).await.expect("empty patch");
+    assert_eq!((d.name.as_deref(), d.site_id.as_deref()), (Some("Gate 3"), Some("north")));
+    // Disabling keeps the first time; enabling clears it.
+    let d = f.update_device("dev-a", &patch(None, None, Some(true)), T0 + 3).await.expect("disable");
+    assert_eq!((d.disabled, d.disabled_at_ms), (true, Some(T0 + 3)));
+    let d = f.update_device("dev-a", &patch(None, None, Some(true)), T0 + 4).await.expect("disable again");
+    assert_eq!(d.disabled_at_ms, Some(T0 + 3));
+    assert!(f.is_device_disabled("dev-a").await.expect("disabled"));
+    let d = f.update_device("dev-a", &patch(Some(None), Some(None), Some(false)), T0 + 5).await.expect("clear");
+    assert_eq!((d.name, d.site_id, d.disabled, d.disabled_at_ms), (None, None, false, None));
+    assert_eq!(d.cameras[0].site_id, None);
+    assert!(!f.is_device_disabled("dev-a").await.expect("enabled"));
+    // Errors change nothing.
+    match f.update_device("dev-a", &patch(Some(Some("X")), Some(Some("west")), Some(true)), T0).await {
+        Err(StoreError::InvalidQuery(msg)) => assert!(msg.contains("west"), "{msg}"),
+        other => panic!("expected InvalidQuery, got {other:?}"),
+    }
+    let d = f.get_device("dev-a", &Scope::All).await.expect("unchanged");
+    assert_eq!((d.name, d.disabled), (None, false));
+    assert!(matches!(
+        f.update_device("dev-a", &patch(Some(Some("")), None, None), T0).await,
+        Err(StoreError::InvalidQuery(_))
+    ));
+    assert!(matches!(f.update_device("dev-x", &patch(None, None, Some(true)), T0).await, Err(StoreError::NotFound(_))));
+    // Online: seen within the last minute.
+    let now = its_aggregator::unix_ms();
+    store.record_hello("dev-b", &hello("1", &[]), now).await.expect("hello now");
+    assert!(f.get_device("dev-b", &Scope::All).await.expect("b").online);
+    let v = serde_json::to_value(f.get_device("dev-b", &Scope::All).await.expect("b")).expect("json");
+    for key in ["device_id", "name", "site_id", "disabled", "disabled_at_ms", "online", "last_health", "cameras"] {
+        assert!(v.get(key).is_some(), "{key} missing in {v}");
+    }
+}
+
+async fn cameras_follow_hellos_and_patches(store: Arc<dyn EventStore>) {
+    let f = fleet(&store);
+    f.create_site("north", "North", T0).await.expect("site");
+    f.create_site("south", "South", T0).await.expect("site");
+    store.record_hello("dev-a", &hello("1", &["cam-1", "cam-2"]), T0).await.expect("hello");
+    f.update_device("dev-a", &DevicePatch { site_id: Some(Some("north".into())), ..Default::default() }, T0)
+        .await
+        .expect("assign");
+    // cam-1 no longer announced (kept), cam-3 new (in the device's site), cam-2 repeated.
+    store.record_hello("dev-a", &hello("1", &["cam-2", "cam-3", "cam-3"]), T0 + 100).await.expect("hello again");
+    let cams = f.list_cameras(&Scope::All, Some("dev-a"), None).await.expect("cameras");
+    let summary: Vec<_> = cams
+        .iter()
+        .map(|c| (c.camera.as_str(), c.announced, c.first_seen_ms, c.last_announced_ms, c.site_id.as_deref()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("cam-1", false, T0, T0, Some("north")),
+            ("cam-2", true, T0, T0 + 100, Some("north")),
+            ("cam-3", true, T0 + 100, T0 + 100, Some("north")),
+        ]
+    );
+    // Name and own site.
+    let patch = CameraPatch { name: Some(Some("Entrance".into())), site_id: Some(Some("south".into())) };
+    let c = f.update_camera("dev-a", "cam-2", &patch).await.expect("patch");
+    assert_eq!(
+        (c.name.as_deref(), c.site_id.as_deref(), c.site_override.as_deref()),
+        (Some("Entrance"), Some("south"), Some("south"))
+    );
+    // The device's site changes: cameras without their own follow, cam-2 does not.
+    f.update_device("dev-a", &DevicePatch { site_id: Some(None), ..Default::default() }, T0).await.expect("unassign");
+    let sites: Vec<_> = f
+        .list_cameras(&Scope::All, Some("dev-a"), None)
+        .await
+        .expect("cameras")
+        .into_iter()
+        .map(|c| (c.camera, c.site_id))
+        .collect();
+    assert_eq!(
+        sites,
+        vec![("cam-1".to_owned(), None), ("cam-2".to_owned(), Some("south".to_owned())), ("cam-3".to_owned(), None)]
+    );
+    // Back to the device's site; the name stays until cleared.
+    let c =
+        f.update_camera("dev-a", "cam-2", &CameraPatch { site_id: Some(None), ..Default::default() }).await.expect("p");
+    assert_eq!((c.name.as_deref(), c.site_id, c.site_override), (Some("Entrance"), None, None));
+    let c =
+        f.update_camera("dev-a", "cam-2", &CameraPatch { name: Some(None), ..Default::default() }).await.expect("p");
+    assert_eq!(c.name, None);
+    // Errors.
+    let west = CameraPatch { site_id: Some(Some("west".into())), ..Default::default() };
+    assert!(matches!(f.update_camera("dev-a", "cam-2", &west).await, Err(StoreError::InvalidQuery(_))));
+    assert!(matches!(f.update_camera("dev-a", "cam-9", &CameraPatch::default()).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(f.update_camera("dev-x", "cam-1", &CameraPatch::default()).await, Err(StoreError::NotFound(_))));
+    let bad_name = CameraPatch { name: Some(Some("\u{7}".into())), ..Default::default() };
+    assert!(matches!(f.update_camera("dev-a", "cam-2", &bad_name).await, Err(StoreError::InvalidQuery(_))));
+}
+
+async fn disabled_devices_are_listed(store: Arc<dyn EventStore>) {
+    let f = fleet(&store);
+    assert!(f.disabled_devices().await.expect("none").is_empty());
+    for d in ["dev-c", "dev-a", "dev-b"] {
+        store.record_hello(d, &hello("1", &["cam-1"]), T0).await.expect("hello");
+    }
+    let disable = |on: bool| DevicePatch { disabled: Some(on), ..Default::default() };
+    f.update_device("dev-c", &disable(true), T0).await.expect("disable c");
+    f.update_device("dev-a", &disable(true), T0).await.expect("disable a");
+    assert_eq!(f.disabled_devices().await.expect("list"), vec!["dev-a".to_owned(), "dev-c".to_owned()]);
+    assert!(f.is_device_disabled("dev-c").await.expect("c"));
+    assert!(!f.is_device_disabled("dev-b").await.expect("b"));
+    assert!(!f.is_device_disabled("never-seen").await.expect("unknown"));
+    f.update_device("dev-c", &disable(false), T0).await.expect("enable c");
+    assert_eq!(f.disabled_devices().await.expect("list"), vec!["dev-a".to_owned()]);
+    // A hello does not enable a device again.
+    store.record_hello("dev-a", &hello("2", &["cam-1"]), T0 + 1).await.expect("hello");
+    assert!(f.is_device_disabled("dev-a").await.expect("still disabled"));
+}
+
+async fn health_history_is_kept(store: Arc<dyn EventStore>) {
+    let f = fleet(&store);
+    store.record_hello("dev-a", &hello("1", &["cam-1"]), T0).await.expect("hello");
+    for i in 0..5u64 {
+        let health = DeviceHealth { agent_version: "1".into(), uptime_s: i * 60, ..Default::default() };
+        let hb = Heartbeat { sent_at_ms: T0, health };
+        store.record_health("dev-a", &hb, T0 + i as i64 * 1000).await.expect("health");
+    }
+    let uptimes =
+        |samples: &[its_aggregator::store::HealthSample]| samples.iter().map(|s| s.report.uptime_s).collect::<Vec<_>>();
+    let all = f.health_history("dev-a", None, None, 100).await.expect("all");
+    assert_eq!(uptimes(&all), vec![240, 180, 120, 60, 0]);
+    assert_eq!(all[0].at_ms, T0 + 4000);
+    let window = f.health_history("dev-a", Some(T0 + 1000), Some(T0 + 3000), 100).await.expect("window");
+    assert_eq!(uptimes(&window), vec![120, 60]);
+    let latest = f.health_history("dev-a", None, None, 2).await.expect("latest");
+    assert_eq!(uptimes(&latest), vec![240, 180]);
+    let d = f.get_device("dev-a", &Scope::All).await.expect("device");
+    assert_eq!((d.last_health.map(|h| h.uptime_s), d.last_health_ms), (Some(240), Some(T0 + 4000)));
+    // A device known only from heartbeats has a history too; an unknown one is not found.
+    let hb = Heartbeat { sent_at_ms: T0, health: DeviceHealth::default() };
+    store.record_health("dev-z", &hb, T0).await.expect("health z");
+    assert_eq!(f.health_history("dev-z", None, None, 10).await.expect("z").len(), 1);
+    assert!(matches!(f.health_history("dev-x", None, None, 10).await, Err(StoreError::NotFound(_))));
+    assert!(f.health_history("dev-a", Some(T0 + 10_000), None, 10).await.expect("empty").is_empty());
+    for (from, to, limit) in [(None, None, 0), (None, None, 10_001), (Some(T0 + 1), Some(T0), 10)] {
+        assert!(
+            matches!(f.health_history("dev-a", from, to, limit).await, Err(StoreError::InvalidQuery(_))),
+            "{from:?} {to:?} {limit}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,11 +14,29 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header (429 answers).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), retry_after_s: None }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+
+    /// 400 `invalid_request`: the body or a path parameter is not acceptable.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 for a named thing (`user 7`, `API key x`).
+    pub fn no_such(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no {what}"))
     }
 
     /// 400 `invalid_parameter`: a query parameter's value is not acceptable.
@@ -89,6 +107,12 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({
             "error": { "code": self.code, "message": self.message }
         });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s
+            && let Ok(v) = axum::http::HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        resp
     }
 }

@@ -6,7 +6,7 @@
 //! | `GET /healthz` | `{"status":"ok","backend":"sqlite"}` after a database ping; 503 when it fails |
 //! | `GET /metrics` | Prometheus text exposition |
 //! | `GET /api/v1/devices` | `{"devices":[...]}` |
-//! | `GET /api/v1/events?device=&camera=&kind=&from=&to=&limit=&cursor=` | `{"events":[...],"next_cursor":...}`, newest first; each event has `has_snapshot` |
+//! | `GET /api/v1/events?device=&camera=&kind=&site=&class=&zone=&line=&direction=&min_speed=&max_speed=&has_snapshot=&from=&to=&limit=&cursor=` | `{"events":[...],"next_cursor":...}`, newest first; each event has `has_snapshot` |
 //! | `GET /api/v1/events/{id}/snapshot?variant=full\|crop` | the event's snapshot, `image/jpeg`: the full frame (default) or the crop |
 //!
 //! The snapshot route answers 400 `invalid_parameter` for an id that is not `<device>:<seq>` or a
@@ -30,10 +30,22 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::snapshots::SnapshotObjects;
-use crate::store::{EventId, EventQuery, EventStore, SnapshotLookup};
+use axum::Extension;
 
+use crate::auth::{Access, AuthService, Principal};
+use crate::snapshots::SnapshotObjects;
+use crate::store::fleet::Fleet;
+use crate::store::{EventId, EventQuery, EventStore, SnapshotLookup};
+pub use authz::AccessMap;
+
+pub mod admin_api;
+pub mod auth_api;
+pub mod authz;
+pub mod body;
+pub mod client_addr;
 pub mod error;
+pub mod fleet_api;
+pub mod transport;
 
 pub use error::ApiError;
 
@@ -51,16 +63,176 @@ pub struct AppState {
     /// Where the snapshot pictures are.
     pub snapshots: SnapshotObjects,
     pub metrics: PrometheusHandle,
+    /// Reverse proxies whose forwarding headers are believed ([`client_addr::client_addr`]).
+    pub trusted_proxies: Arc<Vec<client_addr::IpNet>>,
+    /// Authentication: users, tokens, API keys, audit.
+    pub auth: Arc<AuthService>,
+    /// Sites, devices and cameras.
+    pub fleet: Fleet,
+    /// What each endpoint needs ([`access_map`]).
+    pub access: Arc<AccessMap>,
+}
+
+/// The error form of every 4xx/5xx answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `invalid_parameter`, `unauthenticated`, `forbidden`, ...
+    pub code: String,
+    /// For people; safe to show.
+    pub message: String,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "ITS Camera AI aggregator API", description = "Traffic events, devices, sites and cameras, users and access of an ITS Camera AI fleet. \
+Authenticate with `Authorization: Bearer <access token>` (from `POST /api/v1/auth/login`) or with an API key \
+(`Authorization: Bearer its_...` or `X-API-Key: its_...`). Each operation's `x-permission` names what it needs. \
+Errors are `{\"error\": {\"code\", \"message\"}}`."),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&ApiConventions)
+)]
+struct ApiDoc;
+
+/// Adds the security schemes, each operation's security requirement (from its `x-permission`),
+/// the permission to its description, and the error answers every protected operation can give.
+struct ApiConventions;
+
+impl utoipa::Modify for ApiConventions {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or its_ API key").build(),
+            ),
+        );
+        components
+            .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
+        let error = |desc: &str| {
+            utoipa::openapi::ResponseBuilder::new()
+                .description(desc)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in doc.paths.paths.values_mut() {
+            for op in
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+            {
+                let access = op
+                    .extensions
+                    .as_ref()
+                    .and_then(|e| e.get(authz::PERMISSION_EXTENSION))
+                    .and_then(|v| v.as_str())
+                    .and_then(Access::parse);
+                let mut add = |code: &str, desc: &str| {
+                    if !op.responses.responses.contains_key(code) {
+                        op.responses.responses.insert(code.to_owned(), error(desc).into());
+                    }
+                };
+                add("400", "Invalid request");
+                add("503", "Storage unavailable");
+                if access != Some(Access::Public) {
+                    add("401", "No, invalid, expired or revoked credential");
+                    add("403", "The credential lacks the permission");
+                    op.security = Some(vec![
+                        SecurityRequirement::new("bearer", Vec::<String>::new()),
+                        SecurityRequirement::new("api_key", Vec::<String>::new()),
+                    ]);
+                }
+                if let Some(a) = access {
+                    let note = match a {
+                        Access::Public => "Public.".to_owned(),
+                        Access::Authenticated => "Any authenticated caller (their own account).".to_owned(),
+                        Access::Requires(p) => format!("Requires the permission `{p}`."),
+                    };
+                    let d = op.description.get_or_insert_with(String::new);
+                    if !d.is_empty() {
+                        d.push_str("\n\n");
+                    }
+                    d.push_str(&note);
+                }
+            }
+        }
+    }
+}
+
+/// The documented API: every route with its OpenAPI description, in one list.
+fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(auth_api::login))
+        .routes(routes!(auth_api::login_mfa))
+        .routes(routes!(auth_api::refresh))
+        .routes(routes!(auth_api::logout))
+        .routes(routes!(auth_api::me))
+        .routes(routes!(auth_api::change_password))
+        .routes(routes!(auth_api::mfa_enroll))
+        .routes(routes!(auth_api::mfa_confirm))
+        .routes(routes!(auth_api::mfa_disable))
+        .routes(routes!(auth_api::rotate_keys))
+        .routes(routes!(auth_api::jwks))
+        .routes(routes!(admin_api::list_users, admin_api::create_user))
+        .routes(routes!(admin_api::get_user, admin_api::update_user))
+        .routes(routes!(admin_api::reset_mfa))
+        .routes(routes!(admin_api::list_roles))
+        .routes(routes!(admin_api::set_role_policy))
+        .routes(routes!(admin_api::list_api_keys, admin_api::create_api_key))
+        .routes(routes!(admin_api::revoke_api_key))
+        .routes(routes!(admin_api::list_audit))
+        .routes(routes!(fleet_api::list_sites, fleet_api::create_site))
+        .routes(routes!(fleet_api::rename_site, fleet_api::delete_site))
+        .routes(routes!(fleet_api::list_devices))
+        .routes(routes!(fleet_api::get_device, fleet_api::update_device))
+        .routes(routes!(fleet_api::device_health))
+        .routes(routes!(fleet_api::list_cameras))
+        .routes(routes!(fleet_api::get_camera, fleet_api::update_camera))
+        .routes(routes!(list_events))
+        .routes(routes!(event_snapshot))
+        .routes(routes!(healthz))
+}
+
+/// The OpenAPI document (served at `/api/v1/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut doc) = api().split_for_parts();
+    // The modifier ran on the base document; run it again over the collected paths.
+    utoipa::Modify::modify(&ApiConventions, &mut doc);
+    doc
+}
+
+/// What each endpoint needs, read from the OpenAPI document. Fails (naming them) when an
+/// operation does not declare it.
+pub fn access_map() -> Result<AccessMap, String> {
+    AccessMap::from_openapi(&openapi())
 }
 
 /// The API's router, state applied.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
+    let (routes, _) = api().split_for_parts();
+    let doc = Arc::new(openapi());
+    routes
         .route("/metrics", get(render_metrics))
-        .route("/api/v1/devices", get(list_devices))
-        .route("/api/v1/events", get(list_events))
-        .route("/api/v1/events/{id}/snapshot", get(event_snapshot))
+        .route(
+            "/api/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), authz::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track_requests))
@@ -86,6 +258,10 @@ async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
 }
 
+/// Liveness and database reachability.
+#[utoipa::path(get, path = "/healthz", tag = "system", extensions(("x-permission" = json!("public"))),
+    responses((status = 200, description = "`{\"status\":\"ok\",\"backend\":\"sqlite\"}`", body = Object),
+              (status = 503, description = "The database cannot be reached", body = ErrorBody)))]
 async fn healthz(State(state): State<AppState>) -> Result<Response, ApiError> {
     match tokio::time::timeout(HEALTH_PING_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => Ok(Json(serde_json::json!({
@@ -103,17 +279,64 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn list_devices(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let devices = state.store.list_devices().await?;
-    Ok(Json(serde_json::json!({ "devices": devices })).into_response())
+/// Query parameters of `GET /api/v1/events` (documentation; the handler parses them strictly).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct EventParams {
+    /// Device id.
+    device: Option<String>,
+    /// Camera id.
+    camera: Option<String>,
+    /// Event kind: line_crossing, speed_measurement, zone_enter, zone_exit, zone_dwell, stopped_vehicle, wrong_way, congestion, counts, object_track, zone_occupancy, device_health.
+    kind: Option<String>,
+    /// Site id (the camera's site, else its device's).
+    site: Option<String>,
+    /// Object class (label): car, truck, bus, person, ...
+    class: Option<String>,
+    /// Zone name.
+    zone: Option<String>,
+    /// Count line name.
+    line: Option<String>,
+    /// `in` or `out`.
+    direction: Option<String>,
+    /// km/h, inclusive.
+    min_speed: Option<f64>,
+    /// km/h, inclusive.
+    max_speed: Option<f64>,
+    /// Only events with (true) or without (false) a snapshot.
+    has_snapshot: Option<bool>,
+    /// RFC 3339 or Unix ms, inclusive.
+    from: Option<String>,
+    /// RFC 3339 or Unix ms, exclusive.
+    to: Option<String>,
+    /// 1..=1000, default 100.
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
 }
 
+/// A page of events.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct EventPageDoc {
+    /// Newest first. Each: `id` (`device:seq`), `device_id`, `seq`, `camera`, `kind`, `label`, `@timestamp`, `observed_at_ms`, `ingested_at_ms`, `payload`, `has_snapshot`.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<serde_json::Value>,
+    /// Present when more events match: pass it as `cursor`.
+    pub next_cursor: Option<String>,
+}
+
+/// Events, newest first, filtered and paginated (only those of cameras the caller may see).
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", params(EventParams), extensions(("x-permission" = json!("events:read"))),
+    responses((status = 200, description = "A page of events", body = EventPageDoc)))]
 async fn list_events(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(pairs) = params.map_err(|_| ApiError::invalid_parameter("malformed query string"))?;
-    let query = parse_event_query(pairs)?;
+    let mut query = parse_event_query(pairs)?;
+    query.scope = principal.scope.clone();
     let page = state.store.query_events(&query).await?;
     Ok(Json(page).into_response())
 }
@@ -145,14 +368,24 @@ pub fn parse_snapshot_variant(pairs: Vec<(String, String)>) -> Result<SnapshotVa
     Ok(variant.unwrap_or(SnapshotVariant::Full))
 }
 
+/// The snapshot of an event: the full frame (default) or the crop, JPEG.
+#[utoipa::path(get, path = "/api/v1/events/{id}/snapshot", tag = "events",
+    params(("id" = String, Path, description = "`device:seq`"), ("variant" = Option<String>, Query, description = "`full` (default) or `crop`")),
+    extensions(("x-permission" = json!("events:read"))),
+    responses((status = 200, description = "The picture", content_type = "image/jpeg", body = Vec<u8>),
+              (status = 404, description = "No such event, or no snapshot", body = ErrorBody)))]
 async fn event_snapshot(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(pairs) = params.map_err(|_| ApiError::invalid_parameter("malformed query string"))?;
     let variant = parse_snapshot_variant(pairs)?;
     let id = EventId::parse(&id).ok_or_else(|| ApiError::invalid_parameter("the event id must be <device>:<seq>"))?;
+    if principal.scope != crate::store::Scope::All && !state.fleet.event_visible(&id, &principal.scope).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "event_not_found", format!("no event {id} is stored")));
+    }
     let record = match state.store.snapshot_for_event(&id).await? {
         SnapshotLookup::Found(record) => record,
         SnapshotLookup::NoEvent => {
@@ -193,8 +426,12 @@ async fn event_snapshot(
 }
 
 /// Maps the query string of `GET /api/v1/events` onto an [`EventQuery`]. Empty values count as
-/// absent; unknown and repeated parameters are refused. Kind, limit range and cursor are checked
-/// by the store (one place for both backends).
+/// absent; unknown and repeated parameters are refused. Parameters: `device`, `camera`, `kind`,
+/// `site`, `class` (the object's label), `zone`, `line`, `direction` (`in`/`out`), `min_speed`
+/// and `max_speed` (km/h, inclusive), `has_snapshot` (`true`/`false`), `from`, `to`, `limit`,
+/// `cursor`. Kind, direction, speed bounds, limit range and cursor are checked by the store (one
+/// place for both backends). The scope is not a parameter: the caller sets it from the
+/// credentials.
 pub fn parse_event_query(pairs: Vec<(String, String)>) -> Result<EventQuery, ApiError> {
     fn once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), ApiError> {
         if slot.is_some() {
@@ -203,9 +440,33 @@ pub fn parse_event_query(pairs: Vec<(String, String)>) -> Result<EventQuery, Api
         *slot = Some(value);
         Ok(())
     }
+    fn speed(name: &str, value: &str) -> Result<f64, ApiError> {
+        value
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| ApiError::invalid_parameter(format!("{name} must be a number of km/h")))
+    }
     let mut q = EventQuery::default();
     for (name, value) in pairs {
-        let known = matches!(name.as_str(), "device" | "camera" | "kind" | "from" | "to" | "limit" | "cursor");
+        let known = matches!(
+            name.as_str(),
+            "device"
+                | "camera"
+                | "kind"
+                | "site"
+                | "class"
+                | "zone"
+                | "line"
+                | "direction"
+                | "min_speed"
+                | "max_speed"
+                | "has_snapshot"
+                | "from"
+                | "to"
+                | "limit"
+                | "cursor"
+        );
         if !known {
             return Err(ApiError::unknown_parameter(&name));
         }
@@ -216,6 +477,21 @@ pub fn parse_event_query(pairs: Vec<(String, String)>) -> Result<EventQuery, Api
             "device" => once(&mut q.device, "device", value)?,
             "camera" => once(&mut q.camera, "camera", value)?,
             "kind" => once(&mut q.kind, "kind", value)?,
+            "site" => once(&mut q.site, "site", value)?,
+            "class" => once(&mut q.label, "class", value)?,
+            "zone" => once(&mut q.zone, "zone", value)?,
+            "line" => once(&mut q.line, "line", value)?,
+            "direction" => once(&mut q.direction, "direction", value)?,
+            "min_speed" => once(&mut q.min_speed_kmh, "min_speed", speed("min_speed", &value)?)?,
+            "max_speed" => once(&mut q.max_speed_kmh, "max_speed", speed("max_speed", &value)?)?,
+            "has_snapshot" => {
+                let has = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(ApiError::invalid_parameter("has_snapshot must be true or false")),
+                };
+                once(&mut q.has_snapshot, "has_snapshot", has)?;
+            }
             "cursor" => once(&mut q.cursor, "cursor", value)?,
             "from" => once(&mut q.from_ms, "from", parse_time("from", &value)?)?,
             "to" => once(&mut q.to_ms, "to", parse_time("to", &value)?)?,
@@ -272,6 +548,49 @@ mod tests {
             ["", ":", "box", "box:", ":5", "box:-1", "box:+1", "box:1.0", "box: 1", "b x:1", "box:99999999999999999999"]
         {
             assert_eq!(EventId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn event_filters_parse() {
+        let q = |pairs: &[(&str, &str)]| {
+            parse_event_query(pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect())
+        };
+        let got = q(&[
+            ("site", "north"),
+            ("class", "truck"),
+            ("zone", "z1"),
+            ("line", "l1"),
+            ("direction", "in"),
+            ("min_speed", "40.5"),
+            ("max_speed", "90"),
+            ("has_snapshot", "true"),
+            ("zone", ""),
+        ])
+        .expect("filters");
+        let want = EventQuery {
+            site: Some("north".into()),
+            label: Some("truck".into()),
+            zone: Some("z1".into()),
+            line: Some("l1".into()),
+            direction: Some("in".into()),
+            min_speed_kmh: Some(40.5),
+            max_speed_kmh: Some(90.0),
+            has_snapshot: Some(true),
+            ..EventQuery::default()
+        };
+        assert_eq!(got, want);
+        assert_eq!(q(&[("has_snapshot", "false")]).expect("false").has_snapshot, Some(false));
+        for bad in [
+            &[("class", "car"), ("class", "bus")][..],
+            &[("min_speed", "fast")],
+            &[("max_speed", "inf")],
+            &[("min_speed", "NaN")],
+            &[("has_snapshot", "yes")],
+            &[("scope", "all")],
+            &[("label", "car")],
+        ] {
+            assert_eq!(q(bad).map_err(|e| e.status), Err(StatusCode::BAD_REQUEST), "{bad:?}");
         }
     }
 

@@ -22,14 +22,21 @@ use its_shared::event::{DeviceHealth, EventEnvelope, EventKind, KIND_NAMES};
 use its_shared::wire::{Heartbeat, Hello};
 use serde::Serialize;
 use serde::ser::SerializeStruct as _;
+use sqlx::QueryBuilder;
 
 pub mod db;
+pub mod fleet;
 pub mod postgres;
+pub mod retention;
 pub mod sqlite;
 
 pub use db::{Db, Pool};
+pub use fleet::{
+    CameraDetail, CameraPatch, DeviceDetail, DevicePatch, Fleet, HealthSample, MAX_HEALTH_HISTORY_LIMIT, SiteRecord,
+};
 
 pub use postgres::PostgresStore;
+pub use retention::{Retention, RetentionPolicy, RetentionReason, RetentionReport, RetentionRun, StorageSize};
 pub use sqlite::SqliteStore;
 
 /// Default page size of [`EventStore::query_events`].
@@ -160,13 +167,34 @@ pub enum Scope {
     },
 }
 
-/// Filter and page of [`EventStore::query_events`]. Every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Filter and page of [`EventStore::query_events`]. Every field is optional; the filters given
+/// all apply (AND).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EventQuery {
     pub device: Option<String>,
     pub camera: Option<String>,
     /// One of [`KIND_NAMES`].
     pub kind: Option<String>,
+    /// Events of the cameras whose effective site (their own assignment, else their device's)
+    /// is this one.
+    pub site: Option<String>,
+    /// The object class (`car`, `truck`, ...); API parameter `class`.
+    pub label: Option<String>,
+    /// The zone of zone events, speed measurements with a zone, wrong way, congestion, occupancy.
+    pub zone: Option<String>,
+    /// The line of line crossings and counts.
+    pub line: Option<String>,
+    /// `in` or `out` (line crossings).
+    pub direction: Option<String>,
+    /// Inclusive bounds on the event's speed: `speed_kmh` of a line crossing, speed measurement
+    /// or wrong way, `mean_speed_kmh` of congestion. Events without a speed never match them.
+    pub min_speed_kmh: Option<f64>,
+    pub max_speed_kmh: Option<f64>,
+    /// Only events with (`true`) or without (`false`) a snapshot.
+    pub has_snapshot: Option<bool>,
+    /// What the caller may see (from its credentials, never from the query string). An empty
+    /// [`Scope::Limited`] matches nothing.
+    pub scope: Scope,
     /// Inclusive lower bound on `observed_at_ms`.
     pub from_ms: Option<i64>,
     /// Exclusive upper bound on `observed_at_ms`.
@@ -384,6 +412,37 @@ pub(crate) struct RowIn<'a> {
     pub observed_at_ms: i64,
     pub label: Option<&'a str>,
     pub payload: String,
+    /// Filter columns (see [`filter_columns`]).
+    pub zone: Option<&'a str>,
+    pub line: Option<&'a str>,
+    pub direction: Option<&'static str>,
+    pub speed_kmh: Option<f64>,
+}
+
+/// The filter columns of an event: `(zone, line, direction, speed_kmh)`. The speed is the one
+/// the payload shows: `speed_kmh` of a line crossing, speed measurement or wrong way,
+/// `mean_speed_kmh` of congestion; as `f64` with the value of its shortest decimal form (the
+/// payload's `55.3`, not the `55.29999923706055` of a plain widening), so that a filter bound
+/// written as the payload shows it matches. Non-finite speeds (`null` in the payload) are none.
+pub(crate) fn filter_columns(kind: &EventKind) -> (Option<&str>, Option<&str>, Option<&'static str>, Option<f64>) {
+    fn speed(v: Option<f32>) -> Option<f64> {
+        v.filter(|v| v.is_finite()).and_then(|v| v.to_string().parse::<f64>().ok())
+    }
+    match kind {
+        EventKind::LineCrossing { line, direction, speed_kmh, .. } => {
+            (None, Some(line), Some(direction.as_str()), speed(*speed_kmh))
+        }
+        EventKind::SpeedMeasurement { speed_kmh, zone, .. } => (zone.as_deref(), None, None, speed(Some(*speed_kmh))),
+        EventKind::ZoneEnter { zone, .. }
+        | EventKind::ZoneExit { zone, .. }
+        | EventKind::ZoneDwell { zone, .. }
+        | EventKind::StoppedVehicle { zone, .. }
+        | EventKind::ZoneOccupancy { zone, .. } => (Some(zone), None, None, None),
+        EventKind::WrongWay { zone, speed_kmh, .. } => (Some(zone), None, None, speed(*speed_kmh)),
+        EventKind::Congestion { zone, mean_speed_kmh, .. } => (Some(zone), None, None, speed(*mean_speed_kmh)),
+        EventKind::Counts { line, .. } => (None, Some(line), None, None),
+        EventKind::ObjectTrack { .. } | EventKind::DeviceHealth(_) => (None, None, None, None),
+    }
 }
 
 pub(crate) fn prepare_rows(events: &[EventEnvelope]) -> Result<Vec<RowIn<'_>>, StoreError> {
@@ -393,6 +452,7 @@ pub(crate) fn prepare_rows(events: &[EventEnvelope]) -> Result<Vec<RowIn<'_>>, S
             let seq = seq_to_db(e.seq)?;
             let payload = payload_text(&e.kind)
                 .map_err(|err| StoreError::InvalidData(format!("payload of seq {}: {err}", e.seq)))?;
+            let (zone, line, direction, speed_kmh) = filter_columns(&e.kind);
             Ok(RowIn {
                 seq,
                 camera: &e.camera,
@@ -400,6 +460,10 @@ pub(crate) fn prepare_rows(events: &[EventEnvelope]) -> Result<Vec<RowIn<'_>>, S
                 observed_at_ms: e.observed_at_ms,
                 label: e.kind.object().map(|o| o.label.as_str()),
                 payload,
+                zone,
+                line,
+                direction,
+                speed_kmh,
             })
         })
         .collect()
@@ -439,6 +503,12 @@ pub(crate) fn count_from_db(n: i64) -> Result<u64, StoreError> {
 
 pub(crate) fn cameras_json(cameras: &[String]) -> Result<String, StoreError> {
     serde_json::to_string(cameras).map_err(|e| StoreError::InvalidData(format!("cameras: {e}")))
+}
+
+/// The cameras of a hello, each once, in their order (a hello may repeat one).
+pub(crate) fn distinct_cameras(cameras: &[String]) -> Vec<&str> {
+    let mut seen = std::collections::HashSet::with_capacity(cameras.len());
+    cameras.iter().map(String::as_str).filter(|c| seen.insert(*c)).collect()
 }
 
 pub(crate) fn health_json(health: &DeviceHealth) -> Result<String, StoreError> {
@@ -562,10 +632,146 @@ pub(crate) struct ValidQuery<'a> {
     pub device: Option<&'a str>,
     pub camera: Option<&'a str>,
     pub kind: Option<&'a str>,
+    pub site: Option<&'a str>,
+    pub label: Option<&'a str>,
+    pub zone: Option<&'a str>,
+    pub line: Option<&'a str>,
+    pub direction: Option<&'a str>,
+    pub min_speed_kmh: Option<f64>,
+    pub max_speed_kmh: Option<f64>,
+    pub has_snapshot: Option<bool>,
+    pub scope: &'a Scope,
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
     pub limit: u32,
     pub cursor: Option<Cursor>,
+}
+
+impl ValidQuery<'_> {
+    /// Whether no event can match without asking the database: an empty [`Scope::Limited`], or
+    /// a value no stored row holds (NUL: PostgreSQL stores none and refuses it as a parameter).
+    pub(crate) fn matches_nothing(&self) -> bool {
+        let texts = [self.device, self.camera, self.site, self.label, self.zone, self.line];
+        if texts.into_iter().flatten().any(|s| s.contains('\0')) {
+            return true;
+        }
+        match self.scope {
+            Scope::All => false,
+            Scope::Limited { sites, cameras } => {
+                // Values with NUL match nothing; the rest still may.
+                let sites = sites.iter().filter(|s| !s.contains('\0')).count();
+                let cameras =
+                    cameras.iter().filter(|c| !c.device_id.contains('\0') && !c.camera.contains('\0')).count();
+                sites == 0 && cameras == 0
+            }
+        }
+    }
+}
+
+/// `TRUE` on both backends (`1 = 1`: SQLite has no boolean type before 3.23's keywords).
+const TRUE_SQL: &str = "1 = 1";
+
+/// Pushes ` AND <the scope's condition>` for a query `FROM events`: the event's camera is in one
+/// of the scope's sites (by the cameras table's effective site) or is one of its cameras.
+/// Nothing for [`Scope::All`]; an empty [`Scope::Limited`] pushes a condition that is false.
+/// Values with NUL are left out (no stored row holds one).
+pub(crate) fn push_scope_condition<DB>(qb: &mut QueryBuilder<DB>, scope: &Scope)
+where
+    DB: sqlx::Database,
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let Scope::Limited { sites, cameras } = scope else {
+        return;
+    };
+    let sites: Vec<&str> = sites.iter().map(String::as_str).filter(|s| !s.contains('\0')).collect();
+    let cameras: Vec<&CameraRef> =
+        cameras.iter().filter(|c| !c.device_id.contains('\0') && !c.camera.contains('\0')).collect();
+    qb.push(" AND (1 = 0");
+    if !sites.is_empty() {
+        qb.push(
+            " OR EXISTS (SELECT 1 FROM cameras sc WHERE sc.device_id = events.device_id \
+             AND sc.camera = events.camera AND sc.site_id IN (",
+        );
+        for (i, site) in sites.iter().enumerate() {
+            if i > 0 {
+                qb.push(", ");
+            }
+            qb.push_bind(*site);
+        }
+        qb.push("))");
+    }
+    for c in cameras {
+        qb.push(" OR (events.device_id = ").push_bind(c.device_id.as_str());
+        qb.push(" AND events.camera = ").push_bind(c.camera.as_str()).push(")");
+    }
+    qb.push(")");
+}
+
+/// Pushes the conditions (` AND ...`, every value a bound parameter), the order and the limit
+/// of [`EventStore::query_events`] after `SELECT .. FROM events WHERE <something true>`: the same
+/// SQL on both backends.
+pub(crate) fn push_event_filters<DB>(qb: &mut QueryBuilder<DB>, v: &ValidQuery<'_>)
+where
+    DB: sqlx::Database,
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> f64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let texts = [
+        ("events.device_id", v.device),
+        ("events.camera", v.camera),
+        ("events.kind", v.kind),
+        ("events.label", v.label),
+        ("events.zone", v.zone),
+        ("events.line", v.line),
+        ("events.direction", v.direction),
+    ];
+    for (column, value) in texts {
+        if let Some(value) = value {
+            qb.push(" AND ").push(column).push(" = ").push_bind(value);
+        }
+    }
+    if let Some(site) = v.site {
+        qb.push(
+            " AND EXISTS (SELECT 1 FROM cameras fc WHERE fc.device_id = events.device_id \
+             AND fc.camera = events.camera AND fc.site_id = ",
+        )
+        .push_bind(site)
+        .push(")");
+    }
+    if let Some(min) = v.min_speed_kmh {
+        qb.push(" AND events.speed_kmh >= ").push_bind(min);
+    }
+    if let Some(max) = v.max_speed_kmh {
+        qb.push(" AND events.speed_kmh <= ").push_bind(max);
+    }
+    if let Some(has) = v.has_snapshot {
+        qb.push(if has { " AND EXISTS" } else { " AND NOT EXISTS" })
+            .push(" (SELECT 1 FROM snapshots hs WHERE hs.device_id = events.device_id AND hs.seq = events.seq)");
+    }
+    push_scope_condition(qb, v.scope);
+    if let Some(from) = v.from_ms {
+        qb.push(" AND events.observed_at_ms >= ").push_bind(from);
+    }
+    if let Some(to) = v.to_ms {
+        qb.push(" AND events.observed_at_ms < ").push_bind(to);
+    }
+    if let Some(c) = v.cursor {
+        qb.push(" AND (events.observed_at_ms, events.id) < (")
+            .push_bind(c.observed_at_ms)
+            .push(", ")
+            .push_bind(c.id)
+            .push(")");
+    }
+    qb.push(" ORDER BY events.observed_at_ms DESC, events.id DESC LIMIT ").push_bind(i64::from(v.limit) + 1);
+}
+
+/// Start of the event listing query of both backends: `payload_expr` is the payload as text.
+pub(crate) fn event_select_sql(payload_expr: &str) -> String {
+    format!(
+        "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, {payload_expr}, \
+         {HAS_SNAPSHOT_COLUMN} FROM events WHERE {TRUE_SQL}"
+    )
 }
 
 impl EventQuery {
@@ -584,11 +790,35 @@ impl EventQuery {
         {
             return Err(StoreError::InvalidQuery("from must not be after to".to_owned()));
         }
+        if let Some(direction) = &self.direction
+            && !matches!(direction.as_str(), "in" | "out")
+        {
+            return Err(StoreError::InvalidQuery("direction must be in or out".to_owned()));
+        }
+        for (name, bound) in [("min_speed", self.min_speed_kmh), ("max_speed", self.max_speed_kmh)] {
+            if bound.is_some_and(|b| !b.is_finite()) {
+                return Err(StoreError::InvalidQuery(format!("{name} must be a finite number")));
+            }
+        }
+        if let (Some(min), Some(max)) = (self.min_speed_kmh, self.max_speed_kmh)
+            && min > max
+        {
+            return Err(StoreError::InvalidQuery("min_speed must not be above max_speed".to_owned()));
+        }
         let cursor = self.cursor.as_deref().map(Cursor::decode).transpose()?;
         Ok(ValidQuery {
             device: self.device.as_deref(),
             camera: self.camera.as_deref(),
             kind: self.kind.as_deref(),
+            site: self.site.as_deref(),
+            label: self.label.as_deref(),
+            zone: self.zone.as_deref(),
+            line: self.line.as_deref(),
+            direction: self.direction.as_deref(),
+            min_speed_kmh: self.min_speed_kmh,
+            max_speed_kmh: self.max_speed_kmh,
+            has_snapshot: self.has_snapshot,
+            scope: &self.scope,
             from_ms: self.from_ms,
             to_ms: self.to_ms,
             limit,

@@ -17,9 +17,10 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 
 use super::{
-    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, HAS_SNAPSHOT_COLUMN,
-    InsertOutcome, NewSnapshot, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db, device_from_row,
-    health_json, page_from_rows, prepare_rows, seq_from_db, seq_to_db, snapshot_from_row, snapshot_sizes,
+    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome,
+    NewSnapshot, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db, device_from_row,
+    distinct_cameras, event_select_sql, health_json, page_from_rows, prepare_rows, push_event_filters, seq_from_db,
+    seq_to_db, snapshot_from_row, snapshot_sizes,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -31,10 +32,14 @@ const MAX_CONNECTIONS: u32 = 8;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Events and health history are TimescaleDB hypertables.
+    timescale: bool,
 }
 
 impl PostgresStore {
-    /// Connects to `postgres://...` and applies migrations.
+    /// Connects to `postgres://...`, applies migrations, and turns the events and the health
+    /// history into TimescaleDB hypertables when the extension is available (see
+    /// [`super::retention::timescale_setup`]); plain tables otherwise.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -42,7 +47,18 @@ impl PostgresStore {
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        let timescale = super::retention::timescale_setup(&pool).await?;
+        if timescale {
+            tracing::info!("PostgreSQL storage: TimescaleDB hypertables (events, device_health; one-day chunks)");
+        } else {
+            tracing::info!("PostgreSQL storage: plain tables (TimescaleDB not available)");
+        }
+        Ok(Self { pool, timescale })
+    }
+
+    /// Whether the events and the health history are TimescaleDB hypertables.
+    pub fn timescale(&self) -> bool {
+        self.timescale
     }
 }
 
@@ -84,20 +100,43 @@ fn pg_json(text: String) -> String {
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn record_hello(&self, device_id: &str, hello: &Hello, now_ms: i64) -> Result<u64, StoreError> {
+        let device_id = pg_text(device_id);
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, model, cameras) \
              VALUES ($1, $2, $2, $3, $4, $5::jsonb) \
              ON CONFLICT (device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
              agent_version = excluded.agent_version, model = excluded.model, cameras = excluded.cameras",
         )
-        .bind(pg_text(device_id).as_ref())
+        .bind(device_id.as_ref())
         .bind(now_ms)
         .bind(pg_text(&hello.agent_version).as_ref())
         .bind(pg_text(&hello.model).as_ref())
         .bind(pg_json(cameras_json(&hello.cameras)?))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.high_water(device_id).await
+        // The cameras announced now; the others stay, marked as no longer announced. Distinct
+        // after NUL replacement: one statement cannot update a row twice.
+        let cameras: Vec<String> = hello.cameras.iter().map(|c| pg_text(c).into_owned()).collect();
+        let cameras: Vec<String> = distinct_cameras(&cameras).into_iter().map(str::to_owned).collect();
+        sqlx::query("UPDATE cameras SET announced = 0 WHERE device_id = $1 AND announced <> 0")
+            .bind(device_id.as_ref())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO cameras (device_id, camera, site_id, first_seen_ms, last_announced_ms, announced) \
+             SELECT $1, u.camera, (SELECT site_id FROM devices WHERE device_id = $1), $2, $2, 1 \
+             FROM UNNEST($3::text[]) AS u(camera) \
+             ON CONFLICT (device_id, camera) DO UPDATE SET last_announced_ms = excluded.last_announced_ms, \
+             announced = 1",
+        )
+        .bind(device_id.as_ref())
+        .bind(now_ms)
+        .bind(cameras)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.high_water(&device_id).await
     }
 
     async fn insert_events(
@@ -117,6 +156,10 @@ impl EventStore for PostgresStore {
         let mut observed = Vec::with_capacity(n);
         let mut labels = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);
+        let mut zones = Vec::with_capacity(n);
+        let mut lines = Vec::with_capacity(n);
+        let mut directions = Vec::with_capacity(n);
+        let mut speeds = Vec::with_capacity(n);
         for r in rows {
             seqs.push(r.seq);
             cameras.push(pg_text(r.camera).into_owned());
@@ -124,13 +167,22 @@ impl EventStore for PostgresStore {
             observed.push(r.observed_at_ms);
             labels.push(r.label.map(|l| pg_text(l).into_owned()));
             payloads.push(pg_json(r.payload));
+            zones.push(r.zone.map(|z| pg_text(z).into_owned()));
+            lines.push(r.line.map(|l| pg_text(l).into_owned()));
+            directions.push(r.direction);
+            speeds.push(r.speed_kmh);
         }
+        // No conflict target: the key is (device_id, seq) on plain tables and
+        // (device_id, seq, observed_at_ms) on a TimescaleDB hypertable (see `retention::timescale_setup`).
         let result = sqlx::query(
-            "INSERT INTO events (device_id, seq, camera, kind, observed_at_ms, ingested_at_ms, label, payload) \
-             SELECT $1, u.seq, u.camera, u.kind, u.observed_at_ms, $2, u.label, u.payload::jsonb \
-             FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[]) \
-             AS u(seq, camera, kind, observed_at_ms, label, payload) \
-             ON CONFLICT (device_id, seq) DO NOTHING",
+            "INSERT INTO events (device_id, seq, camera, kind, observed_at_ms, ingested_at_ms, label, payload, \
+             zone, line, direction, speed_kmh) \
+             SELECT $1, u.seq, u.camera, u.kind, u.observed_at_ms, $2, u.label, u.payload::jsonb, \
+             u.zone, u.line, u.direction, u.speed_kmh \
+             FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[], \
+             $9::text[], $10::text[], $11::text[], $12::float8[]) \
+             AS u(seq, camera, kind, observed_at_ms, label, payload, zone, line, direction, speed_kmh) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(pg_text(device_id).as_ref())
         .bind(now_ms)
@@ -140,6 +192,10 @@ impl EventStore for PostgresStore {
         .bind(observed)
         .bind(labels)
         .bind(payloads)
+        .bind(zones)
+        .bind(lines)
+        .bind(directions)
+        .bind(speeds)
         .execute(&self.pool)
         .await?;
         let inserted = result.rows_affected();
@@ -148,11 +204,16 @@ impl EventStore for PostgresStore {
 
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {
         let cameras: Vec<String> = hb.health.cameras.iter().map(|c| c.camera.clone()).collect();
+        // One statement: the device row and the history row (a data-modifying CTE).
         sqlx::query(
-            "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, cameras, last_health, last_health_ms) \
-             VALUES ($1, $2, $2, $3, $4::jsonb, $5::jsonb, $2) \
-             ON CONFLICT (device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
-             last_health = excluded.last_health, last_health_ms = excluded.last_health_ms",
+            "WITH device AS ( \
+                INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, cameras, last_health, \
+                last_health_ms) VALUES ($1, $2, $2, $3, $4::jsonb, $5::jsonb, $2) \
+                ON CONFLICT (device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, \
+                last_health = excluded.last_health, last_health_ms = excluded.last_health_ms \
+                RETURNING 1 \
+             ) \
+             INSERT INTO device_health (device_id, at_ms, report) SELECT $1, $2, $5::jsonb FROM device",
         )
         .bind(pg_text(device_id).as_ref())
         .bind(now_ms)
@@ -187,32 +248,11 @@ impl EventStore for PostgresStore {
     async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
         let v = q.validate()?;
         // Nothing stored contains NUL (see `pg_text`), and PostgreSQL refuses it as a parameter.
-        if [v.device, v.camera].into_iter().flatten().any(|s| s.contains('\0')) {
+        if v.matches_nothing() {
             return Ok(EventPage { events: Vec::new(), next_cursor: None });
         }
-        let mut qb = QueryBuilder::<Postgres>::new(format!(
-            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload::text, \
-             {HAS_SNAPSHOT_COLUMN} FROM events WHERE TRUE"
-        ));
-        if let Some(device) = v.device {
-            qb.push(" AND device_id = ").push_bind(device);
-        }
-        if let Some(camera) = v.camera {
-            qb.push(" AND camera = ").push_bind(camera);
-        }
-        if let Some(kind) = v.kind {
-            qb.push(" AND kind = ").push_bind(kind);
-        }
-        if let Some(from) = v.from_ms {
-            qb.push(" AND observed_at_ms >= ").push_bind(from);
-        }
-        if let Some(to) = v.to_ms {
-            qb.push(" AND observed_at_ms < ").push_bind(to);
-        }
-        if let Some(c) = v.cursor {
-            qb.push(" AND (observed_at_ms, id) < (").push_bind(c.observed_at_ms).push(", ").push_bind(c.id).push(")");
-        }
-        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ").push_bind(i64::from(v.limit) + 1);
+        let mut qb = QueryBuilder::<Postgres>::new(event_select_sql("payload::text"));
+        push_event_filters(&mut qb, &v);
         let rows: Vec<EventRow> = qb.build_query_as().fetch_all(&self.pool).await?;
         page_from_rows(rows, v.limit)
     }

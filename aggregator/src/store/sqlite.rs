@@ -18,18 +18,18 @@ use sqlx::sqlite::{
 use sqlx::{Arguments as _, QueryBuilder, Sqlite};
 
 use super::{
-    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, HAS_SNAPSHOT_COLUMN,
-    InsertOutcome, NewSnapshot, RowIn, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db,
-    device_from_row, health_json, page_from_rows, prepare_rows, seq_from_db, seq_to_db, snapshot_from_row,
-    snapshot_sizes,
+    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome,
+    NewSnapshot, RowIn, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db, device_from_row,
+    distinct_cameras, event_select_sql, health_json, page_from_rows, prepare_rows, push_event_filters, seq_from_db,
+    seq_to_db, snapshot_from_row, snapshot_sizes,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Bound parameters per event row of the insert statement. (Positional `?` only: with numbered
 /// `?NNN` parameters the driver looks up every parameter's name, quadratic in their number.)
-const PARAMS_PER_ROW: usize = 8;
-/// Most rows in one insert statement: 512 × 8 parameters, far under SQLite's
+const PARAMS_PER_ROW: usize = 12;
+/// Most rows in one insert statement: 512 × 12 parameters, far under SQLite's
 /// `SQLITE_MAX_VARIABLE_NUMBER` (32,766).
 const MAX_ROWS_PER_STATEMENT: usize = 512;
 const _: () = assert!(MAX_ROWS_PER_STATEMENT * PARAMS_PER_ROW <= 32_766);
@@ -43,12 +43,17 @@ fn insert_statements() -> &'static [String] {
         let mut all = Vec::new();
         let mut rows = 1;
         while rows <= MAX_ROWS_PER_STATEMENT {
-            let mut sql = String::with_capacity(160 + rows * 48);
+            let row = format!("({})", vec!["?"; PARAMS_PER_ROW].join(", "));
+            let mut sql = String::with_capacity(200 + rows * (row.len() + 2));
             sql.push_str(
-                "INSERT INTO events (device_id, ingested_at_ms, seq, camera, kind, observed_at_ms, label, payload) VALUES ",
+                "INSERT INTO events (device_id, ingested_at_ms, seq, camera, kind, observed_at_ms, label, payload, \
+                 zone, line, direction, speed_kmh) VALUES ",
             );
             for i in 0..rows {
-                sql.push_str(if i == 0 { "(?, ?, ?, ?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?, ?, ?, ?)" });
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&row);
             }
             sql.push_str(" ON CONFLICT (device_id, seq) DO NOTHING");
             all.push(sql);
@@ -136,6 +141,10 @@ fn bind_rows<'a>(
         args.add(r.observed_at_ms).map_err(e)?;
         args.add(r.label.map(|l| strings.get(l))).map_err(e)?;
         args.add(r.payload).map_err(e)?;
+        args.add(r.zone.map(|z| strings.get(z))).map_err(e)?;
+        args.add(r.line.map(|l| strings.get(l))).map_err(e)?;
+        args.add(r.direction).map_err(e)?;
+        args.add(r.speed_kmh).map_err(e)?;
     }
     Ok(())
 }
@@ -143,6 +152,7 @@ fn bind_rows<'a>(
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn record_hello(&self, device_id: &str, hello: &Hello, now_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, model, cameras) \
              VALUES (?, ?, ?, ?, ?, ?) \
@@ -155,8 +165,27 @@ impl EventStore for SqliteStore {
         .bind(hello.agent_version.as_str())
         .bind(hello.model.as_str())
         .bind(cameras_json(&hello.cameras)?)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        // The cameras announced now; the others stay, marked as no longer announced.
+        sqlx::query("UPDATE cameras SET announced = 0 WHERE device_id = ? AND announced <> 0")
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        for camera in distinct_cameras(&hello.cameras) {
+            sqlx::query(
+                "INSERT INTO cameras (device_id, camera, site_id, first_seen_ms, last_announced_ms, announced) \
+                 VALUES (?1, ?2, (SELECT site_id FROM devices WHERE device_id = ?1), ?3, ?3, 1) \
+                 ON CONFLICT (device_id, camera) DO UPDATE SET last_announced_ms = excluded.last_announced_ms, \
+                 announced = 1",
+            )
+            .bind(device_id)
+            .bind(camera)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         self.high_water(device_id).await
     }
 
@@ -196,6 +225,8 @@ impl EventStore for SqliteStore {
 
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {
         let cameras: Vec<String> = hb.health.cameras.iter().map(|c| c.camera.clone()).collect();
+        let report = health_json(&hb.health)?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms, agent_version, cameras, last_health, last_health_ms) \
              VALUES (?, ?, ?, ?, ?, ?, ?) \
@@ -207,10 +238,17 @@ impl EventStore for SqliteStore {
         .bind(now_ms)
         .bind(hb.health.agent_version.as_str())
         .bind(cameras_json(&cameras)?)
-        .bind(health_json(&hb.health)?)
+        .bind(report.as_str())
         .bind(now_ms)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        sqlx::query("INSERT INTO device_health (device_id, at_ms, report) VALUES (?, ?, ?)")
+            .bind(device_id)
+            .bind(now_ms)
+            .bind(report)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -236,29 +274,11 @@ impl EventStore for SqliteStore {
 
     async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
         let v = q.validate()?;
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload, \
-             {HAS_SNAPSHOT_COLUMN} FROM events WHERE 1 = 1"
-        ));
-        if let Some(device) = v.device {
-            qb.push(" AND device_id = ").push_bind(device);
+        if v.matches_nothing() {
+            return Ok(EventPage { events: Vec::new(), next_cursor: None });
         }
-        if let Some(camera) = v.camera {
-            qb.push(" AND camera = ").push_bind(camera);
-        }
-        if let Some(kind) = v.kind {
-            qb.push(" AND kind = ").push_bind(kind);
-        }
-        if let Some(from) = v.from_ms {
-            qb.push(" AND observed_at_ms >= ").push_bind(from);
-        }
-        if let Some(to) = v.to_ms {
-            qb.push(" AND observed_at_ms < ").push_bind(to);
-        }
-        if let Some(c) = v.cursor {
-            qb.push(" AND (observed_at_ms, id) < (").push_bind(c.observed_at_ms).push(", ").push_bind(c.id).push(")");
-        }
-        qb.push(" ORDER BY observed_at_ms DESC, id DESC LIMIT ").push_bind(i64::from(v.limit) + 1);
+        let mut qb = QueryBuilder::<Sqlite>::new(event_select_sql("payload"));
+        push_event_filters(&mut qb, &v);
         let rows: Vec<EventRow> = qb.build_query_as().fetch_all(&self.reader).await?;
         page_from_rows(rows, v.limit)
     }

@@ -1,0 +1,305 @@
+//! How the API is served: plain HTTP ([`serve_http`], loopback addresses only, for a reverse
+//! proxy on the same host) or HTTPS ([`serve_https`]).
+//!
+//! HTTPS takes the certificate chain and key from PEM files (`[http] tls_cert`, `tls_key`),
+//! reloaded when the files change so a renewed certificate needs no restart ([`ReloadingCert`]);
+//! the accept loop speaks TLS 1.2 and 1.3 with ALPN `h2` and `http/1.1` and serves the router
+//! over HTTP/1.1 or HTTP/2. Slow clients cannot hold sockets: the handshake must finish within
+//! [`HANDSHAKE_TIMEOUT`] and an HTTP/1 request head within [`HEADER_READ_TIMEOUT`].
+//!
+//! Either way handlers get the TCP peer as `axum::extract::ConnectInfo<SocketAddr>` (the client
+//! behind a proxy: [`super::client_addr::client_addr`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+/// How long a client may take for the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send an HTTP/1 request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the certificate files are checked for changes.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// How long open connections get to finish their requests at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The PEM files of the HTTPS certificate: the chain (leaf first) and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A certificate or key file that cannot be used. [`TlsFileError::field`] says which setting.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TlsFileError {
+    #[error("certificate {}: {message}", path.display())]
+    Cert { path: PathBuf, message: String },
+    #[error("private key {}: {message}", path.display())]
+    Key { path: PathBuf, message: String },
+}
+
+impl TlsFileError {
+    /// The `[http]` key the problem belongs to: `tls_cert` or `tls_key`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Cert { .. } => "tls_cert",
+            Self::Key { .. } => "tls_key",
+        }
+    }
+
+    /// The message without the file kind (the configuration path says it).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Cert { path, message } | Self::Key { path, message } => format!("{}: {message}", path.display()),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The certificate chain in a PEM file (at least one certificate, the leaf first).
+pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    let err = |message: String| TlsFileError::Cert { path: path.to_path_buf(), message };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("not a PEM certificate file: {e}")))?;
+    if chain.is_empty() {
+        return Err(err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into()));
+    }
+    for (i, der) in chain.iter().enumerate() {
+        x509_parser::parse_x509_certificate(der)
+            .map_err(|e| err(format!("certificate {} of the chain does not parse: {e}", i + 1)))?;
+    }
+    Ok(chain)
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), as a signing key.
+pub fn load_signing_key(path: &Path) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsFileError> {
+    let err = |message: String| TlsFileError::Key { path: path.to_path_buf(), message };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| err(format!("no PEM private key in it: {e}")))?;
+    provider().key_provider.load_private_key(der).map_err(|e| err(format!("unusable private key: {e}")))
+}
+
+impl TlsFiles {
+    /// Reads and checks both files: each parses, and the key belongs to the leaf certificate.
+    /// Every problem is returned (both files are read even if the first fails).
+    pub fn load(&self) -> Result<Arc<CertifiedKey>, Vec<TlsFileError>> {
+        let chain = load_cert_chain(&self.cert);
+        let key = load_signing_key(&self.key);
+        let (chain, key) = match (chain, key) {
+            (Ok(c), Ok(k)) => (c, k),
+            (c, k) => return Err(c.err().into_iter().chain(k.err()).collect()),
+        };
+        let certified = CertifiedKey::new(chain, key);
+        match certified.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => {
+                return Err(vec![TlsFileError::Key {
+                    path: self.key.clone(),
+                    message: format!("does not belong to the certificate {}: {e}", self.cert.display()),
+                }]);
+            }
+        }
+        Ok(Arc::new(certified))
+    }
+
+    /// Modification time and size of both files: a change means a reload.
+    fn stamp(&self) -> [Option<(SystemTime, u64)>; 2] {
+        let one = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+        [one(&self.cert), one(&self.key)]
+    }
+}
+
+fn describe(errors: &[TlsFileError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// The leaf's expiry, for the log.
+fn not_after(key: &CertifiedKey) -> Option<time::OffsetDateTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(key.cert.first()?).ok()?;
+    Some(cert.validity().not_after.to_datetime())
+}
+
+fn log_loaded(files: &TlsFiles, key: &CertifiedKey, what: &str) {
+    let expires = not_after(key);
+    let expires_s = expires.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
+    if expires.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) {
+        tracing::warn!(cert = %files.cert.display(), not_after = %expires_s, "HTTPS certificate {what}, but it has expired");
+    } else {
+        tracing::info!(cert = %files.cert.display(), not_after = %expires_s, "HTTPS certificate {what}");
+    }
+}
+
+/// The HTTPS certificate, swapped in place when its files change.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The file stamp last loaded or tried (a broken file is reported once, not every check).
+    stamp: Mutex<[Option<(SystemTime, u64)>; 2]>,
+}
+
+impl ReloadingCert {
+    /// Loads the files; an error names each file that cannot be used.
+    pub fn load(files: TlsFiles) -> anyhow::Result<Arc<Self>> {
+        let stamp = files.stamp();
+        let key = files.load().map_err(|e| anyhow::anyhow!("HTTPS: {}", describe(&e)))?;
+        log_loaded(&files, &key, "loaded");
+        Ok(Arc::new(Self { files, current: RwLock::new(key), stamp: Mutex::new(stamp) }))
+    }
+
+    /// The certificate served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Reloads if the files changed since the last try. `Ok(true)`: a new certificate is served;
+    /// `Err`: the changed files are unusable and the previous certificate stays.
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let stamp = self.files.stamp();
+        {
+            let mut last = self.stamp.lock().unwrap_or_else(PoisonError::into_inner);
+            if *last == stamp {
+                return Ok(false);
+            }
+            *last = stamp;
+        }
+        let key = self.files.load().map_err(|e| describe(&e))?;
+        log_loaded(&self.files, &key, "reloaded");
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(true)
+    }
+
+    /// Checks the files every `interval` until shutdown.
+    pub async fn watch(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let this = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || this.reload_if_changed()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "HTTPS certificate files changed but cannot be used; still serving the previous certificate")
+                }
+                Err(e) => tracing::error!(error = %e, "HTTPS certificate reload failed"),
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// The rustls configuration: TLS 1.3 and 1.2, ALPN `h2` and `http/1.1`, the reloading certificate.
+pub fn server_config(cert: Arc<ReloadingCert>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("HTTPS: TLS versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves `app` over plain HTTP on `listener` until `shutdown` changes, then lets open
+/// connections finish their requests.
+pub async fn serve_http(listener: TcpListener, app: Router, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+        .context("HTTP server")
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` changes, then lets open connections
+/// finish their requests (at most [`SHUTDOWN_GRACE`]).
+pub async fn serve_https(
+    listener: TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(error = %e, "HTTPS accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let builder = Arc::clone(&builder);
+        let app = app.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = app.map_request(move |mut req: axum::http::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("HTTPS connections still open {SHUTDOWN_GRACE:?} after shutdown began; not waiting for them");
+    }
+    Ok(())
+}
