@@ -502,7 +502,7 @@ mod tests {
 
     #[test]
     fn non_loopback_http_needs_tls() {
-        let issues = http_with(&[("LISTEN", "0.0.0.0:8470")]).err().expect("refused");
+        let issues = http_with(&[("LISTEN", "0.0.0.0:8470")]).expect_err("refused");
         assert_eq!(issues.len(), 1, "{issues:?}");
         let (path, message) = &issues[0];
         assert_eq!(path, "http.listen");
@@ -553,7 +553,7 @@ mod tests {
 
         // Both missing: both reported, each naming its file.
         let issues =
-            http_with(&[listen, ("TLS_CERT", &s(&missing)), ("TLS_KEY", &s(&garbage))]).err().expect("refused");
+            http_with(&[listen, ("TLS_CERT", &s(&missing)), ("TLS_KEY", &s(&garbage))]).expect_err("refused");
         let got: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(got, ["http.tls_cert", "http.tls_key"]);
         assert!(issues[0].1.contains(&s(&missing)), "{issues:?}");
@@ -564,7 +564,7 @@ mod tests {
         assert_eq!(paths(http_with(&[listen, ("TLS_CERT", &s(&cert)), ("TLS_KEY", &s(&cert))])), ["http.tls_key"]);
 
         // The key of another certificate.
-        let issues = http_with(&[listen, ("TLS_CERT", &s(&cert)), ("TLS_KEY", &s(&other_key))]).err().expect("refused");
+        let issues = http_with(&[listen, ("TLS_CERT", &s(&cert)), ("TLS_KEY", &s(&other_key))]).expect_err("refused");
         assert_eq!(issues.len(), 1, "{issues:?}");
         assert_eq!(issues[0].0, "http.tls_key");
         assert!(issues[0].1.contains("does not belong") && issues[0].1.contains(&s(&cert)), "{issues:?}");
@@ -576,8 +576,7 @@ mod tests {
         let got: Vec<String> = cfg.http_trusted_proxies.iter().map(ToString::to_string).collect();
         assert_eq!(got, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]);
         let issues = http_with(&[("TRUSTED_PROXIES", r#"["127.0.0.1", "proxy.local", "10.0.0.1/8", "10.0.0.0/40"]"#)])
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         let got: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(got, ["http.trusted_proxies[1]", "http.trusted_proxies[2]", "http.trusted_proxies[3]"]);
         assert!(issues[1].1.contains("10.0.0.0/8"), "the network is suggested: {issues:?}");

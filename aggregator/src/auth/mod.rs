@@ -207,6 +207,8 @@ const API_KEY_TOUCH_EVERY_MS: i64 = 60_000;
 
 /// The authentication service.
 pub struct AuthService {
+    /// Wall clock in Unix ms ([`unix_ms`]; tests set their own with [`AuthService::set_clock`]).
+    clock: RwLock<Arc<dyn Fn() -> i64 + Send + Sync>>,
     pub store: AuthStore,
     pub keys: KeyRing,
     pub config: AuthConfig,
@@ -224,10 +226,11 @@ impl AuthService {
     /// Opens the service on the database (creating the first signing key if needed).
     pub async fn open(db: Db, config: AuthConfig) -> Result<Arc<Self>, StoreError> {
         let store = AuthStore::new(db);
-        let now = unix_ms();
+        let now = self.now();
         let grace = ms(config.access_ttl.max(config.mfa_ttl)) + 1000 * tokens::LEEWAY_S as i64;
         let keys = KeyRing::open(store.clone(), grace, now).await?;
         let svc = Arc::new(Self {
+            clock: RwLock::new(Arc::new(unix_ms)),
             store,
             keys,
             config,
@@ -250,7 +253,7 @@ impl AuthService {
                 _ = shutdown.changed() => return,
             }
             n += 1;
-            let now = unix_ms();
+            let now = self.now();
             if let Err(e) = self.poll_revocations(now).await {
                 tracing::warn!(error = %e, "polling session revocations failed");
             }
@@ -288,6 +291,18 @@ impl AuthService {
                 tracing::warn!(error = %e, "purging expired sessions failed");
             }
         }
+    }
+
+    /// The service's clock, Unix ms.
+    pub fn now(&self) -> i64 {
+        let clock = Arc::clone(&self.clock.read().unwrap_or_else(|p| p.into_inner()));
+        clock()
+    }
+
+    /// Replaces the clock (tests: TOTP codes and lockouts at a controlled time). Token expiry is
+    /// still checked against the real clock by the JWT library.
+    pub fn set_clock(&self, clock: Arc<dyn Fn() -> i64 + Send + Sync>) {
+        *self.clock.write().unwrap_or_else(|p| p.into_inner()) = clock;
     }
 
     async fn poll_revocations(&self, now: i64) -> Result<(), StoreError> {
@@ -351,7 +366,7 @@ impl AuthService {
 
     /// Sign-in with name and password.
     pub async fn login(&self, username: &str, password: &str, addr: Option<IpAddr>) -> Result<LoginOutcome, AuthError> {
-        let now = unix_ms();
+        let now = self.now();
         let name = normalise_username(username);
         let user_key = format!("user:{name}");
         let addr_key = addr.map(|a| format!("addr:{a}"));
@@ -426,7 +441,7 @@ impl AuthService {
         recovery_code: Option<&str>,
         addr: Option<IpAddr>,
     ) -> Result<TokenPair, AuthError> {
-        let now = unix_ms();
+        let now = self.now();
         let claims: MfaClaims = self.keys.verify(mfa_token, AUDIENCE_MFA).map_err(|e| {
             log_token_error(&e);
             AuthError::InvalidToken
@@ -546,7 +561,7 @@ impl AuthService {
 
     /// Exchanges a refresh token for a new pair; reuse revokes the session.
     pub async fn refresh(&self, refresh_token: &str, addr: Option<IpAddr>) -> Result<TokenPair, AuthError> {
-        let now = unix_ms();
+        let now = self.now();
         if refresh_token.is_empty() || refresh_token.len() > 256 {
             return Err(AuthError::InvalidToken);
         }
@@ -591,7 +606,7 @@ impl AuthService {
 
     /// Revokes a session (logout).
     pub async fn revoke_session(&self, session_id: &str, reason: &str) -> Result<bool, StoreError> {
-        let now = unix_ms();
+        let now = self.now();
         let revoked = self.store.revoke_session(session_id, reason, now).await?;
         self.mark_revoked(session_id, now);
         Ok(revoked)
@@ -599,7 +614,7 @@ impl AuthService {
 
     /// Revokes every session of a user (role, grants, password or MFA changed; disabled).
     pub async fn revoke_user(&self, user_id: i64, reason: &str) -> Result<u64, StoreError> {
-        let now = unix_ms();
+        let now = self.now();
         let n = self.store.revoke_user_sessions(user_id, reason, now).await?;
         // The poll picks the ids up within a second; do it now for this replica.
         self.poll_revocations(now).await?;
@@ -651,7 +666,7 @@ impl AuthService {
     }
 
     async fn authenticate_api_key(&self, presented: &str) -> Result<Principal, AuthError> {
-        let now = unix_ms();
+        let now = self.now();
         let (key_id, secret) = parse_api_key(presented).ok_or(AuthError::InvalidToken)?;
         let key = self.store.api_key(key_id).await?;
         // Hash and compare even for an unknown id: the answer takes the same time.
@@ -707,7 +722,7 @@ impl AuthService {
             .await
             .map_err(|e| AuthError::Invalid(format!("hashing: {e}")))?
             .map_err(AuthError::Invalid)?;
-        Ok(self.store.create_user(&name, &hash, role, scope, unix_ms()).await?)
+        Ok(self.store.create_user(&name, &hash, role, scope, self.now()).await?)
     }
 
     /// Creates an API key; returns the stored row and the full key (shown once).
@@ -719,7 +734,7 @@ impl AuthService {
         scope: Scope,
         expires_at_ms: Option<i64>,
     ) -> Result<(ApiKeyRow, String), AuthError> {
-        let now = unix_ms();
+        let now = self.now();
         let key_id = secrets::random_id(12);
         let secret = secrets::random_token(32);
         let row = ApiKeyRow {

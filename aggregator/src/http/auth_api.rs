@@ -330,7 +330,7 @@ pub async fn mfa_confirm(
     let Some(secret) = user.totp_secret.as_deref().filter(|_| !user.totp_enabled) else {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", "start with POST /api/v1/auth/mfa/enroll"));
     };
-    let now = unix_ms();
+    let now = state.auth.now();
     let step = secrets::totp::matching_step(secret, &req.code, u64::try_from(now / 1000).unwrap_or(0));
     let fresh = match step {
         Some(s) => state.auth.store.accept_totp_step(user_id, i64::try_from(s).unwrap_or(i64::MAX)).await?,
@@ -372,7 +372,7 @@ pub async fn mfa_disable(
     if state.auth.store.role_requires_mfa(user.role).await? {
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("the role {} requires MFA", user.role)));
     }
-    let now = unix_ms();
+    let now = state.auth.now();
     let fresh = match secrets::totp::matching_step(secret, &req.code, u64::try_from(now / 1000).unwrap_or(0)) {
         Some(s) => state.auth.store.accept_totp_step(user_id, i64::try_from(s).unwrap_or(i64::MAX)).await?,
         None => false,

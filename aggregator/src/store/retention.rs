@@ -717,7 +717,7 @@ impl Retention {
                 size.db_bytes = pages.saturating_sub(free).saturating_mul(page_size);
                 // The file holds everything: one average for every row.
                 let rows = size.events + size.health_rows + size.snapshots;
-                let per_row = if rows == 0 { 0 } else { size.db_bytes / rows };
+                let per_row = size.db_bytes.checked_div(rows).unwrap_or(0);
                 size.event_row_bytes = per_row;
                 size.health_row_bytes = per_row;
                 size.snapshot_row_bytes = per_row;
@@ -801,7 +801,7 @@ fn kept_note(kept: u64) -> String {
 
 fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 86_400 == 0 { format!("{} d", s / 86_400) } else { format!("{s} s") }
+    if s.is_multiple_of(86_400) { format!("{} d", s / 86_400) } else { format!("{s} s") }
 }
 
 /// The recorded runs, newest first (at most `limit`, 1..=1000).
