@@ -226,7 +226,7 @@ impl AuthService {
     /// Opens the service on the database (creating the first signing key if needed).
     pub async fn open(db: Db, config: AuthConfig) -> Result<Arc<Self>, StoreError> {
         let store = AuthStore::new(db);
-        let now = self.now();
+        let now = unix_ms();
         let grace = ms(config.access_ttl.max(config.mfa_ttl)) + 1000 * tokens::LEEWAY_S as i64;
         let keys = KeyRing::open(store.clone(), grace, now).await?;
         let svc = Arc::new(Self {
