@@ -61,6 +61,7 @@ async fn setup(database_url: &str) -> anyhow::Result<Setup> {
         http_trusted_proxies: Vec::new(),
         snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
         retention: its_aggregator::store::RetentionPolicy::off(),
+        auth: its_aggregator::auth::AuthConfig::default(),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);

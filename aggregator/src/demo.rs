@@ -155,6 +155,37 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
     }
 }
 
+/// Creates the demo's admin (a fresh random password each run) and a read-only API key, and says
+/// how to use them: the API answers nothing without credentials.
+async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<()> {
+    use crate::auth::{AuthService, Permission, PermissionSet, Principal, Role, Subject};
+    let auth = AuthService::open(server.store.db(), crate::auth::AuthConfig::default()).await?;
+    let password = crate::auth::secrets::random_token(12);
+    match auth.store.user_by_name("demo").await? {
+        Some(u) => {
+            let hash = crate::auth::secrets::hash_password(&password).map_err(|e| anyhow::anyhow!(e))?;
+            auth.store.set_password(u.user_id, &hash, crate::unix_ms()).await?;
+        }
+        None => {
+            auth.create_user("demo", &password, Role::Admin, &crate::store::Scope::All).await?;
+        }
+    }
+    let creator = Principal {
+        subject: Subject::User { user_id: 0, username: "demo".into(), role: Role::Admin, session_id: String::new() },
+        permissions: PermissionSet::all(),
+        scope: crate::store::Scope::All,
+        mfa_enrolment_only: false,
+    };
+    let perms = PermissionSet::of(&[Permission::EventsRead, Permission::DevicesRead]);
+    let (_, key) = auth.create_api_key(&creator, "demo (read-only)", perms, crate::store::Scope::All, Some(crate::unix_ms() + 86_400_000)).await?;
+    println!("  API user: admin \"demo\", password {password}");
+    println!("    sign in:  curl -s -XPOST http://{http}/api/v1/auth/login -H 'content-type: application/json' -d '{{\"username\":\"demo\",\"password\":\"{password}\"}}'");
+    println!("  API key (events:read, devices:read; expires in a day):");
+    println!("    curl -s -H 'X-API-Key: {key}' 'http://{http}/api/v1/events?limit=5'");
+    println!("  the API document: http://{http}/api/v1/openapi.json; without a credential the API answers 401");
+    Ok(())
+}
+
 /// What the analytics reported so far: crossings by direction, the latest counts, dwell
 /// reports, and where the newest picture can be fetched.
 async fn traffic_summary(store: &dyn EventStore, http: SocketAddr) -> Option<String> {
@@ -190,7 +221,7 @@ async fn traffic_summary(store: &dyn EventStore, http: SocketAddr) -> Option<Str
         );
     }
     if let Some(e) = crossings.iter().chain(&dwell).filter(|e| e.has_snapshot).max_by_key(|e| e.observed_at_ms) {
-        out += &format!("; picture: http://{http}/api/v1/events/{}:{}/snapshot", e.device_id, e.seq);
+        out += &format!("; picture (with the key): http://{http}/api/v1/events/{}:{}/snapshot", e.device_id, e.seq);
     }
     Some(out)
 }
@@ -276,6 +307,7 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
     let mut server = Server::start(&server_config(&dir, quic_any, http), metrics.clone(), None, stop_rx).await?;
     let quic = server.addrs.quic;
     println!("  aggregator: QUIC {quic} (mutual TLS), API http://{}/api/v1/events", server.addrs.http);
+    demo_credentials(&server, server.addrs.http).await?;
 
     let outbox = dir.join("agent").join("outbox.db");
     let config = dir.join("agent").join("agent.toml");

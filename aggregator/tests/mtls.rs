@@ -80,6 +80,7 @@ async fn fixture() -> Fixture {
         http_trusted_proxies: Vec::new(),
         snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
         retention: its_aggregator::store::RetentionPolicy::off(),
+        auth: its_aggregator::auth::AuthConfig::default(),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = tokio::sync::watch::channel(false);

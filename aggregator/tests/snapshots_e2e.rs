@@ -52,10 +52,12 @@ async fn fixture() -> Fixture {
         http_trusted_proxies: Vec::new(),
         snapshots: SnapshotLocation::Local(root.join("objects")),
         retention: its_aggregator::store::RetentionPolicy::off(),
+        auth: its_aggregator::auth::AuthConfig::default(),
     };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = watch::channel(false);
     let server = Server::start(&cfg, metrics, None, rx).await.expect("server");
+    common::add_admin(server.store.db()).await;
     Fixture { _dir: dir, root, server, _stop: stop }
 }
 
@@ -174,7 +176,7 @@ async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 async fn get(http: std::net::SocketAddr, path: &str) -> (u16, Option<String>, Vec<u8>) {
-    let resp = reqwest::get(format!("http://{http}{path}")).await.expect("GET");
+    let resp = common::admin_client(http).await.get(format!("http://{http}{path}")).send().await.expect("GET");
     let status = resp.status().as_u16();
     let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
     (status, ctype, resp.bytes().await.expect("body").to_vec())

@@ -110,15 +110,15 @@ async fn an_agent_on_a_real_rtsp_camera_delivers_road_users_and_recovers_when_th
     let log = root_dir.join("processes.log");
 
     let ready = root_dir.join("ready.json");
+    let envs: Vec<(&str, std::ffi::OsString)> = vec![
+        ("ITS_AGGREGATOR__DATABASE_URL", format!("sqlite://{}", root_dir.join("agg.db").display()).into()),
+        ("ITS_AGGREGATOR__PKI_DIR", root_dir.join("pki").into()),
+        ("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0".into()),
+        ("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0".into()),
+    ];
+    common::add_admin_cli(&envs);
     let mut cmd = Command::new(aggregator_bin());
-    cmd.arg("serve")
-        .arg("--ready-file")
-        .arg(&ready)
-        .env("ITS_AGGREGATOR__DATABASE_URL", format!("sqlite://{}", root_dir.join("agg.db").display()))
-        .env("ITS_AGGREGATOR__PKI_DIR", root_dir.join("pki"))
-        .env("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0")
-        .env("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info");
+    cmd.arg("serve").arg("--ready-file").arg(&ready).envs(envs.iter().map(|(k, v)| (k, v))).env("RUST_LOG", "info");
     let _aggregator = Proc::spawn("aggregator", cmd, &log);
     let addrs = wait_ready(&ready, &log);
     let api = format!("http://{}", addrs.http);
@@ -146,7 +146,7 @@ async fn an_agent_on_a_real_rtsp_camera_delivers_road_users_and_recovers_when_th
         .env("RUST_LOG", "info");
     let _agent = Proc::spawn("agent", cmd, &log);
 
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    let http = common::admin_client(addrs.http).await;
     // Real people from the real clip arrive at the aggregator as tracked road users.
     let deadline = Instant::now() + Duration::from_secs(60);
     while people(&http, &api, 0).await < 2 {

@@ -233,3 +233,53 @@ impl Drop for ThrottledRelay {
         }
     }
 }
+
+/// Name and password of the admin the end-to-end tests create.
+pub const TEST_ADMIN: (&str, &str) = ("test-admin", "test-admin-password");
+
+/// Creates [`TEST_ADMIN`] in the aggregator's database (in-process servers).
+pub async fn add_admin(db: its_aggregator::store::Db) {
+    let auth = its_aggregator::auth::AuthService::open(db, its_aggregator::auth::AuthConfig::default())
+        .await
+        .expect("auth service");
+    auth.create_user(TEST_ADMIN.0, TEST_ADMIN.1, its_aggregator::auth::Role::Admin, &its_aggregator::store::Scope::All)
+        .await
+        .expect("create the test admin");
+}
+
+/// Creates [`TEST_ADMIN`] with `its-aggregator user add --password-stdin`, with the environment
+/// the server will run with (so it lands in the same database).
+pub fn add_admin_cli(envs: &[(&str, std::ffi::OsString)]) {
+    use std::io::Write as _;
+    let mut cmd = Command::new(aggregator_bin());
+    cmd.args(["user", "add", TEST_ADMIN.0, "--role", "admin", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("its-aggregator user add");
+    child.stdin.take().expect("stdin").write_all(format!("{}\n", TEST_ADMIN.1).as_bytes()).expect("password");
+    let out = child.wait_with_output().expect("user add");
+    assert!(out.status.success(), "user add failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Signs in as [`TEST_ADMIN`] and returns an HTTP client that sends its access token.
+pub async fn admin_client(http: SocketAddr) -> reqwest::Client {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{http}/api/v1/auth/login"))
+        .json(&serde_json::json!({ "username": TEST_ADMIN.0, "password": TEST_ADMIN.1 }))
+        .send()
+        .await
+        .expect("login request");
+    assert_eq!(resp.status().as_u16(), 200, "login");
+    let body: serde_json::Value = resp.json().await.expect("login body");
+    let token = body["access_token"].as_str().expect("access token").to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+    );
+    reqwest::Client::builder().default_headers(headers).timeout(Duration::from_secs(10)).build().expect("client")
+}
