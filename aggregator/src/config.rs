@@ -552,8 +552,7 @@ mod tests {
         let listen = ("LISTEN", "0.0.0.0:443");
 
         // Both missing: both reported, each naming its file.
-        let issues =
-            http_with(&[listen, ("TLS_CERT", &s(&missing)), ("TLS_KEY", &s(&garbage))]).expect_err("refused");
+        let issues = http_with(&[listen, ("TLS_CERT", &s(&missing)), ("TLS_KEY", &s(&garbage))]).expect_err("refused");
         let got: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(got, ["http.tls_cert", "http.tls_key"]);
         assert!(issues[0].1.contains(&s(&missing)), "{issues:?}");
@@ -628,5 +627,31 @@ mod tests {
         for bad in ["relative/dir", "file://host/dir", "gs://bucket", "s3:///prefix", "s3://b/p?region=x", "ftp://x"] {
             assert_eq!(snapshots_with("postgres://u@h/db", bad), Err(vec!["snapshots.url".to_string()]), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_shows_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/aggregator.toml.example");
+        let raw = RawConfig::load(Some(&path), Vec::<(String, String)>::new()).expect("parses");
+        let cfg = raw.validate("example").expect("valid");
+        let defaults = RawConfig::default().validate("defaults").expect("valid");
+        assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", defaults.auth));
+        assert_eq!(cfg.http_listen, defaults.http_listen);
+        assert_eq!(format!("{:?}", cfg.retention), format!("{:?}", defaults.retention));
+    }
+
+    #[test]
+    fn auth_settings_are_checked() {
+        let raw = RawConfig::load(
+            None,
+            vec![
+                ("ITS_AGGREGATOR__AUTH__ACCESS_TOKEN_TTL_S".into(), "5".into()),
+                ("ITS_AGGREGATOR__AUTH__LOCKOUT_S".into(), "0".into()),
+            ],
+        )
+        .expect("parses");
+        let err = raw.validate("env").expect_err("invalid");
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, vec!["auth.access_token_ttl_s", "auth.lockout_s"]);
     }
 }

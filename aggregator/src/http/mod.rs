@@ -1,5 +1,5 @@
 //! The REST API as an axum [`Router`]: an app that can be called without a socket
-//! (`tower::ServiceExt::oneshot` in tests, `axum::serve` in the binary).
+//! (`tower::ServiceExt::oneshot` in tests, [`transport`]: plain HTTP or HTTPS, in the binary).
 //!
 //! | Route | Answer |
 //! |---|---|
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{MatchedPath, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +47,7 @@ pub mod error;
 pub mod fleet_api;
 pub mod transport;
 
+use body::Path;
 pub use error::ApiError;
 
 /// Counter of HTTP requests, labels `route` (the route template, `unmatched` for 404s) and `status`.
@@ -137,6 +138,7 @@ impl utoipa::Modify for ApiConventions {
                     .and_then(|e| e.get(authz::PERMISSION_EXTENSION))
                     .and_then(|v| v.as_str())
                     .and_then(Access::parse);
+                let has_body = op.request_body.is_some();
                 let mut add = |code: &str, desc: &str| {
                     if !op.responses.responses.contains_key(code) {
                         op.responses.responses.insert(code.to_owned(), error(desc).into());
@@ -144,6 +146,11 @@ impl utoipa::Modify for ApiConventions {
                 };
                 add("400", "Invalid request");
                 add("503", "Storage unavailable");
+                if has_body {
+                    // What `body::Body` answers for a body it cannot take.
+                    add("413", "The request body is too large");
+                    add("415", "The body is not `Content-Type: application/json`");
+                }
                 if access != Some(Access::Public) {
                     add("401", "No, invalid, expired or revoked credential");
                     add("403", "The credential lacks the permission");
@@ -523,6 +530,31 @@ pub fn parse_time(name: &str, value: &str) -> Result<i64, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_operation_declares_who_may_call_it() {
+        let doc = openapi();
+        let map = access_map().expect("every operation declares x-permission");
+        let ops: usize = doc.paths.paths.values().map(|item| authz::operations(item).len()).sum();
+        assert_eq!(map.entries().len(), ops);
+        assert_eq!(
+            map.get(&axum::http::Method::GET, "/api/v1/events"),
+            Some(Access::Requires(crate::auth::Permission::EventsRead))
+        );
+        assert_eq!(map.get(&axum::http::Method::POST, "/api/v1/auth/login"), Some(Access::Public));
+        // An operation that declares nothing is named, and the router would not start.
+        let mut broken = doc.clone();
+        let item = broken.paths.paths.get_mut("/api/v1/users").expect("users");
+        if let Some(op) = item.get.as_mut() {
+            op.extensions = None;
+        }
+        let err = AccessMap::from_openapi(&broken).expect_err("undeclared");
+        assert!(err.contains("GET /api/v1/users"), "{err}");
+        // Protected operations document their security and 401/403 answers.
+        let events = doc.paths.paths.get("/api/v1/events").and_then(|i| i.get.as_ref()).expect("events");
+        assert!(events.security.is_some());
+        assert!(events.responses.responses.contains_key("401") && events.responses.responses.contains_key("403"));
+    }
 
     #[test]
     fn snapshot_variants() {
