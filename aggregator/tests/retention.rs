@@ -317,7 +317,6 @@ async fn size_retention_deletes_oldest_first_until_under_the_limit(store: Arc<dy
     let retention = Retention::new(store.db(), objects.clone(), policy(None, Some(limit), 50));
     let report = retention.run_once(T0 + DAY).await.expect("run");
     let run = report.run(RetentionReason::Size).expect("size run").clone();
-    eprintln!("size retention: {}", run.detail);
     assert_eq!(report.runs.len(), 1);
     let after = retention.measure().await.expect("measure");
     assert!(after.total() <= limit, "{after:?} above {limit}");
@@ -426,6 +425,41 @@ async fn postgres_without_timescale_uses_plain_tables() {
                     .expect("query");
             assert!(!installed);
         }
+    })
+    .await;
+    drop_pg_database(&name, &mut admin).await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// The TimescaleDB path changes the events' keys before `create_hypertable`. TimescaleDB is not
+/// installed here, but the key change itself runs on plain PostgreSQL: with it, a resent batch is
+/// still recognised (same `observed_at_ms`) and retention still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypertable_keys_keep_the_ingest_idempotent() {
+    let (url, name, mut admin) = create_pg_database().await;
+    let outcome = tokio::spawn(async move {
+        let store: Arc<dyn EventStore> = Arc::new(PostgresStore::open(&url).await.expect("open"));
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        for sql in its_aggregator::store::retention::HYPERTABLE_EVENT_KEYS {
+            sqlx::query(*sql).execute(&mut conn).await.expect(sql);
+        }
+        let events: Vec<EventEnvelope> = (1..=10).map(|d| ev(d, T0 + d as i64 * DAY)).collect();
+        let first = store.insert_events("dev-a", &events, T0).await.expect("insert");
+        assert_eq!((first.inserted, first.duplicates), (10, 0));
+        let again = store.insert_events("dev-a", &events, T0).await.expect("resend");
+        assert_eq!((again.inserted, again.duplicates), (0, 10));
+        assert_eq!(store.high_water("dev-a").await.expect("hw"), 10);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let objects = SnapshotObjects::local(dir.path()).expect("objects");
+        snapshot(&store, &objects, "dev-a", 2, T0 + 2 * DAY, 100, None).await;
+        let retention = Retention::new(store.db(), objects, policy(Some(5), Some(1 << 20), 3));
+        let report = retention.run_once(T0 + 10 * DAY + 1).await.expect("run");
+        let run = report.run(RetentionReason::Age).expect("age run");
+        assert_eq!((run.deleted_events, run.deleted_snapshots), (5, 1));
+        assert_eq!(store.device_seqs("dev-a").await.expect("seqs"), (6..=10).collect::<Vec<u64>>());
     })
     .await;
     drop_pg_database(&name, &mut admin).await;

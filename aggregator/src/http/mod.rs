@@ -45,6 +45,7 @@ pub mod body;
 pub mod client_addr;
 pub mod error;
 pub mod fleet_api;
+pub mod system_api;
 pub mod transport;
 
 use body::Path;
@@ -209,6 +210,7 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(fleet_api::get_camera, fleet_api::update_camera))
         .routes(routes!(list_events))
         .routes(routes!(event_snapshot))
+        .routes(routes!(system_api::storage))
         .routes(routes!(healthz))
 }
 
@@ -296,6 +298,7 @@ pub struct EventParams {
     /// Camera id.
     camera: Option<String>,
     /// Event kind: line_crossing, speed_measurement, zone_enter, zone_exit, zone_dwell, stopped_vehicle, wrong_way, congestion, counts, object_track, zone_occupancy, device_health.
+    #[param(schema_with = kind_schema)]
     kind: Option<String>,
     /// Site id (the camera's site, else its device's).
     site: Option<String>,
@@ -306,6 +309,7 @@ pub struct EventParams {
     /// Count line name.
     line: Option<String>,
     /// `in` or `out`.
+    #[param(schema_with = direction_schema)]
     direction: Option<String>,
     /// km/h, inclusive.
     min_speed: Option<f64>,
@@ -314,13 +318,58 @@ pub struct EventParams {
     /// Only events with (true) or without (false) a snapshot.
     has_snapshot: Option<bool>,
     /// RFC 3339 or Unix ms, inclusive.
+    #[param(value_type = Option<TimeParam>, inline)]
     from: Option<String>,
     /// RFC 3339 or Unix ms, exclusive.
+    #[param(value_type = Option<TimeParam>, inline)]
     to: Option<String>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+}
+
+/// The schema of a time parameter: an RFC 3339 date-time or Unix milliseconds ([`parse_time`]).
+pub struct TimeParam;
+
+impl utoipa::PartialSchema for TimeParam {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64))),
+            )
+            .description(Some("RFC 3339 (`2023-11-14T22:13:20Z`) or Unix milliseconds"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for TimeParam {}
+
+/// A string parameter that takes one of `values` (`schema_with` drops the field's doc comment,
+/// so the schema carries it).
+fn string_enum(values: &[&str], description: &str) -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .description(Some(description))
+        .build()
+}
+
+fn kind_schema() -> utoipa::openapi::schema::Object {
+    string_enum(its_shared::event::KIND_NAMES, "Event kind")
+}
+
+fn direction_schema() -> utoipa::openapi::schema::Object {
+    string_enum(&["in", "out"], "Direction of a line crossing")
 }
 
 /// A page of events.
@@ -377,7 +426,8 @@ pub fn parse_snapshot_variant(pairs: Vec<(String, String)>) -> Result<SnapshotVa
 
 /// The snapshot of an event: the full frame (default) or the crop, JPEG.
 #[utoipa::path(get, path = "/api/v1/events/{id}/snapshot", tag = "events",
-    params(("id" = String, Path, description = "`device:seq`"), ("variant" = Option<String>, Query, description = "`full` (default) or `crop`")),
+    params(("id" = String, Path, description = "`device:seq`", pattern = r"^[A-Za-z0-9._-]{1,64}:[0-9]{1,19}$"),
+           ("variant" = Option<String>, Query, description = "`full` (default, also when empty) or `crop`", pattern = "^(full|crop)?$")),
     extensions(("x-permission" = json!("events:read"))),
     responses((status = 200, description = "The picture", content_type = "image/jpeg", body = Vec<u8>),
               (status = 404, description = "No such event, or no snapshot", body = ErrorBody)))]

@@ -103,7 +103,7 @@ impl RetentionPolicy {
 }
 
 /// Why a run deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RetentionReason {
     Age,
@@ -128,7 +128,7 @@ impl RetentionReason {
 }
 
 /// One recorded run (a row of `retention_runs`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct RetentionRun {
     pub id: i64,
     /// The `now` of the run, Unix ms.
@@ -149,7 +149,7 @@ pub struct RetentionRun {
 }
 
 /// What size retention counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StorageSize {
     /// Database bytes: SQLite, the pages in use (the whole file); PostgreSQL, the estimated live
     /// bytes of the events, health history and snapshot tables with their indexes.
@@ -938,12 +938,23 @@ async fn hypertables(pool: &sqlx::PgPool) -> Result<Vec<String>, StoreError> {
     Ok(names)
 }
 
+/// The events' keys as a hypertable needs them (each unique constraint contains the time column),
+/// applied before `create_hypertable`. Public for the test that checks, on plain PostgreSQL, that
+/// the ingest stays idempotent and retention works with them.
+#[doc(hidden)]
+pub const HYPERTABLE_EVENT_KEYS: &[&str] = &[
+    "ALTER TABLE events DROP CONSTRAINT events_device_seq",
+    "ALTER TABLE events DROP CONSTRAINT events_pkey",
+    "ALTER TABLE events ADD CONSTRAINT events_pkey PRIMARY KEY (id, observed_at_ms)",
+    "ALTER TABLE events ADD CONSTRAINT events_device_seq UNIQUE (device_id, seq, observed_at_ms)",
+];
+
 /// Key of the advisory lock that serialises the TimescaleDB conversion between aggregators
 /// starting at once.
 const TIMESCALE_LOCK_KEY: i64 = 0x6974_735f_7473_6462; // "its_tsdb"
 
 /// TimescaleDB set-up, run by [`super::PostgresStore::open`] after the migrations. Returns
-/// whether the events and health history are hypertables.
+/// whether the events table is a hypertable (the health history is converted with it).
 ///
 /// When the `timescaledb` extension is available (and can be created): events become a hypertable
 /// on `observed_at_ms` and the health history one on `at_ms`, one-day chunks (86,400,000 ms),
@@ -969,6 +980,15 @@ pub(crate) async fn timescale_setup(pool: &sqlx::PgPool) -> Result<bool, StoreEr
         tracing::warn!(error = %e, "TimescaleDB is available but the extension could not be created; using plain tables");
         return Ok(false);
     }
+    // A failed conversion is rolled back whole: the plain tables stay and keep working.
+    if let Err(e) = timescale_convert(pool).await {
+        tracing::warn!(error = %e, "TimescaleDB: converting to hypertables failed; using the tables as they are");
+    }
+    Ok(hypertables(pool).await?.iter().any(|t| t == "events"))
+}
+
+/// The conversion of [`timescale_setup`], one transaction.
+async fn timescale_convert(pool: &sqlx::PgPool) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(TIMESCALE_LOCK_KEY).execute(&mut *tx).await?;
     let hyper: Vec<String> = sqlx::query_scalar(
@@ -979,16 +999,15 @@ pub(crate) async fn timescale_setup(pool: &sqlx::PgPool) -> Result<bool, StoreEr
     .await?;
     if !hyper.iter().any(|t| t == "events") {
         tracing::info!("TimescaleDB: converting events into a hypertable (existing rows are moved into chunks)");
-        for sql in [
-            "ALTER TABLE events DROP CONSTRAINT events_device_seq",
-            "ALTER TABLE events DROP CONSTRAINT events_pkey",
-            "ALTER TABLE events ADD CONSTRAINT events_pkey PRIMARY KEY (id, observed_at_ms)",
-            "ALTER TABLE events ADD CONSTRAINT events_device_seq UNIQUE (device_id, seq, observed_at_ms)",
+        for sql in HYPERTABLE_EVENT_KEYS {
+            sqlx::query(*sql).execute(&mut *tx).await?;
+        }
+        sqlx::query(
             "SELECT create_hypertable('events', 'observed_at_ms', chunk_time_interval => CAST(86400000 AS BIGINT), \
              create_default_indexes => false, migrate_data => true, if_not_exists => true)",
-        ] {
-            sqlx::query(sql).execute(&mut *tx).await?;
-        }
+        )
+        .execute(&mut *tx)
+        .await?;
     }
     if !hyper.iter().any(|t| t == "device_health") {
         tracing::info!("TimescaleDB: converting device_health into a hypertable");
@@ -1008,7 +1027,7 @@ pub(crate) async fn timescale_setup(pool: &sqlx::PgPool) -> Result<bool, StoreEr
         sqlx::query(sql).execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(())
 }
 
 #[cfg(test)]
