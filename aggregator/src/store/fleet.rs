@@ -106,9 +106,10 @@ pub struct HealthSample {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevicePatch {
-    /// `Some(None)` clears the name.
+    /// `Some(None)` clears the name. 1 to 128 characters without control characters (leading
+    /// and trailing spaces are trimmed).
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$")]
     pub name: Option<Option<String>>,
     /// An existing site, or `Some(None)` to unassign. The device's cameras without a site of their
     /// own follow.
@@ -124,9 +125,10 @@ pub struct DevicePatch {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CameraPatch {
-    /// `Some(None)` clears the name.
+    /// `Some(None)` clears the name. 1 to 128 characters without control characters (leading
+    /// and trailing spaces are trimmed).
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$")]
     pub name: Option<Option<String>>,
     /// The camera's own site (an existing one), or `Some(None)` to follow its device's again.
     #[serde(default, deserialize_with = "present")]

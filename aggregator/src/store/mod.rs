@@ -5,7 +5,11 @@
 //!   accepted batch (one transaction, idempotent on `(device_id, seq)`, durable when it returns)
 //!   and [`EventStore::record_health`] for heartbeats.
 //! - The REST API reads with [`EventStore::list_devices`] and [`EventStore::query_events`]
-//!   (keyset pagination, newest first, with an opaque cursor).
+//!   (keyset pagination, newest first, with an opaque cursor; filters on device, camera, kind,
+//!   site, class, zone, line, direction, speed, snapshot and time, within the caller's
+//!   [`Scope`]).
+//! - Sites, devices and cameras as managed resources, the health history and whether a device is
+//!   disabled: [`Fleet`] (written once for both backends, see [`fleet`]).
 //! - Snapshots: the ingest puts an event's pictures into object storage (see
 //!   [`crate::snapshots`]), then records where with [`EventStore::record_snapshot`] (idempotent on
 //!   `(device_id, seq)`, durable when it returns) and only then confirms to the agent; the API

@@ -43,7 +43,7 @@ fn insert_statements() -> &'static [String] {
         let mut all = Vec::new();
         let mut rows = 1;
         while rows <= MAX_ROWS_PER_STATEMENT {
-            let row = format!("({})", vec!["?"; PARAMS_PER_ROW].join(", "));
+            let row = format!("({})", ["?"; PARAMS_PER_ROW].join(", "));
             let mut sql = String::with_capacity(200 + rows * (row.len() + 2));
             sql.push_str(
                 "INSERT INTO events (device_id, ingested_at_ms, seq, camera, kind, observed_at_ms, label, payload, \
