@@ -257,7 +257,7 @@ impl AuthService {
             if let Err(e) = self.poll_revocations(now).await {
                 tracing::warn!(error = %e, "polling session revocations failed");
             }
-            if n % 30 == 0 {
+            if n.is_multiple_of(30) {
                 if let Err(e) = self.keys.reload(now).await {
                     tracing::warn!(error = %e, "reloading signing keys failed");
                 }
@@ -285,7 +285,7 @@ impl AuthService {
                     }
                 }
             }
-            if n % 3600 == 0
+            if n.is_multiple_of(3600)
                 && let Err(e) = self.store.purge_sessions(now - 86_400_000).await
             {
                 tracing::warn!(error = %e, "purging expired sessions failed");

@@ -50,19 +50,54 @@ true
 {{- default (printf "%s-data" (include "its-aggregator.fullname" .)) .Values.persistence.existingClaim -}}
 {{- end }}
 
+{{/* "true" when the aggregator serves HTTPS itself (http.tls.secretName set), else empty. */}}
+{{- define "its-aggregator.tls" -}}
+{{- if dig "tls" "secretName" "" .Values.http -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* Where the http.tls.secretName Secret is mounted (not under the ConfigMap's read-only mount). */}}
+{{- define "its-aggregator.tlsDir" -}}
+/etc/its-aggregator-tls
+{{- end }}
+
 {{/*
-An exec probe fetching http://127.0.0.1:<http.port><path> with probes.command.
-Called with (list $ <probe values>).
+[http] trusted_proxies as a TOML array: http.trustedProxies, plus 127.0.0.1 when a proxy sidecar
+is in front of the loopback listener (httpService enabled without TLS).
+*/}}
+{{- define "its-aggregator.trustedProxies" -}}
+{{- $proxies := list -}}
+{{- if and .Values.httpService.enabled (not (include "its-aggregator.tls" .)) -}}
+{{- $proxies = append $proxies "127.0.0.1" -}}
+{{- end -}}
+{{- range .Values.http.trustedProxies -}}
+{{- $proxies = append $proxies (toString .) -}}
+{{- end -}}
+{{- $proxies | uniq | toJson -}}
+{{- end }}
+
+{{/*
+A probe on <path> of the HTTP API. Called with (list $ <probe values>).
+With TLS: httpGet over HTTPS on the pod's https port. Without: an exec probe fetching
+http://127.0.0.1:<http.port><path> with probes.command, since the kubelet cannot reach loopback.
 */}}
 {{- define "its-aggregator.probe" -}}
 {{- $root := index . 0 -}}
 {{- $p := index . 1 -}}
+{{- if include "its-aggregator.tls" $root -}}
+httpGet:
+  path: {{ $p.path }}
+  port: https
+  scheme: HTTPS
+{{- else -}}
 exec:
   command:
 {{- range $root.Values.probes.command }}
     - {{ . | quote }}
 {{- end }}
     - {{ printf "http://127.0.0.1:%d%s" (int $root.Values.http.port) $p.path | quote }}
+{{- end }}
 {{- with omit $p "enabled" "path" }}
 {{ toYaml . }}
 {{- end }}
