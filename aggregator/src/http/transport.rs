@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -36,7 +36,7 @@ use tower::ServiceExt;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send an HTTP/1 request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the certificate files are checked for changes.
+/// How often the certificate files are read and compared with what is served.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// How long open connections get to finish their requests at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -80,9 +80,25 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// The certificate chain in a PEM file (at least one certificate, the leaf first).
 pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
+    parse_cert_chain(path, &read(path))
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), as a signing key.
+pub fn load_signing_key(path: &Path) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsFileError> {
+    parse_signing_key(path, &read(path))
+}
+
+/// A file's contents, or why it cannot be read.
+type Pem = Result<Vec<u8>, String>;
+
+fn read(path: &Path) -> Pem {
+    std::fs::read(path).map_err(|e| e.to_string())
+}
+
+fn parse_cert_chain(path: &Path, pem: &Pem) -> Result<Vec<CertificateDer<'static>>, TlsFileError> {
     let err = |message: String| TlsFileError::Cert { path: path.to_path_buf(), message };
-    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
+    let pem = pem.as_ref().map_err(|e| err(e.clone()))?;
+    let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(format!("not a PEM certificate file: {e}")))?;
     if chain.is_empty() {
@@ -95,20 +111,54 @@ pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsF
     Ok(chain)
 }
 
-/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), as a signing key.
-pub fn load_signing_key(path: &Path) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsFileError> {
+fn parse_signing_key(path: &Path, pem: &Pem) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsFileError> {
     let err = |message: String| TlsFileError::Key { path: path.to_path_buf(), message };
-    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| err(format!("no PEM private key in it: {e}")))?;
+    let pem = pem.as_ref().map_err(|e| err(e.clone()))?;
+    let der = PrivateKeyDer::from_pem_slice(pem).map_err(|e| err(format!("no PEM private key in it: {e}")))?;
     provider().key_provider.load_private_key(der).map_err(|e| err(format!("unusable private key: {e}")))
 }
+
+/// What the two files held when last read: a digest of their contents (or read errors).
+/// Contents, not modification times: a file rewritten within the file system's timestamp
+/// granularity, or copied with its old time preserved, is still noticed.
+type Stamp = [u8; 32];
 
 impl TlsFiles {
     /// Reads and checks both files: each parses, and the key belongs to the leaf certificate.
     /// Every problem is returned (both files are read even if the first fails).
     pub fn load(&self) -> Result<Arc<CertifiedKey>, Vec<TlsFileError>> {
-        let chain = load_cert_chain(&self.cert);
-        let key = load_signing_key(&self.key);
+        let (_, cert_pem, key_pem) = self.read();
+        self.certified_key(&cert_pem, &key_pem)
+    }
+
+    /// Both files' contents, and their [`Stamp`].
+    fn read(&self) -> (Stamp, Pem, Pem) {
+        let (cert_pem, key_pem) = (read(&self.cert), read(&self.key));
+        let stamp = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for part in [&cert_pem, &key_pem] {
+                match part {
+                    Ok(bytes) => {
+                        h.update([1]);
+                        h.update((bytes.len() as u64).to_le_bytes());
+                        h.update(bytes);
+                    }
+                    Err(e) => {
+                        h.update([0]);
+                        h.update((e.len() as u64).to_le_bytes());
+                        h.update(e.as_bytes());
+                    }
+                }
+            }
+            h.finalize().into()
+        };
+        (stamp, cert_pem, key_pem)
+    }
+
+    fn certified_key(&self, cert_pem: &Pem, key_pem: &Pem) -> Result<Arc<CertifiedKey>, Vec<TlsFileError>> {
+        let chain = parse_cert_chain(&self.cert, cert_pem);
+        let key = parse_signing_key(&self.key, key_pem);
         let (chain, key) = match (chain, key) {
             (Ok(c), Ok(k)) => (c, k),
             (c, k) => return Err(c.err().into_iter().chain(k.err()).collect()),
@@ -124,12 +174,6 @@ impl TlsFiles {
             }
         }
         Ok(Arc::new(certified))
-    }
-
-    /// Modification time and size of both files: a change means a reload.
-    fn stamp(&self) -> [Option<(SystemTime, u64)>; 2] {
-        let one = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
-        [one(&self.cert), one(&self.key)]
     }
 }
 
@@ -158,15 +202,15 @@ fn log_loaded(files: &TlsFiles, key: &CertifiedKey, what: &str) {
 pub struct ReloadingCert {
     files: TlsFiles,
     current: RwLock<Arc<CertifiedKey>>,
-    /// The file stamp last loaded or tried (a broken file is reported once, not every check).
-    stamp: Mutex<[Option<(SystemTime, u64)>; 2]>,
+    /// The file contents last loaded or tried (a broken file is reported once, not every check).
+    stamp: Mutex<Stamp>,
 }
 
 impl ReloadingCert {
     /// Loads the files; an error names each file that cannot be used.
     pub fn load(files: TlsFiles) -> anyhow::Result<Arc<Self>> {
-        let stamp = files.stamp();
-        let key = files.load().map_err(|e| anyhow::anyhow!("HTTPS: {}", describe(&e)))?;
+        let (stamp, cert_pem, key_pem) = files.read();
+        let key = files.certified_key(&cert_pem, &key_pem).map_err(|e| anyhow::anyhow!("HTTPS: {}", describe(&e)))?;
         log_loaded(&files, &key, "loaded");
         Ok(Arc::new(Self { files, current: RwLock::new(key), stamp: Mutex::new(stamp) }))
     }
@@ -179,7 +223,7 @@ impl ReloadingCert {
     /// Reloads if the files changed since the last try. `Ok(true)`: a new certificate is served;
     /// `Err`: the changed files are unusable and the previous certificate stays.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let stamp = self.files.stamp();
+        let (stamp, cert_pem, key_pem) = self.files.read();
         {
             let mut last = self.stamp.lock().unwrap_or_else(PoisonError::into_inner);
             if *last == stamp {
@@ -187,7 +231,7 @@ impl ReloadingCert {
             }
             *last = stamp;
         }
-        let key = self.files.load().map_err(|e| describe(&e))?;
+        let key = self.files.certified_key(&cert_pem, &key_pem).map_err(|e| describe(&e))?;
         log_loaded(&self.files, &key, "reloaded");
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
         Ok(true)
