@@ -1,4 +1,7 @@
-//! The REST API, called without a socket (`tower::ServiceExt::oneshot`) over a SQLite store.
+//! The REST API, called without a socket (`tower::ServiceExt::oneshot`) over a SQLite store,
+//! authenticated as an admin (the state is built by `common::test_state`, as the binary does).
+
+mod common;
 
 use std::sync::{Arc, OnceLock};
 
@@ -6,11 +9,12 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use its_aggregator::http::{AppState, HTTP_REQUESTS_TOTAL, router};
+use its_aggregator::auth::AuthConfig;
+use its_aggregator::http::{HTTP_REQUESTS_TOTAL, router};
 use its_aggregator::snapshots::SnapshotObjects;
 use its_aggregator::store::{
-    DeviceRecord, EventId, EventPage, EventQuery, EventStore, EventSummary, InsertOutcome, NewSnapshot, SnapshotLookup,
-    StoreError, open_store,
+    Db, DeviceRecord, EventId, EventPage, EventQuery, EventStore, EventSummary, Fleet, InsertOutcome, NewSnapshot,
+    SnapshotLookup, StoreError, open_store,
 };
 use its_shared::event::ObjectRef;
 use its_shared::wire::{Heartbeat, Hello};
@@ -25,6 +29,12 @@ const T0: i64 = 1_700_000_000_000;
 fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("install recorder")).clone()
+}
+
+/// The router and the admin's access token every request carries.
+struct App {
+    router: Router,
+    token: String,
 }
 
 fn event(seq: u64, camera: &str, observed_at_ms: i64) -> EventEnvelope {
@@ -44,12 +54,12 @@ fn memory_objects() -> SnapshotObjects {
 
 /// A router over an in-memory SQLite store holding 250 events of `dev-a` (cam-1 and Tür-Süd)
 /// and 10 of `dev-b`.
-async fn app() -> (Router, Arc<dyn EventStore>) {
+async fn app() -> (App, Arc<dyn EventStore>) {
     let (router, store, _) = app_with_objects().await;
     (router, store)
 }
 
-async fn app_with_objects() -> (Router, Arc<dyn EventStore>, SnapshotObjects) {
+async fn app_with_objects() -> (App, Arc<dyn EventStore>, SnapshotObjects) {
     let store = open_store("sqlite::memory:").await.expect("open store");
     let hello = Hello {
         agent_version: "1.2.3".into(),
@@ -74,25 +84,26 @@ async fn app_with_objects() -> (Router, Arc<dyn EventStore>, SnapshotObjects) {
         .await
         .expect("health");
     let objects = memory_objects();
-    let state = AppState {
-        store: Arc::clone(&store),
-        snapshots: objects.clone(),
-        metrics: metrics_handle(),
-        trusted_proxies: Arc::default(),
-    };
-    (router(state), store, objects)
+    let (state, token) =
+        common::test_state(Arc::clone(&store), objects.clone(), metrics_handle(), AuthConfig::default()).await;
+    (App { router: router(state), token }, store, objects)
 }
 
-async fn call(app: &Router, method: &str, uri: &str) -> (StatusCode, Option<String>, Vec<u8>) {
-    let req = Request::builder().method(method).uri(uri).body(Body::empty()).expect("request");
-    let resp = app.clone().oneshot(req).await.expect("infallible");
+async fn call(app: &App, method: &str, uri: &str) -> (StatusCode, Option<String>, Vec<u8>) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {}", app.token))
+        .body(Body::empty())
+        .expect("request");
+    let resp = app.router.clone().oneshot(req).await.expect("infallible");
     let status = resp.status();
     let ctype = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = axum::body::to_bytes(resp.into_body(), 16 * 1024 * 1024).await.expect("body");
     (status, ctype, body.to_vec())
 }
 
-async fn get_json(app: &Router, uri: &str) -> (StatusCode, Value) {
+async fn get_json(app: &App, uri: &str) -> (StatusCode, Value) {
     let (status, ctype, body) = call(app, "GET", uri).await;
     assert_eq!(ctype.as_deref(), Some("application/json"), "{uri}");
     let v = serde_json::from_slice(&body).expect("JSON body");
@@ -125,7 +136,12 @@ async fn devices_are_listed() {
     let d = &devices[0];
     assert_eq!(d["device_id"], "dev-a");
     assert_eq!(d["agent_version"], "1.2.3");
-    assert_eq!(d["cameras"], serde_json::json!(["cam-1", "Tür-Süd"]));
+    let cameras: Vec<&str> =
+        d["cameras"].as_array().expect("cameras").iter().filter_map(|c| c["camera"].as_str()).collect();
+    assert_eq!(cameras, ["Tür-Süd", "cam-1"], "by id, byte order: {v}");
+    assert!(
+        d["cameras"].as_array().expect("cameras").iter().all(|c| c["device_id"] == "dev-a" && c["announced"] == true)
+    );
     assert_eq!(d["high_water_seq"], 250);
     assert_eq!(d["last_health"]["uptime_s"], 9);
     assert_eq!(d["first_seen_ms"], T0);
@@ -228,7 +244,7 @@ async fn bad_requests_are_400_with_json_errors() {
 #[tokio::test]
 async fn unknown_routes_and_methods() {
     let (app, _) = app().await;
-    for uri in ["/", "/api/v1/event", "/api/v1/events/", "/api/v2/events", "/%FF", "/api/v1/devices/dev-a"] {
+    for uri in ["/", "/api/v1/event", "/api/v1/events/", "/api/v2/events", "/%FF", "/api/v1/devices/dev-a/nothing"] {
         let (status, v) = get_json(&app, uri).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
         assert_eq!(error_code(&v), "not_found");
@@ -238,6 +254,31 @@ async fn unknown_routes_and_methods() {
     assert_eq!(ctype.as_deref(), Some("application/json"));
     let v: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(error_code(&v), "method_not_allowed");
+}
+
+#[tokio::test]
+async fn the_api_needs_a_credential() {
+    let (app, _) = app().await;
+    let anonymous = App { router: app.router.clone(), token: String::new() };
+    for uri in ["/api/v1/events", "/api/v1/devices", "/api/v1/events/dev-a:10/snapshot"] {
+        let req = Request::builder().uri(uri).body(Body::empty()).expect("request");
+        let resp = app.router.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{uri}");
+        assert!(resp.headers().contains_key(header::WWW_AUTHENTICATE), "{uri}");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(error_code(&v), "unauthenticated", "{uri}");
+        // A malformed bearer token is refused the same way, with its own code.
+        let (status, v) = get_json(&anonymous, uri).await;
+        assert_eq!((status, error_code(&v)), (StatusCode::UNAUTHORIZED, "invalid_token"), "{uri}");
+    }
+    // Health and metrics stay public.
+    let (status, _) = get_json(&anonymous, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = call(&anonymous, "GET", "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = get_json(&app, "/api/v1/devices/dev-a").await;
+    assert_eq!((status, &v["device_id"]), (StatusCode::OK, &Value::from("dev-a")));
 }
 
 #[tokio::test]
@@ -268,6 +309,8 @@ async fn metrics_count_requests_by_route_and_status() {
 
 struct BrokenStore {
     unreachable: bool,
+    /// The pools of a working store (authentication keeps working).
+    db: Db,
 }
 
 impl BrokenStore {
@@ -321,17 +364,52 @@ impl EventStore for BrokenStore {
     fn backend(&self) -> &'static str {
         "broken"
     }
+    fn db(&self) -> Db {
+        self.db.clone()
+    }
+}
+
+/// An app whose event store fails (unreachable or corrupt) and whose fleet runs on a database
+/// that fails the same way, while sign-in and tokens work.
+async fn broken_app(unreachable: bool) -> App {
+    let good = open_store("sqlite::memory:").await.expect("open store");
+    let (mut state, token) =
+        common::test_state(Arc::clone(&good), memory_objects(), metrics_handle(), AuthConfig::default()).await;
+    state.store = Arc::new(BrokenStore { unreachable, db: good.db() });
+    let fleet_store = open_store("sqlite::memory:").await.expect("open store");
+    let hello = Hello {
+        agent_version: "1".into(),
+        model: "m".into(),
+        cameras: vec!["cam-1".into()],
+        last_acked_seq: 0,
+        last_assigned_seq: 0,
+    };
+    fleet_store.record_hello("dev-a", &hello, T0).await.expect("hello");
+    let Db::Sqlite { writer, reader } = fleet_store.db() else { panic!("sqlite") };
+    if unreachable {
+        writer.close().await;
+        reader.close().await;
+    } else {
+        sqlx::query("UPDATE devices SET last_health = '{\"secret\": \"xyz_internal' WHERE device_id = 'dev-a'")
+            .execute(&writer)
+            .await
+            .expect("corrupt the health report");
+    }
+    state.fleet = Fleet::new(fleet_store.db());
+    App { router: router(state), token }
 }
 
 #[tokio::test]
 async fn unreachable_database_is_503() {
-    let app = router(AppState {
-        store: Arc::new(BrokenStore { unreachable: true }),
-        snapshots: memory_objects(),
-        metrics: metrics_handle(),
-        trusted_proxies: Arc::default(),
-    });
-    for uri in ["/healthz", "/api/v1/devices", "/api/v1/events", "/api/v1/events/dev-a:1/snapshot"] {
+    let app = broken_app(true).await;
+    for uri in [
+        "/healthz",
+        "/api/v1/devices",
+        "/api/v1/devices/dev-a",
+        "/api/v1/sites",
+        "/api/v1/events",
+        "/api/v1/events/dev-a:1/snapshot",
+    ] {
         let (status, v) = get_json(&app, uri).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
         assert_eq!(error_code(&v), "unavailable");
@@ -340,13 +418,10 @@ async fn unreachable_database_is_503() {
 
 #[tokio::test]
 async fn internal_failures_are_500_without_internals() {
-    let app = router(AppState {
-        store: Arc::new(BrokenStore { unreachable: false }),
-        snapshots: memory_objects(),
-        metrics: metrics_handle(),
-        trusted_proxies: Arc::default(),
-    });
-    for uri in ["/api/v1/devices", "/api/v1/events?device=x", "/api/v1/events/dev-a:1/snapshot"] {
+    let app = broken_app(false).await;
+    for uri in
+        ["/api/v1/devices", "/api/v1/devices/dev-a", "/api/v1/events?device=x", "/api/v1/events/dev-a:1/snapshot"]
+    {
         let (status, ctype, body) = call(&app, "GET", uri).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
         assert_eq!(ctype.as_deref(), Some("application/json"));

@@ -405,8 +405,9 @@ impl AuthService {
                 return Err(AuthError::InvalidCredentials);
             }
         };
-        self.store.clear_throttle(&user_key).await?;
         if user.totp_enabled {
+            // The count is cleared only when the second factor is right too: a password step
+            // between wrong codes must not reset it, or the code could be guessed without end.
             let claims = MfaClaims {
                 iss: ISSUER.into(),
                 aud: AUDIENCE_MFA.into(),
@@ -418,6 +419,7 @@ impl AuthService {
             self.audit_quiet(audit("login.password_ok", "success", serde_json::json!({ "mfa": "pending" })), now).await;
             return Ok(LoginOutcome::MfaRequired { mfa_token, expires_in: self.config.mfa_ttl.as_secs() });
         }
+        self.store.clear_throttle(&user_key).await?;
         let enrolment_only = self.store.role_requires_mfa(user.role).await?;
         let pair = self.start_session(&user, &["pwd"], enrolment_only, addr, now).await?;
         self.audit_quiet(
@@ -472,6 +474,7 @@ impl AuthService {
             self.audit_quiet(entry("mfa.failure", "failure"), now).await;
             return Err(AuthError::InvalidCode);
         }
+        self.store.clear_throttle(&user_key).await?;
         if method == "recovery_code" {
             self.audit_quiet(entry("mfa.recovery_code_used", "success"), now).await;
         }

@@ -1,7 +1,7 @@
 //! Users, roles, API keys and the audit log.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::auth_api::audit;
 use super::authz::ClientIp;
-use super::body::Body;
+use super::body::{Body, Path};
 use super::{ApiError, AppState, ErrorBody};
 use crate::auth::store::{ApiKeyRow, AuditQuery, AuditRecord, UserRow};
 use crate::auth::{Permission, PermissionSet, Principal, Role, scope_within, validate_scope};
@@ -22,11 +22,40 @@ use crate::unix_ms;
 #[serde(deny_unknown_fields)]
 pub struct Grants {
     #[serde(default)]
+    #[schema(inline, value_type = Vec<SiteId>)]
     pub sites: Vec<String>,
     /// `device/camera`
     #[serde(default)]
+    #[schema(inline, value_type = Vec<CameraRefText>)]
     pub cameras: Vec<String>,
 }
+
+/// A site id: `[A-Za-z0-9._-]`, 1 to 64 characters.
+#[derive(ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+#[allow(dead_code)]
+struct SiteId(String);
+
+/// `device/camera`: a device id, `/`, a camera id without control characters (up to 128 bytes;
+/// the pattern admits 32 characters, which always fit).
+#[derive(ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9._-]{1,64}/[^\x00-\x1f\x7f-\x9f]{1,32}$")]
+#[allow(dead_code)]
+struct CameraRefText(String);
+
+/// The name of a permission (`GET /api/v1/roles` lists them).
+struct PermissionName;
+
+impl utoipa::PartialSchema for PermissionName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(Permission::ALL.iter().map(|p| p.as_str())))
+            .into()
+    }
+}
+
+impl ToSchema for PermissionName {}
 
 impl Grants {
     fn to_scope(&self) -> Result<Scope, ApiError> {
@@ -92,8 +121,11 @@ pub struct UserList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    /// 1 to 64 of `A-Z a-z 0-9 . _ - @` (stored lower-case).
+    #[schema(pattern = r"^[A-Za-z0-9._@-]{1,64}$")]
     pub username: String,
-    /// At least 12 characters.
+    /// At least 12 characters, at most 256 bytes, not one repeated character.
+    #[schema(min_length = 12)]
     pub password: String,
     pub role: Role,
     /// Only for viewer and integrator.
@@ -109,8 +141,19 @@ pub struct UserPatch {
     #[schema(value_type = Option<Grants>)]
     pub grants: Option<Option<Grants>>,
     pub disabled: Option<bool>,
-    /// Sets a new password (the user's sessions end).
+    /// Sets a new password (the user's sessions end): at least 12 characters, at most 256 bytes,
+    /// not one repeated character.
+    #[schema(min_length = 12)]
     pub password: Option<String>,
+}
+
+/// A JSON number without a fraction (`2` or `2.0`, as JSON Schema's `integer` admits both).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(v) if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) => Ok(Some(v as u32)),
+        Some(v) => Err(serde::de::Error::custom(format!("expected a whole number, found {v}"))),
+    }
 }
 
 /// `Some(None)` for an explicit `null`, `None` for an absent field.
@@ -187,12 +230,21 @@ pub struct ApiKeyList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewApiKey {
+    /// 1 to 128 characters without control characters (leading and trailing spaces are trimmed).
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: String,
     /// Permission names; each must be one the creator has.
+    #[schema(min_items = 1, inline, value_type = Vec<PermissionName>)]
     pub permissions: Vec<String>,
     /// Sites and cameras the key may see (within the creator's); absent = the creator's scope.
     pub grants: Option<Grants>,
     /// Days until the key expires (1..=3650); absent = never.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 3650)]
     pub expires_in_days: Option<u32>,
 }
 
@@ -376,6 +428,12 @@ pub async fn set_role_policy(
     let role = Role::parse(&role)
         .ok_or_else(|| ApiError::no_such(format!("role {:?}", role.chars().take(32).collect::<String>())))?;
     state.auth.store.set_role_requires_mfa(role, req.require_mfa, unix_ms()).await?;
+    if req.require_mfa {
+        // Sessions of the role's users without MFA end: signed in again, they may only enrol.
+        for u in state.auth.store.list_users().await?.iter().filter(|u| u.role == role && !u.totp_enabled) {
+            state.auth.revoke_user(u.user_id, "role requires MFA").await?;
+        }
+    }
     audit(
         &state,
         &p,
@@ -409,7 +467,7 @@ pub async fn create_api_key(
     Body(req): Body<NewApiKey>,
 ) -> Result<(StatusCode, Json<ApiKeyView>), ApiError> {
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
         return Err(ApiError::invalid_request("name must have 1 to 128 printable characters"));
     }
     if req.permissions.is_empty() {
@@ -438,7 +496,7 @@ pub async fn create_api_key(
     }
     let expires = match req.expires_in_days {
         None => None,
-        Some(d) if (1..=3650).contains(&d) => Some(unix_ms() + i64::from(d) * 86_400_000),
+        Some(d) if (1..=3650).contains(&d) => Some(state.auth.now() + i64::from(d) * 86_400_000),
         Some(_) => return Err(ApiError::invalid_request("expires_in_days must be between 1 and 3650")),
     };
     let (row, key) = state.auth.create_api_key(&p, name, perms, scope, expires).await?;
@@ -484,11 +542,16 @@ pub struct AuditParams {
     /// e.g. `login.failure`, `user.role_changed`, `apikey.created`.
     action: Option<String>,
     /// RFC 3339 or Unix ms, inclusive.
+    #[param(value_type = Option<super::TimeParam>, inline)]
     from: Option<String>,
     /// RFC 3339 or Unix ms, exclusive.
+    #[param(value_type = Option<super::TimeParam>, inline)]
     to: Option<String>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[1-9][0-9]{0,17}$")]
     cursor: Option<String>,
 }
 

@@ -283,3 +283,50 @@ pub async fn admin_client(http: SocketAddr) -> reqwest::Client {
     );
     reqwest::Client::builder().default_headers(headers).timeout(Duration::from_secs(10)).build().expect("client")
 }
+
+/// The state of the REST API as the binary builds it (authentication, fleet, the access map from
+/// the OpenAPI document) over `store`, for in-process tests that call the router with
+/// `tower::ServiceExt::oneshot`. Creates [`TEST_ADMIN`] and returns an access token of it. The
+/// state's fields are public: a test may swap one (a broken store) before building the router.
+pub async fn test_state(
+    store: Arc<dyn its_aggregator::store::EventStore>,
+    snapshots: its_aggregator::snapshots::SnapshotObjects,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    config: its_aggregator::auth::AuthConfig,
+) -> (its_aggregator::http::AppState, String) {
+    use its_aggregator::auth::{AuthService, LoginOutcome, Role};
+    let auth = AuthService::open(store.db(), config).await.expect("auth service");
+    auth.create_user(TEST_ADMIN.0, TEST_ADMIN.1, Role::Admin, &its_aggregator::store::Scope::All)
+        .await
+        .expect("create the test admin");
+    let token = match auth.login(TEST_ADMIN.0, TEST_ADMIN.1, None).await.expect("admin login") {
+        LoginOutcome::Tokens(t) => t.access_token,
+        LoginOutcome::MfaRequired { .. } => panic!("the test admin has no MFA"),
+    };
+    let access = its_aggregator::http::access_map().expect("every endpoint declares its permission");
+    let state = its_aggregator::http::AppState {
+        fleet: its_aggregator::store::Fleet::new(store.db()),
+        store,
+        snapshots,
+        metrics,
+        trusted_proxies: Arc::default(),
+        auth,
+        access: Arc::new(access),
+    };
+    (state, token)
+}
+
+/// [`test_state`] with snapshots in memory, a metrics handle of its own (not installed) and the
+/// default auth configuration, as a router: (router, auth service, admin access token).
+pub async fn test_app(
+    store: Arc<dyn its_aggregator::store::EventStore>,
+) -> (axum::Router, Arc<its_aggregator::auth::AuthService>, String) {
+    let snapshots = its_aggregator::snapshots::SnapshotObjects::with_store(
+        Arc::new(object_store::memory::InMemory::new()),
+        "memory",
+    );
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let (state, token) = test_state(store, snapshots, metrics, its_aggregator::auth::AuthConfig::default()).await;
+    let auth = Arc::clone(&state.auth);
+    (its_aggregator::http::router(state), auth, token)
+}
