@@ -177,9 +177,19 @@ async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<(
         mfa_enrolment_only: false,
     };
     let perms = PermissionSet::of(&[Permission::EventsRead, Permission::DevicesRead]);
-    let (_, key) = auth.create_api_key(&creator, "demo (read-only)", perms, crate::store::Scope::All, Some(crate::unix_ms() + 86_400_000)).await?;
+    let (_, key) = auth
+        .create_api_key(
+            &creator,
+            "demo (read-only)",
+            perms,
+            crate::store::Scope::All,
+            Some(crate::unix_ms() + 86_400_000),
+        )
+        .await?;
     println!("  API user: admin \"demo\", password {password}");
-    println!("    sign in:  curl -s -XPOST http://{http}/api/v1/auth/login -H 'content-type: application/json' -d '{{\"username\":\"demo\",\"password\":\"{password}\"}}'");
+    println!(
+        "    sign in:  curl -s -XPOST http://{http}/api/v1/auth/login -H 'content-type: application/json' -d '{{\"username\":\"demo\",\"password\":\"{password}\"}}'"
+    );
     println!("  API key (events:read, devices:read; expires in a day):");
     println!("    curl -s -H 'X-API-Key: {key}' 'http://{http}/api/v1/events?limit=5'");
     println!("  the API document: http://{http}/api/v1/openapi.json; without a credential the API answers 401");
