@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,7 +23,7 @@ use its_aggregator::auth::{
     Access, AccessClaims, AuthConfig, AuthService, LoginOutcome, Permission, PermissionSet, Principal, Role, Subject,
 };
 use its_aggregator::snapshots::SnapshotObjects;
-use its_aggregator::store::{EventStore, Fleet, NewSnapshot, Scope, open_store};
+use its_aggregator::store::{EventStore, Fleet, NewSnapshot, Scope};
 use its_shared::event::ObjectRef;
 use its_shared::wire::Hello;
 use its_shared::{EventEnvelope, EventKind};
@@ -46,63 +45,7 @@ fn wall_ms() -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Both backends.
 
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Runs `test` against a fresh store of `backend`, cleaning up even when the test panics.
-async fn run<F, Fut>(backend: Backend, test: F)
-where
-    F: FnOnce(Arc<dyn EventStore>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = format!("sqlite://{}", dir.path().join("events.db").display());
-            let store = open_store(&url).await.expect("open sqlite store");
-            let outcome = tokio::spawn(test(store)).await;
-            drop(dir);
-            if let Err(e) = outcome {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-        Backend::Postgres => {
-            let db = common::PgDatabase::create("its_auth").await;
-            let store = open_store(&db.url).await.expect("open postgres store");
-            let outcome = tokio::spawn(test(store)).await;
-            db.drop_db().await;
-            if let Err(e) = outcome {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-    }
-}
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(super::Backend::Sqlite, super::$name).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(super::Backend::Postgres, super::$name).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+common::both_backends!(
     permission_matrix,
     login_failures_look_the_same,
     account_lockout_and_unlock,

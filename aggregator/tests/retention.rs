@@ -1,128 +1,25 @@
 //! Retention by age and by size, run against both backends (SQLite in a temporary directory, a
 //! fresh PostgreSQL database per test, as in `tests/storage.rs`), and its configuration.
 
-use std::future::Future;
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use its_aggregator::config::{RawConfig, parse_byte_size};
 use its_aggregator::snapshots::SnapshotObjects;
 use its_aggregator::store::{
-    EventStore, NewSnapshot, PostgresStore, Retention, RetentionPolicy, RetentionReason, StoreError, open_store,
+    EventStore, NewSnapshot, PostgresStore, Retention, RetentionPolicy, RetentionReason, StoreError,
 };
 use its_shared::event::{Direction, ObjectRef};
 use its_shared::wire::Heartbeat;
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
 use sqlx::Connection as _;
 
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use common::{PgDatabase, both_backends};
 
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-fn pg_admin_url() -> String {
-    std::env::var("ITS_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
-}
-
-/// `postgres://user@host:port/db?params` with the database replaced.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, params) = match url.split_once('?') {
-        Some((b, p)) => (b, Some(p)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match params {
-        Some(p) => format!("{host_part}/{db}?{p}"),
-        None => format!("{host_part}/{db}"),
-    }
-}
-
-fn unique_name() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    format!("its_retention_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos)
-}
-
-/// A fresh PostgreSQL database: its URL, and the admin connection that drops it.
-async fn create_pg_database() -> (String, String, sqlx::PgConnection) {
-    let admin_url = pg_admin_url();
-    let name = unique_name();
-    let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("connect to PostgreSQL (set ITS_TEST_PG_URL)");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&mut admin)
-        .await
-        .expect("create test database");
-    (with_database(&admin_url, &name), name, admin)
-}
-
-async fn drop_pg_database(name: &str, admin: &mut sqlx::PgConnection) {
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
-        .execute(admin)
-        .await
-        .expect("drop test database");
-}
-
-/// Runs `test` against a fresh store of `backend`, cleaning up even when the test panics.
-async fn run<F, Fut>(backend: Backend, test: F)
-where
-    F: FnOnce(Arc<dyn EventStore>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = format!("sqlite://{}", dir.path().join("events.db").display());
-            let store = open_store(&url).await.expect("open sqlite store");
-            let outcome = tokio::spawn(test(store)).await;
-            drop(dir);
-            if let Err(e) = outcome {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-        Backend::Postgres => {
-            let (url, name, mut admin) = create_pg_database().await;
-            let store = open_store(&url).await.expect("open postgres store");
-            assert_eq!(store.backend(), "postgres");
-            let outcome = tokio::spawn(test(store)).await;
-            drop_pg_database(&name, &mut admin).await;
-            if let Err(e) = outcome {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-    }
-}
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(super::Backend::Sqlite, super::$name).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(super::Backend::Postgres, super::$name).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+both_backends!(
     age_deletes_exactly_the_old_rows_and_their_objects,
     nothing_deleted_records_no_run,
     size_retention_deletes_oldest_first_until_under_the_limit,
@@ -397,7 +294,8 @@ async fn periodic_task_runs_at_start_and_stops_on_shutdown(store: Arc<dyn EventS
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_without_timescale_uses_plain_tables() {
-    let (url, name, mut admin) = create_pg_database().await;
+    let db = PgDatabase::create("its_retention").await;
+    let url = db.url.clone();
     let outcome = tokio::spawn(async move {
         let store = PostgresStore::open(&url).await.expect("open");
         let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
@@ -427,7 +325,7 @@ async fn postgres_without_timescale_uses_plain_tables() {
         }
     })
     .await;
-    drop_pg_database(&name, &mut admin).await;
+    db.drop_db().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
@@ -438,7 +336,8 @@ async fn postgres_without_timescale_uses_plain_tables() {
 /// still recognised (same `observed_at_ms`) and retention still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hypertable_keys_keep_the_ingest_idempotent() {
-    let (url, name, mut admin) = create_pg_database().await;
+    let db = PgDatabase::create("its_retention").await;
+    let url = db.url.clone();
     let outcome = tokio::spawn(async move {
         let store: Arc<dyn EventStore> = Arc::new(PostgresStore::open(&url).await.expect("open"));
         let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
@@ -462,7 +361,7 @@ async fn hypertable_keys_keep_the_ingest_idempotent() {
         assert_eq!(store.device_seqs("dev-a").await.expect("seqs"), (6..=10).collect::<Vec<u64>>());
     })
     .await;
-    drop_pg_database(&name, &mut admin).await;
+    db.drop_db().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -2,9 +2,9 @@
 //! and PostgreSQL (a fresh database per test, created through the admin connection named by
 //! `ITS_TEST_PG_URL` and dropped afterwards).
 
-use std::future::Future;
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use its_aggregator::store::{
@@ -14,106 +14,10 @@ use its_aggregator::store::{
 use its_shared::event::{CameraHealth, ClassCount, Direction, ObjectRef, Phase};
 use its_shared::wire::{Heartbeat, Hello};
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
-use sqlx::Connection as _;
 
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+use common::{Backend, both_backends, run, with_database};
 
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-fn pg_admin_url() -> String {
-    std::env::var("ITS_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
-}
-
-/// `postgres://user@host:port/db?params` with the database replaced.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, params) = match url.split_once('?') {
-        Some((b, p)) => (b, Some(p)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match params {
-        Some(p) => format!("{host_part}/{db}?{p}"),
-        None => format!("{host_part}/{db}"),
-    }
-}
-
-fn unique_name() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    format!("its_test_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos)
-}
-
-/// Runs `test` against a fresh store of `backend`, cleaning up even when the test panics.
-async fn run<F, Fut>(backend: Backend, test: F)
-where
-    F: FnOnce(Arc<dyn EventStore>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let url = format!("sqlite://{}", dir.path().join("events.db").display());
-            let store = open_store(&url).await.expect("open sqlite store");
-            assert_eq!(store.backend(), "sqlite");
-            let outcome = tokio::spawn(test(store)).await;
-            drop(dir);
-            if let Err(e) = outcome {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-        Backend::Postgres => {
-            let admin_url = pg_admin_url();
-            let name = unique_name();
-            let mut admin =
-                sqlx::PgConnection::connect(&admin_url).await.expect("connect to PostgreSQL (set ITS_TEST_PG_URL)");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-                .execute(&mut admin)
-                .await
-                .expect("create test database");
-            let store = open_store(&with_database(&admin_url, &name)).await.expect("open postgres store");
-            assert_eq!(store.backend(), "postgres");
-            let outcome = tokio::spawn(test(store)).await;
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
-                .execute(&mut admin)
-                .await
-                .expect("drop test database");
-            if let Err(e) = outcome {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
-    }
-}
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(super::Backend::Sqlite, super::$name).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(super::Backend::Postgres, super::$name).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+both_backends!(
     idempotent_insert,
     high_water_per_device,
     hello_upserts_the_device,

@@ -11,8 +11,35 @@ use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The admin connection for per-test databases: `ITS_TEST_PG_URL`, or [`DEFAULT_PG_URL`].
 pub fn pg_admin_url() -> String {
-    std::env::var("ITS_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    std::env::var("ITS_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
+}
+
+/// `postgres://user@host:port/db?params` with the database replaced.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, params) = match url.split_once('?') {
+        Some((b, p)) => (b, Some(p)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match params {
+        Some(p) => format!("{host_part}/{db}?{p}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+/// A database name unique to this process and call: `{prefix}_{pid}_{counter}_{nanos}`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), nanos)
 }
 
 /// A fresh PostgreSQL database for one test, dropped at the end.
@@ -24,15 +51,14 @@ pub struct PgDatabase {
 impl PgDatabase {
     pub async fn create(prefix: &str) -> Self {
         use sqlx::Connection;
-        let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
+        let name = unique_name(prefix);
         let admin = pg_admin_url();
         let mut conn = sqlx::PgConnection::connect(&admin).await.expect("PostgreSQL reachable (set ITS_TEST_PG_URL)");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut conn)
             .await
             .expect("create database");
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).expect("url has a database");
-        Self { url: format!("{base}/{name}"), name }
+        Self { url: with_database(&admin, &name), name }
     }
 
     pub async fn drop_db(self) {
@@ -44,6 +70,73 @@ impl PgDatabase {
         }
     }
 }
+
+/// The two storage backends a suite runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    /// A file in a temporary directory.
+    Sqlite,
+    /// A fresh database per test ([`PgDatabase`]).
+    Postgres,
+}
+
+/// Runs `test` against a fresh store of `backend`, cleaning up even when the test panics.
+pub async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(std::sync::Arc<dyn its_aggregator::store::EventStore>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use its_aggregator::store::open_store;
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}", dir.path().join("events.db").display());
+            let store = open_store(&url).await.expect("open sqlite store");
+            assert_eq!(store.backend(), "sqlite");
+            let outcome = tokio::spawn(test(store)).await;
+            drop(dir);
+            if let Err(e) = outcome {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        Backend::Postgres => {
+            let db = PgDatabase::create(concat!("its_", env!("CARGO_CRATE_NAME"))).await;
+            let store = open_store(&db.url).await.expect("open postgres store");
+            assert_eq!(store.backend(), "postgres");
+            let outcome = tokio::spawn(test(store)).await;
+            db.drop_db().await;
+            if let Err(e) = outcome {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+}
+
+/// `both_backends!(a, b)` defines `sqlite::a`, `sqlite::b`, `postgres::a` and `postgres::b`, each
+/// a test that [`run`]s the suite function `a` (or `b`) of the invoking module on that backend.
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::common::run(crate::common::Backend::Sqlite, super::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::common::run(crate::common::Backend::Postgres, super::$name).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_backends;
 
 /// The built binaries of the workspace (`cargo test --workspace` builds both).
 pub fn aggregator_bin() -> PathBuf {
