@@ -14,6 +14,7 @@ use super::body::{Body, Path};
 use super::{ApiError, AppState, ErrorBody};
 use crate::auth::store::{ApiKeyRow, AuditQuery, AuditRecord, UserRow};
 use crate::auth::{Permission, PermissionSet, Principal, Role, scope_within, validate_scope};
+use crate::store::fleet::{NameText, SiteIdText};
 use crate::store::{CameraRef, Scope};
 use crate::unix_ms;
 
@@ -22,19 +23,13 @@ use crate::unix_ms;
 #[serde(deny_unknown_fields)]
 pub struct Grants {
     #[serde(default)]
-    #[schema(inline, value_type = Vec<SiteId>)]
+    #[schema(inline, value_type = Vec<SiteIdText>)]
     pub sites: Vec<String>,
     /// `device/camera`
     #[serde(default)]
     #[schema(inline, value_type = Vec<CameraRefText>)]
     pub cameras: Vec<String>,
 }
-
-/// A site id: `[A-Za-z0-9._-]`, 1 to 64 characters.
-#[derive(ToSchema)]
-#[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
-#[allow(dead_code)]
-struct SiteId(String);
 
 /// `device/camera`: a device id, `/`, a camera id without control characters (up to 128 bytes;
 /// the pattern admits 32 characters, which always fit).
@@ -231,11 +226,7 @@ pub struct ApiKeyList {
 #[serde(deny_unknown_fields)]
 pub struct NewApiKey {
     /// 1 to 128 characters without control characters (leading and trailing spaces are trimmed).
-    #[schema(
-        min_length = 1,
-        max_length = 128,
-        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$"
-    )]
+    #[schema(value_type = NameText, inline)]
     pub name: String,
     /// Permission names; each must be one the creator has.
     #[schema(min_items = 1, inline, value_type = Vec<PermissionName>)]

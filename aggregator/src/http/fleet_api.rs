@@ -2,7 +2,7 @@
 //! it answers 404, exactly like something that does not exist.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -11,11 +11,13 @@ use utoipa::ToSchema;
 
 use super::auth_api::audit;
 use super::authz::ClientIp;
-use super::body::Body;
+use super::body::{Body, Path};
 use super::{ApiError, AppState, ErrorBody};
 use crate::auth::Principal;
 use crate::store::Scope;
-use crate::store::fleet::{CameraDetail, CameraPatch, DeviceDetail, DevicePatch, HealthSample, SiteRecord};
+use crate::store::fleet::{
+    CameraDetail, CameraPatch, DeviceDetail, DevicePatch, HealthSample, NameText, SiteIdText, SiteRecord,
+};
 use crate::unix_ms;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -27,13 +29,18 @@ pub struct SiteList {
 #[serde(deny_unknown_fields)]
 pub struct NewSite {
     /// `[A-Za-z0-9._-]`, 1 to 64 characters.
+    #[schema(value_type = SiteIdText, inline)]
     pub site_id: String,
+    /// 1 to 128 characters without control characters (leading and trailing spaces are trimmed).
+    #[schema(value_type = NameText, inline)]
     pub name: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SitePatch {
+    /// 1 to 128 characters without control characters (leading and trailing spaces are trimmed).
+    #[schema(value_type = NameText, inline)]
     pub name: String,
 }
 
@@ -190,8 +197,9 @@ pub async fn update_device(
 /// Health reports of a device, newest first.
 #[utoipa::path(get, path = "/api/v1/devices/{device}/health", tag = "fleet",
     params(("device" = String, Path, description = "Device id"),
-           ("from" = Option<String>, Query, description = "RFC 3339 or Unix ms"), ("to" = Option<String>, Query, description = "RFC 3339 or Unix ms"),
-           ("limit" = Option<u32>, Query, description = "1..=1000, default 100")),
+           ("from" = inline(Option<super::TimeParam>), Query, description = "RFC 3339 or Unix ms"),
+           ("to" = inline(Option<super::TimeParam>), Query, description = "RFC 3339 or Unix ms"),
+           ("limit" = Option<u32>, Query, description = "1..=1000, default 100", minimum = 1, maximum = 1000)),
     extensions(("x-permission" = json!("devices:read"))),
     responses((status = 200, description = "Health reports", body = HealthList), (status = 404, description = "No such device", body = ErrorBody)))]
 pub async fn device_health(

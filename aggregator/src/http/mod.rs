@@ -139,6 +139,30 @@ impl utoipa::Modify for ApiConventions {
                     .and_then(|e| e.get(authz::PERMISSION_EXTENSION))
                     .and_then(|v| v.as_str())
                     .and_then(Access::parse);
+                // Every handler parses its query string strictly and takes an empty value as an
+                // absent parameter (`?limit=` is the default limit): say so in each constrained
+                // parameter's schema.
+                for param in op.parameters.iter_mut().flatten() {
+                    if param.parameter_in != utoipa::openapi::path::ParameterIn::Query {
+                        continue;
+                    }
+                    let Some(schema) = param.schema.take() else { continue };
+                    let plain = serde_json::to_value(&schema).ok() == Some(serde_json::json!({ "type": "string" }));
+                    let is_any_of = matches!(&schema, utoipa::openapi::RefOr::T(utoipa::openapi::Schema::AnyOf(_)));
+                    param.schema = Some(if plain || is_any_of {
+                        schema
+                    } else {
+                        utoipa::openapi::schema::AnyOfBuilder::new()
+                            .item(schema)
+                            .item(
+                                utoipa::openapi::schema::ObjectBuilder::new()
+                                    .schema_type(utoipa::openapi::schema::Type::String)
+                                    .enum_values(Some([""]))
+                                    .description(Some("Empty: as if absent")),
+                            )
+                            .into()
+                    });
+                }
                 let has_body = op.request_body.is_some();
                 let mut add = |code: &str, desc: &str| {
                     if !op.responses.responses.contains_key(code) {

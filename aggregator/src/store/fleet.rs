@@ -109,12 +109,12 @@ pub struct DevicePatch {
     /// `Some(None)` clears the name. 1 to 128 characters without control characters (leading
     /// and trailing spaces are trimmed).
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$")]
+    #[schema(value_type = Option<NameText>, inline)]
     pub name: Option<Option<String>>,
     /// An existing site, or `Some(None)` to unassign. The device's cameras without a site of their
     /// own follow.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<SiteIdText>, inline)]
     pub site_id: Option<Option<String>>,
     /// Disable (its connections are refused) or enable again.
     #[serde(default)]
@@ -128,11 +128,11 @@ pub struct CameraPatch {
     /// `Some(None)` clears the name. 1 to 128 characters without control characters (leading
     /// and trailing spaces are trimmed).
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$")]
+    #[schema(value_type = Option<NameText>, inline)]
     pub name: Option<Option<String>>,
     /// The camera's own site (an existing one), or `Some(None)` to follow its device's again.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<SiteIdText>, inline)]
     pub site_id: Option<Option<String>>,
 }
 
@@ -157,6 +157,30 @@ impl Scope {
         }
     }
 }
+
+// The API's schema of what `validate_site_id` takes (the doc comment is the schema's description).
+/// A site id: `[A-Za-z0-9._-]`, 1 to 64 characters.
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
+#[allow(dead_code)]
+pub struct SiteIdText(String);
+
+/// A name in the API's schema ([`valid_name`]): 1 to 128 characters without control characters,
+/// not only white space (leading and trailing white space is trimmed).
+pub struct NameText;
+
+impl utoipa::PartialSchema for NameText {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_NAME_CHARS))
+            .pattern(Some(r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for NameText {}
 
 /// Checks a site id: `[A-Za-z0-9._-]`, 1 to 64 characters (as device ids).
 pub fn validate_site_id(site_id: &str) -> Result<(), StoreError> {
