@@ -163,7 +163,8 @@ async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<(
     let password = crate::auth::secrets::random_token(12);
     match auth.store.user_by_name("demo").await? {
         Some(u) => {
-            let hash = crate::auth::secrets::hash_password(&password).map_err(|e| anyhow::anyhow!(e))?;
+            let hash =
+                crate::auth::secrets::hash_password_off_thread(&password).await.map_err(|e| anyhow::anyhow!(e))?;
             auth.store.set_password(u.user_id, &hash, crate::unix_ms()).await?;
         }
         None => {

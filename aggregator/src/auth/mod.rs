@@ -388,10 +388,7 @@ impl AuthService {
         }
         let user = self.store.user_by_name(&name).await?;
         let hash = user.as_ref().map_or_else(|| secrets::dummy_hash().to_owned(), |u| u.password_hash.clone());
-        let pw = password.to_owned();
-        let matches = tokio::task::spawn_blocking(move || secrets::verify_password(&pw, &hash))
-            .await
-            .map_err(|e| AuthError::Invalid(format!("password check: {e}")))?;
+        let matches = secrets::verify_password_off_thread(password, &hash).await;
         let user = match user {
             Some(u) if matches && !u.disabled => u,
             other => {
@@ -494,10 +491,7 @@ impl AuthService {
         match (code, recovery_code) {
             (Some(code), None) => {
                 let Some(secret) = &user.totp_secret else { return Ok((false, "totp")) };
-                let t = u64::try_from(now / 1000).unwrap_or(0);
-                let Some(step) = secrets::totp::matching_step(secret, code, t) else { return Ok((false, "totp")) };
-                let fresh = self.store.accept_totp_step(user.user_id, i64::try_from(step).unwrap_or(i64::MAX)).await?;
-                Ok((fresh, "totp"))
+                Ok((self.accept_totp(user.user_id, secret, code, now).await?, "totp"))
             }
             (None, Some(rc)) => {
                 let normalised: String =
@@ -506,6 +500,16 @@ impl AuthService {
                 Ok((used, "recovery_code"))
             }
             _ => Err(AuthError::Invalid("give exactly one of code and recovery_code".into())),
+        }
+    }
+
+    /// Whether `code` is the TOTP code of `secret` at `now` (one step of skew) AND its time step
+    /// is newer than every step this user had accepted: a code works once, then is a replay.
+    pub async fn accept_totp(&self, user_id: i64, secret: &str, code: &str, now: i64) -> Result<bool, StoreError> {
+        let t = u64::try_from(now / 1000).unwrap_or(0);
+        match secrets::totp::matching_step(secret, code, t) {
+            Some(step) => self.store.accept_totp_step(user_id, i64::try_from(step).unwrap_or(i64::MAX)).await,
+            None => Ok(false),
         }
     }
 
@@ -720,11 +724,7 @@ impl AuthService {
         validate_username(&name).map_err(AuthError::Invalid)?;
         secrets::check_password_policy(password).map_err(AuthError::Invalid)?;
         validate_scope(role, scope).map_err(AuthError::Invalid)?;
-        let pw = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || secrets::hash_password(&pw))
-            .await
-            .map_err(|e| AuthError::Invalid(format!("hashing: {e}")))?
-            .map_err(AuthError::Invalid)?;
+        let hash = secrets::hash_password_off_thread(password).await.map_err(AuthError::Invalid)?;
         Ok(self.store.create_user(&name, &hash, role, scope, self.now()).await?)
     }
 

@@ -48,6 +48,18 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
     argon2().verify_password(password.as_bytes(), phc).is_ok()
 }
 
+/// [`hash_password`] on a blocking thread (argon2 takes tens of milliseconds of CPU).
+pub async fn hash_password_off_thread(password: &str) -> Result<String, String> {
+    let pw = password.to_owned();
+    tokio::task::spawn_blocking(move || hash_password(&pw)).await.map_err(|e| format!("hashing: {e}"))?
+}
+
+/// [`verify_password`] on a blocking thread; `false` if that thread fails.
+pub async fn verify_password_off_thread(password: &str, phc: &str) -> bool {
+    let (pw, phc) = (password.to_owned(), phc.to_owned());
+    tokio::task::spawn_blocking(move || verify_password(&pw, &phc)).await.unwrap_or(false)
+}
+
 /// A hash to verify against when the user does not exist, so that an unknown name costs the
 /// same time as a wrong password.
 pub fn dummy_hash() -> &'static str {

@@ -348,11 +348,7 @@ pub async fn update_user(
     let now = unix_ms();
     if let Some(pw) = &req.password {
         crate::auth::secrets::check_password_policy(pw).map_err(ApiError::invalid_request)?;
-        let pw = pw.clone();
-        let hash = tokio::task::spawn_blocking(move || crate::auth::secrets::hash_password(&pw))
-            .await
-            .map_err(|e| ApiError::internal(&e))?
-            .map_err(|e| ApiError::internal(&e))?;
+        let hash = crate::auth::secrets::hash_password_off_thread(pw).await.map_err(|e| ApiError::internal(&e))?;
         state.auth.store.set_password(id, &hash, now).await?;
     }
     state.auth.store.update_user(id, role, &scope, disabled, now).await?;
@@ -553,31 +549,14 @@ pub async fn list_audit(
     State(state): State<AppState>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    let Query(pairs) = params.map_err(|_| ApiError::invalid_parameter("malformed query string"))?;
     let mut q = AuditQuery { limit: 100, ..Default::default() };
-    let mut seen = std::collections::HashSet::new();
-    for (name, value) in pairs {
-        if !seen.insert(name.clone()) {
-            return Err(ApiError::invalid_parameter(format!(
-                "parameter {} given more than once",
-                name.chars().take(32).collect::<String>()
-            )));
-        }
-        if value.is_empty() {
-            continue;
-        }
+    for (name, value) in super::query_params(params, &["actor", "action", "from", "to", "limit", "cursor"])? {
         match name.as_str() {
             "actor" => q.actor = Some(value),
             "action" => q.action = Some(value),
             "from" => q.from_ms = Some(super::parse_time("from", &value)?),
             "to" => q.to_ms = Some(super::parse_time("to", &value)?),
-            "limit" => {
-                q.limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=1000).contains(l))
-                    .ok_or_else(|| ApiError::invalid_parameter("limit must be an integer between 1 and 1000"))?;
-            }
+            "limit" => q.limit = super::page_limit(&value)?,
             "cursor" => {
                 q.before_id = Some(value.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(ApiError::invalid_cursor)?);
             }

@@ -269,17 +269,11 @@ pub async fn change_password(
 ) -> Result<StatusCode, ApiError> {
     let (user_id, _) = user_of(&p)?;
     let user = state.auth.store.user_by_id(user_id).await?.ok_or_else(|| ApiError::no_such("such user"))?;
-    let (current, hash) = (req.current_password.clone(), user.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || secrets::verify_password(&current, &hash)).await.unwrap_or(false);
-    if !ok {
+    if !secrets::verify_password_off_thread(&req.current_password, &user.password_hash).await {
         return Err(crate::auth::AuthError::InvalidCredentials.into());
     }
     secrets::check_password_policy(&req.new_password).map_err(ApiError::invalid_request)?;
-    let new = req.new_password.clone();
-    let hash = tokio::task::spawn_blocking(move || secrets::hash_password(&new))
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .map_err(|e| ApiError::internal(&e))?;
+    let hash = secrets::hash_password_off_thread(&req.new_password).await.map_err(|e| ApiError::internal(&e))?;
     state.auth.store.set_password(user_id, &hash, unix_ms()).await?;
     state.auth.revoke_user(user_id, "password changed").await?;
     audit(&state, &p, "password.changed", Some(format!("user:{}", user.username)), ip, json!({})).await;
@@ -331,12 +325,7 @@ pub async fn mfa_confirm(
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", "start with POST /api/v1/auth/mfa/enroll"));
     };
     let now = state.auth.now();
-    let step = secrets::totp::matching_step(secret, &req.code, u64::try_from(now / 1000).unwrap_or(0));
-    let fresh = match step {
-        Some(s) => state.auth.store.accept_totp_step(user_id, i64::try_from(s).unwrap_or(i64::MAX)).await?,
-        None => false,
-    };
-    if !fresh {
+    if !state.auth.accept_totp(user_id, secret, &req.code, now).await? {
         return Err(crate::auth::AuthError::InvalidCode.into());
     }
     let codes: Vec<String> = (0..RECOVERY_CODES)
@@ -373,11 +362,7 @@ pub async fn mfa_disable(
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("the role {} requires MFA", user.role)));
     }
     let now = state.auth.now();
-    let fresh = match secrets::totp::matching_step(secret, &req.code, u64::try_from(now / 1000).unwrap_or(0)) {
-        Some(s) => state.auth.store.accept_totp_step(user_id, i64::try_from(s).unwrap_or(i64::MAX)).await?,
-        None => false,
-    };
-    if !fresh {
+    if !state.auth.accept_totp(user_id, secret, &req.code, now).await? {
         return Err(crate::auth::AuthError::InvalidCode.into());
     }
     state.auth.store.disable_totp(user_id, now).await?;

@@ -59,27 +59,6 @@ pub struct HealthList {
     pub health: Vec<HealthSample>,
 }
 
-/// Strict query parsing: only the named parameters, each at most once; empty values are absent.
-fn query_params(
-    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    allowed: &[&str],
-) -> Result<std::collections::HashMap<String, String>, ApiError> {
-    let Query(pairs) = params.map_err(|_| ApiError::invalid_parameter("malformed query string"))?;
-    let mut out = std::collections::HashMap::new();
-    for (name, value) in pairs {
-        if !allowed.contains(&name.as_str()) {
-            return Err(ApiError::unknown_parameter(&name));
-        }
-        if out.contains_key(&name) {
-            return Err(ApiError::invalid_parameter(format!("parameter {name} given more than once")));
-        }
-        if !value.is_empty() {
-            out.insert(name, value);
-        }
-    }
-    Ok(out)
-}
-
 fn site_visible(scope: &Scope, site: &str) -> bool {
     match scope {
         Scope::All => true,
@@ -208,16 +187,12 @@ pub async fn device_health(
     Path(device): Path<String>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<HealthList>, ApiError> {
-    let q = query_params(params, &["from", "to", "limit"])?;
+    let q = super::query_params(params, &["from", "to", "limit"])?;
     state.fleet.get_device(&device, &p.scope).await?;
     let from = q.get("from").map(|v| super::parse_time("from", v)).transpose()?;
     let to = q.get("to").map(|v| super::parse_time("to", v)).transpose()?;
     let limit = match q.get("limit") {
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| ApiError::invalid_parameter("limit must be an integer between 1 and 1000"))?,
+        Some(v) => super::page_limit(v)?,
         None => 100,
     };
     Ok(Json(HealthList { health: state.fleet.health_history(&device, from, to, limit).await? }))
@@ -233,7 +208,7 @@ pub async fn list_cameras(
     Extension(p): Extension<Principal>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<CameraList>, ApiError> {
-    let q = query_params(params, &["device", "site"])?;
+    let q = super::query_params(params, &["device", "site"])?;
     let cameras = state
         .fleet
         .list_cameras(&p.scope, q.get("device").map(String::as_str), q.get("site").map(String::as_str))

@@ -91,12 +91,14 @@ pub struct ErrorDetail {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "ITS Camera AI aggregator API", description = "Traffic events, devices, sites and cameras, users and access of an ITS Camera AI fleet. \
+    info(
+        title = "ITS Camera AI aggregator API",
+        description = "Traffic events, devices, sites and cameras, users and access of an ITS Camera AI fleet. \
 Authenticate with `Authorization: Bearer <access token>` (from `POST /api/v1/auth/login`) or with an API key \
 (`Authorization: Bearer its_...` or `X-API-Key: its_...`). Each operation's `x-permission` names what it needs. \
-Errors are `{\"error\": {\"code\", \"message\"}}`."),
-    components(schemas(ErrorBody, ErrorDetail)),
-    modifiers(&ApiConventions)
+Errors are `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    components(schemas(ErrorBody, ErrorDetail))
 )]
 struct ApiDoc;
 
@@ -240,10 +242,14 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
 
 /// The OpenAPI document (served at `/api/v1/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (_, mut doc) = api().split_for_parts();
-    // The modifier ran on the base document; run it again over the collected paths.
+    documented_routes().1
+}
+
+/// The routes and their document, with the conventions applied over every collected path.
+fn documented_routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (routes, mut doc) = api().split_for_parts();
     utoipa::Modify::modify(&ApiConventions, &mut doc);
-    doc
+    (routes, doc)
 }
 
 /// What each endpoint needs, read from the OpenAPI document. Fails (naming them) when an
@@ -254,8 +260,8 @@ pub fn access_map() -> Result<AccessMap, String> {
 
 /// The API's router, state applied.
 pub fn router(state: AppState) -> Router {
-    let (routes, _) = api().split_for_parts();
-    let doc = Arc::new(openapi());
+    let (routes, doc) = documented_routes();
+    let doc = Arc::new(doc);
     routes
         .route("/metrics", get(render_metrics))
         .route(
@@ -588,6 +594,36 @@ pub fn parse_event_query(pairs: Vec<(String, String)>) -> Result<EventQuery, Api
         }
     }
     Ok(q)
+}
+
+/// Strict query parsing: only the named parameters, each at most once; empty values are absent.
+pub(crate) fn query_params(
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    allowed: &[&str],
+) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    let Query(pairs) = params.map_err(|_| ApiError::invalid_parameter("malformed query string"))?;
+    let mut out = std::collections::HashMap::new();
+    for (name, value) in pairs {
+        if !allowed.contains(&name.as_str()) {
+            return Err(ApiError::unknown_parameter(&name));
+        }
+        if out.contains_key(&name) {
+            return Err(ApiError::invalid_parameter(format!("parameter {name} given more than once")));
+        }
+        if !value.is_empty() {
+            out.insert(name, value);
+        }
+    }
+    Ok(out)
+}
+
+/// A page size parameter: 1..=1000.
+pub(crate) fn page_limit(value: &str) -> Result<u32, ApiError> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|l| (1..=1000).contains(l))
+        .ok_or_else(|| ApiError::invalid_parameter("limit must be an integer between 1 and 1000"))
 }
 
 /// Unix milliseconds (`1700000000000`, may be negative) or RFC 3339 (`2023-11-14T22:13:20Z`).
