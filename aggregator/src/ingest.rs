@@ -27,6 +27,7 @@ use its_shared::session::{IngestAction, IngestSession};
 use its_shared::wire::{self, Frame, FrameDecoder};
 use tokio::sync::{mpsc, watch};
 
+use crate::bus::{BusMessage, CommittedEvents, EventBus};
 use crate::pki::{Pki, device_id_from_cert};
 use crate::snapshots::SnapshotObjects;
 use crate::store::{EventStore, Fleet, NewSnapshot};
@@ -193,6 +194,7 @@ pub async fn serve(
     cfg: IngestConfig,
     store: Arc<dyn EventStore>,
     snapshots: SnapshotObjects,
+    bus: EventBus,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut stamp = pki.revocation_stamp();
@@ -204,11 +206,11 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return Ok(()) };
-                let (store, sessions, snapshots, fleet) =
-                    (store.clone(), sessions.clone(), snapshots.clone(), fleet.clone());
+                let (store, sessions, snapshots, fleet, bus) =
+                    (store.clone(), sessions.clone(), snapshots.clone(), fleet.clone(), bus.clone());
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = handle_connection(incoming, store, snapshots, sessions, fleet).await {
+                    if let Err(e) = handle_connection(incoming, store, snapshots, sessions, fleet, bus).await {
                         tracing::info!(%remote, error = %format!("{e:#}"), "agent connection ended");
                     }
                 });
@@ -245,6 +247,7 @@ async fn handle_connection(
     snapshots: SnapshotObjects,
     sessions: DeviceSessions,
     fleet: Fleet,
+    bus: EventBus,
 ) -> anyhow::Result<()> {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -273,9 +276,9 @@ async fn handle_connection(
     slot.preempt.notify_waiters();
     let _exclusive = slot.lock.lock().await;
     let mut session = IngestSession::new();
-    let result =
-        run_session(&device, &mut session, &mut send, &mut recv, &mut stored_rx, store.as_ref(), &slot, generation)
-            .await;
+    let _online = OnlineStatus::announce(&bus, &device);
+    let link = SessionLink { device: &device, store: store.as_ref(), bus: &bus, slot: &slot, generation };
+    let result = run_session(&link, &mut session, &mut send, &mut recv, &mut stored_rx).await;
     let stats = session.stats();
     telemetry::session_closed(&stats);
     match result {
@@ -305,17 +308,81 @@ fn peer_device_id(conn: &quinn::Connection) -> anyhow::Result<String> {
     Ok(device_id_from_cert(leaf)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_session(
+/// Publishes a device's `online` status on the bus, and `offline` when dropped.
+struct OnlineStatus {
+    bus: EventBus,
+    device: String,
+}
+
+impl OnlineStatus {
+    fn announce(bus: &EventBus, device: &str) -> Self {
+        bus.publish(BusMessage::DeviceStatus { device: device.to_owned(), online: true, at_ms: unix_ms() });
+        Self { bus: bus.clone(), device: device.to_owned() }
+    }
+}
+
+impl Drop for OnlineStatus {
+    fn drop(&mut self) {
+        let device = std::mem::take(&mut self.device);
+        self.bus.publish(BusMessage::DeviceStatus { device, online: false, at_ms: unix_ms() });
+    }
+}
+
+/// What one session works with.
+struct SessionLink<'a> {
+    device: &'a str,
+    store: &'a dyn EventStore,
+    bus: &'a EventBus,
+    slot: &'a DeviceSlot,
+    generation: u64,
+}
+
+/// Stores a batch and publishes what was newly stored on the bus (after the commit).
+pub async fn commit_batch(
+    store: &dyn EventStore,
+    bus: &EventBus,
     device: &str,
+    events: Vec<its_shared::event::EventEnvelope>,
+) -> anyhow::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let outcome = store.insert_events(device, &events, unix_ms()).await?;
+    telemetry::batch_committed(outcome.inserted, outcome.duplicates, started.elapsed());
+    if outcome.inserted == 0 {
+        return Ok(());
+    }
+    let events = if outcome.duplicates == 0 {
+        events
+    } else {
+        events.into_iter().filter(|e| outcome.new_seqs.binary_search(&e.seq).is_ok()).collect()
+    };
+    bus.publish(BusMessage::Events(CommittedEvents { device: device.to_owned(), events, committed_at_ms: unix_ms() }));
+    Ok(())
+}
+
+/// Stores a heartbeat and publishes it on the bus.
+pub async fn record_health(
+    store: &dyn EventStore,
+    bus: &EventBus,
+    device: &str,
+    hb: &its_shared::wire::Heartbeat,
+) -> anyhow::Result<()> {
+    let now = unix_ms();
+    store.record_health(device, hb, now).await?;
+    bus.publish(BusMessage::Health { device: device.to_owned(), at_ms: now, health: hb.health.clone() });
+    Ok(())
+}
+
+async fn run_session(
+    link: &SessionLink<'_>,
     session: &mut IngestSession,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     stored: &mut mpsc::Receiver<u64>,
-    store: &dyn EventStore,
-    slot: &DeviceSlot,
-    generation: u64,
 ) -> anyhow::Result<()> {
+    let SessionLink { device, store, bus, slot, generation } = *link;
     let mut decoder = FrameDecoder::new();
     let mut chunk = vec![0u8; 256 * 1024];
     let mut out = Vec::with_capacity(64);
@@ -346,14 +413,10 @@ async fn run_session(
                     session.handle_high_water(hw);
                 }
                 Some(IngestAction::Commit { events, up_to }) => {
-                    if !events.is_empty() {
-                        let started = Instant::now();
-                        let outcome = store.insert_events(device, &events, unix_ms()).await?;
-                        telemetry::batch_committed(outcome.inserted, outcome.duplicates, started.elapsed());
-                    }
+                    commit_batch(store, bus, device, events).await?;
                     session.handle_committed(up_to);
                 }
-                Some(IngestAction::Health(hb)) => store.record_health(device, &hb, unix_ms()).await?,
+                Some(IngestAction::Health(hb)) => record_health(store, bus, device, &hb).await?,
                 None => telemetry::batch_out_of_order(),
             }
             flush(session, send, &mut out).await?;

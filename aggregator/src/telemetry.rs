@@ -28,9 +28,11 @@ pub const RETENTION_RUNS: &str = "its_retention_runs_total";
 pub const RETENTION_OBJECT_FAILURES: &str = "its_retention_object_delete_failures_total";
 pub const RETENTION_FAILURES: &str = "its_retention_failures_total";
 pub const STORAGE_BYTES: &str = "its_storage_bytes";
+pub const BUS_LAGGED: &str = "its_bus_lagged_total";
 
 /// Registers descriptions (call once at start-up, after installing the recorder).
 pub fn describe() {
+    crate::export::describe();
     metrics::describe_counter!(CONNECTIONS_TOTAL, "Agent connections accepted after mutual TLS");
     metrics::describe_gauge!(CONNECTIONS_ACTIVE, "Agent connections open now");
     metrics::describe_counter!(
@@ -40,6 +42,10 @@ pub fn describe() {
     metrics::describe_counter!(
         DISABLED_REFUSED,
         "Connections of disabled devices refused after mutual TLS (at: connect) or closed when the device was disabled (at: live)"
+    );
+    metrics::describe_counter!(
+        BUS_LAGGED,
+        "Bus messages a consumer lost because it fell behind (label consumer); durable consumers catch up from the database"
     );
     metrics::describe_counter!(EVENTS_STORED, "Events committed to storage");
     metrics::describe_counter!(EVENTS_DUPLICATE, "Events received again after they were stored (resends), dropped");
@@ -188,4 +194,9 @@ pub fn retention_failed() {
 pub fn storage_bytes(database: u64, snapshots: u64) {
     gauge!(STORAGE_BYTES, "part" => "database").set(database as f64);
     gauge!(STORAGE_BYTES, "part" => "snapshots").set(snapshots as f64);
+}
+
+/// A bus consumer fell `n` messages behind and lost them.
+pub fn bus_lagged(consumer: &'static str, n: u64) {
+    counter!(BUS_LAGGED, "consumer" => consumer).increment(n);
 }

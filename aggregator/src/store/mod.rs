@@ -103,12 +103,24 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// Result of [`EventStore::insert_events`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct InsertOutcome {
     /// Events newly stored.
     pub inserted: u64,
     /// Events of the batch already stored before (same `(device_id, seq)`), left unchanged.
     pub duplicates: u64,
+    /// Sequence numbers of the events newly stored, ascending: what goes on the bus.
+    pub new_seqs: Vec<u64>,
+}
+
+impl InsertOutcome {
+    /// From the batch size and the `RETURNING seq` of the insert.
+    pub(crate) fn from_new_seqs(batch: usize, new: Vec<i64>) -> Result<Self, StoreError> {
+        let mut new_seqs = new.into_iter().map(seq_from_db).collect::<Result<Vec<_>, _>>()?;
+        new_seqs.sort_unstable();
+        let inserted = new_seqs.len() as u64;
+        Ok(Self { inserted, duplicates: (batch as u64).saturating_sub(inserted), new_seqs })
+    }
 }
 
 /// One device as the aggregator knows it.
@@ -684,6 +696,16 @@ where
     DB: sqlx::Database,
     for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
+    push_scope_condition_on(qb, scope, "events");
+}
+
+/// [`push_scope_condition`] for a query whose rows (with `device_id` and `camera` columns) are
+/// named `table` (a fixed name from the code, never input).
+pub(crate) fn push_scope_condition_on<DB>(qb: &mut QueryBuilder<DB>, scope: &Scope, table: &'static str)
+where
+    DB: sqlx::Database,
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
     let Scope::Limited { sites, cameras } = scope else {
         return;
     };
@@ -692,10 +714,10 @@ where
         cameras.iter().filter(|c| !c.device_id.contains('\0') && !c.camera.contains('\0')).collect();
     qb.push(" AND (1 = 0");
     if !sites.is_empty() {
-        qb.push(
-            " OR EXISTS (SELECT 1 FROM cameras sc WHERE sc.device_id = events.device_id \
-             AND sc.camera = events.camera AND sc.site_id IN (",
-        );
+        qb.push(format!(
+            " OR EXISTS (SELECT 1 FROM cameras sc WHERE sc.device_id = {table}.device_id \
+             AND sc.camera = {table}.camera AND sc.site_id IN ("
+        ));
         for (i, site) in sites.iter().enumerate() {
             if i > 0 {
                 qb.push(", ");
@@ -705,8 +727,8 @@ where
         qb.push("))");
     }
     for c in cameras {
-        qb.push(" OR (events.device_id = ").push_bind(c.device_id.as_str());
-        qb.push(" AND events.camera = ").push_bind(c.camera.as_str()).push(")");
+        qb.push(format!(" OR ({table}.device_id = ")).push_bind(c.device_id.as_str());
+        qb.push(format!(" AND {table}.camera = ")).push_bind(c.camera.as_str()).push(")");
     }
     qb.push(")");
 }

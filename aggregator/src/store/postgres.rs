@@ -174,7 +174,8 @@ impl EventStore for PostgresStore {
         }
         // No conflict target: the key is (device_id, seq) on plain tables and
         // (device_id, seq, observed_at_ms) on a TimescaleDB hypertable (see `retention::timescale_setup`).
-        let result = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let new: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO events (device_id, seq, camera, kind, observed_at_ms, ingested_at_ms, label, payload, \
              zone, line, direction, speed_kmh) \
              SELECT $1, u.seq, u.camera, u.kind, u.observed_at_ms, $2, u.label, u.payload::jsonb, \
@@ -182,7 +183,7 @@ impl EventStore for PostgresStore {
              FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[], \
              $9::text[], $10::text[], $11::text[], $12::float8[]) \
              AS u(seq, camera, kind, observed_at_ms, label, payload, zone, line, direction, speed_kmh) \
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT DO NOTHING RETURNING seq",
         )
         .bind(pg_text(device_id).as_ref())
         .bind(now_ms)
@@ -196,10 +197,19 @@ impl EventStore for PostgresStore {
         .bind(lines)
         .bind(directions)
         .bind(speeds)
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        let inserted = result.rows_affected();
-        Ok(InsertOutcome { inserted, duplicates: (n as u64).saturating_sub(inserted) })
+        let outcome = InsertOutcome::from_new_seqs(n, new)?;
+        for (camera, minute_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
+            sqlx::query(crate::analytics::MARK_DIRTY_SQL)
+                .bind(pg_text(device_id).as_ref())
+                .bind(pg_text(camera).as_ref())
+                .bind(minute_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(outcome)
     }
 
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {

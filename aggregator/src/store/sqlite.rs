@@ -55,7 +55,7 @@ fn insert_statements() -> &'static [String] {
                 }
                 sql.push_str(&row);
             }
-            sql.push_str(" ON CONFLICT (device_id, seq) DO NOTHING");
+            sql.push_str(" ON CONFLICT (device_id, seq) DO NOTHING RETURNING seq");
             all.push(sql);
             rows *= 2;
         }
@@ -205,7 +205,7 @@ impl EventStore for SqliteStore {
         let mut rows = rows.into_iter();
         let mut left = total;
         let mut tx = self.writer.begin().await?;
-        let mut inserted = 0u64;
+        let mut new: Vec<i64> = Vec::with_capacity(total);
         while left > 0 {
             // Largest power of two <= min(left, MAX_ROWS_PER_STATEMENT).
             let level = left.min(MAX_ROWS_PER_STATEMENT).ilog2() as usize;
@@ -217,10 +217,19 @@ impl EventStore for SqliteStore {
             args.reserve(n * PARAMS_PER_ROW, 0);
             bind_rows(&mut args, device_id, now_ms, rows.by_ref().take(n), &mut strings)
                 .map_err(StoreError::InvalidData)?;
-            inserted += sqlx::query_with(sql.as_str(), args).execute(&mut *tx).await?.rows_affected();
+            new.extend(sqlx::query_scalar_with::<_, i64, _>(sql.as_str(), args).fetch_all(&mut *tx).await?);
+        }
+        let outcome = InsertOutcome::from_new_seqs(total, new)?;
+        for (camera, minute_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
+            sqlx::query(crate::analytics::MARK_DIRTY_SQL)
+                .bind(device_id)
+                .bind(camera)
+                .bind(minute_ms)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
-        Ok(InsertOutcome { inserted, duplicates: (total as u64).saturating_sub(inserted) })
+        Ok(outcome)
     }
 
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {

@@ -1,0 +1,63 @@
+-- Traffic metrics (see src/analytics): rollups of line crossings and zone occupancy per camera,
+-- line / zone, class and direction over 1 minute, 15 minutes and 1 hour.
+
+-- Minutes of a camera whose rollups must be recomputed: marked in the same transaction as the
+-- events that changed them, so no committed event is ever left out of the rollups. `gen` grows
+-- with every mark; the worker deletes a mark only if it is unchanged since it read it.
+CREATE TABLE rollup_dirty (
+    device_id TEXT   NOT NULL,
+    camera    TEXT   NOT NULL,
+    minute_ms BIGINT NOT NULL,
+    gen       BIGINT NOT NULL,
+    PRIMARY KEY (device_id, camera, minute_ms)
+);
+
+-- One row per bucket and series. resolution_s: 60, 900 or 3600. A crossing series has line,
+-- label (class) and direction, zone = ''; an occupancy series has zone, and line = label =
+-- direction = ''. speed_* cover the crossings with a measured speed (speed_samples of them).
+-- occupancy: time-weighted mean fraction of analysed frames with a road user in the zone.
+CREATE TABLE metric_rollups (
+    id             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    resolution_s   BIGINT NOT NULL,
+    bucket_ms      BIGINT NOT NULL,
+    device_id      TEXT   NOT NULL,
+    camera         TEXT   NOT NULL,
+    line           TEXT   NOT NULL,
+    zone           TEXT   NOT NULL,
+    label          TEXT   NOT NULL,
+    direction      TEXT   NOT NULL,
+    count          BIGINT NOT NULL,
+    speed_samples  BIGINT NOT NULL,
+    speed_mean_kmh DOUBLE PRECISION,
+    speed_p85_kmh  DOUBLE PRECISION,
+    occupancy      DOUBLE PRECISION,
+    updated_at_ms  BIGINT NOT NULL,
+    UNIQUE (resolution_s, device_id, camera, bucket_ms, line, zone, label, direction)
+);
+CREATE INDEX metric_rollups_time ON metric_rollups (resolution_s, bucket_ms);
+CREATE INDEX metric_rollups_camera_time ON metric_rollups (resolution_s, device_id, camera, bucket_ms);
+
+-- Unusual volumes and speed drops found by the anomaly detection; one per kind, series and bucket.
+CREATE TABLE anomalies (
+    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind          TEXT   NOT NULL,
+    device_id     TEXT   NOT NULL,
+    camera        TEXT   NOT NULL,
+    line          TEXT   NOT NULL,
+    resolution_s  BIGINT NOT NULL,
+    bucket_ms     BIGINT NOT NULL,
+    value         DOUBLE PRECISION NOT NULL,
+    baseline      DOUBLE PRECISION NOT NULL,
+    spread        DOUBLE PRECISION NOT NULL,
+    score         DOUBLE PRECISION NOT NULL,
+    samples       BIGINT NOT NULL,
+    detected_at_ms BIGINT NOT NULL,
+    UNIQUE (kind, device_id, camera, line, bucket_ms)
+);
+CREATE INDEX anomalies_time ON anomalies (bucket_ms);
+
+-- Progress of the analytics (key -> value), e.g. the last bucket checked for anomalies.
+CREATE TABLE analytics_state (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value BIGINT NOT NULL
+);
