@@ -47,6 +47,9 @@ enum Command {
     /// Token signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// MQTT for third parties.
+    #[command(subcommand)]
+    Mqtt(MqttCommand),
     /// Run an aggregator and an agent on this machine and show events arriving.
     Demo {
         /// Working directory (default: a new directory under the system temp dir).
@@ -95,6 +98,18 @@ enum UserCommand {
 enum KeysCommand {
     /// Create a new token signing key; the old one keeps verifying until its tokens expire.
     Rotate,
+}
+
+#[derive(Subcommand)]
+enum MqttCommand {
+    /// Write a Mosquitto password file (`passwd`, PBKDF2-SHA512 `$7$` hashes) and ACL file
+    /// (`acl`) for an external broker from the stored integrator credentials (and the
+    /// aggregator's own `[mqtt] username`/`password`). Run it again after every change.
+    MosquittoConfig {
+        /// Directory to write `passwd` and `acl` into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -216,6 +231,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("new signing key {kid}; running aggregators pick it up within 30 s");
                 anyhow::Ok(())
             })?;
+        }
+        Command::Mqtt(MqttCommand::MosquittoConfig { out }) => {
+            let cfg = match raw.validate(&source) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let n = runtime()?.block_on(its_aggregator::mqtt::credentials::write_mosquitto_config(&cfg, &out))?;
+            println!("{n} integrator credential(s): wrote {0}/passwd and {0}/acl", out.display());
         }
         Command::CheckConfig => match raw.validate(&source) {
             Ok(_) => println!("{source}: configuration is valid"),

@@ -1,0 +1,473 @@
+//! The embedded MQTT broker: rumqttd on a loopback port of its own, behind a front in this
+//! process that every outside client goes through.
+//!
+//! rumqttd 0.20 can check a CONNECT's user name and password but has no hook for what a client
+//! may subscribe to or publish. So the front speaks MQTT 3.1.1 itself (rumqttc's `mqttbytes` v4
+//! codec):
+//! - CONNECT: asks the [`Authenticator`]s; a refused client gets CONNACK 4 (bad user name or
+//!   password) or 5 (not authorised) from the front and is closed; an accepted one is forwarded
+//!   to rumqttd with the broker's internal credentials (a random password made at start, so a
+//!   local process cannot bypass the front by connecting to rumqttd's port) and a client id
+//!   prefixed with its principal (so no client can take over another's session);
+//! - SUBSCRIBE: each filter is checked against the client's [`Grant`]; refused filters get the
+//!   failure return code (0x80) in the SUBACK (the front answers alone when all are refused,
+//!   else forwards the allowed ones and merges rumqttd's SUBACK);
+//! - PUBLISH to a topic the grant does not allow is dropped (QoS 1 is acknowledged, like
+//!   Mosquitto does with an ACL denial; QoS 2 closes the connection), as is a last will on such a
+//!   topic;
+//! - every few seconds the grant's issuer is asked whether it still holds (a revoked credential
+//!   loses its open connections);
+//! - MQTT 5 clients are refused with CONNACK 1 (unacceptable protocol version).
+//!
+//! Everything else (PUBACK, PINGREQ, UNSUBSCRIBE, ...) passes through unchanged.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Login, Packet, PubAck, SubAck, Subscribe, SubscribeReasonCode,
+};
+use rumqttc::mqttbytes::{self, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::acl::{AuthOutcome, Authenticator, ConnectRequest, Grant};
+use crate::http::transport::{ReloadingCert, TlsFiles};
+
+/// Largest MQTT packet accepted (either way).
+pub const MAX_PACKET: usize = 1 << 20;
+/// A client must send its CONNECT within this time.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a connection's grant is checked again.
+pub const RECHECK: Duration = Duration::from_secs(5);
+/// User name of the internal credentials (the front and the aggregator's own connections).
+const INTERNAL_USER: &str = "its-internal";
+
+/// The running broker: where clients connect, and who may.
+pub struct Broker {
+    /// The front's address (what clients connect to).
+    pub listen: SocketAddr,
+    /// rumqttd's own listener (loopback; needs the internal credentials).
+    internal: SocketAddr,
+    internal_password: String,
+    authenticators: RwLock<Vec<Arc<dyn Authenticator>>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("listen", &self.listen).field("internal", &self.internal).finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Binds the front on `listen` (TLS with `tls`), starts rumqttd on a free loopback port, and
+    /// serves until `shutdown`. The front's accept loop goes into `tasks`.
+    pub async fn start(
+        listen: SocketAddr,
+        tls: Option<TlsFiles>,
+        shutdown: watch::Receiver<bool>,
+        tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let listener = TcpListener::bind(listen).await.with_context(|| {
+            format!("binding the embedded MQTT broker on {listen} (set [mqtt] listen, or mode = \"off\")")
+        })?;
+        let listen = listener.local_addr().context("MQTT local address")?;
+        let acceptor = match tls {
+            Some(files) => {
+                let cert = ReloadingCert::load(files)?;
+                tasks.spawn(Arc::clone(&cert).watch(crate::http::transport::RELOAD_INTERVAL, shutdown.clone()));
+                let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .context("MQTT TLS versions")?
+                .with_no_client_auth()
+                .with_cert_resolver(cert);
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+            }
+            None => None,
+        };
+        let internal_password = crate::auth::secrets::random_token(32);
+        let internal = start_rumqttd(&internal_password).await?;
+        let broker = Arc::new(Self { listen, internal, internal_password, authenticators: RwLock::new(Vec::new()) });
+        tasks.spawn(Arc::clone(&broker).accept_loop(listener, acceptor, shutdown));
+        Ok(broker)
+    }
+
+    /// Adds an authenticator; they are asked in the order they were added, the first that
+    /// recognises a client decides.
+    pub fn add_authenticator(&self, a: Arc<dyn Authenticator>) {
+        if let Ok(mut list) = self.authenticators.write() {
+            list.push(a);
+        }
+    }
+
+    /// Options for a connection of the aggregator itself, straight to rumqttd (no ACL: it may
+    /// publish and subscribe anywhere). `client_id` must not start with a principal prefix
+    /// (`integrator:`, `device:`), which the front gives outside clients.
+    pub fn internal_options(&self, client_id: &str) -> rumqttc::MqttOptions {
+        let mut o = rumqttc::MqttOptions::new(client_id, self.internal.ip().to_string(), self.internal.port());
+        o.set_credentials(INTERNAL_USER, self.internal_password.clone());
+        o
+    }
+
+    /// Who decides about `req`, and what they decided (`Refused` when nobody recognised it).
+    async fn authenticate(&self, req: &ConnectRequest) -> (AuthOutcome, Option<Arc<dyn Authenticator>>) {
+        let list: Vec<Arc<dyn Authenticator>> = self.authenticators.read().map(|l| l.clone()).unwrap_or_default();
+        for a in list {
+            match a.authenticate(req).await {
+                AuthOutcome::NotMine => continue,
+                outcome => return (outcome, Some(a)),
+            }
+        }
+        (AuthOutcome::NotMine, None)
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MQTT: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let broker = Arc::clone(&self);
+            let tls = tls.clone();
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                let r = match tls {
+                    Some(acceptor) => match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => broker.serve_client(s, peer, sd).await,
+                        Ok(Err(e)) => Err(anyhow::anyhow!("TLS handshake: {e}")),
+                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                    },
+                    None => broker.serve_client(stream, peer, sd).await,
+                };
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "MQTT client connection ended");
+                }
+            });
+        }
+    }
+
+    /// One client, from its CONNECT to the end of its connection.
+    async fn serve_client<S>(
+        &self,
+        mut client: S,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut cbuf = BytesMut::with_capacity(4096);
+        let frame = tokio::time::timeout(CONNECT_TIMEOUT, read_frame(&mut client, &mut cbuf))
+            .await
+            .context("no CONNECT in time")??;
+        if frame.first().map(|b| b >> 4) != Some(1) {
+            anyhow::bail!("the first packet is not a CONNECT");
+        }
+        if protocol_level(&frame) != Some(4) {
+            // MQTT 3.1 (`MQIsdp`, level 3) or 5: answer as 3.1.1 and close.
+            write_packet(&mut client, &Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false)))
+                .await?;
+            anyhow::bail!("unsupported MQTT protocol level {:?}", protocol_level(&frame));
+        }
+        let Packet::Connect(mut connect) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+            anyhow::bail!("malformed CONNECT");
+        };
+        let req = ConnectRequest {
+            client_id: connect.client_id.clone(),
+            username: connect.login.as_ref().map(|l| l.username.clone()),
+            password: connect.login.as_ref().map(|l| l.password.clone()),
+            peer,
+        };
+        let (outcome, issuer) = self.authenticate(&req).await;
+        let (grant, issuer) = match (outcome, issuer) {
+            (AuthOutcome::Granted(g), Some(i)) => (g, i),
+            _ => {
+                let code = if connect.login.is_some() {
+                    ConnectReturnCode::BadUserNamePassword
+                } else {
+                    ConnectReturnCode::NotAuthorized
+                };
+                metrics::counter!("its_mqtt_connect_refused_total").increment(1);
+                tracing::info!(%peer, user = ?req.username, "MQTT: CONNECT refused");
+                write_packet(&mut client, &Packet::ConnAck(ConnAck::new(code, false))).await?;
+                let _ = client.shutdown().await;
+                return Ok(());
+            }
+        };
+        if let Some(will) = &connect.last_will
+            && !grant.may_publish(&will.topic)
+        {
+            tracing::info!(%peer, principal = grant.principal, "MQTT: last will on a topic it may not publish to, dropped");
+            connect.last_will = None;
+        }
+        let id =
+            if connect.client_id.is_empty() { crate::auth::secrets::random_id(16) } else { connect.client_id.clone() };
+        connect.client_id = format!("{}:{id}", grant.principal);
+        connect.login = Some(Login::new(INTERNAL_USER, self.internal_password.clone()));
+        if connect.keep_alive == 0 {
+            // rumqttd refuses 0 (no keep-alive); a silent client is then closed after ~15 min.
+            connect.keep_alive = 600;
+        }
+        let mut upstream = TcpStream::connect(self.internal).await.context("connecting to rumqttd")?;
+        let _ = upstream.set_nodelay(true);
+        write_packet(&mut upstream, &Packet::Connect(connect)).await?;
+        tracing::debug!(%peer, principal = grant.principal, "MQTT client connected");
+
+        let (mut ur, mut uw) = upstream.into_split();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let mut ubuf = BytesMut::with_capacity(4096);
+        // SUBSCRIBEs forwarded with some filters removed: pkid -> which original filters went on.
+        let mut pending: HashMap<u16, Vec<bool>> = HashMap::new();
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.tick().await;
+        // Bytes that came after the CONNECT in the same read.
+        client_frames(&grant, &mut cbuf, &mut uw, &mut cw, &mut pending).await?;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = recheck.tick() => {
+                    if !issuer.is_current(&grant).await {
+                        tracing::info!(%peer, principal = grant.principal, "MQTT: grant no longer holds, closing");
+                        break;
+                    }
+                }
+                n = cr.read_buf(&mut cbuf) => {
+                    if n? == 0 { break; }
+                    if !client_frames(&grant, &mut cbuf, &mut uw, &mut cw, &mut pending).await? { break; }
+                }
+                n = ur.read_buf(&mut ubuf) => {
+                    if n? == 0 { break; }
+                    broker_frames(&mut ubuf, &mut cw, &mut pending).await?;
+                }
+            }
+        }
+        let _ = cw.shutdown().await;
+        let _ = uw.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Handles the complete client packets in `buf`; false: close the connection.
+async fn client_frames<U, C>(
+    grant: &Grant,
+    buf: &mut BytesMut,
+    upstream: &mut U,
+    client: &mut C,
+    pending: &mut HashMap<u16, Vec<bool>>,
+) -> anyhow::Result<bool>
+where
+    U: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    while let Some(frame) = take_frame(buf)? {
+        match frame.first().map(|b| b >> 4) {
+            Some(3) => {
+                let Packet::Publish(p) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                    anyhow::bail!("malformed PUBLISH");
+                };
+                if grant.may_publish(&p.topic) {
+                    upstream.write_all(&frame).await?;
+                    continue;
+                }
+                metrics::counter!("its_mqtt_publish_refused_total").increment(1);
+                tracing::debug!(principal = grant.principal, topic = p.topic, "MQTT: PUBLISH refused");
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => write_packet(client, &Packet::PubAck(PubAck::new(p.pkid))).await?,
+                    QoS::ExactlyOnce => return Ok(false),
+                }
+            }
+            Some(8) => {
+                let Packet::Subscribe(s) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                    anyhow::bail!("malformed SUBSCRIBE");
+                };
+                let allowed: Vec<bool> = s.filters.iter().map(|f| grant.may_subscribe(&f.path)).collect();
+                for (f, ok) in s.filters.iter().zip(&allowed) {
+                    if !ok {
+                        metrics::counter!("its_mqtt_subscribe_refused_total").increment(1);
+                        tracing::info!(principal = grant.principal, filter = f.path, "MQTT: SUBSCRIBE refused");
+                    }
+                }
+                if allowed.iter().all(|a| *a) {
+                    upstream.write_all(&frame).await?;
+                } else if !allowed.iter().any(|a| *a) {
+                    let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
+                    write_packet(client, &Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+                } else {
+                    let filters = s.filters.iter().zip(&allowed).filter(|(_, a)| **a).map(|(f, _)| f.clone());
+                    let mut fwd = Subscribe::new_many(filters);
+                    fwd.pkid = s.pkid;
+                    write_packet(upstream, &Packet::Subscribe(fwd)).await?;
+                    pending.insert(s.pkid, allowed);
+                }
+            }
+            // A second CONNECT is a protocol violation.
+            Some(1) => return Ok(false),
+            _ => upstream.write_all(&frame).await?,
+        }
+    }
+    Ok(true)
+}
+
+/// Forwards the complete broker packets in `buf` to the client, merging the SUBACKs of
+/// SUBSCRIBEs the front trimmed.
+async fn broker_frames<C>(
+    buf: &mut BytesMut,
+    client: &mut C,
+    pending: &mut HashMap<u16, Vec<bool>>,
+) -> anyhow::Result<()>
+where
+    C: AsyncWrite + Unpin,
+{
+    while let Some(frame) = take_frame(buf)? {
+        if frame.first().map(|b| b >> 4) == Some(9)
+            && !pending.is_empty()
+            && let Packet::SubAck(ack) = Packet::read(&mut frame.clone(), MAX_PACKET)?
+            && let Some(allowed) = pending.remove(&ack.pkid)
+        {
+            let mut theirs = ack.return_codes.into_iter();
+            let codes = allowed
+                .iter()
+                .map(|a| {
+                    if *a {
+                        theirs.next().unwrap_or(SubscribeReasonCode::Failure)
+                    } else {
+                        SubscribeReasonCode::Failure
+                    }
+                })
+                .collect();
+            write_packet(client, &Packet::SubAck(SubAck::new(ack.pkid, codes))).await?;
+            continue;
+        }
+        client.write_all(&frame).await?;
+    }
+    Ok(())
+}
+
+/// The next complete packet in `buf` (removed from it), `None` when it is not all there yet.
+fn take_frame(buf: &mut BytesMut) -> anyhow::Result<Option<BytesMut>> {
+    match mqttbytes::check(buf.iter(), MAX_PACKET) {
+        Ok(h) => Ok(Some(buf.split_to(h.frame_length()))),
+        Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("bad MQTT packet: {e:?}")),
+    }
+}
+
+/// Reads until `buf` holds a complete packet and returns it.
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> anyhow::Result<BytesMut> {
+    loop {
+        if let Some(f) = take_frame(buf)? {
+            return Ok(f);
+        }
+        if s.read_buf(buf).await? == 0 {
+            anyhow::bail!("connection closed");
+        }
+    }
+}
+
+async fn write_packet<S: AsyncWrite + Unpin>(s: &mut S, p: &Packet) -> anyhow::Result<()> {
+    let mut out = BytesMut::with_capacity(p.size());
+    p.write(&mut out, MAX_PACKET).map_err(|e| anyhow::anyhow!("encoding MQTT: {e:?}"))?;
+    s.write_all(&out).await?;
+    Ok(())
+}
+
+/// The protocol level byte of a CONNECT frame (4: MQTT 3.1.1, 5: MQTT 5, 3: MQTT 3.1).
+fn protocol_level(frame: &[u8]) -> Option<u8> {
+    // Fixed header: type byte, then 1 to 4 remaining-length bytes (the last without 0x80).
+    let len_bytes = frame.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let vh = frame.get(1 + len_bytes..)?;
+    let name_len = usize::from(u16::from_be_bytes([*vh.first()?, *vh.get(1)?]));
+    vh.get(2 + name_len).copied()
+}
+
+/// Starts rumqttd on a free loopback port with the internal credentials; returns its address
+/// once it accepts connections.
+async fn start_rumqttd(password: &str) -> anyhow::Result<SocketAddr> {
+    use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+    let addr = {
+        let probe = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free loopback port")?;
+        probe.local_addr()?
+    };
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: MAX_PACKET,
+        max_inflight_count: 200,
+        auth: Some(HashMap::from([(INTERNAL_USER.to_owned(), password.to_owned())])),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "its-internal-v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("its".to_owned(), server)])),
+        ..Config::default()
+    };
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "the embedded MQTT broker stopped");
+            }
+        })
+        .context("starting the embedded MQTT broker")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(addr);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the embedded MQTT broker did not start listening on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_levels() {
+        let mut buf = BytesMut::new();
+        Packet::Connect(rumqttc::mqttbytes::v4::Connect::new("x")).write(&mut buf, MAX_PACKET).expect("encode");
+        assert_eq!(protocol_level(&buf), Some(4));
+        let v5 = [0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60];
+        assert_eq!(protocol_level(&v5), Some(5));
+        assert_eq!(protocol_level(&[0x10]), None);
+    }
+}

@@ -1,0 +1,376 @@
+//! Integrators' MQTT credentials: a user name, a password shown once, and what it may read
+//! (sites, alerts). The embedded broker checks them ([`IntegratorAuthenticator`]); for an
+//! external Mosquitto, [`mosquitto_files`] writes its password and ACL files from them.
+//!
+//! An integrator may subscribe within:
+//! - `its/v1/{site}/#` for each of its sites (events and counts of the cameras there);
+//! - `its/v1/devices/{device}/status` for each device assigned to one of its sites (as the
+//!   assignment was when it connected);
+//! - `its/v1/alerts/#` when `alerts` is set;
+//! - `its/v1/aggregator/+/status`.
+//!
+//! It may publish nothing.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::acl::{AuthOutcome, Authenticator, ConnectRequest, Grant};
+use super::topics::{ROOT, device_status_topic, site_filter};
+use crate::auth::secrets::{ct_eq, random_token, sha256_hex};
+use crate::on_db;
+use crate::store::{Db, StoreError};
+
+/// Iterations of Mosquitto's PBKDF2-SHA512 (`mosquitto_passwd`'s default).
+pub const MOSQUITTO_ITERATIONS: u32 = 101;
+/// How long the embedded broker trusts what it read about a credential (so a revocation closes
+/// the credential's connections within about this long).
+pub const CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// A credential as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MqttCredential {
+    /// The MQTT user name.
+    pub username: String,
+    /// Sites whose topics it may subscribe to.
+    pub sites: Vec<String>,
+    /// Whether it may subscribe to `its/v1/alerts/#`.
+    pub alerts: bool,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Who created it (`user:NAME`, `apikey:ID`, `cli`).
+    pub created_by: Option<String>,
+}
+
+/// A stored credential with its hashes.
+#[derive(Debug, Clone)]
+pub struct StoredCredential {
+    pub credential: MqttCredential,
+    pub secret_sha256: String,
+    pub mosquitto_hash: String,
+}
+
+type Row = (String, String, String, String, i64, i64, Option<String>);
+
+const COLUMNS: &str = "username, secret_sha256, mosquitto_hash, sites, alerts, created_at_ms, created_by";
+
+fn from_row(
+    (username, secret_sha256, mosquitto_hash, sites, alerts, created_at_ms, created_by): Row,
+) -> StoredCredential {
+    StoredCredential {
+        credential: MqttCredential {
+            username,
+            sites: serde_json::from_str(&sites).unwrap_or_default(),
+            alerts: alerts != 0,
+            created_at_ms,
+            created_by,
+        },
+        secret_sha256,
+        mosquitto_hash,
+    }
+}
+
+/// Mosquitto's `$7$` password hash (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte key, standard
+/// base64), as `mosquitto_passwd` writes it.
+pub fn mosquitto_hash(password: &str) -> String {
+    let mut salt = [0u8; 12];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
+    mosquitto_hash_with(password, &salt, MOSQUITTO_ITERATIONS)
+}
+
+fn mosquitto_hash_with(password: &str, salt: &[u8], iterations: u32) -> String {
+    let mut key = [0u8; 64];
+    let iterations = NonZeroU32::new(iterations).unwrap_or(NonZeroU32::MIN);
+    aws_lc_rs::pbkdf2::derive(aws_lc_rs::pbkdf2::PBKDF2_HMAC_SHA512, iterations, salt, password.as_bytes(), &mut key);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!("$7${}${}${}", iterations, b64.encode(salt), b64.encode(key))
+}
+
+/// The table of credentials.
+#[derive(Clone)]
+pub struct CredentialStore {
+    db: Db,
+}
+
+impl CredentialStore {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Creates a credential and returns it with its password (the only time it is seen).
+    /// `Conflict` when the user name is taken, `InvalidQuery` for a bad name or site id.
+    pub async fn create(
+        &self,
+        username: &str,
+        sites: &[String],
+        alerts: bool,
+        created_by: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(MqttCredential, String), StoreError> {
+        if crate::pki::validate_device_id(username).is_err() {
+            return Err(StoreError::InvalidQuery(
+                "an MQTT user name is 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-'".into(),
+            ));
+        }
+        let mut sites = sites.to_vec();
+        sites.sort();
+        sites.dedup();
+        for s in &sites {
+            crate::store::fleet::validate_site_id(s)?;
+        }
+        let password = random_token(32);
+        let secret = sha256_hex(&password);
+        let pbkdf2 = {
+            let p = password.clone();
+            tokio::task::spawn_blocking(move || mosquitto_hash(&p))
+                .await
+                .map_err(|e| StoreError::InvalidQuery(format!("hashing: {e}")))?
+        };
+        let sites_json = serde_json::to_string(&sites).map_err(|e| StoreError::InvalidQuery(e.to_string()))?;
+        let sql = "INSERT INTO mqtt_credentials (username, secret_sha256, mosquitto_hash, sites, alerts, created_at_ms, \
+                   created_by) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (username) DO NOTHING";
+        let n = on_db!(self.db.write(), pool => sqlx::query(sql)
+            .bind(username).bind(&secret).bind(&pbkdf2).bind(&sites_json).bind(i64::from(alerts)).bind(now_ms)
+            .bind(created_by)
+            .execute(pool).await.map(|r| r.rows_affected()))?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("MQTT user {username} exists")));
+        }
+        let credential = MqttCredential {
+            username: username.to_owned(),
+            sites,
+            alerts,
+            created_at_ms: now_ms,
+            created_by: created_by.map(str::to_owned),
+        };
+        Ok((credential, password))
+    }
+
+    /// All credentials, by user name.
+    pub async fn list(&self) -> Result<Vec<StoredCredential>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM mqtt_credentials ORDER BY username");
+        let rows: Vec<Row> =
+            on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(from_row).collect())
+    }
+
+    /// One credential.
+    pub async fn get(&self, username: &str) -> Result<Option<StoredCredential>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM mqtt_credentials WHERE username = $1");
+        let row: Option<Row> = on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(username).fetch_optional(pool).await)?;
+        Ok(row.map(from_row))
+    }
+
+    /// Deletes a credential; false when there was none.
+    pub async fn delete(&self, username: &str) -> Result<bool, StoreError> {
+        let n = on_db!(self.db.write(), pool => sqlx::query("DELETE FROM mqtt_credentials WHERE username = $1")
+            .bind(username).execute(pool).await.map(|r| r.rows_affected()))?;
+        Ok(n > 0)
+    }
+
+    /// Devices assigned to one of `sites`.
+    pub async fn devices_of_sites(&self, sites: &[String]) -> Result<Vec<String>, StoreError> {
+        if sites.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = "SELECT device_id, site_id FROM devices WHERE site_id IS NOT NULL ORDER BY device_id";
+        let rows: Vec<(String, String)> = on_db!(self.db.read(), pool => sqlx::query_as(sql).fetch_all(pool).await)?;
+        Ok(rows.into_iter().filter(|(_, s)| sites.contains(s)).map(|(d, _)| d).collect())
+    }
+}
+
+/// The subscribe rights of a credential (`devices`: those assigned to its sites).
+pub fn integrator_grant(c: &MqttCredential, devices: &[String]) -> Grant {
+    let mut subscribe: Vec<String> = c.sites.iter().map(|s| site_filter(s)).collect();
+    subscribe.extend(devices.iter().map(|d| device_status_topic(d)));
+    if c.alerts {
+        subscribe.push(format!("{ROOT}/alerts/#"));
+    }
+    subscribe.push(format!("{ROOT}/aggregator/+/status"));
+    Grant { principal: format!("integrator:{}", c.username), subscribe, publish: Vec::new() }
+}
+
+/// The embedded broker's check of integrators: the user name must be a credential and the
+/// password its secret.
+pub struct IntegratorAuthenticator {
+    store: CredentialStore,
+    cache: Mutex<HashMap<String, (Instant, Option<StoredCredential>)>>,
+}
+
+impl IntegratorAuthenticator {
+    pub fn new(db: Db) -> Self {
+        Self { store: CredentialStore::new(db), cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The credential, from the cache when it is fresh. `Err`: storage failed.
+    async fn lookup(&self, username: &str, fresh: bool) -> Result<Option<StoredCredential>, StoreError> {
+        if !fresh
+            && let Ok(cache) = self.cache.lock()
+            && let Some((at, c)) = cache.get(username)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(c.clone());
+        }
+        let c = self.store.get(username).await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+            cache.insert(username.to_owned(), (Instant::now(), c.clone()));
+        }
+        Ok(c)
+    }
+}
+
+#[async_trait]
+impl Authenticator for IntegratorAuthenticator {
+    async fn authenticate(&self, req: &ConnectRequest) -> AuthOutcome {
+        let (Some(username), Some(password)) = (&req.username, &req.password) else {
+            return AuthOutcome::NotMine;
+        };
+        let stored = match self.lookup(username, true).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return AuthOutcome::NotMine,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT: cannot read the integrator credentials");
+                return AuthOutcome::Refused;
+            }
+        };
+        if !ct_eq(&sha256_hex(password), &stored.secret_sha256) {
+            return AuthOutcome::Refused;
+        }
+        let devices = match self.store.devices_of_sites(&stored.credential.sites).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT: cannot read the devices of an integrator's sites");
+                return AuthOutcome::Refused;
+            }
+        };
+        AuthOutcome::Granted(integrator_grant(&stored.credential, &devices))
+    }
+
+    async fn is_current(&self, grant: &Grant) -> bool {
+        let Some(username) = grant.principal.strip_prefix("integrator:") else {
+            return true;
+        };
+        match self.lookup(username, false).await {
+            Ok(c) => c.is_some(),
+            // Storage trouble is not a revocation.
+            Err(_) => true,
+        }
+    }
+}
+
+/// A Mosquitto password file and ACL file for `credentials`, plus the aggregator's own user
+/// (`aggregator`: user name and password of `[mqtt]`, which may publish under `its/v1/#`).
+pub fn mosquitto_files(
+    credentials: &[(StoredCredential, Vec<String>)],
+    aggregator: Option<(&str, &str)>,
+) -> (String, String) {
+    let mut passwd = String::new();
+    let mut acl = String::from(
+        "# Written by `its-aggregator mqtt mosquitto-config` from the stored MQTT credentials.\n\
+         # Use with: password_file <this dir>/passwd, acl_file <this dir>/acl, allow_anonymous false\n",
+    );
+    if let Some((user, password)) = aggregator {
+        passwd.push_str(&format!("{user}:{}\n", mosquitto_hash(password)));
+        acl.push_str(&format!("\n# The aggregator itself\nuser {user}\ntopic readwrite {ROOT}/#\n"));
+    }
+    for (stored, devices) in credentials {
+        let c = &stored.credential;
+        passwd.push_str(&format!("{}:{}\n", c.username, stored.mosquitto_hash));
+        acl.push_str(&format!("\n# Integrator {}\nuser {}\n", c.username, c.username));
+        for filter in integrator_grant(c, devices).subscribe {
+            acl.push_str(&format!("topic read {filter}\n"));
+        }
+    }
+    (passwd, acl)
+}
+
+/// `its-aggregator mqtt mosquitto-config --out DIR`: writes `DIR/passwd` and `DIR/acl` (mode
+/// 0600 / 0644) from the stored credentials; returns how many credentials it wrote.
+pub async fn write_mosquitto_config(cfg: &crate::config::ServerConfig, out: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    let store = crate::store::open_store(&cfg.database_url).await?;
+    let creds = CredentialStore::new(store.db());
+    let mut all = Vec::new();
+    for c in creds.list().await? {
+        let devices = creds.devices_of_sites(&c.credential.sites).await?;
+        all.push((c, devices));
+    }
+    let aggregator = match &cfg.mqtt.mode {
+        super::MqttMode::External(ext) if !ext.username.is_empty() => {
+            Some((ext.username.as_str(), ext.password.as_str()))
+        }
+        _ => None,
+    };
+    let (passwd, acl) = mosquitto_files(&all, aggregator);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let write = |name: &str, text: &str, mode: u32| -> anyhow::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = out.join(name);
+        let tmp = out.join(format!(".{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    };
+    write("passwd", &passwd, 0o600)?;
+    write("acl", &acl, 0o644)?;
+    Ok(all.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mosquitto_hash_format() {
+        // Known answer: PBKDF2-HMAC-SHA512("password", "saltsaltsalt", 101), as mosquitto_passwd
+        // would write it for that salt.
+        let h = mosquitto_hash_with("password", b"saltsaltsalt", 101);
+        let parts: Vec<&str> = h.split('$').collect();
+        assert_eq!(parts[..3], ["", "7", "101"]);
+        assert_eq!(parts[3], "c2FsdHNhbHRzYWx0");
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(parts[4]).map(|k| k.len()).ok(), Some(64));
+        assert_ne!(mosquitto_hash("x"), mosquitto_hash("x"), "salted");
+    }
+
+    #[test]
+    fn grant_of_a_credential() {
+        let c = MqttCredential {
+            username: "acme".into(),
+            sites: vec!["north".into()],
+            alerts: false,
+            created_at_ms: 0,
+            created_by: None,
+        };
+        let g = integrator_grant(&c, &["dev-n".into()]);
+        assert!(g.may_subscribe("its/v1/north/#"));
+        assert!(g.may_subscribe("its/v1/devices/dev-n/status"));
+        assert!(!g.may_subscribe("its/v1/devices/+/status"));
+        assert!(!g.may_subscribe("its/v1/alerts/#"));
+        assert!(g.may_subscribe("its/v1/aggregator/+/status"));
+        let (passwd, acl) = mosquitto_files(
+            &[(
+                StoredCredential { credential: c, secret_sha256: String::new(), mosquitto_hash: "$7$h".into() },
+                vec![],
+            )],
+            Some(("agg", "pw")),
+        );
+        assert!(passwd.contains("acme:$7$h\n") && passwd.starts_with("agg:$7$101$"), "{passwd}");
+        assert!(acl.contains("user acme\ntopic read its/v1/north/#\n"), "{acl}");
+    }
+}

@@ -1,0 +1,369 @@
+//! MQTT: the embedded broker, topics for third parties, integrator credentials; [`uplink`] is
+//! the aggregator's side of the agents' MQTT uplink.
+//!
+//! What third parties get (JSON, QoS 1; see [`topics`] for the exact names and payloads):
+//! - `its/v1/{site}/{camera}/events/{kind}`: one message per committed event (`counts` events go
+//!   to `its/v1/{site}/{camera}/counts` instead; analytics anomalies to `.../events/anomaly`);
+//! - `its/v1/devices/{device}/status`: retained, `{"status":"online"|"offline",...}`;
+//! - `its/v1/alerts/{severity}`: alerts as the alert engine publishes them;
+//! - `its/v1/aggregator/{id}/status`: retained, `online` while this aggregator's MQTT connection is
+//!   up; its last will (retained) says `offline` when the connection drops without a goodbye,
+//!   so subscribers learn that the aggregator itself vanished.
+//!
+//! Where it goes ([`MqttMode`]): to the **embedded** broker by default ([`broker`], rumqttd behind
+//! an MQTT-aware front in this process that authenticates every CONNECT against the integrator
+//! credentials ([`credentials`]) and authorises every SUBSCRIBE against the credential's sites),
+//! to an **external** broker (Mosquitto, EMQX: its own password and ACL files, which
+//! `its-aggregator mqtt mosquitto-config` writes from the same credentials), or nowhere (`off`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+#[cfg(feature = "embedded-mqtt")]
+use std::sync::Arc;
+
+use its_shared::config::ConfigErrors;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::bus::EventBus;
+use crate::http::transport::TlsFiles;
+use crate::store::Db;
+
+pub mod acl;
+#[cfg(feature = "embedded-mqtt")]
+pub mod broker;
+pub mod credentials;
+pub mod publish;
+pub mod topics;
+pub mod uplink;
+
+/// Default address of the embedded broker: loopback only (integrators on other hosts need
+/// `listen` on another address, which then needs `tls_cert` and `tls_key`).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8472";
+
+/// `[mqtt]` as written in the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMqtt {
+    /// `embedded` (default), `external` or `off`.
+    pub mode: String,
+    /// Embedded broker: where MQTT clients connect (MQTT 3.1.1 over TCP, or TLS with
+    /// `tls_cert`/`tls_key`). Default `127.0.0.1:8472`; a non-loopback address needs TLS.
+    pub listen: String,
+    /// Embedded broker: PEM certificate chain (leaf first) for MQTT over TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Embedded broker: PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// External broker: `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (TLS, checked against the
+    /// system roots or `ca_file`).
+    pub url: String,
+    /// External broker: user name and password of the aggregator's own connection.
+    pub username: String,
+    pub password: String,
+    /// External broker: PEM CA certificate(s) to trust for `mqtts://` instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// This aggregator's id in `its/v1/aggregator/{id}/status` and in its MQTT client id
+    /// (`[A-Za-z0-9._-]`, 1 to 64). Empty (default): the host name. Replicas sharing an external
+    /// broker need distinct ids.
+    pub id: String,
+    /// `[mqtt.uplink]`: agents that drain their outbox through a broker.
+    pub uplink: uplink::RawMqttUplink,
+}
+
+impl Default for RawMqtt {
+    fn default() -> Self {
+        Self {
+            // Without the embedded broker compiled in, MQTT is off unless configured.
+            mode: if cfg!(feature = "embedded-mqtt") { "embedded" } else { "off" }.into(),
+            listen: DEFAULT_LISTEN.into(),
+            tls_cert: None,
+            tls_key: None,
+            url: String::new(),
+            username: String::new(),
+            password: String::new(),
+            ca_file: None,
+            id: String::new(),
+            uplink: Default::default(),
+        }
+    }
+}
+
+/// Where the aggregator publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttMode {
+    /// No MQTT at all.
+    Off,
+    /// The broker inside this process ([`broker`]).
+    Embedded,
+    /// A broker elsewhere.
+    External(ExternalBroker),
+}
+
+/// An external broker and the aggregator's credentials there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExternalBroker {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for ExternalBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalBroker")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "***" })
+            .finish()
+    }
+}
+
+/// `[mqtt]`, validated. `Default` is `off` (for programs and tests that build a configuration
+/// in code); the configuration file's default is the embedded broker on [`DEFAULT_LISTEN`].
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub mode: MqttMode,
+    /// Embedded broker: the front's address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Embedded broker: TLS certificate and key.
+    pub tls: Option<TlsFiles>,
+    /// `its/v1/aggregator/{id}/status`.
+    pub id: String,
+    pub uplink: uplink::MqttUplinkConfig,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            mode: MqttMode::Off,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8472)),
+            tls: None,
+            id: default_id(),
+            uplink: Default::default(),
+        }
+    }
+}
+
+/// The host name as an id (`aggregator` when there is none usable).
+fn default_id() -> String {
+    let host =
+        std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok()).unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .take(64)
+        .collect();
+    if id.is_empty() { "aggregator".into() } else { id }
+}
+
+impl RawMqtt {
+    /// The validated settings; problems are pushed to `e` with their paths.
+    pub fn validate(&self, e: &mut ConfigErrors) -> MqttConfig {
+        let uplink = self.uplink.validate(e);
+        let mut cfg = MqttConfig { uplink, ..MqttConfig::default() };
+        cfg.id = if self.id.is_empty() {
+            default_id()
+        } else {
+            if crate::pki::validate_device_id(&self.id).is_err() {
+                e.push("mqtt.id", "1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-'");
+            }
+            self.id.clone()
+        };
+        match self.listen.parse::<SocketAddr>() {
+            Ok(a) => cfg.listen = a,
+            Err(_) => e.push("mqtt.listen", format!("{:?} is not an IP:port address", self.listen)),
+        }
+        let set = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        match (set(&self.tls_cert), set(&self.tls_key)) {
+            (None, None) => {}
+            (Some(_), None) => e.push("mqtt.tls_key", "tls_cert is set: set tls_key to its private key (PEM) too"),
+            (None, Some(_)) => {
+                e.push("mqtt.tls_cert", "tls_key is set: set tls_cert to the certificate chain (PEM) too")
+            }
+            (Some(cert), Some(key)) => {
+                let files = TlsFiles { cert, key };
+                match files.load() {
+                    Ok(_) => cfg.tls = Some(files),
+                    Err(errs) => {
+                        for err in errs {
+                            e.push(format!("mqtt.{}", err.field()), err.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        match self.mode.as_str() {
+            "off" => cfg.mode = MqttMode::Off,
+            "embedded" => {
+                cfg.mode = MqttMode::Embedded;
+                if !cfg!(feature = "embedded-mqtt") {
+                    e.push(
+                        "mqtt.mode",
+                        "this build has no embedded broker (feature embedded-mqtt): use external or off",
+                    );
+                }
+                if !cfg.listen.ip().is_loopback() && set(&self.tls_cert).is_none() {
+                    e.push(
+                        "mqtt.listen",
+                        format!(
+                            "{} is not a loopback address: set mqtt.tls_cert and mqtt.tls_key so that integrators' \
+                             passwords travel encrypted, or listen on 127.0.0.1",
+                            cfg.listen
+                        ),
+                    );
+                }
+            }
+            "external" => match parse_url(&self.url) {
+                Ok((host, port, tls)) => {
+                    cfg.mode = MqttMode::External(ExternalBroker {
+                        host,
+                        port,
+                        tls,
+                        ca_file: set(&self.ca_file),
+                        username: self.username.clone(),
+                        password: self.password.clone(),
+                    });
+                    if self.username.is_empty() != self.password.is_empty() {
+                        e.push("mqtt.password", "give both username and password, or neither");
+                    }
+                    if set(&self.ca_file).is_some() && !tls {
+                        e.push("mqtt.ca_file", "only used with an mqtts:// url");
+                    }
+                }
+                Err(m) => e.push("mqtt.url", m),
+            },
+            other => e.push("mqtt.mode", format!("{other:?}: expected \"embedded\", \"external\" or \"off\"")),
+        }
+        cfg
+    }
+}
+
+/// `mqtt://host:port` / `mqtts://host:port` (port defaults 1883 / 8883).
+fn parse_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(format!("{url:?}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+        return Err(format!("{url:?}: expected mqtt://HOST:PORT (credentials go in mqtt.username/password)"));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    // [v6]:port, host:port, host
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+        (h.to_owned(), p.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (rest.to_owned(), None),
+        }
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{url:?}: bad port"))?,
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?}: no host"));
+    }
+    Ok((host, port, tls))
+}
+
+/// What [`start`] started.
+#[derive(Clone, Default)]
+pub struct MqttHandle {
+    /// The embedded broker (its front's address, its authenticators).
+    #[cfg(feature = "embedded-mqtt")]
+    pub broker: Option<Arc<broker::Broker>>,
+    /// Where clients connect: the embedded broker's front, else `None`.
+    pub listen: Option<SocketAddr>,
+}
+
+impl MqttHandle {
+    /// The address third parties connect to (embedded broker only).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen
+    }
+}
+
+/// Starts MQTT as configured: the embedded broker (with the integrator authenticator) and the
+/// publisher that turns bus messages into MQTT messages. Their tasks go into `tasks`.
+pub async fn start(
+    cfg: &MqttConfig,
+    db: Db,
+    bus: &EventBus,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<MqttHandle> {
+    match &cfg.mode {
+        MqttMode::Off => Ok(MqttHandle::default()),
+        MqttMode::External(ext) => {
+            let options = publish::external_options(ext, &cfg.id)?;
+            let publisher = publish::Publisher::new(db.clone(), cfg.id.clone());
+            tasks.spawn(publisher.run(options, bus.subscribe("mqtt-publish"), shutdown));
+            tracing::info!(host = %ext.host, port = ext.port, tls = ext.tls, "publishing MQTT to an external broker");
+            Ok(MqttHandle::default())
+        }
+        #[cfg(feature = "embedded-mqtt")]
+        MqttMode::Embedded => {
+            let broker = broker::Broker::start(cfg.listen, cfg.tls.clone(), shutdown.clone(), tasks).await?;
+            broker.add_authenticator(Arc::new(credentials::IntegratorAuthenticator::new(db.clone())));
+            let options = broker.internal_options(&format!("its-aggregator-{}", cfg.id));
+            let publisher = publish::Publisher::new(db.clone(), cfg.id.clone());
+            tasks.spawn(publisher.run(options, bus.subscribe("mqtt-publish"), shutdown));
+            let listen = broker.listen;
+            tracing::info!(listen = %listen, tls = cfg.tls.is_some(), "embedded MQTT broker listening");
+            Ok(MqttHandle { broker: Some(broker), listen: Some(listen) })
+        }
+        #[cfg(not(feature = "embedded-mqtt"))]
+        MqttMode::Embedded => anyhow::bail!("this build has no embedded MQTT broker (feature embedded-mqtt)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("mqtt://127.0.0.1:1883"), Ok(("127.0.0.1".into(), 1883, false)));
+        assert_eq!(parse_url("mqtts://broker.example"), Ok(("broker.example".into(), 8883, true)));
+        assert_eq!(parse_url("mqtt://[::1]:1884"), Ok(("::1".into(), 1884, false)));
+        assert!(parse_url("http://x").is_err());
+        assert!(parse_url("mqtt://u:p@x:1").is_err());
+        assert!(parse_url("mqtt://x:0").is_err());
+    }
+
+    #[test]
+    fn defaults_and_errors() {
+        let mut e = ConfigErrors::default();
+        let cfg = RawMqtt::default().validate(&mut e);
+        assert!(e.is_empty(), "{e:?}");
+        let expected = if cfg!(feature = "embedded-mqtt") { MqttMode::Embedded } else { MqttMode::Off };
+        assert_eq!(cfg.mode, expected);
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+
+        let raw = RawMqtt { mode: "external".into(), url: "tcp://x".into(), ..RawMqtt::default() };
+        let mut e = ConfigErrors::default();
+        raw.validate(&mut e);
+        assert!(format!("{e:?}").contains("mqtt.url"), "{e:?}");
+
+        let raw = RawMqtt { listen: "0.0.0.0:8472".into(), mode: "bogus".into(), ..RawMqtt::default() };
+        let mut e = ConfigErrors::default();
+        raw.validate(&mut e);
+        assert!(format!("{e:?}").contains("mqtt.mode"), "{e:?}");
+        let raw = RawMqtt { listen: "0.0.0.0:8472".into(), ..RawMqtt::default() };
+        let mut e = ConfigErrors::default();
+        raw.validate(&mut e);
+        assert!(format!("{e:?}").contains("mqtt.listen"), "{e:?}");
+    }
+}

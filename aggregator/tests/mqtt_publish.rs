@@ -1,0 +1,595 @@
+//! MQTT for third parties end to end, with real parts: two agents' outboxes and QUIC uplinks,
+//! the aggregator's ingest and storage, its embedded broker (rumqttd behind the ACL front) or the
+//! machine's Mosquitto (127.0.0.1:1883), and the Debian `mosquitto_sub` / `mosquitto_pub`
+//! clients with an integrator's credentials made through the REST API.
+//!
+//! - An integrator scoped to site `north` receives the events of the north camera (JSON fields
+//!   checked); a subscription to the south site, to `#` or to the south device's status is
+//!   refused in the SUBACK; a wrong password is refused at CONNECT; its PUBLISH never reaches
+//!   subscribers; a late subscriber sees the retained device and aggregator status; a revoked
+//!   credential cannot connect.
+//! - External mode: the aggregator publishes to Mosquitto, a plain subscriber receives.
+//! - `its-aggregator mqtt mosquitto-config` writes files a real Mosquitto accepts.
+//! - The credential table on both backends.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::both_backends;
+use its_agent::buffer::{NewEvent, Outbox, OutboxConfig};
+use its_agent::uplink::quic::HealthFn;
+use its_agent::uplink::tls::DeviceBundle;
+use its_agent::uplink::{UplinkConfig, UplinkHandle, run_uplink};
+use its_aggregator::config::RawConfig;
+use its_aggregator::pki::Pki;
+use its_aggregator::server::Server;
+use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef};
+use its_shared::session::AgentSessionConfig;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const SUB: &str = "/usr/bin/mosquitto_sub";
+const PUB: &str = "/usr/bin/mosquitto_pub";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    server: Server,
+    http: reqwest::Client,
+    _stop: watch::Sender<bool>,
+}
+
+async fn fixture(mqtt_env: &[(&str, String)]) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    let pki = Pki::new(root.join("pki"));
+    pki.init(&[]).expect("pki init");
+    for d in ["dev-north", "dev-south"] {
+        pki.enroll(d, &root.join(d), 30).expect("enroll");
+    }
+    let mut env: Vec<(String, String)> = vec![
+        ("ITS_AGGREGATOR__DATABASE_URL".into(), format!("sqlite://{}", root.join("events.db").display())),
+        ("ITS_AGGREGATOR__PKI_DIR".into(), root.join("pki").display().to_string()),
+        ("ITS_AGGREGATOR__QUIC__LISTEN".into(), "127.0.0.1:0".into()),
+        ("ITS_AGGREGATOR__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+        ("ITS_AGGREGATOR__SNAPSHOTS__URL".into(), format!("file://{}", root.join("objects").display())),
+    ];
+    env.extend(mqtt_env.iter().map(|(k, v)| (format!("ITS_AGGREGATOR__MQTT__{k}"), v.clone())));
+    let cfg = RawConfig::load(None, env).expect("config").validate("test").expect("valid config");
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let (stop, rx) = watch::channel(false);
+    let server = Server::start(&cfg, metrics, None, rx).await.expect("server");
+    common::add_admin(server.store.db()).await;
+    let http = common::admin_client(server.addrs.http).await;
+    Fixture { _dir: dir, root, server, http, _stop: stop }
+}
+
+impl Fixture {
+    fn api(&self, path: &str) -> String {
+        format!("http://{}/api/v1{path}", self.server.addrs.http)
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.api(path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// Waits until the device said hello (so its cameras exist), then assigns it a site.
+    async fn assign(&self, device: &str, site: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.call(reqwest::Method::GET, &format!("/devices/{device}"), None).await;
+            if status == 200 && body["cameras"].as_array().is_some_and(|c| !c.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "device {device} never said hello: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (status, body) =
+            self.call(reqwest::Method::PATCH, &format!("/devices/{device}"), Some(json!({ "site_id": site }))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// One agent: an outbox and its QUIC uplink.
+struct Agent {
+    outbox: Arc<Outbox>,
+    handle: Arc<UplinkHandle>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    fn start(root: &Path, device: &str, camera: &str, aggregator: SocketAddr) -> Self {
+        let dir = root.join(device);
+        let outbox = Arc::new(Outbox::open(OutboxConfig::new(dir.join("outbox.db"))).expect("outbox"));
+        let handle = Arc::new(UplinkHandle::default());
+        let health: HealthFn = Arc::new(its_shared::DeviceHealth::default);
+        let (stop, rx) = watch::channel(false);
+        let cfg = UplinkConfig {
+            aggregator: aggregator.to_string(),
+            server_name: "its-aggregator".into(),
+            bundle: DeviceBundle::in_dir(&dir),
+            session: AgentSessionConfig { ack_timeout: Duration::from_secs(10), ..AgentSessionConfig::default() },
+            backoff_base: Duration::from_millis(50),
+            backoff_cap: Duration::from_millis(500),
+            jitter: false,
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(1),
+            agent_version: "test".into(),
+            model: "none".into(),
+            cameras: vec![camera.into()],
+        };
+        let task = tokio::spawn(run_uplink(cfg, outbox.clone(), handle.clone(), health, rx));
+        Self { outbox, handle, stop, task }
+    }
+
+    async fn append(&self, events: Vec<NewEvent>) {
+        let ob = self.outbox.clone();
+        tokio::task::spawn_blocking(move || ob.append(&events, its_aggregator::unix_ms()))
+            .await
+            .expect("join")
+            .expect("append");
+        self.handle.appended.notify_one();
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn crossing(camera: &str, track_id: u64) -> NewEvent {
+    NewEvent {
+        camera: camera.into(),
+        observed_at_ms: 1_700_000_000_123,
+        kind: EventKind::LineCrossing {
+            line: "stop-line".into(),
+            object: ObjectRef { track_id, label: "car".into(), score: 0.875, bbox: [0.25, 0.5, 0.75, 1.0] },
+            direction: Direction::In,
+            speed_kmh: Some(42.5),
+        },
+    }
+}
+
+fn counts(camera: &str) -> NewEvent {
+    NewEvent {
+        camera: camera.into(),
+        observed_at_ms: 1_700_000_060_000,
+        kind: EventKind::Counts {
+            line: "stop-line".into(),
+            interval_s: 60,
+            counts: vec![ClassCount { label: "car".into(), direction: Direction::In, count: 3 }],
+        },
+    }
+}
+
+/// A running `mosquitto_sub -d -v`: its debug lines tell when the SUBACK came.
+struct Sub {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Sub {
+    fn start(dir: &Path, name: &str, port: u16, user: &str, password: &str, topics: &[&str], count: u32) -> Self {
+        let out = dir.join(format!("{name}.out"));
+        // Line-buffered, so the debug lines can be watched while it runs.
+        let mut cmd = Command::new("/usr/bin/stdbuf");
+        cmd.args(["-oL", SUB]);
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-d", "-v", "-W", "60"]).args([
+            "-i",
+            name,
+            "-C",
+            &count.to_string(),
+        ]);
+        if !user.is_empty() {
+            cmd.args(["-u", user, "-P", password]);
+        }
+        for t in topics {
+            cmd.args(["-t", t]);
+        }
+        let file = std::fs::File::create(&out).expect("sub output");
+        let child = cmd
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        Self { child, out }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Waits until the output contains `needle`.
+    async fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.output();
+            if out.contains(needle) {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} from mosquitto_sub; output:\n{out}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to end: (exit code, output).
+    async fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status.code(), self.output());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("mosquitto_sub did not end; output:\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The messages received: (topic, JSON payload), from the `-v` lines.
+    fn messages(out: &str) -> Vec<(String, Value)> {
+        out.lines()
+            .filter(|l| l.starts_with("its/"))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(t, p)| (t.to_owned(), serde_json::from_str(p).unwrap_or(Value::Null)))
+            .collect()
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `mosquitto_sub` for a single subscription attempt that should be refused at SUBSCRIBE
+/// or CONNECT; returns (exit code, output).
+async fn attempt(dir: &Path, name: &str, port: u16, user: &str, password: &str, topic: &str) -> (Option<i32>, String) {
+    let sub = Sub::start(dir, name, port, user, password, &[topic], 1);
+    sub.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_serves_integrators_within_their_sites() {
+    let f = fixture(&[("MODE", "embedded".into()), ("LISTEN", "127.0.0.1:0".into()), ("ID", "agg-test".into())]).await;
+    let port = f.server.addrs.mqtt.expect("embedded broker address").port();
+    for (site, name) in [("north", "North junction"), ("south", "South junction")] {
+        let (status, body) =
+            f.call(reqwest::Method::POST, "/sites", Some(json!({ "site_id": site, "name": name }))).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let quic = f.server.addrs.quic;
+    let north = Agent::start(&f.root, "dev-north", "cam-n", quic);
+    let south = Agent::start(&f.root, "dev-south", "cam-s", quic);
+    f.assign("dev-north", "north").await;
+    f.assign("dev-south", "south").await;
+
+    // The integrator's credential, scoped to the north site.
+    let (status, body) = f
+        .call(
+            reqwest::Method::POST,
+            "/mqtt/credentials",
+            Some(json!({ "username": "acme", "sites": ["north"], "alerts": false })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let password = body["password"].as_str().expect("password shown once").to_owned();
+    assert!(password.len() >= 32);
+    let (status, body) = f.call(reqwest::Method::GET, "/mqtt/credentials", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["credentials"][0]["username"], "acme");
+    assert_eq!(body["credentials"][0]["sites"], json!(["north"]));
+    assert!(body["credentials"][0].get("password").is_none(), "{body}");
+    let (status, _) = f
+        .call(reqwest::Method::POST, "/mqtt/credentials", Some(json!({ "username": "bad", "sites": ["nowhere"] })))
+        .await;
+    assert_eq!(status, 404, "an unknown site is refused");
+    let (status, _) =
+        f.call(reqwest::Method::POST, "/mqtt/credentials", Some(json!({ "username": "acme", "sites": [] }))).await;
+    assert_eq!(status, 409, "a taken name is refused");
+
+    // Wrong password: refused at CONNECT (CONNACK 4).
+    let (code, out) = attempt(&f.root, "wrong-pw", port, "acme", "not-the-password", "its/v1/north/#").await;
+    assert!(out.contains("received CONNACK (4)"), "{out}");
+    assert_ne!(code, Some(0), "{out}");
+    let (code, out) = attempt(&f.root, "anonymous", port, "", "", "its/v1/north/#").await;
+    assert!(out.contains("received CONNACK (5)"), "{out}");
+    assert_ne!(code, Some(0), "{out}");
+
+    // Subscriptions outside the grant: refused in the SUBACK (mosquitto_sub says so and exits 1).
+    for (name, topic) in [
+        ("south", "its/v1/south/#"),
+        ("everything", "#"),
+        ("any-site", "its/v1/+/cam-s/#"),
+        ("south-status", "its/v1/devices/dev-south/status"),
+        ("alerts", "its/v1/alerts/#"),
+    ] {
+        let (code, out) = attempt(&f.root, name, port, "acme", &password, topic).await;
+        assert!(out.contains("received CONNACK (0)"), "{topic}: {out}");
+        // mosquitto_sub 2.0 reports the refusal (return code 128 in the SUBACK), disconnects
+        // and exits 0.
+        assert!(out.contains("Subscribed (mid: 1): 128"), "{topic}: {out}");
+        assert!(out.contains("All subscription requests were denied."), "{topic}: {out}");
+        assert_eq!(code, Some(0), "{topic}: {out}");
+        assert!(Sub::messages(&out).is_empty(), "{topic}: {out}");
+    }
+
+    // Within the grant: events of the north camera, one message per event.
+    let sub = Sub::start(&f.root, "north-events", port, "acme", &password, &["its/v1/north/#"], 2);
+    sub.wait_for("Subscribed (mid: 1): 1").await;
+    // A publish by the integrator is dropped (acknowledged, not delivered): the first message the
+    // subscriber sees is the real event committed after it.
+    let out = Command::new(PUB)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "acme", "-P", &password, "-q", "1"])
+        .args(["-t", "its/v1/north/cam-n/events/line_crossing", "-m", r#"{"id":"forged"}"#])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    south.append(vec![crossing("cam-s", 1)]).await;
+    north.append(vec![crossing("cam-n", 7), counts("cam-n")]).await;
+    let (code, out) = sub.finish().await;
+    assert_eq!(code, Some(0), "{out}");
+    let msgs = Sub::messages(&out);
+    assert_eq!(msgs.len(), 2, "{out}");
+    let (topic, e) = &msgs[0];
+    assert_eq!(topic, "its/v1/north/cam-n/events/line_crossing", "{out}");
+    assert_eq!(e["id"], "dev-north:1");
+    assert_eq!(e["kind"], "line_crossing");
+    assert_eq!(e["device"], "dev-north");
+    assert_eq!(e["site"], "north");
+    assert_eq!(e["camera"], "cam-n");
+    assert_eq!(e["label"], "car");
+    assert_eq!(e["score"], 0.875);
+    assert_eq!(e["box"], json!([0.25, 0.5, 0.75, 1.0]));
+    assert_eq!(e["speed"], 42.5);
+    assert_eq!(e["direction"], "in");
+    assert_eq!(e["zone"], Value::Null);
+    assert_eq!(e["@timestamp"], "2023-11-14T22:13:20.123Z");
+    assert_eq!(e["payload"]["line"], "stop-line");
+    let (topic, c) = &msgs[1];
+    assert_eq!(topic, "its/v1/north/cam-n/counts", "{out}");
+    assert_eq!(c["id"], "dev-north:2");
+    assert_eq!(c["payload"]["counts"][0]["count"], 3);
+
+    // A late subscriber gets the retained status of the north device and of the aggregator.
+    let sub = Sub::start(
+        &f.root,
+        "late",
+        port,
+        "acme",
+        &password,
+        &["its/v1/devices/dev-north/status", "its/v1/aggregator/+/status"],
+        2,
+    );
+    let (code, out) = sub.finish().await;
+    assert_eq!(code, Some(0), "{out}");
+    let msgs = Sub::messages(&out);
+    let device = msgs.iter().find(|(t, _)| t == "its/v1/devices/dev-north/status").expect("device status");
+    assert_eq!(device.1["status"], "online", "{out}");
+    assert_eq!(device.1["device"], "dev-north");
+    let agg = msgs.iter().find(|(t, _)| t == "its/v1/aggregator/agg-test/status").expect("aggregator status");
+    assert_eq!(agg.1["status"], "online", "{out}");
+    assert!(out.contains("r1"), "retained flag in the debug line: {out}");
+
+    // Revoked: the next CONNECT is refused.
+    let (status, _) = f.call(reqwest::Method::DELETE, "/mqtt/credentials/acme", None).await;
+    assert_eq!(status, 204);
+    let (status, _) = f.call(reqwest::Method::DELETE, "/mqtt/credentials/acme", None).await;
+    assert_eq!(status, 404);
+    let (code, out) = attempt(&f.root, "revoked", port, "acme", &password, "its/v1/north/#").await;
+    assert!(out.contains("received CONNACK (4)"), "{out}");
+    assert_ne!(code, Some(0), "{out}");
+
+    north.stop().await;
+    south.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_mode_publishes_to_mosquitto() {
+    let id = format!("ext-{}-{}", std::process::id(), its_aggregator::unix_ms());
+    let f = fixture(&[("MODE", "external".into()), ("URL", "mqtt://127.0.0.1:1883".into()), ("ID", id.clone())]).await;
+    assert_eq!(f.server.addrs.mqtt, None);
+    // A camera id unique to this run, so other runs on the shared broker do not interfere.
+    let camera = format!("cam-{id}");
+    let sub = Sub::start(&f.root, "external", 1883, "", "", &[&format!("its/v1/+/{camera}/#")], 1);
+    sub.wait_for("Subscribed (mid: 1)").await;
+    let agent = Agent::start(&f.root, "dev-north", &camera, f.server.addrs.quic);
+    agent.append(vec![crossing(&camera, 3)]).await;
+    let (code, out) = sub.finish().await;
+    assert_eq!(code, Some(0), "{out}");
+    let msgs = Sub::messages(&out);
+    assert_eq!(msgs.len(), 1, "{out}");
+    assert_eq!(msgs[0].0, format!("its/v1/_unassigned/{camera}/events/line_crossing"));
+    assert_eq!(msgs[0].1["id"], "dev-north:1");
+    assert_eq!(msgs[0].1["site"], Value::Null);
+    // The aggregator's own retained status.
+    let sub = Sub::start(&f.root, "external-status", 1883, "", "", &[&format!("its/v1/aggregator/{id}/status")], 1);
+    let (code, out) = sub.finish().await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(Sub::messages(&out)[0].1["status"], "online", "{out}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_speaks_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("key");
+    let f = fixture(&[
+        ("MODE", "embedded".into()),
+        ("LISTEN", "127.0.0.1:0".into()),
+        ("TLS_CERT", cert_path.display().to_string()),
+        ("TLS_KEY", key_path.display().to_string()),
+    ])
+    .await;
+    let port = f.server.addrs.mqtt.expect("embedded broker").port();
+    let (status, _) = f.call(reqwest::Method::POST, "/sites", Some(json!({ "site_id": "north", "name": "N" }))).await;
+    assert_eq!(status, 201);
+    let (status, body) = f
+        .call(reqwest::Method::POST, "/mqtt/credentials", Some(json!({ "username": "acme", "sites": ["north"] })))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let password = body["password"].as_str().expect("password");
+    // Over TLS, checked against the certificate: CONNACK 0 and the aggregator's retained status.
+    let out = Command::new(SUB)
+        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile"])
+        .arg(&cert_path)
+        .args(["-u", "acme", "-P", password, "-t", "its/v1/aggregator/+/status", "-C", "1", "-W", "30", "-d", "-v"])
+        .output()
+        .expect("mosquitto_sub");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("received CONNACK (0)"), "{text}");
+    assert_eq!(Sub::messages(&text).len(), 1, "{text}");
+    // Plain MQTT on the TLS port gets nowhere.
+    let out = Command::new(SUB)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            "acme",
+            "-P",
+            password,
+            "-t",
+            "x",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(!out.status.success(), "plain MQTT on the TLS port");
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_config_files_work_with_mosquitto() {
+    let f = fixture(&[("MODE", "off".into())]).await;
+    let (status, _) =
+        f.call(reqwest::Method::POST, "/sites", Some(json!({ "site_id": "north", "name": "North" }))).await;
+    assert_eq!(status, 201);
+    let (status, body) = f
+        .call(reqwest::Method::POST, "/mqtt/credentials", Some(json!({ "username": "acme", "sites": ["north"] })))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let password = body["password"].as_str().expect("password").to_owned();
+    let out_dir = f.root.join("mosquitto");
+    let out = Command::new(common::aggregator_bin())
+        .args(["mqtt", "mosquitto-config", "--out"])
+        .arg(&out_dir)
+        .env("ITS_AGGREGATOR__DATABASE_URL", format!("sqlite://{}", f.root.join("events.db").display()))
+        .env("ITS_AGGREGATOR__PKI_DIR", f.root.join("pki"))
+        .env("ITS_AGGREGATOR__MQTT__MODE", "external")
+        .env("ITS_AGGREGATOR__MQTT__URL", "mqtt://127.0.0.1:1")
+        .env("ITS_AGGREGATOR__MQTT__USERNAME", "aggregator")
+        .env("ITS_AGGREGATOR__MQTT__PASSWORD", "aggregator-secret")
+        .output()
+        .expect("its-aggregator mqtt mosquitto-config");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let passwd = std::fs::read_to_string(out_dir.join("passwd")).expect("passwd");
+    assert!(passwd.lines().any(|l| l.starts_with("acme:$7$101$")), "{passwd}");
+    let acl = std::fs::read_to_string(out_dir.join("acl")).expect("acl");
+    assert!(acl.contains("user acme\ntopic read its/v1/north/#\n"), "{acl}");
+
+    // A real Mosquitto with these files.
+    let port = free_port();
+    let conf = f.root.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\n{}",
+            out_dir.join("passwd").display(),
+            out_dir.join("acl").display(),
+            // As root, Mosquitto would drop to the `mosquitto` user, which cannot read the
+            // temporary directory.
+            if running_as_root() { "user root\n" } else { "" }
+        ),
+    )
+    .expect("conf");
+    let log = f.root.join("mosquitto.log");
+    let mut broker = common::Proc::spawn(
+        "mosquitto",
+        {
+            let mut c = Command::new("/usr/sbin/mosquitto");
+            c.arg("-c").arg(&conf);
+            c
+        },
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sub = Sub::start(&f.root, "mosq-ok", port, "acme", &password, &["its/v1/north/#"], 1);
+    sub.wait_for("Subscribed (mid: 1)").await;
+    // The aggregator's user may publish there; the integrator receives it.
+    let out = Command::new(PUB)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "aggregator", "-P", "aggregator-secret", "-q", "1"])
+        .args(["-t", "its/v1/north/cam-n/counts", "-m", r#"{"id":"x:1"}"#])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, out) = sub.finish().await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(Sub::messages(&out)[0].0, "its/v1/north/cam-n/counts");
+    let (code, out) = attempt(&f.root, "mosq-wrong", port, "acme", "wrong", "its/v1/north/#").await;
+    assert!(out.contains("CONNACK (5)") || out.contains("CONNACK (4)"), "{out}");
+    assert_ne!(code, Some(0));
+    broker.terminate();
+}
+
+async fn credential_store(store: Arc<dyn its_aggregator::store::EventStore>) {
+    use its_aggregator::mqtt::credentials::CredentialStore;
+    let creds = CredentialStore::new(store.db());
+    let (c, password) =
+        creds.create("acme", &["b".into(), "a".into(), "a".into()], true, Some("cli"), 5).await.expect("create");
+    assert_eq!(c.sites, vec!["a".to_string(), "b".to_string()]);
+    assert!(creds.create("acme", &[], false, None, 6).await.is_err(), "conflict");
+    assert!(creds.create("bad name", &[], false, None, 6).await.is_err(), "invalid name");
+    let got = creds.get("acme").await.expect("get").expect("present");
+    assert_eq!(got.credential, c);
+    assert_eq!(got.secret_sha256, its_aggregator::auth::secrets::sha256_hex(&password));
+    assert!(got.mosquitto_hash.starts_with("$7$101$"));
+    assert_eq!(creds.list().await.expect("list").len(), 1);
+    assert!(creds.delete("acme").await.expect("delete"));
+    assert!(!creds.delete("acme").await.expect("delete again"));
+    assert!(creds.get("acme").await.expect("get").is_none());
+}
+
+both_backends!(credential_store);
