@@ -1,7 +1,7 @@
 //! The agent's runtime: wires the stages together and runs them until shutdown.
 //!
 //! ```text
-//! cameras --pipeline--> FrameResults --analyze--> events --append--> buffer (SQLite outbox) --read--> uplink (QUIC)
+//! cameras --pipeline--> FrameResults --analyze--> events --append--> buffer (SQLite outbox) --read--> uplink (QUIC or MQTT)
 //! synthetic source ------------------------------------------^                 ^---- delete on ack ----'
 //! ```
 
@@ -23,7 +23,7 @@ use crate::pipeline::{FrameResult, VisionPipeline, VisionSettings};
 use crate::reload::{ConfigFile, LiveVision, PipelineSlot};
 use crate::source::run_synthetic;
 use crate::uplink::quic::HealthFn;
-use crate::uplink::{UplinkHandle, run_uplink};
+use crate::uplink::{UplinkHandle, run_mqtt_uplink, run_uplink};
 
 /// The health report from the outbox, uplink and camera counters.
 pub fn health_report(
@@ -274,7 +274,23 @@ pub async fn run_agent(cfg: AgentConfig, reload: Reloading, shutdown: watch::Rec
         Arc::new(move || health_report(&ob, &up, started, &cams, mon.as_deref()))
     };
 
-    tasks.spawn(run_uplink(cfg.uplink.clone(), outbox.clone(), uplink.clone(), health.clone(), shutdown.clone()));
+    match cfg.mqtt_uplink.clone() {
+        Some(mqtt) => tasks.spawn(run_mqtt_uplink(
+            cfg.uplink.clone(),
+            mqtt,
+            outbox.clone(),
+            uplink.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )),
+        None => tasks.spawn(run_uplink(
+            cfg.uplink.clone(),
+            outbox.clone(),
+            uplink.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )),
+    };
     if let Some(syn) = cfg.synthetic.clone() {
         let (ob, up, sd) = (outbox.clone(), uplink.clone(), shutdown.clone());
         tasks.spawn(async move { run_synthetic(syn, ob, up, sd).await.map(|_| ()) });

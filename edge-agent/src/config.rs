@@ -19,8 +19,8 @@ use crate::source::SyntheticConfig;
 use crate::source::synthetic::SYNTHETIC_KINDS;
 use crate::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
 use crate::track::TrackerConfig;
-use crate::uplink::UplinkConfig;
 use crate::uplink::tls::DeviceBundle;
+use crate::uplink::{MqttUplinkConfig, UplinkConfig};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "ITS_AGENT__";
@@ -179,6 +179,9 @@ impl Default for RawTracker {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawUplink {
+    /// `quic` (UDP straight to the aggregator) or `mqtt` (through a broker, `[uplink.mqtt]`, for
+    /// sites where UDP is blocked). The session settings below apply to both.
+    pub transport: String,
     /// `host:port` of the aggregator's QUIC listener (the aggregator's default port is 8471).
     pub aggregator: String,
     /// Name on the aggregator's certificate (`pki init` always includes `its-aggregator`).
@@ -198,12 +201,146 @@ pub struct RawUplink {
     /// A silent connection is declared dead after this long (20 s: several missed keep-alives).
     pub idle_timeout_ms: u64,
     pub keep_alive_ms: u64,
+    /// `[uplink.mqtt]`: the broker, when `transport = "mqtt"`.
+    pub mqtt: RawUplinkMqtt,
+}
+
+/// `[uplink.mqtt]`: how the agent reaches the MQTT broker that relays its uplink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawUplinkMqtt {
+    /// `mqtts://host[:8883]` (TLS) or `mqtt://host[:1883]` (plain: only on a trusted network).
+    pub broker: String,
+    /// The device id: the broker's ACL ties it to the topics `its/uplink/{username}/...`.
+    #[serde(deserialize_with = "scalar_string")]
+    pub username: String,
+    /// The broker password; prefer `password_file`.
+    #[serde(deserialize_with = "scalar_string")]
+    pub password: String,
+    /// A file holding the password (surrounding whitespace is ignored).
+    pub password_file: PathBuf,
+    /// PEM CA certificate(s) the broker's certificate must chain to (`mqtts://`); empty: the
+    /// device bundle's `ca.pem` (a broker certified by the fleet CA).
+    pub ca: PathBuf,
+    /// MQTT keep-alive in seconds; a broker connection silent for 1.5 times this is dead.
+    pub keep_alive_s: u64,
+}
+
+impl Default for RawUplinkMqtt {
+    fn default() -> Self {
+        Self {
+            broker: String::new(),
+            username: String::new(),
+            password: String::new(),
+            password_file: PathBuf::new(),
+            ca: PathBuf::new(),
+            keep_alive_s: 15,
+        }
+    }
+}
+
+/// A string that an environment override may have turned into a number (`...__PASSWORD=1234`).
+fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::Text(s) => s,
+        Scalar::Int(i) => i.to_string(),
+    })
+}
+
+impl RawUplinkMqtt {
+    /// Checks `[uplink.mqtt]` (used only with `transport = "mqtt"`); `bundle_ca` is the device
+    /// bundle's CA, the default trust for `mqtts://`.
+    fn validate(&self, bundle_ca: &Path, e: &mut ConfigErrors) -> Option<MqttUplinkConfig> {
+        let broker = match url::Url::parse(&self.broker) {
+            Ok(u) if matches!(u.scheme(), "mqtt" | "mqtts") && u.host_str().is_some_and(|h| !h.is_empty()) => {
+                let tls = u.scheme() == "mqtts";
+                let ok = (u.path().is_empty() || u.path() == "/")
+                    && u.query().is_none()
+                    && u.username().is_empty()
+                    && u.password().is_none();
+                e.check(ok, "uplink.mqtt.broker", || {
+                    "must be mqtt://host[:port] or mqtts://host[:port], without path, query or credentials".into()
+                });
+                let host = u.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+                Some((host, u.port().unwrap_or(if tls { 8883 } else { 1883 }), tls))
+            }
+            _ => {
+                e.push(
+                    "uplink.mqtt.broker",
+                    format!("{:?} is not mqtt://host[:port] or mqtts://host[:port]", self.broker),
+                );
+                None
+            }
+        };
+        e.check(
+            !self.username.is_empty()
+                && self.username.len() <= 64
+                && self.username.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "uplink.mqtt.username",
+            || format!("{:?} must be the device id: 1-64 characters from A-Z a-z 0-9 . _ -", self.username),
+        );
+        let password = match (self.password.is_empty(), self.password_file.as_os_str().is_empty()) {
+            (false, true) => Some(self.password.clone()),
+            (true, false) => match std::fs::read_to_string(&self.password_file) {
+                Ok(p) if !p.trim().is_empty() => Some(p.trim().to_string()),
+                Ok(_) => {
+                    e.push("uplink.mqtt.password_file", format!("{} is empty", self.password_file.display()));
+                    None
+                }
+                Err(err) => {
+                    e.push("uplink.mqtt.password_file", format!("{}: {err}", self.password_file.display()));
+                    None
+                }
+            },
+            (true, true) => {
+                e.push("uplink.mqtt.password", "set password or password_file");
+                None
+            }
+            (false, false) => {
+                e.push("uplink.mqtt.password", "set password or password_file, not both");
+                None
+            }
+        };
+        e.check((1..=3600).contains(&self.keep_alive_s), "uplink.mqtt.keep_alive_s", || {
+            format!("{} is outside 1..=3600", self.keep_alive_s)
+        });
+        let (host, port, tls) = broker?;
+        let tls_ca = if tls {
+            let (ca, path) = if self.ca.as_os_str().is_empty() {
+                (bundle_ca.to_path_buf(), "device_bundle")
+            } else {
+                (self.ca.clone(), "uplink.mqtt.ca")
+            };
+            if !ca.is_file() {
+                e.push(path, format!("{} is missing (the CA of the broker's certificate, for mqtts://)", ca.display()));
+            }
+            Some(ca)
+        } else {
+            e.check(self.ca.as_os_str().is_empty(), "uplink.mqtt.ca", || "set only with an mqtts:// broker".into());
+            None
+        };
+        Some(MqttUplinkConfig {
+            host,
+            port,
+            tls_ca,
+            username: self.username.clone(),
+            password: password?,
+            keep_alive: Duration::from_secs(self.keep_alive_s),
+        })
+    }
 }
 
 impl Default for RawUplink {
     fn default() -> Self {
         let s = AgentSessionConfig::default();
         Self {
+            transport: "quic".into(),
             aggregator: "127.0.0.1:8471".into(),
             server_name: "its-aggregator".into(),
             max_batch_events: s.max_batch_events,
@@ -215,6 +352,7 @@ impl Default for RawUplink {
             jitter: true,
             idle_timeout_ms: 20_000,
             keep_alive_ms: 5_000,
+            mqtt: RawUplinkMqtt::default(),
         }
     }
 }
@@ -292,6 +430,8 @@ impl Default for RawHealth {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub uplink: UplinkConfig,
+    /// `Some`: the uplink goes through this MQTT broker instead of QUIC (`uplink.transport`).
+    pub mqtt_uplink: Option<MqttUplinkConfig>,
     pub outbox: OutboxConfig,
     /// Budget of the outbox's pictures (bytes).
     pub max_snapshot_bytes: u64,
@@ -601,12 +741,26 @@ impl RawConfig {
             "must be greater than keep_alive_ms".into()
         });
         let bundle = DeviceBundle::in_dir(&self.device_bundle);
-        for missing in bundle.missing() {
-            e.push(
-                "device_bundle",
-                format!("{} is missing (run `its-aggregator device enroll` and copy the bundle)", missing.display()),
-            );
-        }
+        let mqtt = match u.transport.as_str() {
+            "quic" => {
+                for missing in bundle.missing() {
+                    e.push(
+                        "device_bundle",
+                        format!(
+                            "{} is missing (run `its-aggregator device enroll` and copy the bundle)",
+                            missing.display()
+                        ),
+                    );
+                }
+                None
+            }
+            // The device bundle serves only as the default CA of an mqtts:// broker.
+            "mqtt" => u.mqtt.validate(&bundle.ca, &mut e),
+            other => {
+                e.push("uplink.transport", format!("{other:?} is not one of quic, mqtt"));
+                None
+            }
+        };
         let o = &self.outbox;
         e.check(o.max_bytes >= 1024 * 1024, "outbox.max_bytes", || format!("{} is below 1 MiB", o.max_bytes));
         e.check(o.max_age_h >= 1, "outbox.max_age_h", || "must be at least 1".into());
@@ -659,6 +813,7 @@ impl RawConfig {
                 model: vision.as_ref().map_or("none".into(), |v| v.manifest.name.clone()),
                 cameras,
             },
+            mqtt_uplink: mqtt,
             outbox: OutboxConfig {
                 path: o.path.clone(),
                 max_bytes: o.max_bytes,
@@ -835,6 +990,53 @@ mod tests {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/agent.toml.example");
         let parsed = RawConfig::load(Some(&example), Vec::new()).expect("the example parses");
         assert_eq!(format!("{parsed:?}"), format!("{:?}", RawConfig::default()), "example and defaults drifted apart");
+    }
+
+    #[test]
+    fn the_mqtt_uplink_is_checked_and_needs_no_device_bundle() {
+        let bad = load_str(
+            r#"
+            device_bundle = "/nonexistent"
+            [uplink]
+            transport = "mqtt"
+            [uplink.mqtt]
+            broker = "mqtts://broker.example/some/path"
+            username = "box 1"
+            password = "x"
+            password_file = "/nonexistent/pw"
+            keep_alive_s = 0
+            "#,
+        );
+        let err = bad.validate("agent.toml").expect_err("invalid");
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in ["uplink.mqtt.broker", "uplink.mqtt.username", "uplink.mqtt.password", "uplink.mqtt.keep_alive_s"] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+        assert!(paths.contains(&"device_bundle"), "mqtts:// without ca needs the bundle's CA: {paths:?}");
+        let unknown = load_str("[uplink]\ntransport = \"udp\"\n").validate("agent.toml").expect_err("invalid");
+        assert!(unknown.issues.iter().any(|i| i.path == "uplink.transport"), "{unknown}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").expect("write");
+        let good = RawConfig::load(
+            None,
+            vec![
+                ("ITS_AGENT__DEVICE_BUNDLE".into(), "/nonexistent".into()),
+                ("ITS_AGENT__UPLINK__TRANSPORT".into(), "mqtt".into()),
+                ("ITS_AGENT__UPLINK__MQTT__BROKER".into(), "mqtt://10.0.0.5".into()),
+                ("ITS_AGENT__UPLINK__MQTT__USERNAME".into(), "1234".into()),
+                ("ITS_AGENT__UPLINK__MQTT__PASSWORD_FILE".into(), pw.display().to_string()),
+            ],
+        )
+        .expect("parses");
+        let cfg = good.validate("env").expect("valid without a device bundle");
+        let m = cfg.mqtt_uplink.expect("mqtt uplink");
+        assert_eq!((m.host.as_str(), m.port, m.tls_ca.is_none()), ("10.0.0.5", 1883, true));
+        assert_eq!((m.username.as_str(), m.password.as_str()), ("1234", "s3cret"));
+        assert!(!format!("{m:?}").contains("s3cret"));
+        let quic = RawConfig::load(None, Vec::new()).expect("parses").validate("defaults");
+        assert!(quic.is_err_and(|e| e.issues.iter().any(|i| i.path == "device_bundle")), "QUIC needs the bundle");
     }
 
     #[test]
