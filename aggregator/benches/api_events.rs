@@ -798,7 +798,9 @@ async fn start_server(
         retention: its_aggregator::store::RetentionPolicy::off(),
         // Long enough for the whole run (the default is 10 minutes).
         auth: AuthConfig { access_ttl: Duration::from_secs(3600), ..AuthConfig::default() },
-    };
+        ..ServerConfig::default()
+    }
+    .with_mqtt_off();
     let (stop, rx) = watch::channel(false);
     let server = Server::start(&cfg, metrics, None, rx).await?;
     Ok((server, stop))

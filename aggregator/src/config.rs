@@ -29,6 +29,11 @@ pub struct RawConfig {
     pub snapshots: RawSnapshots,
     pub retention: RawRetention,
     pub auth: RawAuth,
+    pub analytics: crate::analytics::RawAnalytics,
+    pub alerts: crate::alerts::RawAlerts,
+    pub mqtt: crate::mqtt::RawMqtt,
+    pub kafka: crate::export::kafka::RawKafka,
+    pub redis: crate::export::fanout::RawRedis,
 }
 
 impl Default for RawConfig {
@@ -41,6 +46,11 @@ impl Default for RawConfig {
             snapshots: RawSnapshots::default(),
             retention: RawRetention::default(),
             auth: RawAuth::default(),
+            analytics: Default::default(),
+            alerts: Default::default(),
+            mqtt: Default::default(),
+            kafka: Default::default(),
+            redis: Default::default(),
         }
     }
 }
@@ -114,6 +124,33 @@ pub struct ServerConfig {
     pub retention: RetentionPolicy,
     /// Token lifetimes, key rotation, sign-in throttling (see [`crate::auth`]).
     pub auth: crate::auth::AuthConfig,
+    /// Rollups and anomaly detection (see [`crate::analytics`]).
+    pub analytics: crate::analytics::AnalyticsConfig,
+    /// Alert rules and notifications (see [`crate::alerts`]).
+    pub alerts: crate::alerts::AlertsConfig,
+    /// The MQTT broker and topics (see [`crate::mqtt`]).
+    pub mqtt: crate::mqtt::MqttConfig,
+    /// Kafka export (see [`crate::export::kafka`]).
+    pub kafka: crate::export::kafka::KafkaConfig,
+    /// Fan-out between replicas (see [`crate::export::fanout`]).
+    pub redis: crate::export::fanout::RedisConfig,
+}
+
+impl Default for ServerConfig {
+    /// The embedded defaults ([`RawConfig::default`], validated; a unit test keeps them valid).
+    fn default() -> Self {
+        RawConfig::default().validate("defaults").unwrap_or_else(|e| panic!("the embedded defaults are invalid: {e}"))
+    }
+}
+
+impl ServerConfig {
+    /// The same with `[mqtt] mode = "off"`: for a server embedded in a test or a benchmark, where
+    /// the default broker port may be taken (by another one running beside it).
+    pub fn with_mqtt_off(mut self) -> Self {
+        let raw = crate::mqtt::RawMqtt { mode: "off".into(), ..Default::default() };
+        self.mqtt = raw.validate(&mut ConfigErrors::new("mqtt off"));
+        self
+    }
 }
 
 /// `[auth]`: token lifetimes, signing key rotation and sign-in throttling.
@@ -247,6 +284,11 @@ impl RawConfig {
         };
         let retention = self.retention.policy(&mut e);
         let auth = self.auth.validate(&mut e);
+        let analytics = self.analytics.validate(&mut e);
+        let alerts = self.alerts.validate(&mut e);
+        let mqtt = self.mqtt.validate(&mut e);
+        let kafka = self.kafka.validate(&mut e);
+        let redis = self.redis.validate(&mut e);
         match (e.is_empty(), quic, http, snapshots) {
             (true, Some(quic), Some(http), Some(snapshots)) => Ok(ServerConfig {
                 database_url: url.clone(),
@@ -258,6 +300,11 @@ impl RawConfig {
                 snapshots,
                 retention,
                 auth,
+                analytics,
+                alerts,
+                mqtt,
+                kafka,
+                redis,
             }),
             _ => Err(e),
         }
@@ -638,6 +685,15 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", defaults.auth));
         assert_eq!(cfg.http_listen, defaults.http_listen);
         assert_eq!(format!("{:?}", cfg.retention), format!("{:?}", defaults.retention));
+        assert_eq!(format!("{:?}", cfg.kafka), format!("{:?}", defaults.kafka));
+        assert_eq!(format!("{:?}", cfg.alerts), format!("{:?}", defaults.alerts));
+        assert_eq!(format!("{:?}", cfg.redis), format!("{:?}", defaults.redis));
+        assert_eq!(cfg.analytics, defaults.analytics);
+        assert_eq!(format!("{:?}", cfg.mqtt.uplink), format!("{:?}", defaults.mqtt.uplink));
+        assert_eq!(
+            (&cfg.mqtt.mode, cfg.mqtt.listen, &cfg.mqtt.id, cfg.mqtt.tls.is_some()),
+            (&defaults.mqtt.mode, defaults.mqtt.listen, &defaults.mqtt.id, defaults.mqtt.tls.is_some())
+        );
     }
 
     #[test]

@@ -142,6 +142,8 @@ fn outbox_stats(agent: &Path, outbox: &Path) -> Option<serde_json::Value> {
 }
 
 fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig {
+    // The sections the demo does not change take their defaults (so the embedded MQTT broker
+    // listens on its default address).
     ServerConfig {
         database_url: format!("sqlite://{}", dir.join("events.db").display()),
         pki_dir: dir.join("pki"),
@@ -152,7 +154,19 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
         snapshots: crate::snapshots::SnapshotLocation::Local(dir.to_path_buf()),
         retention: crate::store::RetentionPolicy::off(),
         auth: crate::auth::AuthConfig::default(),
+        mqtt: demo_mqtt(),
+        ..ServerConfig::default()
     }
+}
+
+/// The embedded MQTT broker on its default address, or on any free port when that is taken.
+fn demo_mqtt() -> crate::mqtt::MqttConfig {
+    let default = crate::mqtt::RawMqtt::default();
+    let listen = match std::net::TcpListener::bind(default.listen.as_str()) {
+        Ok(_) => default.listen.clone(),
+        Err(_) => "127.0.0.1:0".to_owned(),
+    };
+    crate::mqtt::RawMqtt { listen, ..default }.validate(&mut its_shared::config::ConfigErrors::new("demo"))
 }
 
 /// Creates the demo's admin (a fresh random password each run) and a read-only API key, and says
@@ -177,7 +191,7 @@ async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<(
         scope: crate::store::Scope::All,
         mfa_enrolment_only: false,
     };
-    let perms = PermissionSet::of(&[Permission::EventsRead, Permission::DevicesRead]);
+    let perms = PermissionSet::of(&[Permission::EventsRead, Permission::DevicesRead, Permission::MetricsRead]);
     let (_, key) = auth
         .create_api_key(
             &creator,
@@ -191,8 +205,9 @@ async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<(
     println!(
         "    sign in:  curl -s -XPOST http://{http}/api/v1/auth/login -H 'content-type: application/json' -d '{{\"username\":\"demo\",\"password\":\"{password}\"}}'"
     );
-    println!("  API key (events:read, devices:read; expires in a day):");
+    println!("  API key (events:read, devices:read, metrics:read; expires in a day):");
     println!("    curl -s -H 'X-API-Key: {key}' 'http://{http}/api/v1/events?limit=5'");
+    println!("    curl -s -H 'X-API-Key: {key}' 'http://{http}/api/v1/metrics?resolution=1m'   (traffic metrics)");
     println!("  the API document: http://{http}/api/v1/openapi.json; without a credential the API answers 401");
     Ok(())
 }
@@ -319,6 +334,12 @@ pub async fn run_demo(opts: DemoOptions, metrics: metrics_exporter_prometheus::P
     let quic = server.addrs.quic;
     println!("  aggregator: QUIC {quic} (mutual TLS), API http://{}/api/v1/events", server.addrs.http);
     demo_credentials(&server, server.addrs.http).await?;
+    if let Some(mqtt) = server.addrs.mqtt {
+        println!(
+            "  MQTT for third parties: broker {mqtt}, topics its/v1/{{site}}/{{camera}}/events/{{kind}} \
+             (logins for integrators: POST /api/v1/mqtt/credentials)"
+        );
+    }
 
     let outbox = dir.join("agent").join("outbox.db");
     let config = dir.join("agent").join("agent.toml");

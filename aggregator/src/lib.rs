@@ -3,11 +3,16 @@
 //! object storage), [`http`] (REST API and metrics), [`server`] (wiring), [`demo`] (the README's
 //! demo).
 
+pub mod alerts;
+pub mod analytics;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod demo;
+pub mod export;
 pub mod http;
 pub mod ingest;
+pub mod mqtt;
 pub mod pki;
 pub mod server;
 pub mod snapshots;

@@ -20,6 +20,9 @@ use crate::store::{EventStore, open_store};
 pub struct BoundAddrs {
     pub quic: SocketAddr,
     pub http: SocketAddr,
+    /// The embedded MQTT broker (`None`: `[mqtt] mode` is not `embedded`).
+    #[serde(default)]
+    pub mqtt: Option<SocketAddr>,
 }
 
 /// Installs the process-wide Prometheus recorder (once per process).
@@ -35,6 +38,8 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 pub struct Server {
     pub addrs: BoundAddrs,
     pub store: Arc<dyn EventStore>,
+    /// MQTT for third parties (the embedded broker's handle, for other modules' authenticators).
+    pub mqtt: crate::mqtt::MqttHandle,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
 }
 
@@ -68,17 +73,19 @@ impl Server {
             .await
             .with_context(|| format!("binding HTTP on {}", cfg.http_listen))?;
         let http = listener.local_addr().context("HTTP local address")?;
-        let addrs = BoundAddrs { quic, http };
+        let mut addrs = BoundAddrs { quic, http, mqtt: None };
         let scheme = if https.is_some() { "https" } else { "http" };
         tracing::info!(quic = %quic, http = %http, scheme, backend = store.backend(), snapshots = snapshots.location(), "aggregator listening");
 
         let mut tasks = tokio::task::JoinSet::new();
+        let bus = crate::bus::EventBus::new();
         tasks.spawn(crate::ingest::serve(
             endpoint,
             pki,
             cfg.ingest.clone(),
             store.clone(),
             snapshots.clone(),
+            bus.clone(),
             shutdown.clone(),
         ));
         let retention = crate::store::Retention::new(store.db(), snapshots.clone(), cfg.retention.clone());
@@ -87,6 +94,44 @@ impl Server {
             retention.run(retention_shutdown).await;
             Ok(())
         });
+        if cfg.alerts.enabled {
+            let alerts = crate::alerts::service(store.db(), bus.clone(), cfg.alerts.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                alerts.await;
+                Ok(())
+            });
+        }
+        let analytics = crate::analytics::Analytics::new(store.db(), bus.clone(), cfg.analytics.clone());
+        tasks.spawn({
+            let sd = shutdown.clone();
+            async move {
+                analytics.run(sd).await;
+                Ok(())
+            }
+        });
+        // MQTT for third parties (embedded broker by default; see crate::mqtt).
+        let mqtt = crate::mqtt::start(&cfg.mqtt, store.db(), &bus, shutdown.clone(), &mut tasks).await?;
+        addrs.mqtt = mqtt.listen_addr();
+        // The agents' MQTT uplink (off by default; see crate::mqtt::uplink).
+        if cfg.mqtt.uplink.enabled {
+            let uplink = cfg.mqtt.uplink.clone();
+            tasks.spawn(crate::mqtt::uplink::run(uplink, store.clone(), bus.clone(), shutdown.clone()));
+        }
+        // Redis fan-out between replicas and Kafka export (both off by default).
+        if let Some(fanout) = crate::export::fanout::Fanout::new(&cfg.redis, bus.clone())? {
+            let sd = shutdown.clone();
+            tasks.spawn(async move {
+                fanout.run(sd).await;
+                Ok(())
+            });
+        }
+        #[cfg(feature = "kafka")]
+        if cfg.kafka.enabled {
+            let owner = crate::export::kafka::lease_owner(&cfg.redis.replica_id, http.port());
+            let exporter = crate::export::kafka::KafkaExporter::new(&cfg.kafka, store.db(), &owner)
+                .context("starting the Kafka producer")?;
+            tasks.spawn(exporter.run(bus.clone(), shutdown.clone()));
+        }
         let auth =
             crate::auth::AuthService::open(store.db(), cfg.auth.clone()).await.context("opening the user store")?;
         if auth.store.count_users().await? == 0 {
@@ -110,6 +155,8 @@ impl Server {
             auth,
             fleet: crate::store::fleet::Fleet::new(store.db()),
             access: Arc::new(access),
+            bus: bus.clone(),
+            shutdown: shutdown.clone(),
         });
         match https {
             Some(cert) => {
@@ -126,7 +173,7 @@ impl Server {
             std::fs::write(&tmp, serde_json::to_vec(&addrs)?).with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         }
-        Ok(Self { addrs, store, tasks })
+        Ok(Self { addrs, store, mqtt, tasks })
     }
 
     /// Waits until every task ended (after shutdown), returning the first error.

@@ -58,7 +58,7 @@ impl Server {
             &config,
             format!(
                 "database_url = {db:?}\npki_dir = {pki:?}\n[quic]\nlisten = \"127.0.0.1:0\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-                 [snapshots]\nurl = {snaps:?}\n",
+                 [mqtt]\nlisten = \"127.0.0.1:0\"\n[snapshots]\nurl = {snaps:?}\n",
                 db = database_url,
                 pki = root.join("pki").display().to_string(),
                 snaps = format!("file://{}", root.join("objects").display()),
@@ -246,6 +246,13 @@ api_keys = {{ values = ["{api_key_id}"] }}
 include-operation-id = "event_snapshot"
 parameters = {{ "path.id" = {{ dictionary = "events", probability = 0.5 }} }}
 
+# The live stream stays open until `duration_s` is over (by default until the client leaves):
+# pinned to 0 here, so that every case answers at once with just the `: ready` comment, while the
+# other parameters are generated as for any operation.
+[[operations]]
+include-operation-id = "stream_events"
+parameters = {{ "query.duration_s" = 0 }}
+
 [[operations]]
 include-operation-id = "revoke_api_key"
 parameters = {{ "path.id" = {{ dictionary = "api_keys", probability = 0.3 }} }}
@@ -265,11 +272,12 @@ parameters = {{ "path.role" = {{ dictionary = "roles", probability = 1.0 }} }}
 # checks what JSON Schema cannot say about a request, and answers 400 as documented:
 # - list_events, device_health: `from` after `to` and `min_speed` above `max_speed` (a relation
 #   between parameters), and the events `cursor`, an opaque token only the service issues;
+# - list_metrics, list_anomalies: their `cursor` too;
 # - update_device, update_camera: `site_id` must name an existing site;
 # - create_user, update_user: a password must not be one repeated character, and grants are only
 #   for the viewer and integrator roles.
 [[operations]]
-include-operation-id = ["list_events", "device_health", "update_device", "update_camera", "create_user", "update_user"]
+include-operation-id = ["list_events", "device_health", "list_metrics", "list_anomalies", "update_device", "update_camera", "create_user", "update_user"]
 checks.positive_data_acceptance.enabled = false
 "#
     )

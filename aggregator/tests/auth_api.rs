@@ -386,7 +386,62 @@ struct Fixture {
     n: u32,
 }
 
+/// A valid alert rule body for the matrix.
+fn alert_rule_body(n: u32) -> Value {
+    json!({ "name": format!("m-rule-{n}"), "severity": "info", "condition": { "type": "camera_down" } })
+}
+
+/// A valid alert channel body for the matrix (nothing listens there; no worker runs).
+fn alert_channel_body(n: u32) -> Value {
+    json!({ "name": format!("m-channel-{n}"),
+        "target": { "kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "matrix" } })
+}
+
 impl Fixture {
+    async fn alert_rule(&self, n: u32) -> i64 {
+        let mut spec: its_aggregator::alerts::RuleSpec = serde_json::from_value(alert_rule_body(n)).expect("rule");
+        spec.validate().expect("valid rule");
+        let store = its_aggregator::alerts::AlertStore::new(self.api.store.db());
+        store.create_rule(&spec, None, self.api.now()).await.expect("rule").rule_id
+    }
+
+    async fn alert_channel(&self, n: u32) -> i64 {
+        let spec: its_aggregator::alerts::ChannelSpec = serde_json::from_value(alert_channel_body(n)).expect("channel");
+        let store = its_aggregator::alerts::AlertStore::new(self.api.store.db());
+        store.create_channel(&spec, self.api.now()).await.expect("channel").channel_id
+    }
+
+    /// An open alert on dev-a/cam-1 of its own; with a channel, its delivery made dead.
+    async fn alert(&self, n: u32, channel: Option<i64>) -> (i64, Option<i64>) {
+        use its_aggregator::alerts::store::{AttemptResult, Fired, Firing};
+        let store = its_aggregator::alerts::AlertStore::new(self.api.store.db());
+        let subject = format!("camera:dev-a/cam-1#{n}");
+        let channels: Vec<i64> = channel.into_iter().collect();
+        let firing = Firing {
+            rule_id: 1,
+            rule_name: "m-rule",
+            severity: its_aggregator::alerts::Severity::Warning,
+            subject: &subject,
+            device_id: Some("dev-a"),
+            camera: Some("cam-1"),
+            title: "matrix",
+            details: &json!({}),
+            dedupe_since_ms: None,
+            channels: &channels,
+        };
+        let now = self.api.now();
+        let Fired::Opened(alert) = store.fire(&firing, now).await.expect("fire") else { panic!("a new alert") };
+        if channel.is_none() {
+            return (alert.alert_id, None);
+        }
+        let claimed = store.claim_due(i64::MAX - 1, now, 1000).await.expect("claim");
+        let d = claimed.into_iter().find(|d| d.alert_id == alert.alert_id).expect("its delivery");
+        let failed =
+            AttemptResult { delivered: false, permanent: true, http_status: Some(410), error: None, latency_ms: 1 };
+        assert_eq!(store.record_attempt(&d, &failed, 5, now, now).await.expect("attempt"), "dead");
+        (alert.alert_id, Some(d.delivery_id))
+    }
+
     fn admin_principal(&self) -> Principal {
         Principal {
             subject: Subject::User {
@@ -517,6 +572,18 @@ impl Fixture {
                 p(&format!("/api/v1/api-keys/{}", row.key_id), None, StatusCode::NO_CONTENT)
             }
             ("GET", "/api/v1/audit") => p(path, None, ok),
+            ("GET", "/api/v1/mqtt/credentials") => p(path, None, ok),
+            ("POST", "/api/v1/mqtt/credentials") => {
+                p(path, Some(json!({ "username": format!("m-mqtt-{n}"), "sites": ["north"] })), StatusCode::CREATED)
+            }
+            ("DELETE", "/api/v1/mqtt/credentials/{username}") => {
+                let name = format!("m-mqtt-gone-{n}");
+                its_aggregator::mqtt::credentials::CredentialStore::new(self.api.store.db())
+                    .create(&name, &[], false, None, now)
+                    .await
+                    .expect("MQTT credential");
+                p(&format!("/api/v1/mqtt/credentials/{name}"), None, StatusCode::NO_CONTENT)
+            }
             ("GET", "/api/v1/sites") => p(path, None, ok),
             ("POST", "/api/v1/sites") => p(
                 path,
@@ -543,8 +610,50 @@ impl Fixture {
                 p("/api/v1/devices/dev-a/cameras/cam-1", Some(json!({ "name": format!("Cam {n}") })), ok)
             }
             ("GET", "/api/v1/events") => p(path, None, ok),
+            // A stream: `duration_s=0` ends it right after the `: ready` comment.
+            ("GET", "/api/v1/stream") => p("/api/v1/stream?duration_s=0", None, ok),
             ("GET", "/api/v1/events/{id}/snapshot") => p("/api/v1/events/dev-a:1/snapshot", None, ok),
             ("GET", "/api/v1/system/storage") => p(path, None, ok),
+            ("GET", "/api/v1/metrics") | ("GET", "/api/v1/anomalies") => p(path, None, ok),
+            ("GET", "/api/v1/alert-rules") | ("GET", "/api/v1/alert-channels") | ("GET", "/api/v1/alerts") => {
+                p(path, None, ok)
+            }
+            ("GET", "/api/v1/alert-deliveries/dead") => p(path, None, ok),
+            ("POST", "/api/v1/alert-rules") => p(path, Some(alert_rule_body(n)), StatusCode::CREATED),
+            ("GET", "/api/v1/alert-rules/{id}") => {
+                p(&format!("/api/v1/alert-rules/{}", self.alert_rule(n).await), None, ok)
+            }
+            ("PUT", "/api/v1/alert-rules/{id}") => {
+                p(&format!("/api/v1/alert-rules/{}", self.alert_rule(n).await), Some(alert_rule_body(n)), ok)
+            }
+            ("DELETE", "/api/v1/alert-rules/{id}") => {
+                p(&format!("/api/v1/alert-rules/{}", self.alert_rule(n).await), None, StatusCode::NO_CONTENT)
+            }
+            ("POST", "/api/v1/alert-channels") => p(path, Some(alert_channel_body(n)), StatusCode::CREATED),
+            ("GET", "/api/v1/alert-channels/{id}") => {
+                p(&format!("/api/v1/alert-channels/{}", self.alert_channel(n).await), None, ok)
+            }
+            ("PUT", "/api/v1/alert-channels/{id}") => {
+                p(&format!("/api/v1/alert-channels/{}", self.alert_channel(n).await), Some(alert_channel_body(n)), ok)
+            }
+            ("DELETE", "/api/v1/alert-channels/{id}") => {
+                p(&format!("/api/v1/alert-channels/{}", self.alert_channel(n).await), None, StatusCode::NO_CONTENT)
+            }
+            ("GET", "/api/v1/alerts/{id}") => p(&format!("/api/v1/alerts/{}", self.alert(n, None).await.0), None, ok),
+            ("GET", "/api/v1/alerts/{id}/deliveries") => {
+                p(&format!("/api/v1/alerts/{}/deliveries", self.alert(n, None).await.0), None, ok)
+            }
+            ("POST", "/api/v1/alerts/{id}/ack") => {
+                p(&format!("/api/v1/alerts/{}/ack", self.alert(n, None).await.0), None, ok)
+            }
+            ("POST", "/api/v1/alerts/{id}/resolve") => {
+                p(&format!("/api/v1/alerts/{}/resolve", self.alert(n, None).await.0), None, ok)
+            }
+            ("POST", "/api/v1/alert-deliveries/{id}/retry") => {
+                let channel = self.alert_channel(n).await;
+                let (_, delivery) = self.alert(n, Some(channel)).await;
+                p(&format!("/api/v1/alert-deliveries/{}/retry", delivery.expect("a dead delivery")), None, ok)
+            }
             _ => return Err(format!("no request for {method} {path} in the matrix's table: add one")),
         })
     }

@@ -43,6 +43,8 @@ impl Env {
             .env("ITS_AGGREGATOR__QUIC__LISTEN", format!("127.0.0.1:{}", self.quic_port))
             .env("ITS_AGGREGATOR__QUIC__IDLE_TIMEOUT_MS", "3000")
             .env("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0")
+            // The embedded MQTT broker on any free port (its default may be taken).
+            .env("ITS_AGGREGATOR__MQTT__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info");
         let p = Proc::spawn("aggregator", cmd, &self.log);
         // After a kill -9 the port is free at once (UDP); retry a few times anyway.

@@ -81,7 +81,9 @@ async fn fixture() -> Fixture {
         snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
         retention: its_aggregator::store::RetentionPolicy::off(),
         auth: its_aggregator::auth::AuthConfig::default(),
-    };
+        ..ServerConfig::default()
+    }
+    .with_mqtt_off();
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let server = Server::start(&cfg, metrics, None, rx).await.expect("server");

@@ -115,6 +115,7 @@ async fn an_agent_on_a_real_rtsp_camera_delivers_road_users_and_recovers_when_th
         ("ITS_AGGREGATOR__PKI_DIR", root_dir.join("pki").into()),
         ("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0".into()),
         ("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0".into()),
+        ("ITS_AGGREGATOR__MQTT__LISTEN", "127.0.0.1:0".into()),
     ];
     common::add_admin_cli(&envs);
     let mut cmd = Command::new(aggregator_bin());

@@ -8,6 +8,12 @@
 //! | `GET /api/v1/devices` | `{"devices":[...]}` |
 //! | `GET /api/v1/events?device=&camera=&kind=&site=&class=&zone=&line=&direction=&min_speed=&max_speed=&has_snapshot=&from=&to=&limit=&cursor=` | `{"events":[...],"next_cursor":...}`, newest first; each event has `has_snapshot` |
 //! | `GET /api/v1/events/{id}/snapshot?variant=full\|crop` | the event's snapshot, `image/jpeg`: the full frame (default) or the crop |
+//! | `GET /api/v1/stream` | server-sent events of what is committed now ([`stream_api`]) |
+//! | `GET /api/v1/metrics`, `GET /api/v1/anomalies` | traffic rollups and anomalies ([`metrics_api`]) |
+//! | `/api/v1/alert-rules`, `/api/v1/alert-channels`, `/api/v1/alerts`, `/api/v1/alert-deliveries` | alerting ([`alerts_api`]) |
+//! | `/api/v1/mqtt/credentials` | integrators' MQTT logins ([`mqtt_api`]) |
+//!
+//! The whole list, with what each operation needs, is the OpenAPI document ([`openapi`]).
 //!
 //! The snapshot route answers 400 `invalid_parameter` for an id that is not `<device>:<seq>` or a
 //! variant other than `full` / `crop`; 404 `event_not_found` when no such event is stored (even if
@@ -39,12 +45,16 @@ use crate::store::{EventId, EventQuery, EventStore, SnapshotLookup};
 pub use authz::AccessMap;
 
 pub mod admin_api;
+pub mod alerts_api;
 pub mod auth_api;
 pub mod authz;
 pub mod body;
 pub mod client_addr;
 pub mod error;
 pub mod fleet_api;
+pub mod metrics_api;
+pub mod mqtt_api;
+pub mod stream_api;
 pub mod system_api;
 pub mod transport;
 
@@ -73,6 +83,11 @@ pub struct AppState {
     pub fleet: Fleet,
     /// What each endpoint needs ([`access_map`]).
     pub access: Arc<AccessMap>,
+    /// What this replica (and, with Redis, the others) just committed.
+    pub bus: crate::bus::EventBus,
+    /// Turns true at shutdown: open `GET /api/v1/stream` answers end then (a dropped sender
+    /// counts as never).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The error form of every 4xx/5xx answer.
@@ -235,8 +250,24 @@ fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(fleet_api::list_cameras))
         .routes(routes!(fleet_api::get_camera, fleet_api::update_camera))
         .routes(routes!(list_events))
+        .routes(routes!(stream_api::stream_events))
         .routes(routes!(event_snapshot))
         .routes(routes!(system_api::storage))
+        .routes(routes!(metrics_api::list_metrics))
+        .routes(routes!(metrics_api::list_anomalies))
+        .routes(routes!(alerts_api::list_rules, alerts_api::create_rule))
+        .routes(routes!(alerts_api::get_rule, alerts_api::update_rule, alerts_api::delete_rule))
+        .routes(routes!(alerts_api::list_channels, alerts_api::create_channel))
+        .routes(routes!(alerts_api::get_channel, alerts_api::update_channel, alerts_api::delete_channel))
+        .routes(routes!(alerts_api::list_alerts))
+        .routes(routes!(alerts_api::get_alert))
+        .routes(routes!(alerts_api::ack_alert))
+        .routes(routes!(alerts_api::resolve_alert))
+        .routes(routes!(alerts_api::alert_deliveries))
+        .routes(routes!(alerts_api::dead_letters))
+        .routes(routes!(alerts_api::retry_delivery))
+        .routes(routes!(mqtt_api::list_mqtt_credentials, mqtt_api::create_mqtt_credential))
+        .routes(routes!(mqtt_api::revoke_mqtt_credential))
         .routes(routes!(healthz))
 }
 

@@ -36,6 +36,27 @@ pub fn with_database(url: &str, db: &str) -> String {
 }
 
 /// A database name unique to this process and call: `{prefix}_{pid}_{counter}_{nanos}`.
+/// The `tansu` Kafka-protocol broker: `$ITS_TANSU`, else `.deps/tansu` (scripts/setup-test-peers).
+#[allow(dead_code)]
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ITS_TANSU") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/tansu/bin/tansu");
+    if p.is_file() {
+        return p;
+    }
+    let fallback = PathBuf::from("/var/cache/its-deps/tansu-0.6.0/bin/tansu");
+    assert!(fallback.is_file(), "no tansu broker: run scripts/setup-test-peers (or set ITS_TANSU)");
+    fallback
+}
+
+/// A TCP port free on loopback right now.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
 pub fn unique_name(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
@@ -405,6 +426,8 @@ pub async fn test_state(
         trusted_proxies: Arc::default(),
         auth,
         access: Arc::new(access),
+        bus: its_aggregator::bus::EventBus::new(),
+        shutdown: tokio::sync::watch::channel(false).1,
     };
     (state, token)
 }
