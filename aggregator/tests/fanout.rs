@@ -236,8 +236,20 @@ async fn replicas_stream_each_others_events_once() {
             assert!(e.data.get(field).is_some(), "{field} missing in {}", e.data);
         }
     }
+    // The camera filter: exactly cam-b's events (the synthetic source takes turns between cameras).
+    let want_cam: std::collections::BTreeSet<String> = on_b
+        .all()
+        .into_iter()
+        .filter(|m| m.event == "event" && m.data["camera"] == "cam-b")
+        .filter_map(|m| m.data["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!want_cam.is_empty(), "the agent sent no cam-b events");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while on_b_cam.event_counts().keys().cloned().collect::<std::collections::BTreeSet<_>>() != want_cam {
+        assert!(Instant::now() < deadline, "the camera-filtered stream: {:?} of {want_cam:?}", on_b_cam.event_counts());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let cam = on_b_cam.all();
-    assert!(!cam.is_empty(), "the camera-filtered stream got nothing");
     assert!(
         cam.iter().all(|m| m.event == "event" && m.data["camera"] == "cam-b"),
         "the filter let other messages through"

@@ -21,6 +21,7 @@ use common::both_backends;
 both_backends!(
     rollups_are_exact_at_every_resolution_and_follow_late_events,
     an_unusual_volume_and_a_sudden_speed_drop_are_found_once,
+    open_coarse_buckets_are_recomputed_at_most_every_few_seconds,
 );
 
 /// Monday 2023-11-13 00:00:00 UTC: a whole hour, a whole week boundary does not matter.
@@ -257,4 +258,48 @@ async fn an_unusual_volume_and_a_sudden_speed_drop_are_found_once(store: Arc<dyn
     assert_eq!(v["anomalies"].as_array().map(Vec::len), Some(0));
     let (status, _) = api.get("/api/v1/anomalies?kind=meteor").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+async fn open_coarse_buckets_are_recomputed_at_most_every_few_seconds(store: Arc<dyn EventStore>) {
+    use its_aggregator::analytics::{MetricQuery, Resolution, query_metrics};
+    let analytics = Analytics::new(store.db(), EventBus::new(), AnalyticsConfig::default());
+    let db = store.db();
+    let rows = |res: Resolution| {
+        let db = db.clone();
+        async move {
+            let q = MetricQuery { resolution: Some(res), limit: 100, ..MetricQuery::default() };
+            query_metrics(&db, &q).await.expect("query").metrics
+        }
+    };
+    // Live traffic in the current minute of an open quarter hour and hour.
+    let now = T0 + 30 * MIN + 5_000;
+    let mut seq = 0;
+    for k in 0..3 {
+        seq += 1;
+        let e = crossing(seq, "cam-1", now - 1_000 + k, "car", Direction::In, Some(50.0));
+        store.insert_events("dev-a", &[e], now).await.expect("insert");
+    }
+    analytics.run_pass(now).await.expect("pass");
+    assert_eq!(rows(Resolution::Minute).await.len(), 1, "a minute is recomputed at once");
+    assert!(rows(Resolution::QuarterHour).await.is_empty(), "a live quarter hour waits");
+    assert!(rows(Resolution::Hour).await.is_empty(), "a live hour waits");
+    analytics.run_pass(now + 10_000).await.expect("pass");
+    assert_eq!(rows(Resolution::QuarterHour).await.first().map(|r| r.count), Some(3));
+    assert!(rows(Resolution::Hour).await.is_empty());
+    // More traffic meanwhile: the hour, once due, counts everything committed so far.
+    seq += 1;
+    let e = crossing(seq, "cam-1", now + 20_000, "car", Direction::In, Some(50.0));
+    store.insert_events("dev-a", &[e], now + 20_000).await.expect("insert");
+    analytics.run_pass(now + 60_000).await.expect("pass");
+    assert_eq!(rows(Resolution::Hour).await.first().map(|r| r.count), Some(4));
+    assert_eq!(rows(Resolution::QuarterHour).await.first().map(|r| r.count), Some(4));
+    // Marked again now: the quarter hour waits its 10 s, the minute does not.
+    seq += 1;
+    let e = crossing(seq, "cam-1", now + 61_000, "car", Direction::In, Some(50.0));
+    store.insert_events("dev-a", &[e], now + 61_000).await.expect("insert");
+    analytics.run_pass(now + 62_000).await.expect("pass");
+    assert_eq!(rows(Resolution::QuarterHour).await.first().map(|r| r.count), Some(4));
+    assert_eq!(rows(Resolution::Minute).await.iter().map(|r| r.count).sum::<u64>(), 5);
+    analytics.run_pass(now + 71_000).await.expect("pass");
+    assert_eq!(rows(Resolution::QuarterHour).await.first().map(|r| r.count), Some(5));
 }

@@ -1,16 +1,24 @@
 -- Traffic metrics (see src/analytics): rollups of line crossings and zone occupancy per camera,
 -- line / zone, class and direction over 1 minute, 15 minutes and 1 hour.
 
--- Minutes of a camera whose rollups must be recomputed: marked in the same transaction as the
--- events that changed them, so no committed event is ever left out of the rollups. `gen` grows
--- with every mark; the worker deletes a mark only if it is unchanged since it read it.
+-- Buckets of a camera whose rollups must be recomputed, one row per resolution: marked in the
+-- same transaction as the events that changed them, so no committed event is ever left out of
+-- the rollups. `gen` grows with every mark; the worker deletes a mark only if it is unchanged
+-- since it read it. `since_ms`: when the bucket became dirty (coarse buckets are recomputed at
+-- most every few seconds while traffic keeps marking them).
 CREATE TABLE rollup_dirty (
-    device_id TEXT   NOT NULL,
-    camera    TEXT   NOT NULL,
-    minute_ms BIGINT NOT NULL,
-    gen       BIGINT NOT NULL,
-    PRIMARY KEY (device_id, camera, minute_ms)
+    device_id    TEXT   NOT NULL,
+    camera       TEXT   NOT NULL,
+    resolution_s BIGINT NOT NULL,
+    bucket_ms    BIGINT NOT NULL,
+    gen          BIGINT NOT NULL,
+    since_ms     BIGINT NOT NULL,
+    PRIMARY KEY (device_id, camera, resolution_s, bucket_ms)
 );
+
+-- What a rollup recomputation reads: a camera's crossings and occupancy reports in a time range.
+CREATE INDEX events_rollup_source ON events (camera, device_id, observed_at_ms)
+    WHERE kind IN ('line_crossing', 'zone_occupancy');
 
 -- One row per bucket and series. resolution_s: 60, 900 or 3600. A crossing series has line,
 -- label (class) and direction, zone = ''; an occupancy series has zone, and line = label =

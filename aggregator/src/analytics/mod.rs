@@ -189,19 +189,33 @@ pub fn feeds_rollups(kind: &EventKind) -> bool {
     matches!(kind, EventKind::LineCrossing { .. } | EventKind::ZoneOccupancy { .. })
 }
 
-/// Marks a camera's minute dirty (run in the ingest transaction, per [`rollup_marks`] entry,
-/// bound: device, camera, minute).
-pub const MARK_DIRTY_SQL: &str = "INSERT INTO rollup_dirty (device_id, camera, minute_ms, gen) VALUES ($1, $2, $3, 1) \
-     ON CONFLICT (device_id, camera, minute_ms) DO UPDATE SET gen = rollup_dirty.gen + 1";
+/// Marks a camera's bucket dirty (run in the ingest transaction, per [`rollup_marks`] entry,
+/// bound: device, camera, resolution in seconds, bucket start, now).
+pub const MARK_DIRTY_SQL: &str = "INSERT INTO rollup_dirty (device_id, camera, resolution_s, bucket_ms, gen, since_ms) \
+     VALUES ($1, $2, $3, $4, 1, $5) \
+     ON CONFLICT (device_id, camera, resolution_s, bucket_ms) DO UPDATE SET gen = rollup_dirty.gen + 1";
 
-/// The distinct (camera, minute) of the newly stored events (`new_seqs`, ascending) that feed
-/// the rollups.
-pub fn rollup_marks<'a>(events: &'a [EventEnvelope], new_seqs: &[u64]) -> BTreeSet<(&'a str, i64)> {
-    events
-        .iter()
-        .filter(|e| feeds_rollups(&e.kind) && new_seqs.binary_search(&e.seq).is_ok())
-        .map(|e| (e.camera.as_str(), Resolution::Minute.bucket(e.observed_at_ms)))
-        .collect()
+/// The distinct (camera, resolution in seconds, bucket start) of the newly stored events
+/// (`new_seqs`, ascending) that feed the rollups.
+pub fn rollup_marks<'a>(events: &'a [EventEnvelope], new_seqs: &[u64]) -> BTreeSet<(&'a str, i64, i64)> {
+    let mut out = BTreeSet::new();
+    for e in events.iter().filter(|e| feeds_rollups(&e.kind) && new_seqs.binary_search(&e.seq).is_ok()) {
+        for res in Resolution::ALL {
+            out.insert((e.camera.as_str(), res.seconds(), res.bucket(e.observed_at_ms)));
+        }
+    }
+    out
+}
+
+/// How long a dirty bucket may wait before it is recomputed: a minute at once, a quarter hour
+/// at most every 10 s, an hour at most every 60 s (each recomputation reads all of the bucket's
+/// events, so busy cameras must not recompute their hour on every commit).
+fn recompute_delay_ms(res: Resolution) -> i64 {
+    match res {
+        Resolution::Minute => 0,
+        Resolution::QuarterHour => 10_000,
+        Resolution::Hour => 60_000,
+    }
 }
 
 /// One rollup row, as `GET /api/v1/metrics` serves it.
@@ -406,13 +420,31 @@ impl Analytics {
         }
     }
 
-    /// One pass at `now_ms`: recomputes the dirty buckets, then checks the buckets closed since
-    /// the last pass for anomalies. Publishes what it wrote.
+    /// One pass at `now_ms`: recomputes the dirty buckets that are due, then checks the buckets
+    /// closed since the last pass for anomalies. Publishes what it wrote. On PostgreSQL one
+    /// replica at a time runs a pass (a session advisory lock); the others skip.
     pub async fn run_pass(&self, now_ms: i64) -> Result<PassReport, StoreError> {
+        let Db::Postgres(pool) = &self.db else {
+            return self.pass(now_ms).await;
+        };
+        let mut conn = pool.acquire().await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(PG_LOCK_KEY).fetch_one(&mut *conn).await?;
+        if !locked {
+            return Ok(PassReport { skipped: true, ..PassReport::default() });
+        }
+        let result = self.pass(now_ms).await;
+        if sqlx::query("SELECT pg_advisory_unlock($1)").bind(PG_LOCK_KEY).execute(&mut *conn).await.is_err() {
+            // Closing the session releases its locks.
+            let _ = conn.detach();
+        }
+        result
+    }
+
+    async fn pass(&self, now_ms: i64) -> Result<PassReport, StoreError> {
         let mut report = PassReport::default();
         loop {
-            let (rows, buckets, skipped) = self.rollup_pass(now_ms).await?;
-            report.skipped |= skipped;
+            let (rows, buckets, more) = self.rollup_pass(now_ms).await?;
             report.buckets += buckets;
             report.rows += rows.len();
             for row in rows {
@@ -420,12 +452,9 @@ impl Analytics {
                     self.bus.publish(BusMessage::Rollup { rollup });
                 }
             }
-            if buckets == 0 || skipped {
+            if !more {
                 break;
             }
-        }
-        if report.skipped {
-            return Ok(report);
         }
         report.anomalies = self.anomaly_pass(now_ms).await?;
         for a in &report.anomalies {
@@ -436,8 +465,13 @@ impl Analytics {
         Ok(report)
     }
 
-    /// Takes up to [`MARKS_PER_PASS`] dirty marks, recomputes their buckets at every resolution
-    /// and removes the marks that did not change meanwhile, in one transaction.
+    /// Recomputes up to [`MARKS_PER_PASS`] dirty buckets that are due: minutes at once; a
+    /// quarter hour or an hour [`recompute_delay_ms`] after it became dirty, or at once when it
+    /// had closed before (late events). The events are read outside any write transaction (on
+    /// SQLite from the reader pool, so ingest is never held up); then, in one short
+    /// transaction, the rows are upserted and the marks deleted where no new event marked them
+    /// meanwhile (those are recomputed by a later pass). Returns the rows written, the buckets
+    /// recomputed and whether more marks are due.
     async fn rollup_pass(&self, now_ms: i64) -> Result<(Vec<MetricRow>, usize, bool), StoreError> {
         let payload = match self.db {
             Db::Sqlite { .. } => "payload",
@@ -449,87 +483,94 @@ impl Analytics {
              WHERE camera = $1 AND device_id = $2 AND observed_at_ms >= $3 AND observed_at_ms < $4 \
              AND kind IN ('line_crossing', 'zone_occupancy')"
         );
-        let is_pg = matches!(self.db, Db::Postgres(_));
+        type Mark = (String, String, i64, i64, i64, i64);
+        let marks: Vec<Mark> = on_db!(self.db.read(), pool => sqlx::query_as(
+            "SELECT device_id, camera, resolution_s, bucket_ms, gen, since_ms FROM rollup_dirty ORDER BY bucket_ms")
+            .fetch_all(pool)
+            .await)?;
+        let due: Vec<(Resolution, Mark)> = marks
+            .into_iter()
+            .filter_map(|m| Resolution::from_seconds(m.2).map(|r| (r, m)))
+            .filter(|(r, m)| now_ms - m.5 >= recompute_delay_ms(*r) || m.3 + r.millis() <= m.5)
+            .collect();
+        let more = due.len() > MARKS_PER_PASS as usize;
+        let due = &due[..due.len().min(MARKS_PER_PASS as usize)];
+        if due.is_empty() {
+            return Ok((Vec::new(), 0, false));
+        }
+        let mut computed = Vec::with_capacity(due.len());
+        for (res, (device, camera, _, bucket, _, _)) in due {
+            type Sample =
+                (String, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>, Option<String>);
+            let samples: Vec<Sample> = on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(events_sql.as_str()))
+                .bind(camera.as_str())
+                .bind(device.as_str())
+                .bind(*bucket)
+                .bind(*bucket + res.millis())
+                .fetch_all(pool)
+                .await)?;
+            let samples: Vec<EventSample> = samples
+                .into_iter()
+                .map(|(kind, label, line, zone, direction, speed_kmh, payload)| EventSample {
+                    kind,
+                    label,
+                    line,
+                    zone,
+                    direction,
+                    speed_kmh,
+                    payload,
+                })
+                .collect();
+            for (key, f) in rollup::compute(&samples) {
+                computed.push(MetricRow::computed(*res, *bucket, device, camera, key, f));
+            }
+        }
         on_db!(self.db.write(), pool => {
             let mut tx = pool.begin().await?;
-            if is_pg {
-                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-                    .bind(PG_LOCK_KEY)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if !locked {
-                    return Ok((Vec::new(), 0, true));
-                }
+            for row in &computed {
+                sqlx::query(
+                    "INSERT INTO metric_rollups (resolution_s, bucket_ms, device_id, camera, line, zone, label, \
+                     direction, count, speed_samples, speed_mean_kmh, speed_p85_kmh, occupancy, updated_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     ON CONFLICT (resolution_s, device_id, camera, bucket_ms, line, zone, label, direction) \
+                     DO UPDATE SET count = excluded.count, speed_samples = excluded.speed_samples, \
+                     speed_mean_kmh = excluded.speed_mean_kmh, speed_p85_kmh = excluded.speed_p85_kmh, \
+                     occupancy = excluded.occupancy, updated_at_ms = excluded.updated_at_ms",
+                )
+                .bind((row.end_ms - row.start_ms) / 1000)
+                .bind(row.start_ms)
+                .bind(row.device.as_str())
+                .bind(row.camera.as_str())
+                .bind(row.line.as_deref().unwrap_or(""))
+                .bind(row.zone.as_deref().unwrap_or(""))
+                .bind(row.class.as_deref().unwrap_or(""))
+                .bind(row.direction.as_deref().unwrap_or(""))
+                .bind(i64::try_from(row.count).unwrap_or(i64::MAX))
+                .bind(i64::try_from(row.speed_samples).unwrap_or(i64::MAX))
+                .bind(row.speed_mean_kmh)
+                .bind(row.speed_p85_kmh)
+                .bind(row.occupancy)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
             }
-            let marks: Vec<(String, String, i64, i64)> = sqlx::query_as(
-                "SELECT device_id, camera, minute_ms, gen FROM rollup_dirty ORDER BY minute_ms LIMIT $1",
-            )
-            .bind(MARKS_PER_PASS)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut targets: BTreeSet<(Resolution, &str, &str, i64)> = BTreeSet::new();
-            for (device, camera, minute, _) in &marks {
-                for res in Resolution::ALL {
-                    targets.insert((res, device.as_str(), camera.as_str(), res.bucket(*minute)));
-                }
-            }
-            let mut written = Vec::new();
-            for &(res, device, camera, bucket) in &targets {
-                type Sample = (String, Option<String>, Option<String>, Option<String>, Option<String>, Option<f64>, Option<String>);
-                let samples: Vec<Sample> = sqlx::query_as(sqlx::AssertSqlSafe(events_sql.as_str()))
-                    .bind(camera)
-                    .bind(device)
-                    .bind(bucket)
-                    .bind(bucket + res.millis())
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let samples: Vec<EventSample> = samples
-                    .into_iter()
-                    .map(|(kind, label, line, zone, direction, speed_kmh, payload)| EventSample {
-                        kind, label, line, zone, direction, speed_kmh, payload,
-                    })
-                    .collect();
-                for (key, f) in rollup::compute(&samples) {
-                    sqlx::query(
-                        "INSERT INTO metric_rollups (resolution_s, bucket_ms, device_id, camera, line, zone, label, \
-                         direction, count, speed_samples, speed_mean_kmh, speed_p85_kmh, occupancy, updated_at_ms) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-                         ON CONFLICT (resolution_s, device_id, camera, bucket_ms, line, zone, label, direction) \
-                         DO UPDATE SET count = excluded.count, speed_samples = excluded.speed_samples, \
-                         speed_mean_kmh = excluded.speed_mean_kmh, speed_p85_kmh = excluded.speed_p85_kmh, \
-                         occupancy = excluded.occupancy, updated_at_ms = excluded.updated_at_ms",
-                    )
-                    .bind(res.seconds())
-                    .bind(bucket)
-                    .bind(device)
-                    .bind(camera)
-                    .bind(key.line.as_str())
-                    .bind(key.zone.as_str())
-                    .bind(key.label.as_str())
-                    .bind(key.direction.as_str())
-                    .bind(i64::try_from(f.count).unwrap_or(i64::MAX))
-                    .bind(i64::try_from(f.speed_samples).unwrap_or(i64::MAX))
-                    .bind(f.speed_mean_kmh)
-                    .bind(f.speed_p85_kmh)
-                    .bind(f.occupancy)
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
-                    written.push(MetricRow::computed(res, bucket, device, camera, key, f));
-                }
-            }
-            for (device, camera, minute, gen_read) in &marks {
-                sqlx::query("DELETE FROM rollup_dirty WHERE device_id = $1 AND camera = $2 AND minute_ms = $3 AND gen = $4")
-                    .bind(device.as_str())
-                    .bind(camera.as_str())
-                    .bind(*minute)
-                    .bind(*gen_read)
-                    .execute(&mut *tx)
-                    .await?;
+            for (res, (device, camera, _, bucket, gen_read, _)) in due {
+                sqlx::query(
+                    "DELETE FROM rollup_dirty WHERE device_id = $1 AND camera = $2 AND resolution_s = $3 \
+                     AND bucket_ms = $4 AND gen = $5",
+                )
+                .bind(device.as_str())
+                .bind(camera.as_str())
+                .bind(res.seconds())
+                .bind(*bucket)
+                .bind(*gen_read)
+                .execute(&mut *tx)
+                .await?;
             }
             tx.commit().await?;
-            Ok((written, targets.len(), false))
-        })
+            Ok::<_, StoreError>(())
+        })?;
+        Ok((computed, due.len(), more))
     }
 
     /// Reads a progress value.
@@ -908,12 +949,15 @@ mod tests {
     }
 
     #[test]
-    fn marks_are_the_distinct_minutes_of_new_rollup_events() {
+    fn marks_are_the_distinct_buckets_of_new_rollup_events_at_every_resolution() {
         let mut health = crossing(4, "a", 0);
         health.kind = EventKind::DeviceHealth(Default::default());
         let events = vec![crossing(1, "a", 61_000), crossing(2, "a", 119_999), crossing(3, "b", 120_000), health];
         let marks = rollup_marks(&events, &[1, 2, 3, 4]);
-        assert_eq!(marks.into_iter().collect::<Vec<_>>(), vec![("a", 60_000), ("b", 120_000)]);
+        assert_eq!(
+            marks.into_iter().collect::<Vec<_>>(),
+            vec![("a", 60, 60_000), ("a", 900, 0), ("a", 3600, 0), ("b", 60, 120_000), ("b", 900, 0), ("b", 3600, 0)]
+        );
         // Duplicates (not newly stored) mark nothing.
         assert!(rollup_marks(&events, &[4]).is_empty());
     }

@@ -200,11 +200,13 @@ impl EventStore for PostgresStore {
         .fetch_all(&mut *tx)
         .await?;
         let outcome = InsertOutcome::from_new_seqs(n, new)?;
-        for (camera, minute_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
+        for (camera, resolution_s, bucket_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
             sqlx::query(crate::analytics::MARK_DIRTY_SQL)
                 .bind(pg_text(device_id).as_ref())
                 .bind(pg_text(camera).as_ref())
-                .bind(minute_ms)
+                .bind(resolution_s)
+                .bind(bucket_ms)
+                .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
         }

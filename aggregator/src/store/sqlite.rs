@@ -220,11 +220,13 @@ impl EventStore for SqliteStore {
             new.extend(sqlx::query_scalar_with::<_, i64, _>(sql.as_str(), args).fetch_all(&mut *tx).await?);
         }
         let outcome = InsertOutcome::from_new_seqs(total, new)?;
-        for (camera, minute_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
+        for (camera, resolution_s, bucket_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
             sqlx::query(crate::analytics::MARK_DIRTY_SQL)
                 .bind(device_id)
                 .bind(camera)
-                .bind(minute_ms)
+                .bind(resolution_s)
+                .bind(bucket_ms)
+                .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
         }

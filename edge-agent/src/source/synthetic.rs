@@ -124,6 +124,8 @@ pub async fn run_synthetic(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut carry = 0.0f64;
     let mut committed = 0u64;
+    // Cameras take turns across batches (a tick often holds a single event).
+    let mut next_camera = 0usize;
     let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -155,13 +157,14 @@ pub async fn run_synthetic(
                 .map(|i| {
                     let kind = &cfg.kinds[rng.random_range(0..cfg.kinds.len())];
                     NewEvent {
-                        camera: cfg.cameras[(i as usize) % cfg.cameras.len()].clone(),
+                        camera: cfg.cameras[(next_camera + i as usize) % cfg.cameras.len()].clone(),
                         observed_at_ms: at,
                         kind: synthetic_event(&mut rng, kind),
                     }
                 })
                 .collect()
         };
+        next_camera = (next_camera + n as usize) % cfg.cameras.len();
         let ob = outbox.clone();
         let outcome = tokio::task::spawn_blocking(move || ob.append(&batch, at)).await??;
         committed += n;
