@@ -484,8 +484,72 @@ impl FrameDecoder {
     }
 }
 
+/// The MQTT uplink (for sites where UDP is blocked): the same frames as over QUIC, one per MQTT
+/// message (QoS 1), each preceded by the id of the agent's session. A QUIC connection marks where
+/// a session starts and ends; MQTT has no such thing, so both sides drop frames of any session but
+/// the current one (a frame still queued in the broker from an earlier session must not answer a
+/// newer `Hello`). The agent publishes on [`up_topic`], the aggregator answers on [`down_topic`];
+/// the broker's ACL ties a device's login to its two topics.
+pub mod mqtt {
+    use super::{Frame, WireError, decode_one, encode_into};
+
+    /// Bytes of the session id (big-endian) in front of every frame.
+    pub const SESSION_ID_LEN: usize = 8;
+
+    /// One message: the session id, then the encoded frame (`out` is cleared first).
+    pub fn encode_message(session: u64, frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
+        out.clear();
+        out.extend_from_slice(&session.to_be_bytes());
+        encode_into(frame, out)
+    }
+
+    /// The session id and the frame of one message; anything else (short, trailing bytes, a bad
+    /// frame) is an error.
+    pub fn decode_message(bytes: &[u8]) -> Result<(u64, Frame), WireError> {
+        let Some((id, frame)) = bytes.split_first_chunk::<SESSION_ID_LEN>() else {
+            return Err(WireError::Truncated { expected: SESSION_ID_LEN, got: bytes.len() });
+        };
+        Ok((u64::from_be_bytes(*id), decode_one(frame)?))
+    }
+
+    /// Where a device's agent publishes its frames.
+    pub fn up_topic(device: &str) -> String {
+        format!("its/uplink/{device}/up")
+    }
+
+    /// Where the aggregator publishes the frames for a device.
+    pub fn down_topic(device: &str) -> String {
+        format!("its/uplink/{device}/down")
+    }
+
+    /// The device segment of an [`up_topic`] (not checked further).
+    pub fn device_of_up_topic(topic: &str) -> Option<&str> {
+        topic.strip_prefix("its/uplink/")?.strip_suffix("/up")
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mqtt_messages_carry_the_session_id_before_the_frame_and_topics_the_device() {
+        use super::mqtt::*;
+        let mut buf = Vec::new();
+        let frame = Frame::Ack(Ack { up_to: 7 });
+        encode_message(0x0102_0304_0506_0708, &frame, &mut buf).expect("encode");
+        assert_eq!(&buf[..SESSION_ID_LEN], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&buf[SESSION_ID_LEN..], encode(&frame).expect("encode").as_slice());
+        assert_eq!(decode_message(&buf).expect("decode"), (0x0102_0304_0506_0708, frame));
+        assert!(decode_message(&buf[..5]).is_err());
+        assert!(decode_message(&buf[..buf.len() - 1]).is_err());
+        let mut trailing = buf.clone();
+        trailing.push(0);
+        assert!(decode_message(&trailing).is_err());
+        assert_eq!(up_topic("box-1"), "its/uplink/box-1/up");
+        assert_eq!(down_topic("box-1"), "its/uplink/box-1/down");
+        assert_eq!(device_of_up_topic("its/uplink/box-1/up"), Some("box-1"));
+        assert_eq!(device_of_up_topic("its/uplink/box-1/down"), None);
+    }
+
     use super::*;
     use crate::event::{EventKind, ObjectRef};
     use proptest::prelude::*;

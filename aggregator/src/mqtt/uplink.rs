@@ -72,32 +72,18 @@ pub const DEVICE_QUEUE: usize = 32;
 /// Name of the counter of dropped messages (label `reason`).
 pub const DROPPED: &str = "its_mqtt_uplink_dropped_total";
 
-/// Bytes of the session id in front of every frame.
-pub const SESSION_ID_LEN: usize = 8;
+pub use its_shared::wire::mqtt::{SESSION_ID_LEN, decode_message, down_topic};
 
-/// One MQTT message of the uplink: the session id, then the encoded frame.
+/// One MQTT message of the uplink ([`its_shared::wire::mqtt`]): the session id, then the frame.
 pub fn encode_message(session: u64, frame: &Frame) -> Result<Vec<u8>, WireError> {
-    let mut out = session.to_be_bytes().to_vec();
-    wire::encode_into(frame, &mut out)?;
+    let mut out = Vec::new();
+    its_shared::wire::mqtt::encode_message(session, frame, &mut out)?;
     Ok(out)
-}
-
-/// The session id and the frame of one MQTT message of the uplink.
-pub fn decode_message(bytes: &[u8]) -> Result<(u64, Frame), WireError> {
-    let Some((id, frame)) = bytes.split_first_chunk::<SESSION_ID_LEN>() else {
-        return Err(WireError::Truncated { expected: SESSION_ID_LEN, got: bytes.len() });
-    };
-    Ok((u64::from_be_bytes(*id), wire::decode_one(frame)?))
-}
-
-/// Topic the bridge answers a device on.
-pub fn down_topic(device: &str) -> String {
-    format!("its/uplink/{device}/down")
 }
 
 /// The device of an `its/uplink/{device}/up` topic, when it is one and names a valid device id.
 pub fn device_of(topic: &str) -> Option<&str> {
-    let device = topic.strip_prefix("its/uplink/")?.strip_suffix("/up")?;
+    let device = its_shared::wire::mqtt::device_of_up_topic(topic)?;
     crate::pki::validate_device_id(device).ok()?;
     Some(device)
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use its_shared::session::{AgentEvent, AgentSession, Backoff};
-use its_shared::wire::{self, Frame, Hello, WireError};
+use its_shared::wire::{self, Hello};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -53,33 +53,7 @@ pub const MAX_PACKET: usize = wire::MAX_FRAME_LEN + 1024;
 /// Requests the MQTT client may queue for its connection.
 const REQUEST_QUEUE: usize = 64;
 
-/// Bytes of the session id in front of every frame.
-pub const SESSION_ID_LEN: usize = 8;
-
-/// One MQTT message: the session id, then the encoded frame.
-pub fn encode_message(session: u64, frame: &Frame, out: &mut Vec<u8>) -> Result<(), WireError> {
-    out.clear();
-    out.extend_from_slice(&session.to_be_bytes());
-    wire::encode_into(frame, out)
-}
-
-/// The session id and the frame of one MQTT message.
-pub fn decode_message(bytes: &[u8]) -> Result<(u64, Frame), WireError> {
-    let Some((id, frame)) = bytes.split_first_chunk::<SESSION_ID_LEN>() else {
-        return Err(WireError::Truncated { expected: SESSION_ID_LEN, got: bytes.len() });
-    };
-    Ok((u64::from_be_bytes(*id), wire::decode_one(frame)?))
-}
-
-/// Topic the agent publishes its frames on.
-pub fn up_topic(device: &str) -> String {
-    format!("its/uplink/{device}/up")
-}
-
-/// Topic the aggregator's frames for the device are published on.
-pub fn down_topic(device: &str) -> String {
-    format!("its/uplink/{device}/down")
-}
+pub use its_shared::wire::mqtt::{SESSION_ID_LEN, decode_message, down_topic, encode_message, up_topic};
 
 /// How the agent reaches the broker (the session settings are those of [`UplinkConfig`]).
 #[derive(Clone)]
@@ -375,24 +349,6 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topics_carry_the_device() {
-        assert_eq!(up_topic("box-1"), "its/uplink/box-1/up");
-        assert_eq!(down_topic("box-1"), "its/uplink/box-1/down");
-    }
-
-    #[test]
-    fn messages_carry_the_session_id_before_the_frame() {
-        let mut buf = Vec::new();
-        let frame = Frame::Ack(its_shared::wire::Ack { up_to: 7 });
-        encode_message(0x0102_0304_0506_0708, &frame, &mut buf).expect("encode");
-        assert_eq!(&buf[..SESSION_ID_LEN], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&buf[SESSION_ID_LEN..], wire::encode(&frame).expect("encode").as_slice());
-        assert_eq!(decode_message(&buf).expect("decode"), (0x0102_0304_0506_0708, frame));
-        assert!(decode_message(&buf[..5]).is_err());
-        assert!(decode_message(&buf[..buf.len() - 1]).is_err());
-    }
 
     #[test]
     fn the_password_never_appears_in_debug_output() {
