@@ -4,11 +4,14 @@
 //! percentile speed) and per camera and zone (zone occupancy: the time-weighted fraction of
 //! frames with a road user in the zone, and the road users that entered), over 1 minute,
 //! 15 minutes and 1 hour, in `metric_rollups`. They are incremental and exact: the ingest
-//! transaction that stores events also marks their camera's minutes dirty (`rollup_dirty`, see
-//! [`rollup_marks`]), so a committed event can never be missed, however late it arrives (an agent
-//! flushing hours of outbox after an outage); the worker ([`Analytics::run`]) recomputes each
-//! dirty bucket from the stored events (idempotent) and removes the mark only if no new event
-//! marked it meanwhile. On PostgreSQL several replicas share the work under an advisory lock.
+//! transaction that stores events also marks their camera's buckets dirty at each resolution
+//! (`rollup_dirty`, see [`rollup_marks`]), so a committed event can never be missed, however late
+//! it arrives (an agent flushing hours of outbox after an outage); the worker
+//! ([`Analytics::run`]) recomputes each dirty bucket from the stored events (idempotent) and
+//! removes the mark only if no new event marked it meanwhile. Minutes are recomputed at once; a
+//! live quarter hour or hour at most every 10 s / 60 s (each recomputation reads the whole
+//! bucket), a closed one at once. On PostgreSQL one replica at a time runs a pass (an advisory
+//! lock).
 //! Each recomputed row is published on the bus ([`crate::bus::BusMessage::Rollup`]) for alert
 //! rules. TimescaleDB continuous aggregates are not used: they cannot compute an exact 85th
 //! percentile incrementally, and these rollups work the same on every backend.
