@@ -639,7 +639,12 @@ async fn device_conditions_open_and_resolve(store: Arc<dyn EventStore>) {
     app.health("dev-a", sick.clone());
     // Still evicting (45 > 40), still down, hot and slow: the same alerts, bumped.
     app.health("dev-a", DeviceHealth { evicted_total: 45, ..sick });
-    let open = app.wait_alerts("?state=open", "four device alerts", |a| a.len() == 4).await;
+    // Four alerts open with the first sick report; wait for the second report's bump too.
+    let open = app
+        .wait_alerts("?state=open", "four device alerts, the camera one bumped", |a| {
+            a.len() == 4 && a.iter().any(|x| x["rule_id"] == down && x["count"] == 2)
+        })
+        .await;
     let by_rule = |r: i64| open.iter().find(|a| a["rule_id"] == r).cloned().expect("alert of the rule");
     assert_eq!(by_rule(down)["subject"], "camera:dev-a/cam-1");
     assert_eq!(by_rule(down)["count"], 2, "the second report bumps the open alert");
