@@ -143,7 +143,9 @@ enum DeviceCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own narrative; only problems are logged unless RUST_LOG says otherwise.
-    let default_filter = if matches!(cli.command, Some(Command::Demo { .. })) { "warn" } else { "info" };
+    // The demo prints its own story; the embedded broker's internals (its front's readiness probe,
+    // the disconnect at the aggregator's restart) would only clutter it.
+    let default_filter = if matches!(cli.command, Some(Command::Demo { .. })) { "warn,rumqttd=off" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
