@@ -583,6 +583,13 @@ impl RawConfig {
             return None;
         }
         let mut cameras = Vec::new();
+        e.check(self.cameras.len() <= its_shared::wire::MAX_HELLO_CAMERAS, "cameras", || {
+            format!(
+                "{} cameras; one box announces at most {} to the aggregator",
+                self.cameras.len(),
+                its_shared::wire::MAX_HELLO_CAMERAS
+            )
+        });
         for (i, c) in self.cameras.iter().enumerate() {
             if let Some(spec) = c.validate(&format!("cameras[{i}]"), e) {
                 cameras.push(spec);

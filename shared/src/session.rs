@@ -331,6 +331,8 @@ pub enum IngestError {
     NoHello(&'static str),
     #[error("second hello on one session")]
     DuplicateHello,
+    #[error("hello refused: {0}")]
+    BadHello(crate::wire::HelloError),
     #[error("event batch before the session was ready")]
     BatchBeforeReady,
     #[error("event batch with sequence numbers out of order")]
@@ -396,6 +398,7 @@ impl IngestSession {
     pub fn handle_frame(&mut self, frame: Frame) -> Result<Option<IngestAction>, IngestError> {
         match (self.state, frame) {
             (IngestState::AwaitHello, Frame::Hello(h)) => {
+                h.check().map_err(IngestError::BadHello)?;
                 self.state = IngestState::LoadingHighWater;
                 Ok(Some(IngestAction::LoadHighWater(h)))
             }
@@ -793,5 +796,36 @@ mod tests {
         let mut s = IngestSession::new();
         let err = s.handle_frame(Frame::EventBatch(EventBatch { after: 0, events: vec![] }));
         assert_eq!(err, Err(IngestError::NoHello("event_batch")));
+    }
+
+    #[test]
+    fn ingest_refuses_a_hello_beyond_the_limits() {
+        use crate::wire::{HelloError, MAX_HELLO_CAMERAS};
+        let hello = |cameras: Vec<String>| Hello {
+            agent_version: "1.0.0".into(),
+            model: "m".into(),
+            cameras,
+            last_acked_seq: 0,
+            last_assigned_seq: 0,
+        };
+        let many: Vec<String> = (0..=MAX_HELLO_CAMERAS).map(|i| format!("cam-{i}")).collect();
+        let mut s = IngestSession::new();
+        assert_eq!(
+            s.handle_frame(Frame::Hello(hello(many.clone()))),
+            Err(IngestError::BadHello(HelloError::TooManyCameras(MAX_HELLO_CAMERAS + 1)))
+        );
+        for bad in [vec![String::new()], vec!["a\nb".into()], vec!["x".repeat(129)], vec!["a".into(), "a".into()]] {
+            let mut s = IngestSession::new();
+            assert!(
+                matches!(s.handle_frame(Frame::Hello(hello(bad.clone()))), Err(IngestError::BadHello(_))),
+                "{bad:?}"
+            );
+        }
+        let mut long = hello(vec![]);
+        long.model = "m".repeat(257);
+        assert!(matches!(IngestSession::new().handle_frame(Frame::Hello(long)), Err(IngestError::BadHello(_))));
+        let mut s = IngestSession::new();
+        let fine = many[..MAX_HELLO_CAMERAS].to_vec();
+        assert!(matches!(s.handle_frame(Frame::Hello(hello(fine))), Ok(Some(IngestAction::LoadHighWater(_)))));
     }
 }

@@ -75,6 +75,50 @@ pub struct Hello {
     pub last_assigned_seq: u64,
 }
 
+/// Most cameras one `Hello` may announce (a box runs a handful; the aggregator records each).
+pub const MAX_HELLO_CAMERAS: usize = 64;
+/// Longest camera id in a `Hello`, bytes.
+pub const MAX_HELLO_CAMERA_ID_LEN: usize = 128;
+/// Longest agent version or model name in a `Hello`, bytes.
+pub const MAX_HELLO_TEXT_LEN: usize = 256;
+
+/// Why a `Hello` is refused ([`Hello::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelloError {
+    #[error("{0} cameras announced; at most {MAX_HELLO_CAMERAS}")]
+    TooManyCameras(usize),
+    #[error("camera id {0:?}: 1 to {MAX_HELLO_CAMERA_ID_LEN} bytes without control characters")]
+    BadCameraId(String),
+    #[error("camera id {0:?} announced twice")]
+    DuplicateCamera(String),
+    #[error("{0} of {1} bytes; at most {MAX_HELLO_TEXT_LEN}")]
+    TooLong(&'static str, usize),
+}
+
+impl Hello {
+    /// Checks the limits the aggregator holds every `Hello` to, so that one connection cannot
+    /// make it record an unbounded list of cameras or texts.
+    pub fn check(&self) -> Result<(), HelloError> {
+        if self.cameras.len() > MAX_HELLO_CAMERAS {
+            return Err(HelloError::TooManyCameras(self.cameras.len()));
+        }
+        for (name, text) in [("agent version", &self.agent_version), ("model", &self.model)] {
+            if text.len() > MAX_HELLO_TEXT_LEN {
+                return Err(HelloError::TooLong(name, text.len()));
+            }
+        }
+        for (i, c) in self.cameras.iter().enumerate() {
+            if c.is_empty() || c.len() > MAX_HELLO_CAMERA_ID_LEN || c.chars().any(char::is_control) {
+                return Err(HelloError::BadCameraId(c.chars().take(64).collect()));
+            }
+            if self.cameras[..i].contains(c) {
+                return Err(HelloError::DuplicateCamera(c.chars().take(64).collect()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A run of events from the outbox.
 ///
 /// `after` is the sender's claim that every event with a sequence number in
