@@ -30,7 +30,7 @@ use its_aggregator::config::ServerConfig;
 use its_aggregator::ingest::IngestConfig;
 use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
-use its_aggregator::store::{Db, EventQuery, EventStore, Scope, open_store};
+use its_aggregator::store::{Db, EventQuery, EventStore, Pools, Scope, open_store};
 use its_shared::EventEnvelope;
 use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef, Phase, TrackPhase};
 use its_shared::wire::Hello;
@@ -227,9 +227,9 @@ async fn seed(store: &dyn EventStore, events: usize) -> anyhow::Result<Duration>
 }
 
 async fn count_events(db: &Db) -> anyhow::Result<i64> {
-    Ok(match db {
-        Db::Sqlite { reader, .. } => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(reader).await?,
-        Db::Postgres(p) => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(p).await?,
+    Ok(match &db.pools {
+        Pools::Sqlite { reader, .. } => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(reader).await?,
+        Pools::Postgres(p) => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(p).await?,
     })
 }
 
@@ -243,7 +243,7 @@ struct SeedMeta {
 /// Opens the seeded database behind `url`, seeding it first when it does not hold `events`
 /// events. Returns the seeding time and whether it was this run's.
 async fn ensure_seeded(url: &str, meta_path: &Path, events: usize) -> anyhow::Result<(f64, bool)> {
-    let store = open_store(url).await?;
+    let store = open_store(url, its_aggregator::vault::Vault::ephemeral()).await?;
     let n = count_events(&store.db()).await?;
     let meta: Option<SeedMeta> = std::fs::read(meta_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(m) = meta
@@ -255,7 +255,7 @@ async fn ensure_seeded(url: &str, meta_path: &Path, events: usize) -> anyhow::Re
     anyhow::ensure!(n == 0, "{url} holds {n} events, not {events}: remove it (or drop it) and run again");
     eprintln!("seeding {events} events into {} ...", its_aggregator::server::redact(url));
     let took = seed(store.as_ref(), events).await?;
-    if let Db::Postgres(p) = store.db() {
+    if let Some(p) = store.db().postgres().cloned() {
         // What autovacuum would have done by the time a day of events is queried.
         sqlx::query("ANALYZE events").execute(&p).await?;
     }
@@ -450,9 +450,9 @@ async fn run_raw(db: &Db, sql: &'static str, binds: &[Val]) -> anyhow::Result<us
             q
         }};
     }
-    Ok(match db {
-        Db::Sqlite { reader, .. } => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(reader).await?.len(),
-        Db::Postgres(p) => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(p).await?.len(),
+    Ok(match &db.pools {
+        Pools::Sqlite { reader, .. } => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(reader).await?.len(),
+        Pools::Postgres(p) => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(p).await?.len(),
     })
 }
 
@@ -470,13 +470,13 @@ async fn plan(db: &Db, sql: &str, binds: &[Val]) -> anyhow::Result<Vec<String>> 
             q
         }};
     }
-    Ok(match db {
-        Db::Sqlite { reader, .. } => {
+    Ok(match &db.pools {
+        Pools::Sqlite { reader, .. } => {
             let q =
                 sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
             bound!(q).fetch_all(reader).await?.into_iter().map(|r| r.3).collect()
         }
-        Db::Postgres(p) => {
+        Pools::Postgres(p) => {
             let q = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
             bound!(q).fetch_all(p).await?.into_iter().map(|r| r.0).collect()
         }
@@ -580,8 +580,8 @@ impl Ticks {
 /// its run (the server drops them, but a running statement still runs to its end), so that
 /// they do not load the next measurement.
 async fn settle(db: &Db) -> anyhow::Result<()> {
-    match db {
-        Db::Sqlite { reader, .. } => {
+    match &db.pools {
+        Pools::Sqlite { reader, .. } => {
             let mut held = Vec::new();
             for _ in 0..reader.options().get_max_connections() {
                 let mut c = reader.acquire().await?;
@@ -589,7 +589,7 @@ async fn settle(db: &Db) -> anyhow::Result<()> {
                 held.push(c);
             }
         }
-        Db::Postgres(p) => loop {
+        Pools::Postgres(p) => loop {
             let busy: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND state = 'active' AND pid <> pg_backend_pid()",
@@ -700,7 +700,7 @@ fn wrk_bytes(s: &str) -> Option<f64> {
 /// Runs wrk and reads requests/s, p50, p99, the mean latency, the bytes per response and the
 /// failed requests (non-2xx answers, socket errors), then waits for the database to settle.
 async fn wrk(url: &str, header: &str, threads: usize, conns: usize, secs: u64, db: &Db) -> anyhow::Result<WrkStats> {
-    let before = ticks(matches!(db, Db::Postgres(_)));
+    let before = ticks(db.is_postgres());
     let out = tokio::process::Command::new("wrk")
         .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{secs}s")])
         .args(["--latency", "--timeout", "30s", "-H", header, url])
@@ -741,7 +741,7 @@ async fn wrk(url: &str, header: &str, threads: usize, conns: usize, secs: u64, d
     if w.s.errors > 0 {
         eprintln!("  wrk saw {} failed requests:\n{text}", w.s.errors);
     }
-    w.s.cpu = before.per_request(ticks(matches!(db, Db::Postgres(_))), w.s.requests);
+    w.s.cpu = before.per_request(ticks(db.is_postgres()), w.s.requests);
     settle(db).await?;
     Ok(w)
 }
@@ -789,7 +789,11 @@ async fn start_server(
     let cfg = ServerConfig {
         database_url: url.to_string(),
         pki_dir: root.join("pki"),
-        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(10) },
+        ingest: IngestConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            idle_timeout: Duration::from_secs(10),
+            ..IngestConfig::default()
+        },
         http_listen: ([127, 0, 0, 1], 0).into(),
         http_tls: None,
         http_trusted_proxies: Vec::new(),
@@ -842,6 +846,7 @@ async fn bench_backend(o: &Opts, backend: &str, url: &str, metrics: PrometheusHa
         permissions: Role::Analyst.permissions(),
         scope: Scope::All,
         mfa_enrolment_only: false,
+        expires_at_ms: None,
     };
     let (_, api_key) = auth
         .create_api_key(&creator, "api-bench", PermissionSet::of(&[Permission::EventsRead]), Scope::All, None)

@@ -285,6 +285,8 @@ async fn run(a: Args) -> anyhow::Result<()> {
     cmd.env("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0")
         .env("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0")
         .env("ITS_AGGREGATOR__MQTT__LISTEN", "127.0.0.1:0")
+        // The webhook receiver of this bench listens on loopback.
+        .env("ITS_AGGREGATOR__ALERTS__ALLOWED_TARGET_NETWORKS", "[\"127.0.0.1\"]")
         .env("RUST_LOG", "warn")
         .stdout(log.try_clone()?)
         .stderr(log.try_clone()?);

@@ -55,7 +55,11 @@ async fn setup(database_url: &str) -> anyhow::Result<Setup> {
     let cfg = ServerConfig {
         database_url: database_url.to_string(),
         pki_dir: root.join("pki"),
-        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(10) },
+        ingest: IngestConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            idle_timeout: Duration::from_secs(10),
+            ..IngestConfig::default()
+        },
         http_listen: ([127, 0, 0, 1], 0).into(),
         http_tls: None,
         http_trusted_proxies: Vec::new(),
@@ -391,7 +395,7 @@ fn main() -> anyhow::Result<()> {
         if mqtt {
             let broker = std::env::var("ITS_BENCH_MQTT").unwrap_or_else(|_| "127.0.0.1:1883".into());
             let tmp = tempfile::tempdir()?;
-            let store = open_store(&format!("sqlite://{}", tmp.path().join("mqtt.db").display())).await?;
+            let store = open_store(&format!("sqlite://{}", tmp.path().join("mqtt.db").display()), its_aggregator::vault::Vault::ephemeral()).await?;
             let rate = mqtt_drain(store, &broker, n).await?;
             println!("| Mosquitto QoS 1 → sqlite | {rate:.0} ev/s |");
             if let Some(q) = sqlite_quic {

@@ -34,6 +34,38 @@ pub struct RawConfig {
     pub mqtt: crate::mqtt::RawMqtt,
     pub kafka: crate::export::kafka::RawKafka,
     pub redis: crate::export::fanout::RawRedis,
+    pub secrets: RawSecrets,
+    pub audit: RawAudit,
+}
+
+/// `[audit]`: the audit log's own retention (the events' retention never touches it, and it
+/// never makes room by deleting events).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAudit {
+    /// Delete entries older than this many days (default 365: a year of who-did-what; 0 = keep).
+    pub max_age_days: u64,
+    /// Keep at most this many entries, the newest (default 1000000, a few hundred MB; 0 = no
+    /// limit).
+    pub max_rows: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self { max_age_days: 365, max_rows: 1_000_000 }
+    }
+}
+
+/// `[secrets]`: the key ring that seals the secrets stored in the database (see
+/// [`crate::vault`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSecrets {
+    /// The key ring file (mode 0600; created with a fresh key at the first start). Empty (the
+    /// default): `secrets.key` in `pki_dir`, beside the CA key and apart from the database and
+    /// its backups. The environment variable `ITS_AGGREGATOR_SECRETS_KEYRING`, when set, holds
+    /// the ring itself and takes precedence (several replicas share one ring).
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for RawConfig {
@@ -51,6 +83,8 @@ impl Default for RawConfig {
             mqtt: Default::default(),
             kafka: Default::default(),
             redis: Default::default(),
+            secrets: Default::default(),
+            audit: Default::default(),
         }
     }
 }
@@ -63,11 +97,22 @@ pub struct RawQuic {
     pub listen: String,
     /// 30 s: agents keep alive every 5 s, so a silent connection is gone.
     pub idle_timeout_ms: u64,
+    /// Connections at once, all devices together (default 10000: a large fleet per replica,
+    /// far below the memory of a small server); a handshake beyond it is refused.
+    pub max_connections: usize,
+    /// Connections of one device at once (default 2: the live one and one reconnecting); the
+    /// device's oldest is closed beyond it.
+    pub max_connections_per_device: usize,
 }
 
 impl Default for RawQuic {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:8471".into(), idle_timeout_ms: 30_000 }
+        Self {
+            listen: "0.0.0.0:8471".into(),
+            idle_timeout_ms: 30_000,
+            max_connections: crate::ingest::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_device: crate::ingest::DEFAULT_MAX_CONNECTIONS_PER_DEVICE,
+        }
     }
 }
 
@@ -134,6 +179,22 @@ pub struct ServerConfig {
     pub kafka: crate::export::kafka::KafkaConfig,
     /// Fan-out between replicas (see [`crate::export::fanout`]).
     pub redis: crate::export::fanout::RedisConfig,
+    /// The key ring file of the sealed secrets (see [`crate::vault`]); `None`: `secrets.key` in
+    /// `pki_dir`.
+    pub secrets_key_file: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// Where the key ring comes from: `ITS_AGGREGATOR_SECRETS_KEYRING` or the key file.
+    pub fn secrets_source(&self) -> crate::vault::KeySource {
+        let file = self.secrets_key_file.clone().unwrap_or_else(|| self.pki_dir.join("secrets.key"));
+        crate::vault::KeySource::from_env_or_file(&file)
+    }
+
+    /// Opens the store with the key ring ([`crate::store::open_store_with_secrets`]).
+    pub async fn open_store(&self) -> Result<std::sync::Arc<dyn crate::store::EventStore>, crate::store::StoreError> {
+        crate::store::open_store_with_secrets(&self.database_url, &self.secrets_source()).await
+    }
 }
 
 impl Default for ServerConfig {
@@ -173,6 +234,12 @@ pub struct RawAuth {
     pub lockout_s: u64,
     /// Name shown by authenticator apps (default "ITS Camera AI").
     pub issuer_name: String,
+    /// Password hashing workers; each holds 19 MiB while it works (default: one per CPU, at most
+    /// 16: argon2 is CPU-bound, more workers only add memory). 0 = the default.
+    pub hash_workers: usize,
+    /// Password checks that may wait for a worker; beyond it they are answered 503 at once
+    /// (default 64: a few seconds of sign-ins).
+    pub hash_queue: usize,
 }
 
 impl Default for RawAuth {
@@ -187,6 +254,8 @@ impl Default for RawAuth {
             throttle_window_s: d.throttle_window.as_secs(),
             lockout_s: d.lockout.as_secs(),
             issuer_name: d.issuer_name,
+            hash_workers: 0,
+            hash_queue: d.hash_queue,
         }
     }
 }
@@ -216,7 +285,12 @@ impl RawAuth {
             "auth.issuer_name",
             || "1 to 64 characters, no ':'".into(),
         );
+        e.check(a.hash_workers <= 64, "auth.hash_workers", || "must be at most 64 (0 = one per CPU)".into());
+        e.check((1..=10_000).contains(&a.hash_queue), "auth.hash_queue", || "must be between 1 and 10000".into());
+        let defaults = crate::auth::AuthConfig::default();
         crate::auth::AuthConfig {
+            hash_workers: if a.hash_workers == 0 { defaults.hash_workers } else { a.hash_workers },
+            hash_queue: a.hash_queue,
             access_ttl: Duration::from_secs(a.access_token_ttl_s),
             session_ttl: Duration::from_secs(a.session_ttl_days * 86_400),
             key_rotation: Duration::from_secs(a.key_rotation_days * 86_400),
@@ -266,6 +340,12 @@ impl RawConfig {
         let quic: Option<SocketAddr> = self.quic.listen.parse().ok();
         e.check(quic.is_some(), "quic.listen", || format!("{:?} is not an IP:port address", self.quic.listen));
         e.check(self.quic.idle_timeout_ms >= 1000, "quic.idle_timeout_ms", || "must be at least 1000".into());
+        e.check((1..=1_000_000).contains(&self.quic.max_connections), "quic.max_connections", || {
+            "must be between 1 and 1000000".into()
+        });
+        e.check((1..=16).contains(&self.quic.max_connections_per_device), "quic.max_connections_per_device", || {
+            "must be between 1 and 16".into()
+        });
         let http: Option<SocketAddr> = self.http.listen.parse().ok();
         let http_tls = self.http_tls(http, &mut e);
         let mut trusted_proxies = Vec::new();
@@ -283,7 +363,14 @@ impl RawConfig {
             }
         };
         let retention = self.retention.policy(&mut e);
-        let auth = self.auth.validate(&mut e);
+        let mut auth = self.auth.validate(&mut e);
+        e.check(self.audit.max_age_days <= MAX_AGE_DAYS, "audit.max_age_days", || {
+            format!("at most {MAX_AGE_DAYS} (0 = keep)")
+        });
+        e.check(self.audit.max_rows <= 1_000_000_000, "audit.max_rows", || "at most 1000000000 (0 = no limit)".into());
+        auth.audit_max_age = (self.audit.max_age_days > 0)
+            .then(|| Duration::from_secs(self.audit.max_age_days.min(MAX_AGE_DAYS) * 86_400));
+        auth.audit_max_rows = (self.audit.max_rows > 0).then_some(self.audit.max_rows);
         let analytics = self.analytics.validate(&mut e);
         let alerts = self.alerts.validate(&mut e);
         let mqtt = self.mqtt.validate(&mut e);
@@ -293,7 +380,12 @@ impl RawConfig {
             (true, Some(quic), Some(http), Some(snapshots)) => Ok(ServerConfig {
                 database_url: url.clone(),
                 pki_dir: self.pki_dir.clone(),
-                ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms) },
+                ingest: IngestConfig {
+                    listen: quic,
+                    idle_timeout: Duration::from_millis(self.quic.idle_timeout_ms),
+                    max_connections: self.quic.max_connections,
+                    max_connections_per_device: self.quic.max_connections_per_device,
+                },
                 http_listen: http,
                 http_tls,
                 http_trusted_proxies: trusted_proxies,
@@ -305,6 +397,7 @@ impl RawConfig {
                 mqtt,
                 kafka,
                 redis,
+                secrets_key_file: self.secrets.key_file.clone().filter(|p| !p.as_os_str().is_empty()),
             }),
             _ => Err(e),
         }
@@ -683,6 +776,8 @@ mod tests {
         let cfg = raw.validate("example").expect("valid");
         let defaults = RawConfig::default().validate("defaults").expect("valid");
         assert_eq!(format!("{:?}", cfg.auth), format!("{:?}", defaults.auth));
+        assert_eq!(format!("{:?}", cfg.ingest), format!("{:?}", defaults.ingest));
+        assert_eq!(cfg.secrets_key_file, defaults.secrets_key_file);
         assert_eq!(cfg.http_listen, defaults.http_listen);
         assert_eq!(format!("{:?}", cfg.retention), format!("{:?}", defaults.retention));
         assert_eq!(format!("{:?}", cfg.kafka), format!("{:?}", defaults.kafka));
@@ -693,6 +788,49 @@ mod tests {
         assert_eq!(
             (&cfg.mqtt.mode, cfg.mqtt.listen, &cfg.mqtt.id, cfg.mqtt.tls.is_some()),
             (&defaults.mqtt.mode, defaults.mqtt.listen, &defaults.mqtt.id, defaults.mqtt.tls.is_some())
+        );
+    }
+
+    #[test]
+    fn limits_audit_and_targets_are_checked() {
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (format!("ITS_AGGREGATOR__{k}"), (*v).to_owned())).collect()
+        };
+        let raw = RawConfig::load(
+            None,
+            env(&[
+                ("QUIC__MAX_CONNECTIONS", "0"),
+                ("QUIC__MAX_CONNECTIONS_PER_DEVICE", "17"),
+                ("AUTH__HASH_QUEUE", "0"),
+                ("AUDIT__MAX_AGE_DAYS", "99999999"),
+                ("ALERTS__ALLOWED_TARGET_NETWORKS", r#"["127.0.0.1", "not-a-net"]"#),
+            ]),
+        )
+        .expect("parses");
+        let err = raw.validate("env").expect_err("invalid");
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in [
+            "quic.max_connections",
+            "quic.max_connections_per_device",
+            "auth.hash_queue",
+            "audit.max_age_days",
+            "alerts.allowed_target_networks[1]",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+        let raw = RawConfig::load(
+            None,
+            env(&[("AUDIT__MAX_ROWS", "0"), ("AUDIT__MAX_AGE_DAYS", "0"), ("SECRETS__KEY_FILE", "/etc/its/ring")]),
+        )
+        .expect("parses");
+        let cfg = raw.validate("env").expect("valid");
+        assert_eq!((cfg.auth.audit_max_age, cfg.auth.audit_max_rows), (None, None));
+        assert_eq!(cfg.secrets_source(), crate::vault::KeySource::from_env_or_file(Path::new("/etc/its/ring")));
+        let defaults = ServerConfig::default();
+        assert_eq!(defaults.secrets_key_file, None);
+        assert!(
+            matches!(defaults.secrets_source(), crate::vault::KeySource::File(p) if p.ends_with("pki/secrets.key"))
+                || std::env::var(crate::vault::KEYRING_ENV).is_ok()
         );
     }
 

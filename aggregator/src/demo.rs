@@ -147,7 +147,7 @@ fn server_config(dir: &Path, quic: SocketAddr, http: SocketAddr) -> ServerConfig
     ServerConfig {
         database_url: format!("sqlite://{}", dir.join("events.db").display()),
         pki_dir: dir.join("pki"),
-        ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_secs(10) },
+        ingest: IngestConfig { listen: quic, idle_timeout: Duration::from_secs(10), ..IngestConfig::default() },
         http_listen: http,
         http_tls: None,
         http_trusted_proxies: Vec::new(),
@@ -177,8 +177,7 @@ async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<(
     let password = crate::auth::secrets::random_token(12);
     match auth.store.user_by_name("demo").await? {
         Some(u) => {
-            let hash =
-                crate::auth::secrets::hash_password_off_thread(&password).await.map_err(|e| anyhow::anyhow!(e))?;
+            let hash = auth.hash_password(&password).await?;
             auth.store.set_password(u.user_id, &hash, crate::unix_ms()).await?;
         }
         None => {
@@ -190,6 +189,7 @@ async fn demo_credentials(server: &Server, http: SocketAddr) -> anyhow::Result<(
         permissions: PermissionSet::all(),
         scope: crate::store::Scope::All,
         mfa_enrolment_only: false,
+        expires_at_ms: None,
     };
     let perms = PermissionSet::of(&[Permission::EventsRead, Permission::DevicesRead, Permission::MetricsRead]);
     let (_, key) = auth

@@ -5,7 +5,18 @@
 //! against the fleet CA and the current CRL; nothing the agent sends can change it. A device an
 //! operator disabled ([`crate::store::Fleet::update_device`]) is refused right after the
 //! handshake (a `Refuse` frame with reason `device disabled`, then the connection is closed), and
-//! its live connections are closed within about a second of the change.
+//! its live connections are closed within about a second of the change. The same holds for a
+//! revoked certificate: the CRL is read again within a second of `device revoke` rewriting it
+//! (by content), new handshakes with the certificate fail, and the live connections made with it
+//! are closed. A connection also ends when its certificate expires (checked every second).
+//!
+//! Limits, so that one certificate (or a stolen one) cannot hold unbounded resources: at most
+//! `[quic] max_connections` connections in all (a handshake beyond it is refused before any
+//! TLS work) and `[quic] max_connections_per_device` per device (a device's oldest connection
+//! is closed when a newer one would exceed it; a reconnecting agent's earlier connection is
+//! usually dead anyway); one control stream per connection; no snapshot stream before the
+//! session's `Hello` was accepted (the stream credit is given only then); a `Hello` is checked
+//! against [`wire::Hello::check`] (bounded camera list and text lengths) by the session.
 //!
 //! Snapshots arrive beside the control stream, each alone on a unidirectional stream, and are
 //! handled concurrently with it: the stream is read up to [`wire::MAX_SNAPSHOT_FRAME_LEN`] (a longer
@@ -59,29 +70,114 @@ struct DeviceSlot {
     preempt: tokio::sync::Notify,
 }
 
+/// One live connection: the connection, the serial number of its client certificate, and its
+/// order of arrival.
+#[derive(Clone)]
+struct LiveConnection {
+    conn: quinn::Connection,
+    serial: String,
+    arrival: u64,
+    /// When the client certificate expires, Unix seconds: the connection ends then.
+    not_after_s: i64,
+}
+
 /// Live connections by device, then by [`quinn::Connection::stable_id`] (a reconnecting device
 /// may briefly have two).
-type LiveConnections = std::collections::HashMap<String, std::collections::HashMap<usize, quinn::Connection>>;
+type LiveConnections = std::collections::HashMap<String, std::collections::HashMap<usize, LiveConnection>>;
 
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct DeviceSessions {
     slots: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<DeviceSlot>>>>,
     /// Every connection from its device's identification to its end, so that disabling a
-    /// device closes it.
+    /// device or revoking its certificate closes it.
     live: Arc<std::sync::Mutex<LiveConnections>>,
+    /// The serial numbers the current CRL names (checked again at registration: a handshake
+    /// made just before a reload is not missed).
+    revoked: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+    arrivals: Arc<std::sync::atomic::AtomicU64>,
+    per_device: usize,
 }
 
 impl DeviceSessions {
+    fn new(per_device: usize, revoked: std::collections::HashSet<String>) -> Self {
+        Self {
+            slots: Arc::default(),
+            live: Arc::default(),
+            revoked: Arc::new(std::sync::RwLock::new(revoked)),
+            arrivals: Arc::default(),
+            per_device: per_device.max(1),
+        }
+    }
+
     fn slot(&self, device: &str) -> Arc<DeviceSlot> {
         let mut map = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(device.to_string()).or_default().clone()
     }
 
-    /// Registers a live connection until the returned guard is dropped.
-    fn register(&self, device: &str, conn: &quinn::Connection) -> LiveRegistration {
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.entry(device.to_owned()).or_default().insert(conn.stable_id(), conn.clone());
+    /// Registers a live connection until the returned guard is dropped. A connection whose
+    /// certificate the current CRL names is closed at once; the device's oldest connections are
+    /// closed beyond the per-device limit.
+    fn register(&self, device: &str, conn: &quinn::Connection, cert: &PeerCert) -> LiveRegistration {
+        let serial = cert.serial.as_str();
+        let arrival = self.arrivals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let excess: Vec<quinn::Connection> = {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            let conns = live.entry(device.to_owned()).or_default();
+            conns.insert(
+                conn.stable_id(),
+                LiveConnection {
+                    conn: conn.clone(),
+                    serial: serial.to_owned(),
+                    arrival,
+                    not_after_s: cert.not_after_s,
+                },
+            );
+            let mut by_age: Vec<(u64, usize)> = conns.iter().map(|(id, c)| (c.arrival, *id)).collect();
+            by_age.sort_unstable();
+            let over = by_age.len().saturating_sub(self.per_device);
+            by_age.iter().take(over).filter_map(|(_, id)| conns.remove(id)).map(|c| c.conn).collect()
+        };
+        for old in excess {
+            telemetry::connection_limited("device");
+            old.close(SUPERSEDED_CODE.into(), b"too many connections of this device: a newer one replaced it");
+        }
+        if self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(serial) {
+            telemetry::revoked_certificate_closed();
+            conn.close(CERT_REVOKED_CODE.into(), CERT_REVOKED_REASON.as_bytes());
+        }
         LiveRegistration { sessions: self.clone(), device: device.to_owned(), id: conn.stable_id() }
+    }
+
+    /// Closes the live connections whose client certificate has expired by `now_s` (Unix
+    /// seconds); returns how many.
+    fn close_expired(&self, now_s: i64) -> usize {
+        let conns: Vec<quinn::Connection> = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.values().flat_map(|m| m.values()).filter(|c| c.not_after_s <= now_s).map(|c| c.conn.clone()).collect()
+        };
+        for conn in &conns {
+            conn.close(CERT_EXPIRED_CODE.into(), b"certificate expired");
+        }
+        conns.len()
+    }
+
+    /// Takes the CRL's serial numbers and closes the live connections made with any of them;
+    /// returns how many were closed.
+    fn revoke(&self, revoked: std::collections::HashSet<String>) -> usize {
+        let conns: Vec<quinn::Connection> = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.values()
+                .flat_map(|m| m.values())
+                .filter(|c| revoked.contains(&c.serial))
+                .map(|c| c.conn.clone())
+                .collect()
+        };
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
+        for conn in &conns {
+            telemetry::revoked_certificate_closed();
+            conn.close(CERT_REVOKED_CODE.into(), CERT_REVOKED_REASON.as_bytes());
+        }
+        conns.len()
     }
 
     /// Whether any connection is live.
@@ -93,7 +189,7 @@ impl DeviceSessions {
     fn close_devices(&self, devices: &[String], reason: &str) -> usize {
         let conns: Vec<quinn::Connection> = {
             let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            devices.iter().filter_map(|d| live.get(d)).flat_map(|m| m.values().cloned()).collect()
+            devices.iter().filter_map(|d| live.get(d)).flat_map(|m| m.values().map(|c| c.conn.clone())).collect()
         };
         for conn in &conns {
             conn.close(DEVICE_DISABLED_CODE.into(), reason.as_bytes());
@@ -123,6 +219,14 @@ impl Drop for LiveRegistration {
 
 /// Application error code with which the connection of a disabled device is closed.
 const DEVICE_DISABLED_CODE: u32 = 2;
+/// Application error code with which a connection whose certificate was revoked is closed.
+const CERT_REVOKED_CODE: u32 = 3;
+/// ... and its reason.
+const CERT_REVOKED_REASON: &str = "certificate revoked";
+/// Application error code with which a device's oldest connection is closed beyond the limit.
+const SUPERSEDED_CODE: u32 = 4;
+/// Application error code with which a connection is closed when its certificate expires.
+const CERT_EXPIRED_CODE: u32 = 5;
 /// What a disabled device is told (the `Refuse` frame and the close reason).
 const DEVICE_DISABLED_REASON: &str = "device disabled";
 
@@ -166,7 +270,28 @@ pub struct IngestConfig {
     pub listen: SocketAddr,
     /// Silent connections are closed after this long; agents send keep-alives well within it.
     pub idle_timeout: Duration,
+    /// Connections open at once, all devices together; a handshake beyond it is refused.
+    pub max_connections: usize,
+    /// Connections of one device at once; its oldest is closed beyond it.
+    pub max_connections_per_device: usize,
 }
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8471)),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_device: DEFAULT_MAX_CONNECTIONS_PER_DEVICE,
+        }
+    }
+}
+
+/// Default of `[quic] max_connections`: a large fleet on one replica (each connection costs tens
+/// of KiB when idle), far below the file and memory limits of a small server.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default of `[quic] max_connections_per_device`: the live one and one reconnecting.
+pub const DEFAULT_MAX_CONNECTIONS_PER_DEVICE: usize = 2;
 
 fn server_config(pki: &Pki, idle: Duration) -> anyhow::Result<quinn::ServerConfig> {
     let tls = pki.server_tls_config()?;
@@ -174,9 +299,10 @@ fn server_config(pki: &Pki, idle: Duration) -> anyhow::Result<quinn::ServerConfi
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle.try_into().map_err(|e| anyhow!("idle timeout: {e}"))?));
-    // One control stream per agent; unidirectional streams carry snapshots, one each.
-    transport.max_concurrent_bidi_streams(4u32.into());
-    transport.max_concurrent_uni_streams(MAX_SNAPSHOT_STREAMS.into());
+    // One control stream per agent. Unidirectional streams carry snapshots, one each: none until
+    // the session's Hello was accepted (see `run_session`).
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
@@ -198,7 +324,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut stamp = pki.revocation_stamp();
-    let sessions = DeviceSessions::default();
+    let revoked = pki.revoked_serials().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "reading the revocation list's serial numbers failed");
+        Default::default()
+    });
+    let sessions = DeviceSessions::new(cfg.max_connections_per_device, revoked);
     let fleet = Fleet::new(store.db());
     let mut reload = tokio::time::interval(Duration::from_secs(1));
     let mut disabled_check: Option<tokio::task::JoinHandle<()>> = None;
@@ -206,6 +336,11 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return Ok(()) };
+                if endpoint.open_connections() >= cfg.max_connections {
+                    telemetry::connection_limited("total");
+                    incoming.refuse();
+                    continue;
+                }
                 let (store, sessions, snapshots, fleet, bus) =
                     (store.clone(), sessions.clone(), snapshots.clone(), fleet.clone(), bus.clone());
                 tokio::spawn(async move {
@@ -221,6 +356,10 @@ pub async fn serve(
                 if disabled_check.as_ref().is_none_or(|h| h.is_finished()) {
                     disabled_check = Some(tokio::spawn(close_disabled(fleet.clone(), sessions.clone())));
                 }
+                let expired = sessions.close_expired(unix_ms() / 1000);
+                if expired > 0 {
+                    tracing::info!(connections = expired, "closed the connections of expired certificates");
+                }
                 let now = pki.revocation_stamp();
                 if now != stamp {
                     match server_config(&pki, cfg.idle_timeout) {
@@ -228,6 +367,15 @@ pub async fn serve(
                             endpoint.set_server_config(Some(sc));
                             stamp = now;
                             tracing::info!("revocation list changed: reloaded the TLS configuration");
+                            match pki.revoked_serials() {
+                                Ok(serials) => {
+                                    let closed = sessions.revoke(serials);
+                                    if closed > 0 {
+                                        tracing::info!(connections = closed, "closed the connections of revoked certificates");
+                                    }
+                                }
+                                Err(e) => tracing::error!(error = %e, "reading the revoked serial numbers failed"),
+                            }
                         }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "reloading the TLS configuration failed; keeping the old one"),
                     }
@@ -256,9 +404,10 @@ async fn handle_connection(
             return Err(anyhow!("handshake refused: {e}"));
         }
     };
-    let device = peer_device_id(&conn)?;
+    let cert = peer_identity(&conn)?;
+    let device = cert.device.clone();
     // Registered before the check: a device disabled right after it is closed by the next sweep.
-    let _live = sessions.register(&device, &conn);
+    let _live = sessions.register(&device, &conn, &cert);
     if fleet.is_device_disabled(&device).await.context("checking whether the device is disabled")? {
         telemetry::disabled_device_refused("connect");
         refuse_disabled(&conn).await;
@@ -277,7 +426,7 @@ async fn handle_connection(
     let _exclusive = slot.lock.lock().await;
     let mut session = IngestSession::new();
     let _online = OnlineStatus::announce(&bus, &device);
-    let link = SessionLink { device: &device, store: store.as_ref(), bus: &bus, slot: &slot, generation };
+    let link = SessionLink { device: &device, store: store.as_ref(), bus: &bus, slot: &slot, generation, conn: &conn };
     let result = run_session(&link, &mut session, &mut send, &mut recv, &mut stored_rx).await;
     let stats = session.stats();
     telemetry::session_closed(&stats);
@@ -299,13 +448,27 @@ async fn handle_connection(
     }
 }
 
-fn peer_device_id(conn: &quinn::Connection) -> anyhow::Result<String> {
+/// What the ingest needs of a verified client certificate.
+struct PeerCert {
+    device: String,
+    serial: String,
+    not_after_s: i64,
+}
+
+/// The device id, serial number and expiry of a verified peer's certificate.
+fn peer_identity(conn: &quinn::Connection) -> anyhow::Result<PeerCert> {
     let identity = conn.peer_identity().ok_or_else(|| anyhow!("no client certificate"))?;
     let certs = identity
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .map_err(|_| anyhow!("unexpected peer identity type"))?;
     let leaf = certs.first().ok_or_else(|| anyhow!("empty client certificate chain"))?;
-    Ok(device_id_from_cert(leaf)?)
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| anyhow!("client certificate: {e}"))?;
+    Ok(PeerCert {
+        device: device_id_from_cert(leaf)?,
+        serial: crate::pki::cert_serial_hex(leaf)?,
+        not_after_s: parsed.validity().not_after.timestamp(),
+    })
 }
 
 /// Publishes a device's `online` status on the bus, and `offline` when dropped.
@@ -335,6 +498,7 @@ struct SessionLink<'a> {
     bus: &'a EventBus,
     slot: &'a DeviceSlot,
     generation: u64,
+    conn: &'a quinn::Connection,
 }
 
 /// Stores a batch and publishes what was newly stored on the bus (after the commit).
@@ -382,7 +546,7 @@ async fn run_session(
     recv: &mut quinn::RecvStream,
     stored: &mut mpsc::Receiver<u64>,
 ) -> anyhow::Result<()> {
-    let SessionLink { device, store, bus, slot, generation } = *link;
+    let SessionLink { device, store, bus, slot, generation, conn } = *link;
     let mut decoder = FrameDecoder::new();
     let mut chunk = vec![0u8; 256 * 1024];
     let mut out = Vec::with_capacity(64);
@@ -405,12 +569,18 @@ async fn run_session(
         };
         decoder.extend(&chunk[..n]);
         while let Some(frame) = decoder.next_frame().context("decoding a frame")? {
-            let action = session.handle_frame(frame)?;
+            let action = session.handle_frame(frame).inspect_err(|e| {
+                if matches!(e, its_shared::session::IngestError::BadHello(_)) {
+                    telemetry::hello_refused();
+                }
+            })?;
             match action {
                 Some(IngestAction::LoadHighWater(hello)) => {
                     let hw = store.record_hello(device, &hello, unix_ms()).await?;
                     tracing::info!(device, high_water = hw, agent_acked = hello.last_acked_seq, version = %hello.agent_version, "session ready");
                     session.handle_high_water(hw);
+                    // Snapshots only within an accepted session.
+                    conn.set_max_concurrent_uni_streams(MAX_SNAPSHOT_STREAMS.into());
                 }
                 Some(IngestAction::Commit { events, up_to }) => {
                     commit_batch(store, bus, device, events).await?;

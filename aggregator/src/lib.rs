@@ -10,14 +10,17 @@ pub mod bus;
 pub mod config;
 pub mod demo;
 pub mod export;
+pub mod fsutil;
 pub mod http;
 pub mod ingest;
 pub mod mqtt;
+pub mod netaddr;
 pub mod pki;
 pub mod server;
 pub mod snapshots;
 pub mod store;
 pub mod telemetry;
+pub mod vault;
 
 /// Wall-clock time in Unix milliseconds: event timestamps, never durations (those use
 /// `tokio::time::Instant`, which tests can pause).

@@ -47,6 +47,9 @@ enum Command {
     /// Token signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The key ring that seals the secrets stored in the database.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// MQTT for third parties.
     #[command(subcommand)]
     Mqtt(MqttCommand),
@@ -98,6 +101,25 @@ enum UserCommand {
 enum KeysCommand {
     /// Create a new token signing key; the old one keeps verifying until its tokens expire.
     Rotate,
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Write a new key ring (one fresh key, mode 0600) to --out, or to the configured key file;
+    /// an existing file is never overwritten. For deployments that pass the ring in
+    /// ITS_AGGREGATOR_SECRETS_KEYRING (e.g. a Kubernetes Secret).
+    Init {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Put a new key first in the key file and seal every stored secret again with it. Older
+    /// keys stay in the file (replicas still running with the old file keep working) unless
+    /// --retire-old is given.
+    Rotate {
+        /// Drop the older keys from the file once nothing is sealed with them.
+        #[arg(long)]
+        retire_old: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +229,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             return runtime()?.block_on(user_command(cmd, &cfg));
         }
+        Command::Secrets(SecretsCommand::Init { out }) => {
+            let cfg = match raw.validate(&source) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let path = match out {
+                Some(p) => p,
+                None => match cfg.secrets_source() {
+                    its_aggregator::vault::KeySource::File(p) => p,
+                    its_aggregator::vault::KeySource::Env(_) => {
+                        anyhow::bail!("the key ring comes from the environment; give --out FILE")
+                    }
+                },
+            };
+            if path.exists() {
+                anyhow::bail!("{} exists: not overwritten", path.display());
+            }
+            let ring = its_aggregator::vault::Vault::ephemeral();
+            ring.write_file(&path)?;
+            println!("key ring {} written to {} (mode 0600)", ring.active_key_id().unwrap_or_default(), path.display());
+        }
+        Command::Secrets(SecretsCommand::Rotate { retire_old }) => {
+            let cfg = match raw.validate(&source) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            runtime()?.block_on(rotate_secrets(&cfg, retire_old))?;
+        }
         Command::Keys(KeysCommand::Rotate) => {
             let cfg = match raw.validate(&source) {
                 Ok(c) => c,
@@ -216,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             runtime()?.block_on(async {
-                let store = its_aggregator::store::open_store(&cfg.database_url).await?;
+                let store = cfg.open_store().await?;
                 let auth = its_aggregator::auth::AuthService::open(store.db(), cfg.auth.clone()).await?;
                 let kid = auth.keys.rotate(its_aggregator::unix_ms()).await?;
                 auth.audit_quiet(
@@ -293,9 +349,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `its-aggregator secrets rotate`.
+async fn rotate_secrets(cfg: &its_aggregator::config::ServerConfig, retire_old: bool) -> anyhow::Result<()> {
+    use its_aggregator::vault::{KEYRING_ENV, KeySource, Vault};
+    let KeySource::File(path) = cfg.secrets_source() else {
+        anyhow::bail!(
+            "the key ring comes from ${KEYRING_ENV}: put a new key line (`<id> <32 bytes base64>`) first in it, \
+             restart, then remove the old line once `its-aggregator secrets rotate` would find nothing to do"
+        );
+    };
+    // Opening seals whatever is not sealed with the current active key yet.
+    let store = cfg.open_store().await.context("opening the database")?;
+    drop(store);
+    let (current, _) = Vault::load(&KeySource::File(path.clone()), false)?;
+    let next = current.with_new_active_key();
+    next.write_file(&path)?;
+    let store = its_aggregator::store::open_store(&cfg.database_url, next.clone()).await?;
+    let report = its_aggregator::store::sealed::seal_all(&store.db()).await?;
+    let active = next.active_key_id().unwrap_or_default().to_owned();
+    println!("new active key {active}: {} secret(s) sealed again with it", report.plain + report.resealed);
+    if retire_old {
+        let in_use = its_aggregator::store::sealed::key_ids_in_use(&store.db()).await?;
+        if in_use.iter().all(|k| *k == active) {
+            next.active_only().write_file(&path)?;
+            println!("older keys removed from {}", path.display());
+        } else {
+            anyhow::bail!("secrets are still sealed with {in_use:?}: older keys kept");
+        }
+    } else {
+        println!(
+            "older keys kept in {} (replicas still on the old file keep working); drop them with --retire-old",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 async fn user_command(cmd: UserCommand, cfg: &its_aggregator::config::ServerConfig) -> anyhow::Result<ExitCode> {
     use its_aggregator::auth::{AuthError, AuthService, Role};
-    let store = its_aggregator::store::open_store(&cfg.database_url)
+    let store = cfg
+        .open_store()
         .await
         .with_context(|| format!("opening {}", its_aggregator::server::redact(&cfg.database_url)))?;
     let auth = AuthService::open(store.db(), cfg.auth.clone()).await?;

@@ -107,17 +107,10 @@ impl DeviceBundle {
 
 fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), PkiError> {
     let tmp = path.with_extension("tmp");
-    {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        if secret {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        #[cfg(not(unix))]
-        let _ = secret;
-        let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
+    if secret {
+        crate::fsutil::write_private(&tmp, contents).map_err(io_err(&tmp))?;
+    } else {
+        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         f.write_all(contents).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
     }
@@ -288,7 +281,7 @@ impl Pki {
         let mut reg = self.load_register()?;
         reg.issued.push(IssuedCert {
             device_id: device_id.to_string(),
-            serial_hex: hex(&serial.to_bytes()),
+            serial_hex: serial_hex(&serial.to_bytes()),
             not_before: fmt_time(not_before),
             not_after: fmt_time(not_after),
             revoked_at: None,
@@ -374,10 +367,41 @@ impl Pki {
         Ok(cfg)
     }
 
-    /// Modification stamp of the files the server configuration is built from, to reload on change.
-    pub fn revocation_stamp(&self) -> Option<std::time::SystemTime> {
-        fs::metadata(self.crl_path()).and_then(|m| m.modified()).ok()
+    /// A digest of the revocation list's contents (`None`: none can be read), to reload on
+    /// change: contents, not the modification time, so a rewrite within one time stamp tick is
+    /// seen.
+    pub fn revocation_stamp(&self) -> Option<[u8; 32]> {
+        use sha2::Digest as _;
+        fs::read(self.crl_path()).ok().map(|bytes| sha2::Sha256::digest(&bytes).into())
     }
+
+    /// The serial numbers (lower-case hex, as in the register) the revocation list names.
+    pub fn revoked_serials(&self) -> Result<std::collections::HashSet<String>, PkiError> {
+        let mut out = std::collections::HashSet::new();
+        for der in load_crls(&self.crl_path())? {
+            let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+                .map_err(|e| PkiError::Tls(format!("{}: {e}", self.crl_path().display())))?;
+            for revoked in crl.iter_revoked_certificates() {
+                out.insert(serial_hex(revoked.raw_serial()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The serial number of a certificate, lower-case hex (as the register and
+/// [`Pki::revoked_serials`] write it).
+pub fn cert_serial_hex(der: &CertificateDer<'_>) -> Result<String, PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| PkiError::PeerCertificate(e.to_string()))?;
+    Ok(serial_hex(cert.raw_serial()))
+}
+
+/// A serial number as hex without the leading zero bytes DER may add (so the certificate's,
+/// the revocation list's and the register's forms compare equal).
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    hex(&raw[start..])
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {

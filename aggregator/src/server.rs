@@ -13,7 +13,7 @@ use crate::http::transport::{self, ReloadingCert};
 use crate::http::{AppState, router};
 use crate::pki::Pki;
 use crate::snapshots::SnapshotObjects;
-use crate::store::{EventStore, open_store};
+use crate::store::EventStore;
 
 /// Where the listeners actually bound (port 0 in the configuration picks a free port).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -58,8 +58,7 @@ impl Server {
                 cfg.pki_dir.display()
             );
         }
-        let store =
-            open_store(&cfg.database_url).await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+        let store = cfg.open_store().await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
         let snapshots = SnapshotObjects::open(&cfg.snapshots)
             .with_context(|| format!("opening the snapshot store {}", cfg.snapshots))?;
         // Before binding, so a bad certificate file stops the start with its path.
@@ -157,6 +156,7 @@ impl Server {
             access: Arc::new(access),
             bus: bus.clone(),
             shutdown: shutdown.clone(),
+            alert_targets: cfg.alerts.targets.clone(),
         });
         match https {
             Some(cert) => {

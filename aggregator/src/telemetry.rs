@@ -9,6 +9,9 @@ pub const CONNECTIONS_TOTAL: &str = "its_ingest_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "its_ingest_connections_active";
 pub const HANDSHAKES_REFUSED: &str = "its_ingest_handshakes_refused_total";
 pub const DISABLED_REFUSED: &str = "its_ingest_disabled_device_refused_total";
+pub const REVOKED_CLOSED: &str = "its_ingest_revoked_certificate_closed_total";
+pub const CONNECTIONS_LIMITED: &str = "its_ingest_connections_limited_total";
+pub const HELLO_REFUSED: &str = "its_ingest_hello_refused_total";
 pub const EVENTS_STORED: &str = "its_ingest_events_stored_total";
 pub const EVENTS_DUPLICATE: &str = "its_ingest_events_duplicate_total";
 pub const BATCHES_COMMITTED: &str = "its_ingest_batches_committed_total";
@@ -43,6 +46,19 @@ pub fn describe() {
         DISABLED_REFUSED,
         "Connections of disabled devices refused after mutual TLS (at: connect) or closed when the device was disabled (at: live)"
     );
+    metrics::describe_counter!(
+        REVOKED_CLOSED,
+        "Live agent connections closed because their client certificate was revoked"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_LIMITED,
+        "Agent connections refused or closed by a limit (limit: total = handshake refused at [quic] max_connections, device = a device's oldest connection closed at [quic] max_connections_per_device)"
+    );
+    metrics::describe_counter!(
+        HELLO_REFUSED,
+        "Sessions refused because their Hello broke the limits (too many cameras, overlong names)"
+    );
+    crate::auth::hashing::describe();
     metrics::describe_counter!(
         BUS_LAGGED,
         "Bus messages a consumer lost because it fell behind (label consumer); durable consumers catch up from the database"
@@ -113,6 +129,21 @@ pub fn handshake_refused() {
 /// (closed when the device was disabled).
 pub fn disabled_device_refused(at: &'static str) {
     counter!(DISABLED_REFUSED, "at" => at).increment(1);
+}
+
+/// A live connection closed because its certificate was revoked.
+pub fn revoked_certificate_closed() {
+    counter!(REVOKED_CLOSED).increment(1);
+}
+
+/// A connection refused or closed by a limit: `total` or `device`.
+pub fn connection_limited(limit: &'static str) {
+    counter!(CONNECTIONS_LIMITED, "limit" => limit).increment(1);
+}
+
+/// A session refused because of its Hello.
+pub fn hello_refused() {
+    counter!(HELLO_REFUSED).increment(1);
 }
 
 /// Counts a connection while it lives.

@@ -15,6 +15,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use its_aggregator::alerts::AlertsConfig;
+use its_aggregator::alerts::targets::TargetPolicy;
 use its_aggregator::auth::{AuthConfig, LoginOutcome, Role};
 use its_aggregator::bus::{BusMessage, CommittedEvents, EventBus};
 use its_aggregator::store::{CameraRef, EventStore, Scope};
@@ -51,6 +52,8 @@ fn test_config() -> AlertsConfig {
         retry_base_ms: 50,
         retry_max_ms: 200,
         delivery_timeout_ms: 5_000,
+        // The receivers of these tests listen on loopback.
+        targets: TargetPolicy { allowed: vec!["127.0.0.1".parse().expect("net")] },
         ..AlertsConfig::default()
     }
 }
@@ -76,6 +79,7 @@ impl App {
             common::test_state(Arc::clone(&store), snapshots, metrics, AuthConfig::default()).await;
         let bus = EventBus::new();
         state.bus = bus.clone();
+        state.alert_targets = test_config().targets;
         let auth = Arc::clone(&state.auth);
         let router = its_aggregator::http::router(state);
         let (shutdown, _) = watch::channel(false);
@@ -999,7 +1003,8 @@ async fn latency_commit_to_webhook() {
     let every: u64 = std::env::var("ITS_ALERTS_MATCH_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("events.db").display());
-    let store = its_aggregator::store::open_store(&url).await.expect("store");
+    let store =
+        its_aggregator::store::open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("store");
     let app = App::new(store).await;
     let hook = Hook::start().await;
     let ch = app.channel(webhook("bench", &hook, "k")).await;

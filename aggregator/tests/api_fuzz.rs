@@ -156,7 +156,7 @@ fn kind(seq: u64) -> EventKind {
 async fn seed(database_url: &str, objects: &Path) {
     // An hour ago: retention (90 days by default) keeps them.
     let t0 = its_aggregator::unix_ms() - 3_600_000;
-    let store = open_store(database_url).await.expect("open store");
+    let store = open_store(database_url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     for (device, cameras) in [("box-1", &["cam-a", "cam-b"][..]), ("box-2", &["cam-c"][..])] {
         let hello = Hello {
             agent_version: "1.0.0".into(),
@@ -182,9 +182,9 @@ async fn seed(database_url: &str, objects: &Path) {
     fleet.create_site("north", "North junction", t0).await.expect("site");
     fleet.create_site("south", "South ramp", t0).await.expect("site");
     let patch = DevicePatch { site_id: Some(Some("north".into())), ..Default::default() };
-    fleet.update_device("box-1", &patch, t0).await.expect("assign device");
+    fleet.update_device("box-1", &patch, &its_aggregator::store::Scope::All, t0).await.expect("assign device");
     let patch = CameraPatch { site_id: Some(Some("south".into())), name: Some(Some("Ramp".into())) };
-    fleet.update_camera("box-2", "cam-c", &patch).await.expect("assign camera");
+    fleet.update_camera("box-2", "cam-c", &patch, &its_aggregator::store::Scope::All).await.expect("assign camera");
 
     let jpeg: &[u8] =
         &[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10, b'J', b'F', b'I', b'F', 0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 0xFF, 0xD9];
@@ -275,9 +275,10 @@ parameters = {{ "path.role" = {{ dictionary = "roles", probability = 1.0 }} }}
 # - list_metrics, list_anomalies: their `cursor` too;
 # - update_device, update_camera: `site_id` must name an existing site;
 # - create_user, update_user: a password must not be one repeated character, and grants are only
-#   for the viewer and integrator roles.
+#   for the viewer and integrator roles;
+# - create_channel, update_channel: a target may not be a loopback or link-local address.
 [[operations]]
-include-operation-id = ["list_events", "device_health", "list_metrics", "list_anomalies", "update_device", "update_camera", "create_user", "update_user"]
+include-operation-id = ["list_events", "device_health", "list_metrics", "list_anomalies", "update_device", "update_camera", "create_user", "update_user", "create_channel", "update_channel"]
 checks.positive_data_acceptance.enabled = false
 "#
     )
@@ -440,7 +441,7 @@ async fn injection_through_filters(database_url: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), database_url).await;
     let client = server.client();
-    let store = open_store(&server.database_url).await.expect("open store");
+    let store = open_store(&server.database_url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let before = event_count(store.as_ref()).await;
     assert_eq!(before, 2 * EVENTS_PER_DEVICE);
 

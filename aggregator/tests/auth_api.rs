@@ -58,6 +58,13 @@ common::both_backends!(
     audit_log_names_the_actors,
     api_keys,
     site_limited_viewer,
+    scoped_writes_and_grants,
+    channel_targets_are_checked,
+    concurrent_sign_ins_are_counted_first,
+    ipv6_clients_are_limited_by_their_64,
+    own_secret_checks_are_limited,
+    streams_end_with_their_credential,
+    failures_leave_bounded_rows,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -296,15 +303,15 @@ fn pem_der(pem: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(body).expect("pem")
 }
 
-/// Valid access claims of a user (a fresh session id unless given).
-fn claims_of(uid: i64, name: &str, role: Role, exp_s: i64) -> AccessClaims {
+/// Valid access claims of a user in session `sid` (`None`: a made-up session).
+fn claims_of(uid: i64, name: &str, role: Role, exp_s: i64, sid: Option<&str>) -> AccessClaims {
     AccessClaims {
         iss: ISSUER.into(),
         aud: AUDIENCE_ACCESS.into(),
         sub: uid.to_string(),
         name: name.into(),
         role,
-        sid: format!("forged{}", rand::random::<u64>()),
+        sid: sid.map_or_else(|| format!("forged{}", rand::random::<u64>()), str::to_owned),
         scope: Scope::All,
         amr: vec!["pwd".into()],
         iat: wall_ms() / 1000 - 10,
@@ -394,7 +401,7 @@ fn alert_rule_body(n: u32) -> Value {
 /// A valid alert channel body for the matrix (nothing listens there; no worker runs).
 fn alert_channel_body(n: u32) -> Value {
     json!({ "name": format!("m-channel-{n}"),
-        "target": { "kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "matrix" } })
+        "target": { "kind": "webhook", "url": "http://192.0.2.1:9/hook", "secret": "matrix" } })
 }
 
 impl Fixture {
@@ -442,6 +449,24 @@ impl Fixture {
         (alert.alert_id, Some(d.delivery_id))
     }
 
+    /// The session of the admin user's current token: minted tokens belong to it (a token of
+    /// a session that does not exist is refused).
+    fn admin_sid(&self) -> String {
+        jwt_parts(&self.users[0].token).1["sid"].as_str().expect("sid").to_owned()
+    }
+
+    /// Signs the admin user in again if its sessions ended.
+    async fn fresh_admin(&mut self) {
+        if self.dirty.remove(&self.admin_uid) {
+            let LoginOutcome::Tokens(t) =
+                self.api.auth.login(&self.users[0].name, PASSWORD, None).await.expect("sign in again")
+            else {
+                panic!("the admin has MFA left on")
+            };
+            self.users[0].token = t.access_token;
+        }
+    }
+
     fn admin_principal(&self) -> Principal {
         Principal {
             subject: Subject::User {
@@ -453,11 +478,12 @@ impl Fixture {
             permissions: PermissionSet::all(),
             scope: Scope::All,
             mfa_enrolment_only: false,
+            expires_at_ms: None,
         }
     }
 
     fn minted(&self, by_hand: bool) -> String {
-        let claims = claims_of(self.admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 + 600);
+        let claims = claims_of(self.admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 + 600, Some(&self.admin_sid()));
         if by_hand {
             let (kid, key) = &self.signing;
             let header = json!({ "alg": "RS256", "typ": "JWT", "kid": kid });
@@ -701,9 +727,26 @@ async fn permission_matrix(store: Arc<dyn EventStore>) {
 
     // Bad tokens, all with otherwise valid admin claims.
     let (kid, signing_key) = (&fx.signing.0, &fx.signing.1);
-    let claims = serde_json::to_value(claims_of(admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 + 600)).expect("c");
-    let expired =
-        fx.api.auth.keys.sign(&claims_of(admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 - 3600)).expect("sign");
+    let admin_sid = fx.admin_sid();
+    let claims =
+        serde_json::to_value(claims_of(admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 + 600, Some(&admin_sid)))
+            .expect("c");
+    let expired = fx
+        .api
+        .auth
+        .keys
+        .sign(&claims_of(admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 - 3600, Some(&admin_sid)))
+        .expect("sign");
+    // Signed with the real key (as by someone who read it), for a session that does not exist:
+    // of an existing admin, and of a user that does not exist at all.
+    let forged_session = fx
+        .api
+        .auth
+        .keys
+        .sign(&claims_of(admin_uid, "m-admin", Role::Admin, wall_ms() / 1000 + 600, None))
+        .expect("sign");
+    let forged_user =
+        fx.api.auth.keys.sign(&claims_of(987_654, "nobody", Role::Admin, wall_ms() / 1000 + 600, None)).expect("sign");
     let stranger = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa");
     let unknown_kid = format!("k{}-zzzzzz", wall_ms() / 1000);
     let rs = |kid: &str| jwt(&json!({ "alg": "RS256", "typ": "JWT", "kid": kid }), &claims, |m| rs256(&stranger, m));
@@ -746,6 +789,8 @@ async fn permission_matrix(store: Arc<dyn EventStore>) {
         ("key-rev", Col::Bad(bearer(&revoked))),
         ("key-revx", Col::Bad(Auth::ApiKey(revoked.clone()))),
         ("loggedout", Col::Bad(bearer(&logged_out))),
+        ("fake-sid", Col::Bad(bearer(&forged_session))),
+        ("fake-usr", Col::Bad(bearer(&forged_user))),
     ]);
 
     let mut table: BTreeMap<usize, Vec<String>> = BTreeMap::new();
@@ -769,6 +814,7 @@ async fn permission_matrix(store: Arc<dyn EventStore>) {
                     (bearer(&u.token), Some(u.role.permissions()), Who::User(u.uid))
                 }
                 Col::Minted { by_hand } => {
+                    fx.fresh_admin().await;
                     (bearer(&fx.minted(*by_hand)), Some(PermissionSet::all()), Who::User(fx.admin_uid))
                 }
                 Col::Bad(a) => (a.clone(), None, Who::Nobody),
@@ -1250,8 +1296,12 @@ async fn mfa_with_totp(store: Arc<dyn EventStore>) {
     api.set_now(t * 1000);
     let r = second_step(&api, &mfa_challenge(&api, "frank").await, json!({ "code": code(&secret, t) })).await;
     assert_eq!(r.status, StatusCode::OK, "open again after the lockout: {}", r.body);
+    // Repeated failures are written once, then summarised with their count.
+    api.auth.flush_audit_digest(api.now(), true).await;
     let failures = api.audit("mfa.failure").await;
-    assert!(failures.len() >= usize::try_from(max).expect("n") && failures.iter().all(|e| e["actor"] == "user:frank"));
+    assert!(failures.iter().all(|e| e["actor"] == "user:frank"), "{failures:?}");
+    let counted: i64 = failures.iter().map(|e| 1 + e["detail"]["repeated"].as_i64().unwrap_or(0)).sum();
+    assert!(counted >= max, "{counted} failures recorded: {failures:?}");
 }
 
 async fn role_policy_requires_mfa(store: Arc<dyn EventStore>) {
@@ -1644,4 +1694,445 @@ async fn site_limited_viewer(store: Arc<dyn EventStore>) {
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Holes closed: writes within the caller's sites, no grant beyond the caller's own, sign-in
+//    floods counted before the password is checked, streams that end with their credential,
+//    bounded audit and throttle growth.
+
+/// A key created by the admin with these permissions, limited to `sites`.
+async fn limited_key(api: &Api, name: &str, perms: &[&str], sites: &[&str]) -> Auth {
+    let r = create_key(
+        api,
+        &bearer(&api.admin),
+        json!({ "name": name, "permissions": perms, "grants": { "sites": sites } }),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    Auth::ApiKey(r.str("key"))
+}
+
+async fn patch(api: &Api, uri: &str, auth: &Auth, body: Value) -> Resp {
+    api.send(Method::PATCH, uri, auth, Some(body), None).await
+}
+
+fn health_of(cameras: &[&str]) -> its_shared::wire::Heartbeat {
+    its_shared::wire::Heartbeat {
+        sent_at_ms: wall_ms(),
+        health: its_shared::event::DeviceHealth {
+            agent_version: "1.0.0".into(),
+            cameras: cameras
+                .iter()
+                .map(|c| its_shared::event::CameraHealth {
+                    camera: (*c).to_owned(),
+                    state: "streaming".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        },
+    }
+}
+
+fn health_cameras(v: &Value) -> Vec<String> {
+    v["cameras"].as_array().into_iter().flatten().filter_map(|c| c["camera"].as_str().map(str::to_owned)).collect()
+}
+
+async fn scoped_writes_and_grants(store: Arc<dyn EventStore>) {
+    let api = Api::new(store).await;
+    let admin = bearer(&api.admin);
+    // alpha: dev-a (cam-a1); bravo: dev-b (cam-b1); dev-m in bravo with cam-m1 moved to alpha.
+    seed_device(&api, "dev-a", &["cam-a1"], 4).await;
+    seed_device(&api, "dev-b", &["cam-b1"], 4).await;
+    seed_device(&api, "dev-m", &["cam-m1", "cam-m2"], 4).await;
+    for site in ["alpha", "bravo"] {
+        assert_eq!(
+            api.post("/api/v1/sites", &admin, json!({ "site_id": site, "name": site })).await.status,
+            StatusCode::CREATED
+        );
+    }
+    for (device, site) in [("dev-a", "alpha"), ("dev-b", "bravo"), ("dev-m", "bravo")] {
+        let r = patch(&api, &format!("/api/v1/devices/{device}"), &admin, json!({ "site_id": site })).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    let r = patch(&api, "/api/v1/devices/dev-m/cameras/cam-m1", &admin, json!({ "site_id": "alpha" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    api.store.record_health("dev-m", &health_of(&["cam-m1", "cam-m2"]), wall_ms()).await.expect("health");
+
+    // The reproduced attack: devices:write limited to bravo moves alpha's camera into bravo, then
+    // reads its events. The camera is not found for it, and stays where it was.
+    let dev = limited_key(&api, "bravo-devices", &["devices:write", "devices:read", "events:read"], &["bravo"]).await;
+    let r = patch(&api, "/api/v1/devices/dev-a/cameras/cam-a1", &dev, json!({ "site_id": "bravo" })).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"), "{}", r.body);
+    let r = api.get("/api/v1/devices/dev-a/cameras/cam-a1", &admin).await;
+    assert_eq!(r.body["site_id"], "alpha", "{}", r.body);
+    let r = api.get("/api/v1/events?device=dev-a", &dev).await;
+    assert_eq!(r.body["events"].as_array().map(Vec::len), Some(0), "{}", r.body);
+    assert_eq!(
+        patch(&api, "/api/v1/devices/dev-a", &dev, json!({ "site_id": "bravo" })).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // Its own device: renamed yes; moved out of its sites, or unassigned, no.
+    assert_eq!(patch(&api, "/api/v1/devices/dev-b", &dev, json!({ "name": "Bravo box" })).await.status, StatusCode::OK);
+    for body in [json!({ "site_id": "alpha" }), json!({ "site_id": null })] {
+        let r = patch(&api, "/api/v1/devices/dev-b", &dev, body.clone()).await;
+        assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"), "{body}: {}", r.body);
+    }
+    assert_eq!(api.get("/api/v1/devices/dev-b", &admin).await.body["site_id"], "bravo");
+    // A device with a camera outside its sites: seen, not changed (disabling it would stop alpha's
+    // camera too); its camera in alpha not found; its camera in bravo not moved to alpha.
+    let r = patch(&api, "/api/v1/devices/dev-m", &dev, json!({ "disabled": true })).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(api.get("/api/v1/devices/dev-m", &admin).await.body["disabled"], false);
+    assert_eq!(
+        patch(&api, "/api/v1/devices/dev-m/cameras/cam-m1", &dev, json!({ "name": "x" })).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        patch(&api, "/api/v1/devices/dev-m/cameras/cam-m2", &dev, json!({ "site_id": "alpha" })).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        patch(&api, "/api/v1/devices/dev-m/cameras/cam-m2", &dev, json!({ "name": "Bravo cam" })).await.status,
+        StatusCode::OK
+    );
+    // The health of the device it sees names only the cameras it sees.
+    let r = api.get("/api/v1/devices/dev-m", &dev).await;
+    assert_eq!(health_cameras(&r.body["last_health"]), ["cam-m2"], "{}", r.body);
+    let r = api.get("/api/v1/devices/dev-m/health", &dev).await;
+    let first = &r.body["health"][0]["report"];
+    assert_eq!(health_cameras(first), ["cam-m2"], "{}", r.body);
+    let r = api.get("/api/v1/devices/dev-m", &admin).await;
+    assert_eq!(health_cameras(&r.body["last_health"]), ["cam-m1", "cam-m2"]);
+
+    // Sites: none created, only its own renamed or deleted.
+    let sites = limited_key(&api, "bravo-sites", &["sites:write", "sites:read"], &["bravo"]).await;
+    assert_eq!(
+        api.post("/api/v1/sites", &sites, json!({ "site_id": "charlie", "name": "C" })).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        patch(&api, "/api/v1/sites/alpha", &sites, json!({ "name": "Mine" })).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(api.send(Method::DELETE, "/api/v1/sites/alpha", &sites, None, None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(patch(&api, "/api/v1/sites/bravo", &sites, json!({ "name": "Bravo" })).await.status, StatusCode::OK);
+
+    // The reproduced escalation: users:write limited to bravo made an admin. No grant or role
+    // beyond the creator's own.
+    let viewer_perms = ["devices:read", "sites:read", "events:read", "metrics:read", "alerts:read"];
+    let mut perms = vec!["users:write", "users:read"];
+    perms.extend(viewer_perms);
+    let users = limited_key(&api, "bravo-users", &perms, &["bravo"]).await;
+    let new_user = |name: &str, role: &str, grants: Option<Value>| {
+        let mut body = json!({ "username": name, "password": PASSWORD, "role": role });
+        if let Some(g) = grants {
+            body["grants"] = g;
+        }
+        body
+    };
+    for (body, what) in [
+        (new_user("evil", "admin", None), "an admin"),
+        (new_user("evil", "operator", None), "an operator"),
+        (new_user("evil", "viewer", None), "a viewer of every site"),
+        (new_user("evil", "viewer", Some(json!({ "sites": ["alpha"] }))), "a viewer of another site"),
+        (new_user("evil", "viewer", Some(json!({ "sites": ["bravo", "alpha"] }))), "a viewer of more sites"),
+    ] {
+        let r = api.post("/api/v1/users", &users, body).await;
+        assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"), "{what}: {}", r.body);
+    }
+    let r = api.post("/api/v1/users", &users, new_user("bea", "viewer", Some(json!({ "sites": ["bravo"] })))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let bea = r.body["user_id"].as_i64().expect("id");
+    // It sees and manages only users within its sites, and cannot raise them.
+    let r = api.get("/api/v1/users", &users).await;
+    let names: Vec<&str> =
+        r.body["users"].as_array().expect("users").iter().filter_map(|u| u["username"].as_str()).collect();
+    assert_eq!(names, ["bea"], "{}", r.body);
+    let admin_id = api.auth.store.user_by_name(common::TEST_ADMIN.0).await.expect("db").expect("admin").user_id;
+    for (uri, body) in [
+        (format!("/api/v1/users/{admin_id}"), json!({ "disabled": true })),
+        (format!("/api/v1/users/{admin_id}"), json!({ "password": "a brand new password" })),
+    ] {
+        assert_eq!(patch(&api, &uri, &users, body).await.status, StatusCode::NOT_FOUND, "{uri}");
+    }
+    assert_eq!(
+        api.send(Method::DELETE, &format!("/api/v1/users/{admin_id}/mfa"), &users, None, None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    for body in [json!({ "role": "admin" }), json!({ "grants": { "sites": ["alpha"] } }), json!({ "grants": null })] {
+        let r = patch(&api, &format!("/api/v1/users/{bea}"), &users, body.clone()).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{body}: {}", r.body);
+    }
+    assert_eq!(
+        patch(&api, &format!("/api/v1/users/{bea}"), &users, json!({ "disabled": true })).await.status,
+        StatusCode::OK
+    );
+    let r =
+        api.send(Method::PUT, "/api/v1/roles/viewer/policy", &users, Some(json!({ "require_mfa": true })), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "a role policy reaches every site: {}", r.body);
+
+    // API keys: listed and revoked only within reach.
+    let keys = limited_key(&api, "bravo-keys", &["apikeys:write", "apikeys:read", "events:read"], &["bravo"]).await;
+    let r = create_key(&api, &admin, json!({ "name": "all-sites", "permissions": ["events:read"] })).await;
+    let all_sites = r.str("key_id");
+    let r = api.get("/api/v1/api-keys", &keys).await;
+    let listed: Vec<&str> =
+        r.body["api_keys"].as_array().expect("keys").iter().filter_map(|k| k["name"].as_str()).collect();
+    assert!(!listed.contains(&"all-sites") && listed.contains(&"bravo-keys"), "{listed:?}");
+    let r = api.send(Method::DELETE, &format!("/api/v1/api-keys/{all_sites}"), &keys, None, None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = create_key(
+        &api,
+        &keys,
+        json!({ "name": "wider", "permissions": ["events:read"], "grants": { "sites": ["alpha"] } }),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+
+    // What covers every site (the audit log, alert rules and channels) needs a credential that
+    // is not limited to sites.
+    let auditor = limited_key(&api, "bravo-audit", &["audit:read"], &["bravo"]).await;
+    assert_eq!(api.get("/api/v1/audit", &auditor).await.status, StatusCode::FORBIDDEN);
+    let rules = limited_key(&api, "bravo-rules", &["rules:write", "rules:read"], &["bravo"]).await;
+    let r = api.post("/api/v1/alert-rules", &rules, alert_rule_body(1)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = api.post("/api/v1/alert-channels", &rules, alert_channel_body(1)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // Every refused write changed nothing: the admin sees the fleet as it was.
+    let r = api.get("/api/v1/devices/dev-a", &admin).await;
+    assert_eq!((r.body["site_id"].as_str(), r.body["disabled"].as_bool()), (Some("alpha"), Some(false)));
+    assert!(api.auth.store.user_by_name("evil").await.expect("db").is_none());
+}
+
+/// Channels may not point at the aggregator's own host.
+async fn channel_targets_are_checked(store: Arc<dyn EventStore>) {
+    let api = Api::new(store).await;
+    let admin = bearer(&api.admin);
+    for (target, field) in [
+        (json!({ "kind": "webhook", "url": "http://127.0.0.1:8470/api/v1/users", "secret": "k" }), "target.url"),
+        (json!({ "kind": "webhook", "url": "http://localhost/x", "secret": "k" }), "target.url"),
+        (json!({ "kind": "webhook", "url": "http://169.254.169.254/latest/meta-data/", "secret": "k" }), "target.url"),
+        (json!({ "kind": "webhook", "url": "http://[::1]:9/x", "secret": "k" }), "target.url"),
+        (json!({ "kind": "mqtt", "broker": "mqtt://127.0.0.1:1883" }), "target.broker"),
+        (
+            json!({ "kind": "email", "to": ["ops@example.org"], "smtp": { "host": "127.0.0.1", "port": 25, "from": "its@example.org" } }),
+            "target.smtp.host",
+        ),
+    ] {
+        let r = api.post("/api/v1/alert-channels", &admin, json!({ "name": "c", "target": target })).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_field"), "{target}: {}", r.body);
+        assert!(r.body["error"]["message"].as_str().unwrap_or("").contains(field), "{}", r.body);
+    }
+    let r = api.post("/api/v1/alert-channels", &admin, alert_channel_body(1)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "a private or public address is fine: {}", r.body);
+}
+
+fn statuses(rs: &[Resp]) -> BTreeMap<u16, usize> {
+    let mut m = BTreeMap::new();
+    for r in rs {
+        *m.entry(r.status.as_u16()).or_insert(0) += 1;
+    }
+    m
+}
+
+async fn concurrent_sign_ins_are_counted_first(store: Arc<dyn EventStore>) {
+    let api = Arc::new(Api::new(store).await);
+    api.user("alice", Role::Operator).await;
+    let max = api.auth.config.max_failures_per_account as usize;
+    let from: SocketAddr = "192.0.2.10:5000".parse().expect("addr");
+    // 60 wrong passwords at once: at most the limit get checked (401), the others are refused
+    // before any hashing (429).
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let api = Arc::clone(&api);
+        tasks.push(tokio::spawn(async move { api.login_from(from, "alice", "not the password at all").await }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let counts = statuses(&answers);
+    assert_eq!(counts.get(&401).copied().unwrap_or(0), max, "{counts:?}");
+    assert_eq!(counts.get(&429).copied().unwrap_or(0), 60 - max, "{counts:?}");
+    // Locked: the right password too.
+    assert_eq!(api.login_from(from, "alice", PASSWORD).await.status, StatusCode::TOO_MANY_REQUESTS);
+    // The flood left a handful of audit entries, not one per request.
+    let n = api.audit("login.failure").await.len() + api.audit("login.locked").await.len();
+    assert!(n <= 2, "{n} audit entries");
+
+    // The second factor: the same race, the same limit.
+    let uid = api.user("mia", Role::Operator).await;
+    api.auth.store.set_pending_totp(uid, SECRET, api.now()).await.expect("totp");
+    api.auth.store.enable_totp(uid, &[], api.now()).await.expect("enable");
+    let challenge = api.login("mia", PASSWORD).await;
+    let mfa_token = challenge.str("mfa_token");
+    let wrong = wrong_code(SECRET, api.now() / 1000);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let (api, token, code) = (Arc::clone(&api), mfa_token.clone(), wrong.clone());
+        tasks.push(tokio::spawn(async move { second_step(&api, &token, json!({ "code": code })).await }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let counts = statuses(&answers);
+    assert_eq!(counts.get(&401).copied().unwrap_or(0), max, "{counts:?}");
+    assert_eq!(counts.get(&429).copied().unwrap_or(0), 40 - max, "{counts:?}");
+    let right = code(SECRET, api.now() / 1000);
+    assert_eq!(second_step(&api, &mfa_token, json!({ "code": right })).await.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+async fn ipv6_clients_are_limited_by_their_64(store: Arc<dyn EventStore>) {
+    let api = Api::new(store).await;
+    let max = api.auth.config.max_failures_per_addr;
+    // One subscriber's /64 holds 2^64 addresses: each attempt from another one of them.
+    for i in 0..max {
+        let from: SocketAddr = format!("[2001:db8:7:8::{:x}]:443", i + 1).parse().expect("addr");
+        let r = api.login_from(from, &format!("name-{i}"), "not the password at all").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{i}: {}", r.body);
+    }
+    let same64: SocketAddr = "[2001:db8:7:8:ffff:1:2:3]:443".parse().expect("addr");
+    assert_eq!(api.login_from(same64, "name-x", "not the password at all").await.status, StatusCode::TOO_MANY_REQUESTS);
+    let other64: SocketAddr = "[2001:db8:7:9::1]:443".parse().expect("addr");
+    assert_eq!(api.login_from(other64, "name-y", "not the password at all").await.status, StatusCode::UNAUTHORIZED);
+    // An IPv4 client seen through a dual-stack socket is its IPv4 address.
+    for i in 0..max {
+        let from: SocketAddr = "[::ffff:198.51.100.20]:1".parse().expect("addr");
+        assert_eq!(
+            api.login_from(from, &format!("v4-{i}"), "not the password at all").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let plain: SocketAddr = "198.51.100.20:1".parse().expect("addr");
+    assert_eq!(api.login_from(plain, "v4-x", "not the password at all").await.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+async fn own_secret_checks_are_limited(store: Arc<dyn EventStore>) {
+    let api = Api::new(store).await;
+    let uid = api.user("olga", Role::Operator).await;
+    let (token, _) = api.tokens("olga", PASSWORD).await;
+    let max = api.auth.config.max_failures_per_account;
+    let change = |current: &str| json!({ "current_password": current, "new_password": "an entirely new passphrase" });
+    for i in 0..max {
+        let r = api.post("/api/v1/auth/password", &bearer(&token), change("a wrong password here")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{i}: {}", r.body);
+    }
+    let r = api.post("/api/v1/auth/password", &bearer(&token), change(PASSWORD)).await;
+    assert!(retry_after(&r) > 0, "a stolen token cannot guess the password without end");
+    assert!(!api.audit("password.change_failure").await.is_empty());
+    // MFA off needs a code, under the same limit.
+    api.advance(i64::try_from(api.auth.config.lockout.as_millis()).expect("ms") + 1);
+    api.auth.store.set_pending_totp(uid, SECRET, api.now()).await.expect("totp");
+    api.auth.store.enable_totp(uid, &[], api.now()).await.expect("enable");
+    let challenge = api.login("olga", PASSWORD).await;
+    let r = second_step(&api, &challenge.str("mfa_token"), json!({ "code": code(SECRET, api.now() / 1000) })).await;
+    let token = r.str("access_token");
+    for i in 0..max {
+        let r = api
+            .post("/api/v1/auth/mfa/disable", &bearer(&token), json!({ "code": wrong_code(SECRET, api.now() / 1000) }))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{i}: {}", r.body);
+    }
+    api.advance(30_000);
+    let r =
+        api.post("/api/v1/auth/mfa/disable", &bearer(&token), json!({ "code": code(SECRET, api.now() / 1000) })).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert!(api.auth.store.user_by_id(uid).await.expect("db").expect("user").totp_enabled);
+}
+
+/// Opens `GET /api/v1/stream` and returns its body once `: ready` arrived.
+async fn open_stream(api: &Api, auth: &Auth) -> axum::body::BodyDataStream {
+    let mut req = Request::builder().method(Method::GET).uri("/api/v1/stream");
+    match auth {
+        Auth::Bearer(t) => req = req.header(header::AUTHORIZATION, format!("Bearer {t}")),
+        Auth::ApiKey(k) => req = req.header("x-api-key", k.as_str()),
+        Auth::None => {}
+    }
+    let resp = api.router.clone().oneshot(req.body(Body::empty()).expect("req")).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body().into_data_stream();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), futures::StreamExt::next(&mut body))
+        .await
+        .expect("ready in time")
+        .expect("a chunk")
+        .expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("ready"), "{first:?}");
+    body
+}
+
+/// Reads the stream until it ends; returns what it said last, and how long it took.
+async fn stream_end(
+    mut body: axum::body::BodyDataStream,
+    within: std::time::Duration,
+) -> (String, std::time::Duration) {
+    let start = std::time::Instant::now();
+    let mut text = String::new();
+    let read = async {
+        while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+            text.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+        }
+    };
+    tokio::time::timeout(within, read).await.expect("the stream ended in time");
+    (text, start.elapsed())
+}
+
+async fn streams_end_with_their_credential(store: Arc<dyn EventStore>) {
+    let api = Api::new(store).await;
+    let admin = bearer(&api.admin);
+    // An API key revoked: its stream ends.
+    let r = create_key(&api, &admin, json!({ "name": "feed", "permissions": ["events:read"] })).await;
+    let (key, key_id) = (Auth::ApiKey(r.str("key")), r.str("key_id"));
+    let body = open_stream(&api, &key).await;
+    let ended = tokio::spawn(stream_end(body, std::time::Duration::from_secs(5)));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!ended.is_finished(), "the stream stays open while the key is valid");
+    let r = api.send(Method::DELETE, &format!("/api/v1/api-keys/{key_id}"), &admin, None, None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let (text, took) = ended.await.expect("task");
+    assert!(text.contains("event: end"), "{text:?}");
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+
+    // A user disabled: their stream ends; another user's stream goes on.
+    let uid = api.user("sam", Role::Viewer).await;
+    api.user("tia", Role::Viewer).await;
+    let (sam, _) = api.tokens("sam", PASSWORD).await;
+    let (tia, _) = api.tokens("tia", PASSWORD).await;
+    let sam_stream =
+        tokio::spawn(stream_end(open_stream(&api, &bearer(&sam)).await, std::time::Duration::from_secs(5)));
+    let tia_stream =
+        tokio::spawn(stream_end(open_stream(&api, &bearer(&tia)).await, std::time::Duration::from_secs(30)));
+    let r = patch(&api, &format!("/api/v1/users/{uid}"), &admin, json!({ "disabled": true })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let (text, took) = sam_stream.await.expect("task");
+    assert!(text.contains("event: end") && took < std::time::Duration::from_secs(3), "{text:?} after {took:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!tia_stream.is_finished(), "another credential's stream is not touched");
+    tia_stream.abort();
+}
+
+async fn failures_leave_bounded_rows(store: Arc<dyn EventStore>) {
+    use its_aggregator::auth::audit_digest::{MAX_KINDS, WINDOW_MS};
+    let api = Api::new(store).await;
+    let before = api.auth.store.audit_rows().await.expect("rows");
+    // 300 names from 300 addresses, one wrong password each: each is checked (nothing locks), yet
+    // the audit log gets one entry per kind up to MAX_KINDS and one for the rest.
+    for i in 0..300u32 {
+        let from: SocketAddr = format!("10.{}.{}.{}:1", i / 65_536, (i / 256) % 256, i % 256).parse().expect("addr");
+        let r = api.login_from(from, &format!("guess-{i}"), "not the password at all").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let written = api.auth.store.audit_rows().await.expect("rows") - before;
+    assert_eq!(written, MAX_KINDS as i64 + 1, "one per kind and one for the overflow");
+    // Throttle rows are purged once their window has passed.
+    assert!(api.auth.store.throttle_rows().await.expect("rows") >= 600);
+    let window = i64::try_from(api.auth.config.throttle_window.as_millis()).expect("ms");
+    api.advance(window + WINDOW_MS + 1);
+    api.auth.store.purge_throttle(api.now() - window, api.now()).await.expect("purge");
+    assert_eq!(api.auth.store.throttle_rows().await.expect("rows"), 0);
+    // The audit log's own retention trims it to its limit, newest kept.
+    api.auth.store.trim_audit(10, 1000).await.expect("trim");
+    assert_eq!(api.auth.store.audit_rows().await.expect("rows"), 10);
 }

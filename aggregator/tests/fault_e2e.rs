@@ -177,7 +177,7 @@ async fn run_fault_scenario(database_url: String) {
     });
 
     let stats = outbox_stats(&env.outbox());
-    let store = open_store(&database_url).await.expect("open store");
+    let store = open_store(&database_url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let summary = store.device_event_summary(DEVICE).await.expect("summary");
     let seqs = store.device_seqs(DEVICE).await.expect("seqs");
     println!(

@@ -60,7 +60,7 @@ async fn app() -> (App, Arc<dyn EventStore>) {
 }
 
 async fn app_with_objects() -> (App, Arc<dyn EventStore>, SnapshotObjects) {
-    let store = open_store("sqlite::memory:").await.expect("open store");
+    let store = open_store("sqlite::memory:", its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let hello = Hello {
         agent_version: "1.2.3".into(),
         model: "yolo11n".into(),
@@ -372,11 +372,12 @@ impl EventStore for BrokenStore {
 /// An app whose event store fails (unreachable or corrupt) and whose fleet runs on a database
 /// that fails the same way, while sign-in and tokens work.
 async fn broken_app(unreachable: bool) -> App {
-    let good = open_store("sqlite::memory:").await.expect("open store");
+    let good = open_store("sqlite::memory:", its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let (mut state, token) =
         common::test_state(Arc::clone(&good), memory_objects(), metrics_handle(), AuthConfig::default()).await;
     state.store = Arc::new(BrokenStore { unreachable, db: good.db() });
-    let fleet_store = open_store("sqlite::memory:").await.expect("open store");
+    let fleet_store =
+        open_store("sqlite::memory:", its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let hello = Hello {
         agent_version: "1".into(),
         model: "m".into(),
@@ -385,7 +386,7 @@ async fn broken_app(unreachable: bool) -> App {
         last_assigned_seq: 0,
     };
     fleet_store.record_hello("dev-a", &hello, T0).await.expect("hello");
-    let Db::Sqlite { writer, reader } = fleet_store.db() else { panic!("sqlite") };
+    let its_aggregator::store::Pools::Sqlite { writer, reader } = fleet_store.db().pools else { panic!("sqlite") };
     if unreachable {
         writer.close().await;
         reader.close().await;

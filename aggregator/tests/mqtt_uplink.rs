@@ -316,7 +316,7 @@ async fn run_fault_scenario(database_url: String) {
     });
 
     let stats = outbox_stats(&env.outbox());
-    let store = open_store(&database_url).await.expect("open store");
+    let store = open_store(&database_url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let summary = store.device_event_summary(DEVICE).await.expect("summary");
     let seqs = store.device_seqs(DEVICE).await.expect("seqs");
     println!(
@@ -611,7 +611,7 @@ async fn devices_are_confined_to_their_topics_and_bad_frames_do_not_stop_the_bri
         aggregator.terminate();
         broker.kill9();
     });
-    let store = open_store(&url).await.expect("open store");
+    let store = open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     assert_eq!(store.device_seqs("mallory").await.expect("seqs"), (1..=9).collect::<Vec<u64>>());
     assert_eq!(store.device_seqs("victim").await.expect("seqs"), vec![1, 2], "only the victim's own events");
 }
@@ -657,7 +657,7 @@ async fn the_uplink_runs_over_tls() {
         broker.kill9();
     });
     let stats = outbox_stats(&env.outbox());
-    let store = open_store(&url).await.expect("open store");
+    let store = open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let seqs = store.device_seqs(DEVICE).await.expect("seqs");
     assert_eq!(stats.evicted_total, 0);
     assert_eq!(seqs, (1..=stats.produced_total).collect::<Vec<u64>>(), "every event arrived once over TLS");

@@ -67,6 +67,11 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(IngestConfig::default()).await
+}
+
+/// A fixture whose QUIC listener has `limits`' connection limits.
+async fn fixture_with(limits: IngestConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     let pki = Pki::new(root.join("pki"));
@@ -74,7 +79,7 @@ async fn fixture() -> Fixture {
     let cfg = ServerConfig {
         database_url: format!("sqlite://{}", root.join("events.db").display()),
         pki_dir: root.join("pki"),
-        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5) },
+        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5), ..limits },
         http_listen: ([127, 0, 0, 1], 0).into(),
         http_tls: None,
         http_trusted_proxies: Vec::new(),
@@ -236,7 +241,10 @@ async fn a_disabled_device_is_refused_and_its_live_connection_closed() {
     assert!(matches!(dec.next_frame(), Ok(Some(Frame::Ack(_)))), "welcomed");
 
     let disable = |on: bool| DevicePatch { disabled: Some(on), ..DevicePatch::default() };
-    fleet.update_device("box-d", &disable(true), its_aggregator::unix_ms()).await.expect("disable");
+    fleet
+        .update_device("box-d", &disable(true), &its_aggregator::store::Scope::All, its_aggregator::unix_ms())
+        .await
+        .expect("disable");
     // Closed within a few seconds (the server checks every second).
     let closed = tokio::time::timeout(Duration::from_secs(5), live.closed()).await.expect("live connection closed");
     assert!(closed.to_string().contains("device disabled"), "{closed}");
@@ -250,6 +258,157 @@ async fn a_disabled_device_is_refused_and_its_live_connection_closed() {
     f.pki.enroll("box-ok", &other, 30).expect("enroll");
     try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&other)).await.expect("other device served");
 
-    fleet.update_device("box-d", &disable(false), its_aggregator::unix_ms()).await.expect("enable");
+    fleet
+        .update_device("box-d", &disable(false), &its_aggregator::store::Scope::All, its_aggregator::unix_ms())
+        .await
+        .expect("enable");
     try_session(f.server.addrs.quic, &bundle).await.expect("served again once enabled");
+}
+
+/// A connection of `bundle` with its session welcomed (the control stream kept open).
+async fn welcomed(
+    addr: std::net::SocketAddr,
+    bundle: &DeviceBundle,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let ep = client_endpoint(bundle).expect("endpoint");
+    let conn = ep.connect(addr, "its-aggregator").expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let n = recv.read(&mut buf).await.expect("read").expect("welcome");
+    dec.extend(&buf[..n]);
+    assert!(matches!(dec.next_frame(), Ok(Some(Frame::Ack(_)))), "welcomed");
+    (ep, conn, send, recv)
+}
+
+/// `device revoke` promises "refused within a second": the live connection of the revoked
+/// certificate is closed too, not only new handshakes refused.
+#[tokio::test]
+async fn revoking_a_certificate_closes_its_live_connection() {
+    let f = fixture().await;
+    for d in ["box-rl", "box-stays"] {
+        f.pki.enroll(d, &f.root.join(d), 30).expect("enroll");
+    }
+    let (_ep, live, _s, _r) = welcomed(f.server.addrs.quic, &DeviceBundle::in_dir(&f.root.join("box-rl"))).await;
+    let (_ep2, other, _s2, _r2) = welcomed(f.server.addrs.quic, &DeviceBundle::in_dir(&f.root.join("box-stays"))).await;
+    let start = std::time::Instant::now();
+    assert_eq!(f.pki.revoke("box-rl").expect("revoke"), 1);
+    let closed = tokio::time::timeout(Duration::from_secs(5), live.closed()).await.expect("live connection closed");
+    let took = start.elapsed();
+    assert!(closed.to_string().contains("certificate revoked"), "{closed}");
+    assert!(took < Duration::from_millis(2500), "closed after {took:?}");
+    println!("revoked certificate's live connection closed after {} ms", took.as_millis());
+    assert!(other.close_reason().is_none(), "another device's connection stays open");
+}
+
+/// One certificate cannot hold more than `max_connections_per_device` connections: the oldest
+/// is closed (here connections that never started a session, which nothing else would close
+/// before the idle timeout).
+#[tokio::test]
+async fn a_device_holds_at_most_its_connection_limit() {
+    let f = fixture_with(IngestConfig { max_connections_per_device: 2, ..IngestConfig::default() }).await;
+    let dir = f.root.join("box-many");
+    f.pki.enroll("box-many", &dir, 30).expect("enroll");
+    let ep = client_endpoint(&DeviceBundle::in_dir(&dir)).expect("endpoint");
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for old in &conns[..2] {
+        let why = tokio::time::timeout(Duration::from_secs(5), old.closed()).await.expect("oldest closed");
+        assert!(why.to_string().contains("too many connections"), "{why}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(conns[2].close_reason().is_none() && conns[3].close_reason().is_none(), "the newest stay");
+}
+
+/// Beyond `max_connections` in all, handshakes are refused until one ends.
+#[tokio::test]
+async fn the_total_connection_limit_refuses_handshakes() {
+    let f = fixture_with(IngestConfig { max_connections: 2, ..IngestConfig::default() }).await;
+    let mut held = Vec::new();
+    for d in ["box-t1", "box-t2", "box-t3"] {
+        f.pki.enroll(d, &f.root.join(d), 30).expect("enroll");
+    }
+    for d in ["box-t1", "box-t2"] {
+        let ep = client_endpoint(&DeviceBundle::in_dir(&f.root.join(d))).expect("endpoint");
+        let c = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
+        held.push((ep, c));
+    }
+    let third = client_endpoint(&DeviceBundle::in_dir(&f.root.join("box-t3"))).expect("endpoint");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        third.connect(f.server.addrs.quic, "its-aggregator").expect("connect"),
+    )
+    .await
+    .expect("answered");
+    assert!(refused.is_err(), "a third connection was accepted");
+    let (_, first) = held.remove(0);
+    first.close(0u32.into(), b"done");
+    let mut served = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if try_session(f.server.addrs.quic, &DeviceBundle::in_dir(&f.root.join("box-t3"))).await.is_ok() {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "served again once a connection ended");
+}
+
+/// No snapshot stream before the session's Hello was accepted: the stream credit comes with it.
+#[tokio::test]
+async fn snapshot_streams_wait_for_the_hello() {
+    let f = fixture().await;
+    let dir = f.root.join("box-s");
+    f.pki.enroll("box-s", &dir, 30).expect("enroll");
+    let ep = client_endpoint(&DeviceBundle::in_dir(&dir)).expect("endpoint");
+    let conn = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
+    let early = tokio::time::timeout(Duration::from_secs(1), conn.open_uni()).await;
+    assert!(early.is_err(), "a snapshot stream opened before any Hello");
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
+    let mut buf = vec![0u8; 4096];
+    recv.read(&mut buf).await.expect("read").expect("welcome");
+    let late = tokio::time::timeout(Duration::from_secs(2), conn.open_uni()).await;
+    assert!(matches!(late, Ok(Ok(_))), "no snapshot stream after the welcome: {late:?}");
+}
+
+/// A Hello beyond the limits is refused with the reason (a certificate cannot make the
+/// aggregator record thousands of cameras).
+#[tokio::test]
+async fn an_oversized_hello_is_refused() {
+    let f = fixture().await;
+    let dir = f.root.join("box-h");
+    f.pki.enroll("box-h", &dir, 30).expect("enroll");
+    let ep = client_endpoint(&DeviceBundle::in_dir(&dir)).expect("endpoint");
+    let conn = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let big = Hello { cameras: (0..5000).map(|i| format!("cam-{i}")).collect(), ..hello() };
+    send.write_all(&wire::encode(&Frame::Hello(big)).expect("encode")).await.expect("hello");
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    let reason = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    dec.extend(&buf[..n]);
+                    if let Ok(Some(Frame::Refuse { reason })) = dec.next_frame() {
+                        return reason;
+                    }
+                }
+                Err(_) | Ok(None) => return conn.close_reason().map(|r| r.to_string()).unwrap_or_default(),
+            }
+        }
+    })
+    .await
+    .expect("refused in time");
+    assert!(reason.contains("cameras"), "{reason}");
+    let cams = its_aggregator::store::Fleet::new(f.server.store.db())
+        .list_cameras(&its_aggregator::store::Scope::All, Some("box-h"), None)
+        .await
+        .expect("cameras");
+    assert!(cams.is_empty(), "nothing of it recorded");
 }

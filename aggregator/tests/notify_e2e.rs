@@ -239,6 +239,8 @@ async fn a_wrong_way_driver_reaches_the_webhook_mqtt_and_kafka_and_is_acknowledg
         .env("ITS_AGGREGATOR__KAFKA__ENABLED", "true")
         .env("ITS_AGGREGATOR__KAFKA__BROKERS", format!("[\"127.0.0.1:{kafka_port}\"]"))
         .env("ITS_AGGREGATOR__KAFKA__EVENTS_TOPIC", TOPIC)
+        // The webhook receiver listens on loopback.
+        .env("ITS_AGGREGATOR__ALERTS__ALLOWED_TARGET_NETWORKS", "[\"127.0.0.1\"]")
         .env("RUST_LOG", "info");
     let _aggregator = Proc::spawn("aggregator", cmd, &log);
     let addrs = wait_ready(&ready, &log);

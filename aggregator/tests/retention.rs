@@ -297,7 +297,7 @@ async fn postgres_without_timescale_uses_plain_tables() {
     let db = PgDatabase::create("its_retention").await;
     let url = db.url.clone();
     let outcome = tokio::spawn(async move {
-        let store = PostgresStore::open(&url).await.expect("open");
+        let store = PostgresStore::open(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open");
         let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
         let available: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')")
@@ -339,7 +339,8 @@ async fn hypertable_keys_keep_the_ingest_idempotent() {
     let db = PgDatabase::create("its_retention").await;
     let url = db.url.clone();
     let outcome = tokio::spawn(async move {
-        let store: Arc<dyn EventStore> = Arc::new(PostgresStore::open(&url).await.expect("open"));
+        let store: Arc<dyn EventStore> =
+            Arc::new(PostgresStore::open(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open"));
         let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
         for sql in its_aggregator::store::retention::HYPERTABLE_EVENT_KEYS {
             sqlx::query(*sql).execute(&mut conn).await.expect(sql);

@@ -848,7 +848,13 @@ async fn injection_looking_filter_values_match_nothing(store: Arc<dyn EventStore
         assert!(f.list_cameras(&Scope::All, None, Some(v)).await.expect("cameras").is_empty());
         assert!(!f.is_device_disabled(v).await.expect("disabled"));
         let site = DevicePatch { site_id: Some(Some(v.into())), ..Default::default() };
-        assert!(matches!(f.update_device("dev-a", &site, T0).await, Err(StoreError::InvalidQuery(_))), "{v:?}");
+        assert!(
+            matches!(
+                f.update_device("dev-a", &site, &its_aggregator::store::Scope::All, T0).await,
+                Err(StoreError::InvalidQuery(_))
+            ),
+            "{v:?}"
+        );
     }
 }
 
@@ -862,9 +868,9 @@ async fn seed_sites(store: &Arc<dyn EventStore>) -> Fleet {
     store.record_hello("dev-a", &hello("1.0.0", &["cam-1", "cam-2"]), T0).await.expect("hello");
     store.record_hello("dev-b", &hello("1.0.0", &["cam-1"]), T0).await.expect("hello");
     let north = DevicePatch { site_id: Some(Some("north".into())), ..Default::default() };
-    f.update_device("dev-a", &north, T0).await.expect("assign");
+    f.update_device("dev-a", &north, &its_aggregator::store::Scope::All, T0).await.expect("assign");
     let south = CameraPatch { site_id: Some(Some("south".into())), ..Default::default() };
-    f.update_camera("dev-a", "cam-2", &south).await.expect("override");
+    f.update_camera("dev-a", "cam-2", &south, &its_aggregator::store::Scope::All).await.expect("override");
     let camera = |s: u64| match s {
         1..=4 => "cam-1",
         5..=8 => "cam-2",
@@ -898,20 +904,27 @@ async fn site_filter_follows_device_and_camera_sites(store: Arc<dyn EventStore>)
 
     // dev-b joins south: its events follow.
     let to = |s: Option<&str>| DevicePatch { site_id: Some(s.map(str::to_owned)), ..Default::default() };
-    f.update_device("dev-b", &to(Some("south")), T0).await.expect("assign b");
+    f.update_device("dev-b", &to(Some("south")), &its_aggregator::store::Scope::All, T0).await.expect("assign b");
     let south = ids_of(&store, site("south")).await;
     assert_eq!(south.len(), 7);
     assert!(south.windows(2).all(|w| w[0] != w[1]));
     // dev-a moves to south: cam-1 follows, cam-2 keeps its own site (south as well).
-    f.update_device("dev-a", &to(Some("south")), T0).await.expect("move a");
+    f.update_device("dev-a", &to(Some("south")), &its_aggregator::store::Scope::All, T0).await.expect("move a");
     assert!(ids_of(&store, site("north")).await.is_empty());
     assert_eq!(ids_of(&store, site("south")).await.len(), 11);
     // cam-2 follows its device again, dev-a moves back north: both cameras are north.
-    f.update_camera("dev-a", "cam-2", &CameraPatch { site_id: Some(None), ..Default::default() }).await.expect("clear");
-    f.update_device("dev-a", &to(Some("north")), T0).await.expect("back");
+    f.update_camera(
+        "dev-a",
+        "cam-2",
+        &CameraPatch { site_id: Some(None), ..Default::default() },
+        &its_aggregator::store::Scope::All,
+    )
+    .await
+    .expect("clear");
+    f.update_device("dev-a", &to(Some("north")), &its_aggregator::store::Scope::All, T0).await.expect("back");
     assert_eq!(ids_of(&store, site("north")).await, ids("dev-a", &[8, 7, 6, 5, 4, 3, 2, 1]));
     // Unassigned: no site.
-    f.update_device("dev-a", &to(None), T0).await.expect("unassign");
+    f.update_device("dev-a", &to(None), &its_aggregator::store::Scope::All, T0).await.expect("unassign");
     assert!(ids_of(&store, site("north")).await.is_empty());
     let cams = f.list_cameras(&Scope::All, Some("dev-a"), None).await.expect("cameras");
     assert!(cams.iter().all(|c| c.site_id.is_none() && c.site_override.is_none()), "{cams:?}");
@@ -1009,15 +1022,29 @@ async fn sites_are_managed(store: Arc<dyn EventStore>) {
     // In use: a device, then a camera of its own.
     store.record_hello("dev-a", &hello("1", &["cam-1", "cam-2"]), T0).await.expect("hello");
     let assign = DevicePatch { site_id: Some(Some("north-1".into())), ..Default::default() };
-    f.update_device("dev-a", &assign, T0).await.expect("assign");
+    f.update_device("dev-a", &assign, &its_aggregator::store::Scope::All, T0).await.expect("assign");
     let counted = f.get_site("north-1").await.expect("get");
     assert_eq!((counted.devices, counted.cameras), (1, 2));
     assert!(matches!(f.delete_site("north-1").await, Err(StoreError::Conflict(_))));
-    f.update_device("dev-a", &DevicePatch { site_id: Some(None), ..Default::default() }, T0).await.expect("unassign");
+    f.update_device(
+        "dev-a",
+        &DevicePatch { site_id: Some(None), ..Default::default() },
+        &its_aggregator::store::Scope::All,
+        T0,
+    )
+    .await
+    .expect("unassign");
     let own = CameraPatch { site_id: Some(Some("north-1".into())), ..Default::default() };
-    f.update_camera("dev-a", "cam-2", &own).await.expect("camera site");
+    f.update_camera("dev-a", "cam-2", &own, &its_aggregator::store::Scope::All).await.expect("camera site");
     assert!(matches!(f.delete_site("north-1").await, Err(StoreError::Conflict(_))));
-    f.update_camera("dev-a", "cam-2", &CameraPatch { site_id: Some(None), ..Default::default() }).await.expect("clear");
+    f.update_camera(
+        "dev-a",
+        "cam-2",
+        &CameraPatch { site_id: Some(None), ..Default::default() },
+        &its_aggregator::store::Scope::All,
+    )
+    .await
+    .expect("clear");
     f.delete_site("north-1").await.expect("delete");
     assert!(matches!(f.delete_site("north-1").await, Err(StoreError::NotFound(_))));
     assert!(matches!(f.get_site("north-1").await, Err(StoreError::NotFound(_))));
@@ -1040,35 +1067,65 @@ async fn device_patches(store: Arc<dyn EventStore>) {
         site_id: site.map(|s| s.map(str::to_owned)),
         disabled,
     };
-    let d =
-        f.update_device("dev-a", &patch(Some(Some(" Gate 3 ")), Some(Some("north")), None), T0 + 1).await.expect("p");
+    let d = f
+        .update_device(
+            "dev-a",
+            &patch(Some(Some(" Gate 3 ")), Some(Some("north")), None),
+            &its_aggregator::store::Scope::All,
+            T0 + 1,
+        )
+        .await
+        .expect("p");
     assert_eq!((d.name.as_deref(), d.site_id.as_deref()), (Some("Gate 3"), Some("north")));
     assert_eq!(d.cameras[0].site_id.as_deref(), Some("north"));
     // Absent fields stay.
-    let d = f.update_device("dev-a", &patch(None, None, None), T0 + 2).await.expect("empty patch");
+    let d = f
+        .update_device("dev-a", &patch(None, None, None), &its_aggregator::store::Scope::All, T0 + 2)
+        .await
+        .expect("empty patch");
     assert_eq!((d.name.as_deref(), d.site_id.as_deref()), (Some("Gate 3"), Some("north")));
     // Disabling keeps the first time; enabling clears it.
-    let d = f.update_device("dev-a", &patch(None, None, Some(true)), T0 + 3).await.expect("disable");
+    let d = f
+        .update_device("dev-a", &patch(None, None, Some(true)), &its_aggregator::store::Scope::All, T0 + 3)
+        .await
+        .expect("disable");
     assert_eq!((d.disabled, d.disabled_at_ms), (true, Some(T0 + 3)));
-    let d = f.update_device("dev-a", &patch(None, None, Some(true)), T0 + 4).await.expect("disable again");
+    let d = f
+        .update_device("dev-a", &patch(None, None, Some(true)), &its_aggregator::store::Scope::All, T0 + 4)
+        .await
+        .expect("disable again");
     assert_eq!(d.disabled_at_ms, Some(T0 + 3));
     assert!(f.is_device_disabled("dev-a").await.expect("disabled"));
-    let d = f.update_device("dev-a", &patch(Some(None), Some(None), Some(false)), T0 + 5).await.expect("clear");
+    let d = f
+        .update_device("dev-a", &patch(Some(None), Some(None), Some(false)), &its_aggregator::store::Scope::All, T0 + 5)
+        .await
+        .expect("clear");
     assert_eq!((d.name, d.site_id, d.disabled, d.disabled_at_ms), (None, None, false, None));
     assert_eq!(d.cameras[0].site_id, None);
     assert!(!f.is_device_disabled("dev-a").await.expect("enabled"));
     // Errors change nothing.
-    match f.update_device("dev-a", &patch(Some(Some("X")), Some(Some("west")), Some(true)), T0).await {
+    match f
+        .update_device(
+            "dev-a",
+            &patch(Some(Some("X")), Some(Some("west")), Some(true)),
+            &its_aggregator::store::Scope::All,
+            T0,
+        )
+        .await
+    {
         Err(StoreError::InvalidQuery(msg)) => assert!(msg.contains("west"), "{msg}"),
         other => panic!("expected InvalidQuery, got {other:?}"),
     }
     let d = f.get_device("dev-a", &Scope::All).await.expect("unchanged");
     assert_eq!((d.name, d.disabled), (None, false));
     assert!(matches!(
-        f.update_device("dev-a", &patch(Some(Some("")), None, None), T0).await,
+        f.update_device("dev-a", &patch(Some(Some("")), None, None), &its_aggregator::store::Scope::All, T0).await,
         Err(StoreError::InvalidQuery(_))
     ));
-    assert!(matches!(f.update_device("dev-x", &patch(None, None, Some(true)), T0).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        f.update_device("dev-x", &patch(None, None, Some(true)), &its_aggregator::store::Scope::All, T0).await,
+        Err(StoreError::NotFound(_))
+    ));
     // Online: seen within the last minute.
     let now = its_aggregator::unix_ms();
     store.record_hello("dev-b", &hello("1", &[]), now).await.expect("hello now");
@@ -1084,9 +1141,14 @@ async fn cameras_follow_hellos_and_patches(store: Arc<dyn EventStore>) {
     f.create_site("north", "North", T0).await.expect("site");
     f.create_site("south", "South", T0).await.expect("site");
     store.record_hello("dev-a", &hello("1", &["cam-1", "cam-2"]), T0).await.expect("hello");
-    f.update_device("dev-a", &DevicePatch { site_id: Some(Some("north".into())), ..Default::default() }, T0)
-        .await
-        .expect("assign");
+    f.update_device(
+        "dev-a",
+        &DevicePatch { site_id: Some(Some("north".into())), ..Default::default() },
+        &its_aggregator::store::Scope::All,
+        T0,
+    )
+    .await
+    .expect("assign");
     // cam-1 no longer announced (kept), cam-3 new (in the device's site), cam-2 repeated.
     store.record_hello("dev-a", &hello("1", &["cam-2", "cam-3", "cam-3"]), T0 + 100).await.expect("hello again");
     let cams = f.list_cameras(&Scope::All, Some("dev-a"), None).await.expect("cameras");
@@ -1104,13 +1166,20 @@ async fn cameras_follow_hellos_and_patches(store: Arc<dyn EventStore>) {
     );
     // Name and own site.
     let patch = CameraPatch { name: Some(Some("Entrance".into())), site_id: Some(Some("south".into())) };
-    let c = f.update_camera("dev-a", "cam-2", &patch).await.expect("patch");
+    let c = f.update_camera("dev-a", "cam-2", &patch, &its_aggregator::store::Scope::All).await.expect("patch");
     assert_eq!(
         (c.name.as_deref(), c.site_id.as_deref(), c.site_override.as_deref()),
         (Some("Entrance"), Some("south"), Some("south"))
     );
     // The device's site changes: cameras without their own follow, cam-2 does not.
-    f.update_device("dev-a", &DevicePatch { site_id: Some(None), ..Default::default() }, T0).await.expect("unassign");
+    f.update_device(
+        "dev-a",
+        &DevicePatch { site_id: Some(None), ..Default::default() },
+        &its_aggregator::store::Scope::All,
+        T0,
+    )
+    .await
+    .expect("unassign");
     let sites: Vec<_> = f
         .list_cameras(&Scope::All, Some("dev-a"), None)
         .await
@@ -1123,19 +1192,45 @@ async fn cameras_follow_hellos_and_patches(store: Arc<dyn EventStore>) {
         vec![("cam-1".to_owned(), None), ("cam-2".to_owned(), Some("south".to_owned())), ("cam-3".to_owned(), None)]
     );
     // Back to the device's site; the name stays until cleared.
-    let c =
-        f.update_camera("dev-a", "cam-2", &CameraPatch { site_id: Some(None), ..Default::default() }).await.expect("p");
+    let c = f
+        .update_camera(
+            "dev-a",
+            "cam-2",
+            &CameraPatch { site_id: Some(None), ..Default::default() },
+            &its_aggregator::store::Scope::All,
+        )
+        .await
+        .expect("p");
     assert_eq!((c.name.as_deref(), c.site_id, c.site_override), (Some("Entrance"), None, None));
-    let c =
-        f.update_camera("dev-a", "cam-2", &CameraPatch { name: Some(None), ..Default::default() }).await.expect("p");
+    let c = f
+        .update_camera(
+            "dev-a",
+            "cam-2",
+            &CameraPatch { name: Some(None), ..Default::default() },
+            &its_aggregator::store::Scope::All,
+        )
+        .await
+        .expect("p");
     assert_eq!(c.name, None);
     // Errors.
     let west = CameraPatch { site_id: Some(Some("west".into())), ..Default::default() };
-    assert!(matches!(f.update_camera("dev-a", "cam-2", &west).await, Err(StoreError::InvalidQuery(_))));
-    assert!(matches!(f.update_camera("dev-a", "cam-9", &CameraPatch::default()).await, Err(StoreError::NotFound(_))));
-    assert!(matches!(f.update_camera("dev-x", "cam-1", &CameraPatch::default()).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        f.update_camera("dev-a", "cam-2", &west, &its_aggregator::store::Scope::All).await,
+        Err(StoreError::InvalidQuery(_))
+    ));
+    assert!(matches!(
+        f.update_camera("dev-a", "cam-9", &CameraPatch::default(), &its_aggregator::store::Scope::All).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.update_camera("dev-x", "cam-1", &CameraPatch::default(), &its_aggregator::store::Scope::All).await,
+        Err(StoreError::NotFound(_))
+    ));
     let bad_name = CameraPatch { name: Some(Some("\u{7}".into())), ..Default::default() };
-    assert!(matches!(f.update_camera("dev-a", "cam-2", &bad_name).await, Err(StoreError::InvalidQuery(_))));
+    assert!(matches!(
+        f.update_camera("dev-a", "cam-2", &bad_name, &its_aggregator::store::Scope::All).await,
+        Err(StoreError::InvalidQuery(_))
+    ));
 }
 
 async fn disabled_devices_are_listed(store: Arc<dyn EventStore>) {
@@ -1145,13 +1240,13 @@ async fn disabled_devices_are_listed(store: Arc<dyn EventStore>) {
         store.record_hello(d, &hello("1", &["cam-1"]), T0).await.expect("hello");
     }
     let disable = |on: bool| DevicePatch { disabled: Some(on), ..Default::default() };
-    f.update_device("dev-c", &disable(true), T0).await.expect("disable c");
-    f.update_device("dev-a", &disable(true), T0).await.expect("disable a");
+    f.update_device("dev-c", &disable(true), &its_aggregator::store::Scope::All, T0).await.expect("disable c");
+    f.update_device("dev-a", &disable(true), &its_aggregator::store::Scope::All, T0).await.expect("disable a");
     assert_eq!(f.disabled_devices().await.expect("list"), vec!["dev-a".to_owned(), "dev-c".to_owned()]);
     assert!(f.is_device_disabled("dev-c").await.expect("c"));
     assert!(!f.is_device_disabled("dev-b").await.expect("b"));
     assert!(!f.is_device_disabled("never-seen").await.expect("unknown"));
-    f.update_device("dev-c", &disable(false), T0).await.expect("enable c");
+    f.update_device("dev-c", &disable(false), &its_aggregator::store::Scope::All, T0).await.expect("enable c");
     assert_eq!(f.disabled_devices().await.expect("list"), vec!["dev-a".to_owned()]);
     // A hello does not enable a device again.
     store.record_hello("dev-a", &hello("2", &["cam-1"]), T0 + 1).await.expect("hello");
@@ -1168,24 +1263,41 @@ async fn health_history_is_kept(store: Arc<dyn EventStore>) {
     }
     let uptimes =
         |samples: &[its_aggregator::store::HealthSample]| samples.iter().map(|s| s.report.uptime_s).collect::<Vec<_>>();
-    let all = f.health_history("dev-a", None, None, 100).await.expect("all");
+    let all = f.health_history("dev-a", None, None, 100, &its_aggregator::store::Scope::All).await.expect("all");
     assert_eq!(uptimes(&all), vec![240, 180, 120, 60, 0]);
     assert_eq!(all[0].at_ms, T0 + 4000);
-    let window = f.health_history("dev-a", Some(T0 + 1000), Some(T0 + 3000), 100).await.expect("window");
+    let window = f
+        .health_history("dev-a", Some(T0 + 1000), Some(T0 + 3000), 100, &its_aggregator::store::Scope::All)
+        .await
+        .expect("window");
     assert_eq!(uptimes(&window), vec![120, 60]);
-    let latest = f.health_history("dev-a", None, None, 2).await.expect("latest");
+    let latest = f.health_history("dev-a", None, None, 2, &its_aggregator::store::Scope::All).await.expect("latest");
     assert_eq!(uptimes(&latest), vec![240, 180]);
     let d = f.get_device("dev-a", &Scope::All).await.expect("device");
     assert_eq!((d.last_health.map(|h| h.uptime_s), d.last_health_ms), (Some(240), Some(T0 + 4000)));
     // A device known only from heartbeats has a history too; an unknown one is not found.
     let hb = Heartbeat { sent_at_ms: T0, health: DeviceHealth::default() };
     store.record_health("dev-z", &hb, T0).await.expect("health z");
-    assert_eq!(f.health_history("dev-z", None, None, 10).await.expect("z").len(), 1);
-    assert!(matches!(f.health_history("dev-x", None, None, 10).await, Err(StoreError::NotFound(_))));
-    assert!(f.health_history("dev-a", Some(T0 + 10_000), None, 10).await.expect("empty").is_empty());
+    assert_eq!(
+        f.health_history("dev-z", None, None, 10, &its_aggregator::store::Scope::All).await.expect("z").len(),
+        1
+    );
+    assert!(matches!(
+        f.health_history("dev-x", None, None, 10, &its_aggregator::store::Scope::All).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(
+        f.health_history("dev-a", Some(T0 + 10_000), None, 10, &its_aggregator::store::Scope::All)
+            .await
+            .expect("empty")
+            .is_empty()
+    );
     for (from, to, limit) in [(None, None, 0), (None, None, 10_001), (Some(T0 + 1), Some(T0), 10)] {
         assert!(
-            matches!(f.health_history("dev-a", from, to, limit).await, Err(StoreError::InvalidQuery(_))),
+            matches!(
+                f.health_history("dev-a", from, to, limit, &its_aggregator::store::Scope::All).await,
+                Err(StoreError::InvalidQuery(_))
+            ),
             "{from:?} {to:?} {limit}"
         );
     }
@@ -1199,18 +1311,19 @@ async fn sqlite_file_survives_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("nested-not-needed.db").display());
     {
-        let store = open_store(&url).await.expect("open");
+        let store = open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open");
         store.record_hello("dev-a", &hello("1.0.0", &["cam-1"]), T0).await.expect("hello");
         store.insert_events("dev-a", &batch(1..=7), T0).await.expect("insert");
     }
-    let store = open_store(&url).await.expect("reopen (migrations already applied)");
+    let store =
+        open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("reopen (migrations already applied)");
     assert_eq!(store.high_water("dev-a").await.expect("hw"), 7);
     assert_eq!(store.list_devices().await.expect("list").len(), 1);
 }
 
 #[tokio::test]
 async fn sqlite_in_memory_works() {
-    let store = open_store("sqlite::memory:").await.expect("open memory");
+    let store = open_store("sqlite::memory:", its_aggregator::vault::Vault::ephemeral()).await.expect("open memory");
     store.insert_events("dev-a", &batch(1..=3), T0).await.expect("insert");
     assert_eq!(store.high_water("dev-a").await.expect("hw"), 3);
     store.ping().await.expect("ping");
@@ -1219,7 +1332,10 @@ async fn sqlite_in_memory_works() {
 #[tokio::test]
 async fn bad_urls_are_config_errors() {
     for url in ["mysql://x", "", "http://localhost"] {
-        assert!(matches!(open_store(url).await, Err(StoreError::Config(_))), "{url}");
+        assert!(
+            matches!(open_store(url, its_aggregator::vault::Vault::ephemeral()).await, Err(StoreError::Config(_))),
+            "{url}"
+        );
     }
 }
 

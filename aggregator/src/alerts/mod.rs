@@ -34,6 +34,7 @@ pub mod engine;
 pub mod model;
 pub mod notify;
 pub mod store;
+pub mod targets;
 
 pub use model::{ChannelSpec, RuleSpec, Severity};
 pub use store::{Alert, AlertStore};
@@ -61,6 +62,10 @@ pub struct RawAlerts {
     pub concurrency: usize,
     /// The SMTP server of e-mail channels that do not name one.
     pub smtp: Option<model::SmtpSpec>,
+    /// Networks (CIDRs or addresses) channels may reach although they are loopback or
+    /// link-local, e.g. `["127.0.0.1"]` for a relay on this host (default none: see
+    /// [`targets`]).
+    pub allowed_target_networks: Vec<String>,
 }
 
 impl Default for RawAlerts {
@@ -74,6 +79,7 @@ impl Default for RawAlerts {
             delivery_timeout_ms: 10_000,
             concurrency: 16,
             smtp: None,
+            allowed_target_networks: Vec::new(),
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct AlertsConfig {
     pub delivery_timeout_ms: u64,
     pub concurrency: usize,
     pub smtp: Option<model::SmtpSpec>,
+    /// Where channels may connect.
+    pub targets: targets::TargetPolicy,
 }
 
 impl Default for AlertsConfig {
@@ -118,6 +126,13 @@ impl RawAlerts {
                 e.push(p.path, p.message);
             }
         }
+        let mut allowed = Vec::new();
+        for (i, n) in self.allowed_target_networks.iter().enumerate() {
+            match n.parse::<crate::netaddr::IpNet>() {
+                Ok(net) => allowed.push(net),
+                Err(err) => e.push(format!("alerts.allowed_target_networks[{i}]"), err.to_string()),
+            }
+        }
         AlertsConfig {
             enabled: self.enabled,
             check_interval_ms: self.check_interval_ms,
@@ -127,6 +142,7 @@ impl RawAlerts {
             delivery_timeout_ms: self.delivery_timeout_ms,
             concurrency: self.concurrency,
             smtp: self.smtp.clone(),
+            targets: targets::TargetPolicy { allowed },
         }
     }
 }

@@ -81,6 +81,9 @@ impl Notifier {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.delivery_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
+            // Names resolve only to addresses notifications may reach (see `targets`).
+            .dns_resolver(cfg.targets.resolver())
+            .no_proxy()
             .user_agent(concat!("its-aggregator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| tracing::error!(error = %e, "no HTTP client for webhooks"))
@@ -205,10 +208,15 @@ impl Notifier {
         match target {
             ChannelTarget::Webhook { url, secret } => self.webhook(url, secret, d, attempt).await,
             ChannelTarget::Mqtt { broker, username, password, topic } => {
-                mqtt(broker, username.as_deref(), password.as_deref(), topic.as_deref(), d).await
+                mqtt(&self.cfg.targets, broker, username.as_deref(), password.as_deref(), topic.as_deref(), d).await
             }
             ChannelTarget::Email { to, smtp } => match smtp.as_ref().or(self.cfg.smtp.as_ref()) {
-                Some(server) => email(server, to, d, self.cfg.delivery_timeout_ms).await,
+                Some(server) => {
+                    if let Err(e) = self.cfg.targets.resolve(&server.host, server.port).await {
+                        return Outcome::permanent(None, e);
+                    }
+                    email(server, to, d, self.cfg.delivery_timeout_ms).await
+                }
                 None => Outcome::permanent(None, "no SMTP server: set [alerts.smtp] or the channel's smtp".into()),
             },
         }
@@ -216,6 +224,12 @@ impl Notifier {
 
     async fn webhook(&self, url: &str, secret: &str, d: &Delivery, attempt: i64) -> Outcome {
         let Some(http) = &self.http else { return Outcome::retry(None, "no HTTP client".into()) };
+        // An address literal never reaches the resolver: check it here.
+        if let Some(host) = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned))
+            && let Err(e) = self.cfg.targets.check_host(&host)
+        {
+            return Outcome::permanent(None, e);
+        }
         let timestamp = (unix_ms() / 1000).to_string();
         let signature = sign(secret.as_bytes(), &timestamp, d.payload.as_bytes());
         let resp = http
@@ -284,6 +298,7 @@ fn payload_severity(d: &Delivery) -> (Value, String) {
 }
 
 async fn mqtt(
+    targets: &super::targets::TargetPolicy,
     broker: &str,
     username: Option<&str>,
     password: Option<&str>,
@@ -301,10 +316,19 @@ async fn mqtt(
         },
         None => (rest, 1883),
     };
+    // Connect to an address the policy allows (the name resolved here, not again later).
+    let addr = match targets.resolve(host, port).await {
+        Ok(addrs) => match addrs.first() {
+            Some(a) => *a,
+            None => return Outcome::retry(None, format!("{host}: no address")),
+        },
+        Err(e) if e.contains("not allowed") => return Outcome::permanent(None, e),
+        Err(e) => return Outcome::retry(None, e),
+    };
     let (_, severity) = payload_severity(d);
     let topic = topic.unwrap_or("its/v1/alerts/{severity}").replace("{severity}", &severity);
     let client_id = format!("its-alerts-{}-{}", d.delivery_id, rand::random::<u32>());
-    let mut opts = MqttOptions::new(client_id, host, port);
+    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(10));
     if let Some(u) = username {
         opts.set_credentials(u, password.unwrap_or(""));

@@ -6,7 +6,7 @@ use sqlx::QueryBuilder;
 
 use super::model::{ChannelSpec, RuleSpec, Severity};
 use crate::on_db;
-use crate::store::{Db, Scope, StoreError, format_timestamp_ms};
+use crate::store::{Db, Scope, StoreError, format_timestamp_ms, sealed};
 
 /// A stored rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -273,7 +273,11 @@ fn rule_from_row(
     Ok(RuleRecord { rule_id, spec, suppressed_total, created_by, created_at_ms, updated_at_ms })
 }
 
-fn channel_from_row((channel_id, spec, created_at_ms, updated_at_ms): ChannelRow) -> Result<ChannelRecord, StoreError> {
+fn channel_from_row(
+    db: &Db,
+    (channel_id, spec, created_at_ms, updated_at_ms): ChannelRow,
+) -> Result<ChannelRecord, StoreError> {
+    let spec = sealed::open(db, sealed::CHANNEL_CONTEXT, &spec)?;
     let spec = serde_json::from_str(&spec).map_err(|e| corrupt(&format!("alert channel {channel_id}"), e))?;
     Ok(ChannelRecord { channel_id, spec, created_at_ms, updated_at_ms })
 }
@@ -381,20 +385,20 @@ impl AlertStore {
         let rows: Vec<ChannelRow> = on_db!(self.db.read(), pool => sqlx::query_as(
             "SELECT channel_id, spec, created_at_ms, updated_at_ms FROM alert_channels ORDER BY channel_id"
         ).fetch_all(pool).await)?;
-        rows.into_iter().map(channel_from_row).collect()
+        rows.into_iter().map(|r| channel_from_row(&self.db, r)).collect()
     }
 
     pub async fn get_channel(&self, channel_id: i64) -> Result<ChannelRecord, StoreError> {
         let row: Option<ChannelRow> = on_db!(self.db.read(), pool => sqlx::query_as(
             "SELECT channel_id, spec, created_at_ms, updated_at_ms FROM alert_channels WHERE channel_id = $1"
         ).bind(channel_id).fetch_optional(pool).await)?;
-        row.map(channel_from_row)
+        row.map(|r| channel_from_row(&self.db, r))
             .transpose()?
             .ok_or_else(|| StoreError::NotFound(format!("alert channel {channel_id}")))
     }
 
     pub async fn create_channel(&self, spec: &ChannelSpec, now_ms: i64) -> Result<ChannelRecord, StoreError> {
-        let text = to_text(spec)?;
+        let text = sealed::seal(&self.db, sealed::CHANNEL_CONTEXT, &to_text(spec)?)?;
         let id: i64 = on_db!(self.db.write(), pool => sqlx::query_scalar(
             "INSERT INTO alert_channels (name, kind, spec, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $4) \
              RETURNING channel_id"
@@ -408,7 +412,7 @@ impl AlertStore {
         spec: &ChannelSpec,
         now_ms: i64,
     ) -> Result<ChannelRecord, StoreError> {
-        let text = to_text(spec)?;
+        let text = sealed::seal(&self.db, sealed::CHANNEL_CONTEXT, &to_text(spec)?)?;
         let n = on_db!(self.db.write(), pool => sqlx::query(
             "UPDATE alert_channels SET name = $1, kind = $2, spec = $3, updated_at_ms = $4 WHERE channel_id = $5"
         ).bind(&spec.name).bind(spec.target.kind()).bind(&text).bind(now_ms).bind(channel_id).execute(pool).await.map(|r| r.rows_affected()))?;

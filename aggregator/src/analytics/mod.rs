@@ -427,7 +427,7 @@ impl Analytics {
     /// closed since the last pass for anomalies. Publishes what it wrote. On PostgreSQL one
     /// replica at a time runs a pass (a session advisory lock); the others skip.
     pub async fn run_pass(&self, now_ms: i64) -> Result<PassReport, StoreError> {
-        let Db::Postgres(pool) = &self.db else {
+        let Some(pool) = self.db.postgres() else {
             return self.pass(now_ms).await;
         };
         let mut conn = pool.acquire().await?;
@@ -476,10 +476,7 @@ impl Analytics {
     /// meanwhile (those are recomputed by a later pass). Returns the rows written, the buckets
     /// recomputed and whether more marks are due.
     async fn rollup_pass(&self, now_ms: i64) -> Result<(Vec<MetricRow>, usize, bool), StoreError> {
-        let payload = match self.db {
-            Db::Sqlite { .. } => "payload",
-            Db::Postgres(_) => "payload::text",
-        };
+        let payload = if self.db.is_postgres() { "payload::text" } else { "payload" };
         let events_sql = format!(
             "SELECT kind, label, line, zone, direction, speed_kmh, \
              CASE WHEN kind = 'zone_occupancy' THEN {payload} END FROM events \

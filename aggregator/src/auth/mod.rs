@@ -9,9 +9,22 @@
 //!   by more than the revocation poll (1 s).
 //! - Integrations use API keys (`its_<id>_<secret>`), scoped to permissions and sites, stored
 //!   hashed, with expiry and last-used time.
-//! - Sign-in is throttled per account name and per client address, with lockout; every answer
-//!   about credentials is the same whether the account exists or not, and costs the same time.
-//! - Security-relevant actions go to the audit log ([`store::AuditEntry`]).
+//! - Sign-in is throttled per account name and per client address (an IPv6 client by its /64),
+//!   with lockout. Each attempt is counted **before** its password or code is checked, in one
+//!   statement per key, so a burst of concurrent attempts cannot get past the limit; a correct
+//!   one takes its count back. Every answer about credentials is the same whether the account
+//!   exists or not, and costs the same time. Password hashing runs on a bounded pool
+//!   ([`hashing`]): its memory is fixed, and a request that would wait too long is refused.
+//!   The same counting guards the other checks of a secret: the second factor, a password
+//!   change, turning MFA on or off.
+//! - An access token is accepted only for a session that exists and is not revoked (checked
+//!   against the database at most once a minute per session, revocations within a second), so a
+//!   token minted with a stolen signing key for a made-up session is refused.
+//! - Long-lived answers (the live stream) ask [`AuthService::still_valid`] whenever revocations
+//!   arrive ([`AuthService::revocations`]) and when the credential expires.
+//! - Security-relevant actions go to the audit log ([`store::AuditEntry`]); failures anyone can
+//!   cause are summarised ([`audit_digest`]); the log has a retention of its own
+//!   (`[audit]`), independent of the events'.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,6 +36,8 @@ use serde::{Deserialize, Serialize};
 use crate::store::{Db, Scope, StoreError};
 use crate::unix_ms;
 
+pub mod audit_digest;
+pub mod hashing;
 pub mod permissions;
 pub mod secrets;
 pub mod store;
@@ -51,6 +66,14 @@ pub struct AuthConfig {
     pub lockout: Duration,
     /// Name shown by authenticator apps.
     pub issuer_name: String,
+    /// Password hashing workers (each holds 19 MiB while it works).
+    pub hash_workers: usize,
+    /// Password checks that may wait for a worker before more are refused with 503.
+    pub hash_queue: usize,
+    /// Audit entries older than this are deleted (`None`: kept).
+    pub audit_max_age: Option<Duration>,
+    /// At most this many audit entries are kept, the newest (`None`: no limit).
+    pub audit_max_rows: Option<u64>,
 }
 
 impl Default for AuthConfig {
@@ -65,6 +88,13 @@ impl Default for AuthConfig {
             throttle_window: Duration::from_secs(900),
             lockout: Duration::from_secs(900),
             issuer_name: "ITS Camera AI".into(),
+            // One per CPU: argon2 is CPU-bound, more workers only add memory.
+            hash_workers: std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 16),
+            // A few seconds of sign-ins at ~40 ms each per worker; beyond that, answer at once.
+            hash_queue: 64,
+            // A year of who-did-what, and at most a million entries (a few hundred MB).
+            audit_max_age: Some(Duration::from_secs(365 * 86_400)),
+            audit_max_rows: Some(1_000_000),
         }
     }
 }
@@ -120,6 +150,9 @@ pub struct Principal {
     pub scope: Scope,
     /// Only MFA enrolment is allowed until the user enrols (the role requires MFA).
     pub mfa_enrolment_only: bool,
+    /// When the credential stops working (the access token's `exp`, an API key's expiry), Unix
+    /// ms; `None`: never by itself.
+    pub expires_at_ms: Option<i64>,
 }
 
 impl Principal {
@@ -140,6 +173,23 @@ impl Principal {
 
     pub fn can(&self, p: Permission) -> bool {
         self.permissions.contains(p)
+    }
+
+    /// Whether the caller may give (or manage) a credential of `permissions` seeing `scope`: it
+    /// holds every one of those permissions and sees at least as much. Nobody hands out more
+    /// than they have.
+    pub fn may_grant(&self, permissions: PermissionSet, scope: &Scope) -> bool {
+        permissions.is_subset(self.permissions) && scope_within(scope, &self.scope)
+    }
+
+    /// Whether the caller may manage a user of `role` with `scope` (its effective scope).
+    pub fn may_manage_user(&self, role: Role, scope: &Scope) -> bool {
+        self.may_grant(role.permissions(), &effective_scope(role, scope))
+    }
+
+    /// Whether the caller sees every site (writes that span sites need it).
+    pub fn sees_everything(&self) -> bool {
+        self.scope == Scope::All
     }
 }
 
@@ -183,6 +233,9 @@ pub enum AuthError {
     InvalidCode,
     #[error("too many failed attempts; try again later")]
     TooManyAttempts { retry_after_s: u64 },
+    /// The password service is saturated: try again shortly (answered 503).
+    #[error("the service is busy; try again in a second")]
+    Busy,
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -199,7 +252,54 @@ fn log_token_error(e: &TokenError) {
 #[derive(Debug, Default)]
 struct Revocations {
     sessions: HashMap<String, i64>,
+    /// API keys revoked recently (long-lived streams check these; requests read the key).
+    api_keys: HashMap<String, i64>,
     polled_to_ms: i64,
+}
+
+/// How long a session found valid in the database is trusted without asking again
+/// (revocations still apply within a second, through [`Revocations`]).
+const SESSION_CHECK_TTL_MS: i64 = 60_000;
+/// Sessions remembered as valid before the memory is cleared.
+const MAX_KNOWN_SESSIONS: usize = 100_000;
+/// How long a revoked API key is remembered for the streams.
+const KEY_REVOCATION_MEMORY_MS: i64 = 300_000;
+
+/// The two throttle keys of an attempt: the account name and the client address (an IPv6 client
+/// by its /64, the smallest network one subscriber usually gets).
+#[derive(Debug, Clone)]
+struct ThrottleKeys {
+    user: String,
+    addr: Option<String>,
+}
+
+impl ThrottleKeys {
+    fn new(username: &str, addr: Option<IpAddr>) -> Self {
+        Self { user: format!("user:{username}"), addr: addr.map(throttle_addr_key) }
+    }
+}
+
+/// The throttle key of a client address: `addr:<IPv4>` or `addr:<IPv6 /64>/64` (an IPv4-mapped
+/// IPv6 address is its IPv4 address).
+pub fn throttle_addr_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("addr:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("addr:{v4}"),
+            None => {
+                let s = v6.segments();
+                let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("addr:{net}/64")
+            }
+        },
+    }
+}
+
+/// The attempts counted for one check of a secret.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    user: store::Attempt,
+    addr: Option<store::Attempt>,
 }
 
 /// API key last-use times written at most once a minute per key.
@@ -214,6 +314,14 @@ pub struct AuthService {
     pub config: AuthConfig,
     revoked: RwLock<Revocations>,
     touched: Mutex<HashMap<String, i64>>,
+    /// Where argon2 runs.
+    passwords: Arc<hashing::PasswordPool>,
+    /// Repeated failures, summarised.
+    digest: audit_digest::AuditDigest,
+    /// Sessions found valid in the database: id -> (user id, when checked).
+    known_sessions: Mutex<HashMap<String, (i64, i64)>>,
+    /// Bumped whenever revocations arrive: long-lived answers then check their credential.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -229,33 +337,56 @@ impl AuthService {
         let now = unix_ms();
         let grace = ms(config.access_ttl.max(config.mfa_ttl)) + 1000 * tokens::LEEWAY_S as i64;
         let keys = KeyRing::open(store.clone(), grace, now).await?;
+        let passwords = hashing::PasswordPool::new(config.hash_workers, config.hash_queue);
         let svc = Arc::new(Self {
             clock: RwLock::new(Arc::new(unix_ms)),
             store,
             keys,
             config,
-            revoked: RwLock::new(Revocations { sessions: HashMap::new(), polled_to_ms: 0 }),
+            revoked: RwLock::new(Revocations::default()),
             touched: Mutex::new(HashMap::new()),
+            passwords,
+            digest: audit_digest::AuditDigest::default(),
+            known_sessions: Mutex::new(HashMap::new()),
+            changes: tokio::sync::watch::channel(0).0,
         });
         svc.poll_revocations(now).await?;
         Ok(svc)
     }
 
-    /// Background upkeep until `shutdown`: revocations every second, keys every 30 s (and
-    /// rotation when the active key is older than `key_rotation`), expired sessions hourly.
+    /// Background upkeep until `shutdown`: revocations every second, audit summaries every 10 s,
+    /// throttle rows every minute, keys every 30 s (and rotation when the active key is older
+    /// than `key_rotation`), expired sessions and audit retention hourly (and at start).
     pub async fn run_upkeep(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u64 = 0;
+        self.audit_retention(self.now()).await;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    self.flush_audit_digest(self.now(), true).await;
+                    return;
+                }
             }
             n += 1;
             let now = self.now();
             if let Err(e) = self.poll_revocations(now).await {
                 tracing::warn!(error = %e, "polling session revocations failed");
+            }
+            if n.is_multiple_of(10) {
+                self.flush_audit_digest(now, false).await;
+            }
+            if n.is_multiple_of(60) {
+                match self.store.purge_throttle(now - ms(self.config.throttle_window), now).await {
+                    Ok(0) => {}
+                    Ok(purged) => tracing::debug!(purged, "purged sign-in throttle rows"),
+                    Err(e) => tracing::warn!(error = %e, "purging sign-in throttle rows failed"),
+                }
+            }
+            if n.is_multiple_of(3600) {
+                self.audit_retention(now).await;
             }
             if n.is_multiple_of(30) {
                 if let Err(e) = self.keys.reload(now).await {
@@ -309,18 +440,116 @@ impl AuthService {
         let since = self.revoked.read().unwrap_or_else(|p| p.into_inner()).polled_to_ms;
         // Overlap the previous poll: a revocation committed with an earlier clock is not missed.
         let rows = self.store.revoked_since(since.saturating_sub(5_000)).await?;
-        let mut r = self.revoked.write().unwrap_or_else(|p| p.into_inner());
-        for (sid, at) in rows {
-            r.sessions.insert(sid, at);
+        let keys = self.store.api_keys_revoked_since(since.saturating_sub(5_000)).await?;
+        let mut fresh = false;
+        {
+            let mut r = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+            for (sid, at) in rows {
+                fresh |= r.sessions.insert(sid, at).is_none();
+            }
+            for (kid, at) in keys {
+                fresh |= r.api_keys.insert(kid, at).is_none();
+            }
+            let horizon = now - ms(self.config.access_ttl) - 60_000;
+            r.sessions.retain(|_, at| *at >= horizon);
+            r.api_keys.retain(|_, at| *at >= now - KEY_REVOCATION_MEMORY_MS);
+            r.polled_to_ms = now;
         }
-        let horizon = now - ms(self.config.access_ttl) - 60_000;
-        r.sessions.retain(|_, at| *at >= horizon);
-        r.polled_to_ms = now;
+        if fresh {
+            self.changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
     fn mark_revoked(&self, session_id: &str, now: i64) {
         self.revoked.write().unwrap_or_else(|p| p.into_inner()).sessions.insert(session_id.to_owned(), now);
+        self.known_sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session_id);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever credentials were revoked (sessions, API keys; disabling a user or
+    /// changing their rights revokes their sessions): a long-lived answer then asks
+    /// [`AuthService::still_valid`].
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether the credential a [`Principal`] was made from still holds now: not expired, its
+    /// session or API key not revoked (as known to this replica, within a second of the
+    /// revocation anywhere).
+    pub fn still_valid(&self, p: &Principal) -> bool {
+        if p.expires_at_ms.is_some_and(|e| e <= self.now()) {
+            return false;
+        }
+        let r = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        match &p.subject {
+            Subject::User { session_id, .. } => !r.sessions.contains_key(session_id),
+            Subject::ApiKey { key_id, .. } => !r.api_keys.contains_key(key_id),
+        }
+    }
+
+    /// Writes the audit summaries whose window ended (all of them with `all`; the upkeep does
+    /// this every 10 s and at shutdown).
+    pub async fn flush_audit_digest(&self, now: i64, all: bool) {
+        for entry in self.digest.due(now, all) {
+            self.audit_quiet(entry, now).await;
+        }
+    }
+
+    /// Deletes audit entries beyond `[audit]` (age, then count), in batches.
+    pub async fn audit_retention(&self, now: i64) -> u64 {
+        const BATCH: i64 = 10_000;
+        let mut deleted = 0u64;
+        if let Some(age) = self.config.audit_max_age {
+            loop {
+                match self.store.purge_audit_before(now - ms(age), BATCH).await {
+                    Ok(n) => {
+                        deleted += n;
+                        if n < BATCH as u64 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit retention (age) failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(max) = self.config.audit_max_rows {
+            let keep = i64::try_from(max).unwrap_or(i64::MAX);
+            loop {
+                match self.store.trim_audit(keep, BATCH).await {
+                    Ok(n) => {
+                        deleted += n;
+                        if n < BATCH as u64 {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit retention (count) failed");
+                        break;
+                    }
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "audit retention deleted old entries");
+        }
+        deleted
+    }
+
+    /// Writes an audit entry of a failure anyone can cause: the first of its kind at once, its
+    /// repeats as one summary ([`audit_digest`]).
+    pub async fn audit_failure(&self, entry: AuditEntry, now: i64) {
+        if let Some(entry) = self.digest.admit(entry, now) {
+            self.audit_quiet(entry, now).await;
+        }
+    }
+
+    /// Hashes a new password on the pool.
+    pub async fn hash_password(&self, password: &str) -> Result<String, AuthError> {
+        self.passwords.hash(password).await.map_err(pool_error)
     }
 
     fn is_revoked(&self, session_id: &str) -> bool {
@@ -337,43 +566,76 @@ impl AuthService {
 
     // --- sign-in -----------------------------------------------------------------------------
 
-    async fn check_locked(&self, keys: &[&str], now: i64) -> Result<(), AuthError> {
-        for key in keys {
-            if let Some(state) = self.store.throttle_state(key).await?
-                && let Some(until) = state.locked_until_ms
-                && until > now
-            {
-                let retry_after_s = u64::try_from((until - now + 999) / 1000).unwrap_or(1);
-                return Err(AuthError::TooManyAttempts { retry_after_s });
+    /// Counts an attempt on the address key (if any) then the account key, before the secret is
+    /// checked. Refused (429) when either is locked or this attempt is beyond its limit.
+    async fn count_attempt(&self, keys: &ThrottleKeys, now: i64) -> Result<Counted, AuthError> {
+        let c = &self.config;
+        let (window, lock) = (ms(c.throttle_window), ms(c.lockout));
+        let addr = match &keys.addr {
+            Some(k) => {
+                let a = self.store.reserve_attempt(k, now, window, c.max_failures_per_addr, lock).await?;
+                if !a.allowed {
+                    return Err(too_many(a, now));
+                }
+                Some(a)
             }
+            None => None,
+        };
+        let user = self.store.reserve_attempt(&keys.user, now, window, c.max_failures_per_account, lock).await?;
+        if !user.allowed {
+            if user.failures == c.max_failures_per_account + 1 {
+                tracing::warn!(key = keys.user, "sign-in locked: attempts beyond the limit");
+            }
+            return Err(too_many(user, now));
+        }
+        Ok(Counted { user, addr })
+    }
+
+    /// The checked secret was wrong: the attempt stays counted, and the key whose limit it
+    /// reached is locked.
+    async fn attempt_failed(&self, keys: &ThrottleKeys, counted: Counted, now: i64) -> Result<(), StoreError> {
+        let c = &self.config;
+        if counted.user.failures >= c.max_failures_per_account {
+            self.store.lock_throttle(&keys.user, now, ms(c.lockout)).await?;
+            tracing::warn!(key = keys.user, "sign-in locked after repeated failures");
+        }
+        if let (Some(k), Some(a)) = (&keys.addr, counted.addr)
+            && a.failures >= c.max_failures_per_addr
+        {
+            self.store.lock_throttle(k, now, ms(c.lockout)).await?;
+            tracing::warn!(key = k, "sign-in locked for a client address after repeated failures");
         }
         Ok(())
     }
 
-    async fn record_failures(&self, user_key: &str, addr_key: Option<&str>, now: i64) -> Result<(), StoreError> {
-        let c = &self.config;
-        let window = ms(c.throttle_window);
-        let lock = ms(c.lockout);
-        let s = self.store.record_failure(user_key, now, window, c.max_failures_per_account, lock).await?;
-        if s.locked_until_ms.is_some_and(|u| u > now) {
-            tracing::warn!(key = user_key, "sign-in locked after repeated failures");
+    /// The checked secret was right: the address takes its attempt back; the account's count
+    /// is cleared when `clear_account` (the whole sign-in succeeded), else only this attempt is
+    /// taken back (a right password before the second factor leaves earlier failures counted).
+    async fn attempt_succeeded(&self, keys: &ThrottleKeys, clear_account: bool) -> Result<(), StoreError> {
+        if let Some(k) = &keys.addr {
+            self.store.refund_attempt(k).await?;
         }
-        if let Some(addr_key) = addr_key {
-            self.store.record_failure(addr_key, now, window, c.max_failures_per_addr, lock).await?;
+        if clear_account {
+            self.store.clear_throttle(&keys.user).await
+        } else {
+            self.store.refund_attempt(&keys.user).await
         }
-        Ok(())
+    }
+
+    /// The secret could not be checked (the pool was busy): both attempts are taken back.
+    async fn attempt_not_made(&self, keys: &ThrottleKeys) {
+        for k in std::iter::once(&keys.user).chain(keys.addr.iter()) {
+            if let Err(e) = self.store.refund_attempt(k).await {
+                tracing::warn!(error = %e, "taking back a sign-in attempt failed");
+            }
+        }
     }
 
     /// Sign-in with name and password.
     pub async fn login(&self, username: &str, password: &str, addr: Option<IpAddr>) -> Result<LoginOutcome, AuthError> {
         let now = self.now();
         let name = normalise_username(username);
-        let user_key = format!("user:{name}");
-        let addr_key = addr.map(|a| format!("addr:{a}"));
-        let mut throttle_keys = vec![user_key.as_str()];
-        if let Some(a) = &addr_key {
-            throttle_keys.push(a);
-        }
+        let keys = ThrottleKeys::new(&name, addr);
         let audit = |action: &'static str, outcome: &'static str, detail: serde_json::Value| AuditEntry {
             actor: if name.is_empty() { "anonymous".into() } else { format!("user:{}", truncate(&name, 64)) },
             action,
@@ -382,29 +644,41 @@ impl AuthService {
             client_addr: addr.map(|a| a.to_string()),
             detail,
         };
-        if let Err(e) = self.check_locked(&throttle_keys, now).await {
-            self.audit_quiet(audit("login.locked", "denied", serde_json::json!({})), now).await;
-            return Err(e);
-        }
+        let counted = match self.count_attempt(&keys, now).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit_failure(audit("login.locked", "denied", serde_json::json!({})), now).await;
+                return Err(e);
+            }
+        };
         let user = self.store.user_by_name(&name).await?;
-        let hash = user.as_ref().map_or_else(|| secrets::dummy_hash().to_owned(), |u| u.password_hash.clone());
-        let matches = secrets::verify_password_off_thread(password, &hash).await;
+        let hash = user.as_ref().map_or(hashing::DUMMY_HASH, |u| u.password_hash.as_str());
+        let matches = match self.passwords.verify(password, hash).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.attempt_not_made(&keys).await;
+                return Err(pool_error(e));
+            }
+        };
         let user = match user {
             Some(u) if matches && !u.disabled => u,
             other => {
-                self.record_failures(&user_key, addr_key.as_deref(), now).await?;
+                self.attempt_failed(&keys, counted, now).await?;
                 let reason = match other {
                     None => "unknown user",
                     Some(u) if u.disabled && matches => "account disabled",
                     Some(_) => "wrong password",
                 };
-                self.audit_quiet(audit("login.failure", "failure", serde_json::json!({ "reason": reason })), now).await;
+                self.audit_failure(audit("login.failure", "failure", serde_json::json!({ "reason": reason })), now)
+                    .await;
                 return Err(AuthError::InvalidCredentials);
             }
         };
         if user.totp_enabled {
-            // The count is cleared only when the second factor is right too: a password step
-            // between wrong codes must not reset it, or the code could be guessed without end.
+            // The account's count is cleared only when the second factor is right too: a
+            // password step between wrong codes must not reset it, or the code could be guessed
+            // without end.
+            self.attempt_succeeded(&keys, false).await?;
             let claims = MfaClaims {
                 iss: ISSUER.into(),
                 aud: AUDIENCE_MFA.into(),
@@ -416,7 +690,7 @@ impl AuthService {
             self.audit_quiet(audit("login.password_ok", "success", serde_json::json!({ "mfa": "pending" })), now).await;
             return Ok(LoginOutcome::MfaRequired { mfa_token, expires_in: self.config.mfa_ttl.as_secs() });
         }
-        self.store.clear_throttle(&user_key).await?;
+        self.attempt_succeeded(&keys, true).await?;
         let enrolment_only = self.store.role_requires_mfa(user.role).await?;
         let pair = self.start_session(&user, &["pwd"], enrolment_only, addr, now).await?;
         self.audit_quiet(
@@ -450,14 +724,15 @@ impl AuthService {
         if user.disabled || !user.totp_enabled {
             return Err(AuthError::InvalidToken);
         }
-        let user_key = format!("user:{}", user.username);
-        let addr_key = addr.map(|a| format!("addr:{a}"));
-        let mut keys = vec![user_key.as_str()];
-        if let Some(a) = &addr_key {
-            keys.push(a);
-        }
-        self.check_locked(&keys, now).await?;
-        let (ok, method) = self.check_second_factor(&user, code, recovery_code, now).await?;
+        let keys = ThrottleKeys::new(&user.username, addr);
+        let counted = self.count_attempt(&keys, now).await?;
+        let (ok, method) = match self.check_second_factor(&user, code, recovery_code, now).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.attempt_not_made(&keys).await;
+                return Err(e);
+            }
+        };
         let entry = |action: &'static str, outcome: &'static str| AuditEntry {
             actor: format!("user:{}", user.username),
             action,
@@ -467,17 +742,69 @@ impl AuthService {
             detail: serde_json::json!({ "method": method }),
         };
         if !ok {
-            self.record_failures(&user_key, addr_key.as_deref(), now).await?;
-            self.audit_quiet(entry("mfa.failure", "failure"), now).await;
+            self.attempt_failed(&keys, counted, now).await?;
+            self.audit_failure(entry("mfa.failure", "failure"), now).await;
             return Err(AuthError::InvalidCode);
         }
-        self.store.clear_throttle(&user_key).await?;
+        self.attempt_succeeded(&keys, true).await?;
         if method == "recovery_code" {
             self.audit_quiet(entry("mfa.recovery_code_used", "success"), now).await;
         }
         let pair = self.start_session(&user, &["pwd", "otp"], false, addr, now).await?;
         self.audit_quiet(entry("login.success", "success"), now).await;
         Ok(pair)
+    }
+
+    /// Checks a secret of a signed-in user's own account (the current password before a change,
+    /// a code before MFA is turned on or off) under the same counting as sign-in, on the
+    /// account's key: `check` says whether it is right. `action` names the failure in the audit
+    /// log.
+    pub async fn check_own_secret<F, Fut>(
+        &self,
+        user: &UserRow,
+        addr: Option<IpAddr>,
+        action: &'static str,
+        check: F,
+    ) -> Result<bool, AuthError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, AuthError>>,
+    {
+        let now = self.now();
+        let keys = ThrottleKeys { user: format!("user:{}", user.username), addr: None };
+        let counted = self.count_attempt(&keys, now).await?;
+        match check().await {
+            Ok(true) => {
+                self.store.refund_attempt(&keys.user).await?;
+                Ok(true)
+            }
+            Ok(false) => {
+                self.attempt_failed(&keys, counted, now).await?;
+                self.audit_failure(
+                    AuditEntry {
+                        actor: format!("user:{}", user.username),
+                        action,
+                        target: None,
+                        outcome: "failure",
+                        client_addr: addr.map(|a| a.to_string()),
+                        detail: serde_json::json!({}),
+                    },
+                    now,
+                )
+                .await;
+                Ok(false)
+            }
+            Err(e) => {
+                self.attempt_not_made(&keys).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether `password` is the user's password (on the pool; not counted: see
+    /// [`AuthService::check_own_secret`]).
+    pub async fn password_matches(&self, user: &UserRow, password: &str) -> Result<bool, AuthError> {
+        self.passwords.verify(password, &user.password_hash).await.map_err(pool_error)
     }
 
     /// Checks a TOTP code (refusing a step already used) or a recovery code (once).
@@ -619,6 +946,15 @@ impl AuthService {
         Ok(revoked)
     }
 
+    /// Revokes an API key: refused from the next request, live streams end within a second.
+    pub async fn revoke_api_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let now = self.now();
+        let revoked = self.store.revoke_api_key(key_id, now).await?;
+        self.revoked.write().unwrap_or_else(|p| p.into_inner()).api_keys.insert(key_id.to_owned(), now);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(revoked)
+    }
+
     /// Revokes every session of a user (role, grants, password or MFA changed; disabled).
     pub async fn revoke_user(&self, user_id: i64, reason: &str) -> Result<u64, StoreError> {
         let now = self.now();
@@ -648,13 +984,13 @@ impl AuthService {
         };
         match (bearer, api_key) {
             (Some(t), _) if t.starts_with("its_") => self.authenticate_api_key(t).await,
-            (Some(t), _) => self.authenticate_jwt(t),
+            (Some(t), _) => self.authenticate_jwt(t).await,
             (None, Some(k)) => self.authenticate_api_key(k.trim()).await,
             (None, None) => Err(AuthError::Missing),
         }
     }
 
-    fn authenticate_jwt(&self, token: &str) -> Result<Principal, AuthError> {
+    async fn authenticate_jwt(&self, token: &str) -> Result<Principal, AuthError> {
         let claims: AccessClaims = self.keys.verify(token, AUDIENCE_ACCESS).map_err(|e| {
             log_token_error(&e);
             AuthError::InvalidToken
@@ -663,13 +999,46 @@ impl AuthService {
             return Err(AuthError::InvalidToken);
         }
         let user_id: i64 = claims.sub.parse().map_err(|_| AuthError::InvalidToken)?;
+        if !self.session_is_live(&claims.sid, user_id).await? {
+            tracing::debug!(session = %claims.sid, "access token of an unknown, expired or revoked session refused");
+            return Err(AuthError::InvalidToken);
+        }
         let permissions = if claims.mfa_enrolment_only { PermissionSet::EMPTY } else { claims.role.permissions() };
         Ok(Principal {
             subject: Subject::User { user_id, username: claims.name, role: claims.role, session_id: claims.sid },
             permissions,
             scope: effective_scope(claims.role, &claims.scope),
             mfa_enrolment_only: claims.mfa_enrolment_only,
+            expires_at_ms: Some(claims.exp.saturating_mul(1000)),
         })
+    }
+
+    /// Whether the session exists in the database, belongs to `user_id`, and is neither revoked
+    /// nor expired; a positive answer is trusted for [`SESSION_CHECK_TTL_MS`] (revocations
+    /// still reach [`Revocations`] within a second).
+    async fn session_is_live(&self, session_id: &str, user_id: i64) -> Result<bool, StoreError> {
+        let now = self.now();
+        {
+            let known = self.known_sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((uid, at)) = known.get(session_id)
+                && now - *at < SESSION_CHECK_TTL_MS
+            {
+                return Ok(*uid == user_id);
+            }
+        }
+        let live = self
+            .store
+            .session(session_id)
+            .await?
+            .is_some_and(|s| s.user_id == user_id && s.revoked_at_ms.is_none() && s.expires_at_ms > now);
+        if live {
+            let mut known = self.known_sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if known.len() >= MAX_KNOWN_SESSIONS {
+                known.clear();
+            }
+            known.insert(session_id.to_owned(), (user_id, now));
+        }
+        Ok(live)
     }
 
     async fn authenticate_api_key(&self, presented: &str) -> Result<Principal, AuthError> {
@@ -692,6 +1061,7 @@ impl AuthService {
             permissions,
             scope: key.scope,
             mfa_enrolment_only: false,
+            expires_at_ms: key.expires_at_ms,
         })
     }
 
@@ -724,7 +1094,7 @@ impl AuthService {
         validate_username(&name).map_err(AuthError::Invalid)?;
         secrets::check_password_policy(password).map_err(AuthError::Invalid)?;
         validate_scope(role, scope).map_err(AuthError::Invalid)?;
-        let hash = secrets::hash_password_off_thread(password).await.map_err(AuthError::Invalid)?;
+        let hash = self.hash_password(password).await?;
         Ok(self.store.create_user(&name, &hash, role, scope, self.now()).await?)
     }
 
@@ -754,6 +1124,19 @@ impl AuthService {
         };
         self.store.insert_api_key(&row).await?;
         Ok((row, format!("its_{key_id}_{secret}")))
+    }
+}
+
+/// 429 with the time left of a lock.
+fn too_many(a: store::Attempt, now: i64) -> AuthError {
+    let retry_after_s = a.locked_until_ms.map_or(1, |until| u64::try_from((until - now + 999) / 1000).unwrap_or(1));
+    AuthError::TooManyAttempts { retry_after_s: retry_after_s.max(1) }
+}
+
+fn pool_error(e: hashing::PoolError) -> AuthError {
+    match e {
+        hashing::PoolError::Busy | hashing::PoolError::Stopped => AuthError::Busy,
+        hashing::PoolError::Hash(m) => AuthError::Invalid(m),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Passwords (argon2id), random secrets, hashes of high-entropy tokens, TOTP (RFC 6238).
+//! Passwords (argon2id; the service hashes and verifies on its bounded pool, [`super::hashing`]),
+//! random secrets, hashes of high-entropy tokens, TOTP (RFC 6238).
 
 use argon2::{Algorithm, Argon2, Params, PasswordHasher as _, PasswordVerifier as _, Version};
 use base64::Engine as _;
@@ -32,7 +33,8 @@ pub fn check_password_policy(password: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The PHC string of an argon2id hash with a fresh random salt.
+/// The PHC string of an argon2id hash with a fresh random salt, on the calling thread (tools and
+/// tests; the service uses [`super::hashing::PasswordPool`]).
 pub fn hash_password(password: &str) -> Result<String, String> {
     let mut salt = [0u8; 16];
     rand::rng().fill_bytes(&mut salt);
@@ -46,25 +48,6 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
         return false;
     }
     argon2().verify_password(password.as_bytes(), phc).is_ok()
-}
-
-/// [`hash_password`] on a blocking thread (argon2 takes tens of milliseconds of CPU).
-pub async fn hash_password_off_thread(password: &str) -> Result<String, String> {
-    let pw = password.to_owned();
-    tokio::task::spawn_blocking(move || hash_password(&pw)).await.map_err(|e| format!("hashing: {e}"))?
-}
-
-/// [`verify_password`] on a blocking thread; `false` if that thread fails.
-pub async fn verify_password_off_thread(password: &str, phc: &str) -> bool {
-    let (pw, phc) = (password.to_owned(), phc.to_owned());
-    tokio::task::spawn_blocking(move || verify_password(&pw, &phc)).await.unwrap_or(false)
-}
-
-/// A hash to verify against when the user does not exist, so that an unknown name costs the
-/// same time as a wrong password.
-pub fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(&random_token(24)).unwrap_or_default())
 }
 
 /// `n` random bytes as base64url without padding.

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::on_db;
-use crate::store::{Db, Scope, StoreError};
+use crate::store::{Db, Scope, StoreError, sealed};
 
 use super::permissions::Role;
 
@@ -28,9 +28,10 @@ type UserTuple = (i64, String, String, String, String, i64, Option<String>, i64,
 const USER_COLUMNS: &str = "user_id, username, password_hash, role, scope, disabled, totp_secret, totp_enabled, \
      totp_last_step, created_at_ms, updated_at_ms";
 
-fn user_from(t: UserTuple) -> Result<UserRow, StoreError> {
+fn user_from(db: &Db, t: UserTuple) -> Result<UserRow, StoreError> {
     let (user_id, username, password_hash, role, scope, disabled, totp_secret, totp_enabled, last, created, updated) =
         t;
+    let totp_secret = totp_secret.map(|s| sealed::open(db, &sealed::totp_context(user_id), &s)).transpose()?;
     let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role {role:?} of user {user_id}")))?;
     Ok(UserRow {
         user_id,
@@ -177,11 +178,14 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
-/// Sign-in throttle state of one key.
+/// One counted attempt of a throttle key ([`AuthStore::reserve_attempt`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ThrottleState {
+pub struct Attempt {
+    /// The attempt may go on (the key is not locked and this attempt is within the limit).
+    pub allowed: bool,
+    /// Attempts counted in the window, this one included.
     pub failures: i64,
-    pub window_start_ms: i64,
+    /// Locked until then (when not allowed).
     pub locked_until_ms: Option<i64>,
 }
 
@@ -223,20 +227,20 @@ impl AuthStore {
     pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
         let row: Option<UserTuple> = on_db!(self.db.write(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(username).fetch_optional(pool).await)?;
-        row.map(user_from).transpose()
+        row.map(|r| user_from(&self.db, r)).transpose()
     }
 
     pub async fn user_by_id(&self, user_id: i64) -> Result<Option<UserRow>, StoreError> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1");
         let row: Option<UserTuple> = on_db!(self.db.write(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(user_id).fetch_optional(pool).await)?;
-        row.map(user_from).transpose()
+        row.map(|r| user_from(&self.db, r)).transpose()
     }
 
     pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY user_id");
         let rows: Vec<UserTuple> =
             on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).fetch_all(pool).await)?;
-        rows.into_iter().map(user_from).collect()
+        rows.into_iter().map(|r| user_from(&self.db, r)).collect()
     }
 
     pub async fn count_users(&self) -> Result<i64, StoreError> {
@@ -271,9 +275,10 @@ impl AuthStore {
 
     /// Starts (or restarts) TOTP enrolment: stores the secret, not yet enabled.
     pub async fn set_pending_totp(&self, user_id: i64, secret_b32: &str, now_ms: i64) -> Result<(), StoreError> {
+        let secret = sealed::seal(&self.db, &sealed::totp_context(user_id), secret_b32)?;
         let sql = "UPDATE users SET totp_secret = $1, totp_enabled = 0, totp_last_step = 0, updated_at_ms = $2 \
                    WHERE user_id = $3";
-        on_db!(self.db.write(), pool => sqlx::query(sql).bind(secret_b32).bind(now_ms).bind(user_id).execute(pool).await.map(|r| r.rows_affected()))?;
+        on_db!(self.db.write(), pool => sqlx::query(sql).bind(&secret).bind(now_ms).bind(user_id).execute(pool).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
 
@@ -448,8 +453,9 @@ impl AuthStore {
     // --- signing keys ------------------------------------------------------------------------
 
     pub async fn insert_signing_key(&self, key: &SigningKeyRow) -> Result<(), StoreError> {
+        let private_pem = sealed::seal(&self.db, &sealed::signing_key_context(&key.kid), &key.private_pem)?;
         let sql = "INSERT INTO signing_keys (kid, private_pem, n, e, created_at_ms) VALUES ($1, $2, $3, $4, $5)";
-        on_db!(self.db.write(), pool => sqlx::query(sql).bind(&key.kid).bind(&key.private_pem).bind(&key.n)
+        on_db!(self.db.write(), pool => sqlx::query(sql).bind(&key.kid).bind(&private_pem).bind(&key.n)
             .bind(&key.e).bind(key.created_at_ms).execute(pool).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
@@ -467,17 +473,18 @@ impl AuthStore {
                    WHERE retired_at_ms IS NULL OR retired_at_ms >= $1 ORDER BY created_at_ms DESC, kid DESC";
         let rows: Vec<(String, String, String, String, i64, Option<i64>)> =
             on_db!(self.db.write(), pool => sqlx::query_as(sql).bind(retired_after_ms).fetch_all(pool).await)?;
-        Ok(rows
-            .into_iter()
-            .map(|(kid, private_pem, n, e, created_at_ms, retired_at_ms)| SigningKeyRow {
-                kid,
-                private_pem,
-                n,
-                e,
-                created_at_ms,
-                retired_at_ms,
+        rows.into_iter()
+            .map(|(kid, private_pem, n, e, created_at_ms, retired_at_ms)| {
+                Ok(SigningKeyRow {
+                    private_pem: sealed::open(&self.db, &sealed::signing_key_context(&kid), &private_pem)?,
+                    kid,
+                    n,
+                    e,
+                    created_at_ms,
+                    retired_at_ms,
+                })
             })
-            .collect())
+            .collect()
     }
 
     // --- API keys ----------------------------------------------------------------------------
@@ -544,49 +551,73 @@ impl AuthStore {
 
     // --- throttling --------------------------------------------------------------------------
 
-    pub async fn throttle_state(&self, key: &str) -> Result<Option<ThrottleState>, StoreError> {
-        let sql = "SELECT failures, window_start_ms, locked_until_ms FROM login_throttle WHERE throttle_key = $1";
-        let row: Option<(i64, i64, Option<i64>)> =
-            on_db!(self.db.write(), pool => sqlx::query_as(sql).bind(key).fetch_optional(pool).await)?;
-        Ok(row.map(|(failures, window_start_ms, locked_until_ms)| ThrottleState {
-            failures,
-            window_start_ms,
-            locked_until_ms,
-        }))
-    }
-
-    /// Counts a failure for `key` within a window of `window_ms`; locks it until
-    /// `now + lock_ms` when `max_failures` is reached. Returns the new state.
-    pub async fn record_failure(
+    /// Counts an attempt for `key` **before** its credential is checked, in one statement (so
+    /// concurrent attempts are counted one by one): a new window starts when the old one has
+    /// passed; a locked key is not counted. When this attempt goes beyond `max_failures` in the
+    /// window the key is locked until `now + lock_ms` at once. The answer says whether the
+    /// attempt may go on ([`Attempt::allowed`]).
+    pub async fn reserve_attempt(
         &self,
         key: &str,
         now_ms: i64,
         window_ms: i64,
         max_failures: i64,
         lock_ms: i64,
-    ) -> Result<ThrottleState, StoreError> {
-        // One statement: a new window starts when the old one has passed.
+    ) -> Result<Attempt, StoreError> {
         let sql = "INSERT INTO login_throttle (throttle_key, failures, window_start_ms) VALUES ($1, 1, $2) \
                    ON CONFLICT (throttle_key) DO UPDATE SET \
-                     failures = CASE WHEN login_throttle.window_start_ms <= $2 - $3 THEN 1 ELSE login_throttle.failures + 1 END, \
-                     window_start_ms = CASE WHEN login_throttle.window_start_ms <= $2 - $3 THEN $2 ELSE login_throttle.window_start_ms END \
-                   RETURNING failures, window_start_ms, locked_until_ms";
-        let (failures, window_start_ms, locked): (i64, i64, Option<i64>) = on_db!(self.db.write(), pool =>
+                     failures = CASE WHEN COALESCE(login_throttle.locked_until_ms, 0) > $2 THEN login_throttle.failures \
+                       WHEN login_throttle.window_start_ms <= $2 - $3 THEN 1 ELSE login_throttle.failures + 1 END, \
+                     window_start_ms = CASE WHEN COALESCE(login_throttle.locked_until_ms, 0) > $2 THEN login_throttle.window_start_ms \
+                       WHEN login_throttle.window_start_ms <= $2 - $3 THEN $2 ELSE login_throttle.window_start_ms END \
+                   RETURNING failures, locked_until_ms";
+        let (failures, locked): (i64, Option<i64>) = on_db!(self.db.write(), pool =>
             sqlx::query_as(sql).bind(key).bind(now_ms).bind(window_ms).fetch_one(pool).await)?;
-        let mut state = ThrottleState { failures, window_start_ms, locked_until_ms: locked };
-        if failures >= max_failures {
-            let until = now_ms + lock_ms;
-            let sql = "UPDATE login_throttle SET locked_until_ms = $1, failures = 0, window_start_ms = $2 WHERE throttle_key = $3";
-            on_db!(self.db.write(), pool => sqlx::query(sql).bind(until).bind(now_ms).bind(key).execute(pool).await.map(|r| r.rows_affected()))?;
-            state.locked_until_ms = Some(until);
+        if let Some(until) = locked.filter(|u| *u > now_ms) {
+            return Ok(Attempt { allowed: false, failures, locked_until_ms: Some(until) });
         }
-        Ok(state)
+        if failures > max_failures {
+            let until = self.lock_throttle(key, now_ms, lock_ms).await?;
+            return Ok(Attempt { allowed: false, failures, locked_until_ms: Some(until) });
+        }
+        Ok(Attempt { allowed: true, failures, locked_until_ms: None })
+    }
+
+    /// Locks `key` until `now + lock_ms` (a new window starts after it); returns that time.
+    pub async fn lock_throttle(&self, key: &str, now_ms: i64, lock_ms: i64) -> Result<i64, StoreError> {
+        let until = now_ms.saturating_add(lock_ms);
+        let sql = "UPDATE login_throttle SET locked_until_ms = $1, failures = 0, window_start_ms = $2 WHERE throttle_key = $3";
+        on_db!(self.db.write(), pool => sqlx::query(sql).bind(until).bind(now_ms).bind(key).execute(pool).await.map(|r| r.rows_affected()))?;
+        Ok(until)
+    }
+
+    /// Takes back one counted attempt of `key` (it succeeded, or was never checked).
+    pub async fn refund_attempt(&self, key: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE login_throttle SET failures = CASE WHEN failures > 0 THEN failures - 1 ELSE 0 END \
+                   WHERE throttle_key = $1";
+        on_db!(self.db.write(), pool => sqlx::query(sql).bind(key).execute(pool).await.map(|r| r.rows_affected()))?;
+        Ok(())
     }
 
     pub async fn clear_throttle(&self, key: &str) -> Result<(), StoreError> {
         on_db!(self.db.write(), pool =>
             sqlx::query("DELETE FROM login_throttle WHERE throttle_key = $1").bind(key).execute(pool).await.map(|r| r.rows_affected()))?;
         Ok(())
+    }
+
+    /// Deletes the throttle rows whose window ended before `window_start_before_ms` and that are
+    /// not locked at `now_ms`; returns how many.
+    pub async fn purge_throttle(&self, window_start_before_ms: i64, now_ms: i64) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM login_throttle WHERE window_start_ms < $1 AND COALESCE(locked_until_ms, 0) <= $2";
+        Ok(on_db!(self.db.write(), pool => sqlx::query(sql).bind(window_start_before_ms).bind(now_ms)
+            .execute(pool).await.map(|r| r.rows_affected()))?)
+    }
+
+    /// Rows in the throttle table.
+    pub async fn throttle_rows(&self) -> Result<i64, StoreError> {
+        Ok(
+            on_db!(self.db.read(), pool => sqlx::query_scalar("SELECT COUNT(*) FROM login_throttle").fetch_one(pool).await)?,
+        )
     }
 
     // --- audit -------------------------------------------------------------------------------
@@ -599,6 +630,37 @@ impl AuthStore {
             .bind(entry.target.as_deref()).bind(entry.outcome).bind(entry.client_addr.as_deref()).bind(&detail)
             .execute(pool).await.map(|r| r.rows_affected()))?;
         Ok(())
+    }
+
+    /// Deletes at most `batch` audit entries older than `before_ms`, oldest first; returns how
+    /// many.
+    pub async fn purge_audit_before(&self, before_ms: i64, batch: i64) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM audit_log WHERE id IN \
+                   (SELECT id FROM audit_log WHERE at_ms < $1 ORDER BY id LIMIT $2)";
+        Ok(on_db!(self.db.write(), pool => sqlx::query(sql).bind(before_ms).bind(batch)
+            .execute(pool).await.map(|r| r.rows_affected()))?)
+    }
+
+    /// Deletes at most `batch` of the oldest audit entries beyond the newest `keep`; returns how
+    /// many.
+    pub async fn trim_audit(&self, keep: i64, batch: i64) -> Result<u64, StoreError> {
+        let sql = "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE id <= \
+                   (SELECT id FROM audit_log ORDER BY id DESC LIMIT 1 OFFSET $1) ORDER BY id LIMIT $2)";
+        Ok(on_db!(self.db.write(), pool => sqlx::query(sql).bind(keep).bind(batch)
+            .execute(pool).await.map(|r| r.rows_affected()))?)
+    }
+
+    /// Entries in the audit log.
+    pub async fn audit_rows(&self) -> Result<i64, StoreError> {
+        Ok(on_db!(self.db.read(), pool => sqlx::query_scalar("SELECT COUNT(*) FROM audit_log").fetch_one(pool).await)?)
+    }
+
+    /// API keys revoked at or after `since_ms` (the revocation cache polls this).
+    pub async fn api_keys_revoked_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let sql = "SELECT key_id, revoked_at_ms FROM api_keys WHERE revoked_at_ms >= $1";
+        let rows: Vec<(String, Option<i64>)> =
+            on_db!(self.db.read(), pool => sqlx::query_as(sql).bind(since_ms).fetch_all(pool).await)?;
+        Ok(rows.into_iter().map(|(k, t)| (k, t.unwrap_or(since_ms))).collect())
     }
 
     /// Newest first; `limit + 1` rows are read so the caller knows whether there is more.

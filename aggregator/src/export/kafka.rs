@@ -329,7 +329,7 @@ impl Cursor {
 
     /// Up to `limit` events after `after`, in `id` order.
     pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
-        let payload = if matches!(self.db, Db::Postgres(_)) { "payload::text" } else { "payload" };
+        let payload = if self.db.is_postgres() { "payload::text" } else { "payload" };
         let sql = format!("{} AND id > $1 ORDER BY id LIMIT $2", crate::store::event_select_sql(payload));
         let rows: Vec<crate::store::EventRow> = crate::on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(after)
@@ -414,7 +414,7 @@ mod producer {
         /// this replica in the cursor's lease.
         pub fn new(cfg: &KafkaConfig, db: Db, owner: &str) -> anyhow::Result<Self> {
             let producer = std::sync::Mutex::new(create_producer(cfg)?);
-            let late_commits = matches!(db, Db::Postgres(_));
+            let late_commits = db.is_postgres();
             let cursor = Cursor::new(db, format!("kafka:{}", cfg.events_topic), owner);
             Ok(Self { cfg: cfg.clone(), producer, cursor, late_commits })
         }

@@ -258,6 +258,30 @@ async fn load_user(state: &AppState, id: i64) -> Result<UserRow, ApiError> {
     state.auth.store.user_by_id(id).await?.ok_or_else(|| ApiError::no_such(format!("user {id}")))
 }
 
+/// Whether the caller sees the user: it sees everything the user sees (a caller limited to
+/// sites sees only users limited within them).
+fn user_visible(p: &Principal, u: &UserRow) -> bool {
+    scope_within(&crate::auth::effective_scope(u.role, &u.scope), &p.scope)
+}
+
+/// The user, when the caller could manage it (holds every permission of its role and sees all
+/// it sees): 404 when the caller does not see it, 403 when it sees but may not manage it.
+async fn load_user_within_reach(state: &AppState, p: &Principal, id: i64) -> Result<UserRow, ApiError> {
+    let user = load_user(state, id).await?;
+    if !user_visible(p, &user) {
+        return Err(ApiError::no_such(format!("user {id}")));
+    }
+    if !p.may_manage_user(user.role, &user.scope) {
+        return Err(beyond_caller("a user whose role has permissions"));
+    }
+    Ok(user)
+}
+
+/// 403 for a change that would give a user more than the caller has.
+fn beyond_caller(what: &str) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{what} beyond your own permissions or sites"))
+}
+
 /// Refuses a change that would leave no enabled admin.
 async fn keep_an_admin(state: &AppState, changed: &UserRow, new_role: Role, disabled: bool) -> Result<(), ApiError> {
     if changed.role != Role::Admin || changed.disabled || (new_role == Role::Admin && !disabled) {
@@ -280,17 +304,28 @@ async fn keep_an_admin(state: &AppState, changed: &UserRow, new_role: Role, disa
 /// List users.
 #[utoipa::path(get, path = "/api/v1/users", tag = "users", extensions(("x-permission" = json!("users:read"))),
     responses((status = 200, description = "Users", body = UserList)))]
-pub async fn list_users(State(state): State<AppState>) -> Result<Json<UserList>, ApiError> {
+pub async fn list_users(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<UserList>, ApiError> {
     let users = state.auth.store.list_users().await?;
-    Ok(Json(UserList { users: users.iter().map(UserView::from).collect() }))
+    Ok(Json(UserList { users: users.iter().filter(|u| user_visible(&p, u)).map(UserView::from).collect() }))
 }
 
 /// One user.
 #[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = i64, Path, description = "User id")),
     extensions(("x-permission" = json!("users:read"))),
     responses((status = 200, description = "The user", body = UserView), (status = 404, description = "No such user", body = ErrorBody)))]
-pub async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Json<UserView>, ApiError> {
-    Ok(Json(UserView::from(&load_user(&state, id).await?)))
+pub async fn get_user(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<i64>,
+) -> Result<Json<UserView>, ApiError> {
+    let user = load_user(&state, id).await?;
+    if !user_visible(&p, &user) {
+        return Err(ApiError::no_such(format!("user {id}")));
+    }
+    Ok(Json(UserView::from(&user)))
 }
 
 /// Create a user.
@@ -307,6 +342,10 @@ pub async fn create_user(
         Some(g) => g.to_scope()?,
         None => Scope::All,
     };
+    validate_scope(req.role, &scope).map_err(ApiError::invalid_request)?;
+    if !p.may_manage_user(req.role, &scope) {
+        return Err(beyond_caller("a user with a role or grants"));
+    }
     let id = state.auth.create_user(&req.username, &req.password, req.role, &scope).await?;
     let user = load_user(&state, id).await?;
     audit(
@@ -333,7 +372,7 @@ pub async fn update_user(
     Path(id): Path<i64>,
     Body(req): Body<UserPatch>,
 ) -> Result<Json<UserView>, ApiError> {
-    let user = load_user(&state, id).await?;
+    let user = load_user_within_reach(&state, &p, id).await?;
     let role = req.role.unwrap_or(user.role);
     let scope = match &req.grants {
         None => user.scope.clone(),
@@ -343,12 +382,15 @@ pub async fn update_user(
     // A role change to a role that cannot be narrowed drops the grants.
     let scope = if role.scopable() || req.grants.as_ref().is_some_and(Option::is_some) { scope } else { Scope::All };
     validate_scope(role, &scope).map_err(ApiError::invalid_request)?;
+    if !p.may_manage_user(role, &scope) {
+        return Err(beyond_caller("a role or grants"));
+    }
     let disabled = req.disabled.unwrap_or(user.disabled);
     keep_an_admin(&state, &user, role, disabled).await?;
     let now = unix_ms();
     if let Some(pw) = &req.password {
         crate::auth::secrets::check_password_policy(pw).map_err(ApiError::invalid_request)?;
-        let hash = crate::auth::secrets::hash_password_off_thread(pw).await.map_err(|e| ApiError::internal(&e))?;
+        let hash = state.auth.hash_password(pw).await?;
         state.auth.store.set_password(id, &hash, now).await?;
     }
     state.auth.store.update_user(id, role, &scope, disabled, now).await?;
@@ -380,7 +422,7 @@ pub async fn reset_mfa(
     Extension(p): Extension<Principal>,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
-    let user = load_user(&state, id).await?;
+    let user = load_user_within_reach(&state, &p, id).await?;
     state.auth.store.disable_totp(id, unix_ms()).await?;
     state.auth.revoke_user(id, "MFA reset").await?;
     audit(&state, &p, "mfa.reset", Some(format!("user:{}", user.username)), ip, json!({})).await;
@@ -414,6 +456,10 @@ pub async fn set_role_policy(
 ) -> Result<Json<RoleView>, ApiError> {
     let role = Role::parse(&role)
         .ok_or_else(|| ApiError::no_such(format!("role {:?}", role.chars().take(32).collect::<String>())))?;
+    // A policy applies to every user of the role, on every site.
+    if !p.may_grant(role.permissions(), &Scope::All) {
+        return Err(beyond_caller("a policy of a role"));
+    }
     state.auth.store.set_role_requires_mfa(role, req.require_mfa, unix_ms()).await?;
     if req.require_mfa {
         // Sessions of the role's users without MFA end: signed in again, they may only enrol.
@@ -437,9 +483,21 @@ pub async fn set_role_policy(
 /// List API keys (never their secrets).
 #[utoipa::path(get, path = "/api/v1/api-keys", tag = "api-keys", extensions(("x-permission" = json!("apikeys:read"))),
     responses((status = 200, description = "API keys", body = ApiKeyList)))]
-pub async fn list_api_keys(State(state): State<AppState>) -> Result<Json<ApiKeyList>, ApiError> {
+pub async fn list_api_keys(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<ApiKeyList>, ApiError> {
     let keys = state.auth.store.list_api_keys().await?;
-    Ok(Json(ApiKeyList { api_keys: keys.iter().map(ApiKeyView::from).collect() }))
+    Ok(Json(ApiKeyList {
+        api_keys: keys.iter().filter(|k| scope_within(&k.scope, &p.scope)).map(ApiKeyView::from).collect(),
+    }))
+}
+
+/// Whether the caller could have made the key (it holds every permission of it and sees all it
+/// sees): only such keys are listed and revocable by it.
+fn key_within_reach(p: &Principal, k: &ApiKeyRow) -> bool {
+    let perms = PermissionSet::of(&k.permissions.iter().filter_map(|n| Permission::parse(n)).collect::<Vec<_>>());
+    p.may_grant(perms, &k.scope)
 }
 
 /// Create an API key. The key is in the answer, once; only its hash is kept.
@@ -511,10 +569,12 @@ pub async fn revoke_api_key(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.auth.store.api_key(&id).await?.is_none() {
-        return Err(ApiError::no_such("such API key"));
+    match state.auth.store.api_key(&id).await? {
+        Some(k) if key_within_reach(&p, &k) => {}
+        Some(k) if scope_within(&k.scope, &p.scope) => return Err(beyond_caller("an API key with permissions")),
+        _ => return Err(ApiError::no_such("such API key")),
     }
-    state.auth.store.revoke_api_key(&id, unix_ms()).await?;
+    state.auth.revoke_api_key(&id).await?;
     audit(&state, &p, "apikey.revoked", Some(format!("apikey:{id}")), ip, json!({})).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -547,8 +607,17 @@ pub struct AuditParams {
     responses((status = 200, description = "Entries", body = AuditPage), (status = 400, description = "Bad parameter", body = ErrorBody)))]
 pub async fn list_audit(
     State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
     params: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
+    // The log names every site's devices, users and keys: not for a caller limited to some.
+    if !p.sees_everything() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the audit log covers every site: it needs a credential that is not limited to sites",
+        ));
+    }
     let mut q = AuditQuery { limit: 100, ..Default::default() };
     for (name, value) in super::query_params(params, &["actor", "action", "from", "to", "limit", "cursor"])? {
         match name.as_str() {

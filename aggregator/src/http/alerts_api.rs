@@ -11,6 +11,11 @@
 //! A rule or channel with a bad field is answered 400 `invalid_field`, the message naming each
 //! bad field by its path (`condition.speed_above_kmh: ...`); a rule naming a channel that does
 //! not exist, 409 `unknown_channel`. Alerts are narrowed to the caller's scope like events.
+//!
+//! Rules and channels apply to every site (a rule fires on any camera's events and sends them to
+//! its channels), so changing them — and retrying a delivery — needs a credential that is not
+//! limited to sites (403 otherwise). A channel's target must be a place notifications may go
+//! ([`crate::alerts::targets`]: not loopback or link-local): 400 `invalid_field` otherwise.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -31,6 +36,25 @@ use crate::unix_ms;
 
 fn alerts(state: &AppState) -> AlertStore {
     AlertStore::new(state.store.db())
+}
+
+/// 403 for a caller limited to sites, for changes that reach every site.
+fn require_all_sites(p: &Principal, what: &str) -> Result<(), ApiError> {
+    if p.sees_everything() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{what} apply to every site: this needs a credential that is not limited to sites"),
+        ))
+    }
+}
+
+/// A channel whose target the policy refuses: 400 naming the field.
+fn check_targets(state: &AppState, spec: &ChannelSpec) -> Result<(), ApiError> {
+    let errors = crate::alerts::targets::channel_target_errors(&state.alert_targets, spec);
+    if errors.is_empty() { Ok(()) } else { Err(field_errors(errors)) }
 }
 
 fn field_errors(errors: Vec<FieldError>) -> ApiError {
@@ -106,6 +130,7 @@ pub async fn create_rule(
     Extension(p): Extension<Principal>,
     Body(mut spec): Body<RuleSpec>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require_all_sites(&p, "alert rules")?;
     spec.validate().map_err(field_errors)?;
     let store = alerts(&state);
     check_channels(&store, &spec).await?;
@@ -145,6 +170,7 @@ pub async fn update_rule(
     Path(id): Path<i64>,
     Body(mut spec): Body<RuleSpec>,
 ) -> Result<Json<Value>, ApiError> {
+    require_all_sites(&p, "alert rules")?;
     spec.validate().map_err(field_errors)?;
     let store = alerts(&state);
     store.get_rule(id).await?;
@@ -167,6 +193,7 @@ pub async fn delete_rule(
     Extension(p): Extension<Principal>,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
+    require_all_sites(&p, "alert rules")?;
     alerts(&state).delete_rule(id).await?;
     crate::alerts::rules_changed();
     audit(&state, &p, "alert_rule.deleted", Some(format!("alert_rule:{id}")), ip, json!({})).await;
@@ -193,7 +220,9 @@ pub async fn create_channel(
     Extension(p): Extension<Principal>,
     Body(mut spec): Body<ChannelSpec>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require_all_sites(&p, "alert channels")?;
     spec.validate().map_err(field_errors)?;
+    check_targets(&state, &spec)?;
     let channel = alerts(&state).create_channel(&spec, unix_ms()).await?;
     audit(
         &state,
@@ -228,7 +257,9 @@ pub async fn update_channel(
     Path(id): Path<i64>,
     Body(mut spec): Body<ChannelSpec>,
 ) -> Result<Json<Value>, ApiError> {
+    require_all_sites(&p, "alert channels")?;
     spec.validate().map_err(field_errors)?;
+    check_targets(&state, &spec)?;
     let channel = alerts(&state).update_channel(id, &spec, unix_ms()).await?;
     audit(
         &state,
@@ -254,6 +285,7 @@ pub async fn delete_channel(
     Extension(p): Extension<Principal>,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
+    require_all_sites(&p, "alert channels")?;
     alerts(&state).delete_channel(id).await?;
     audit(&state, &p, "alert_channel.deleted", Some(format!("alert_channel:{id}")), ip, json!({})).await;
     Ok(StatusCode::NO_CONTENT)
@@ -480,6 +512,7 @@ pub async fn retry_delivery(
     Extension(p): Extension<Principal>,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
+    require_all_sites(&p, "alert deliveries")?;
     let d = alerts(&state).retry_dead(id, unix_ms()).await?;
     crate::alerts::wake_deliveries();
     audit(&state, &p, "alert_delivery.retried", Some(format!("alert_delivery:{id}")), ip, json!({})).await;

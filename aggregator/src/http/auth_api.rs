@@ -154,7 +154,8 @@ fn user_of(p: &Principal) -> Result<(i64, String), ApiError> {
     extensions(("x-permission" = json!("public"))),
     responses((status = 200, description = "Tokens, or an MFA challenge", body = LoginResponse),
               (status = 401, description = "Invalid username or password", body = ErrorBody),
-              (status = 429, description = "Too many failed attempts", body = ErrorBody)))]
+              (status = 429, description = "Too many failed attempts", body = ErrorBody),
+              (status = 503, description = "Busy checking other passwords: try again (Retry-After)", body = ErrorBody)))]
 pub async fn login(
     State(state): State<AppState>,
     ip: ClientIp,
@@ -175,7 +176,8 @@ pub async fn login(
 #[utoipa::path(post, path = "/api/v1/auth/login/mfa", tag = "auth", request_body = MfaLoginRequest,
     extensions(("x-permission" = json!("public"))),
     responses((status = 200, description = "Tokens", body = TokenPair),
-              (status = 401, description = "Invalid MFA token or code", body = ErrorBody)))]
+              (status = 401, description = "Invalid MFA token or code", body = ErrorBody),
+              (status = 429, description = "Too many failed attempts", body = ErrorBody)))]
 pub async fn login_mfa(
     State(state): State<AppState>,
     ip: ClientIp,
@@ -260,7 +262,8 @@ pub async fn me(State(state): State<AppState>, Extension(p): Extension<Principal
 #[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
     extensions(("x-permission" = json!("authenticated"))),
     responses((status = 204, description = "Changed; sign in again"),
-              (status = 401, description = "Current password wrong", body = ErrorBody)))]
+              (status = 401, description = "Current password wrong", body = ErrorBody),
+              (status = 429, description = "Too many wrong passwords", body = ErrorBody)))]
 pub async fn change_password(
     State(state): State<AppState>,
     ip: ClientIp,
@@ -269,11 +272,17 @@ pub async fn change_password(
 ) -> Result<StatusCode, ApiError> {
     let (user_id, _) = user_of(&p)?;
     let user = state.auth.store.user_by_id(user_id).await?.ok_or_else(|| ApiError::no_such("such user"))?;
-    if !secrets::verify_password_off_thread(&req.current_password, &user.password_hash).await {
+    secrets::check_password_policy(&req.new_password).map_err(ApiError::invalid_request)?;
+    let right = state
+        .auth
+        .check_own_secret(&user, ip.0, "password.change_failure", || {
+            state.auth.password_matches(&user, &req.current_password)
+        })
+        .await?;
+    if !right {
         return Err(crate::auth::AuthError::InvalidCredentials.into());
     }
-    secrets::check_password_policy(&req.new_password).map_err(ApiError::invalid_request)?;
-    let hash = secrets::hash_password_off_thread(&req.new_password).await.map_err(|e| ApiError::internal(&e))?;
+    let hash = state.auth.hash_password(&req.new_password).await?;
     state.auth.store.set_password(user_id, &hash, unix_ms()).await?;
     state.auth.revoke_user(user_id, "password changed").await?;
     audit(&state, &p, "password.changed", Some(format!("user:{}", user.username)), ip, json!({})).await;
@@ -312,7 +321,8 @@ pub async fn mfa_enroll(
     extensions(("x-permission" = json!("authenticated"))),
     responses((status = 200, description = "MFA enabled", body = RecoveryCodes),
               (status = 401, description = "Wrong or reused code", body = ErrorBody),
-              (status = 409, description = "No enrolment started, or already enabled", body = ErrorBody)))]
+              (status = 409, description = "No enrolment started, or already enabled", body = ErrorBody),
+              (status = 429, description = "Too many wrong codes", body = ErrorBody)))]
 pub async fn mfa_confirm(
     State(state): State<AppState>,
     ip: ClientIp,
@@ -325,7 +335,13 @@ pub async fn mfa_confirm(
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", "start with POST /api/v1/auth/mfa/enroll"));
     };
     let now = state.auth.now();
-    if !state.auth.accept_totp(user_id, secret, &req.code, now).await? {
+    let right = state
+        .auth
+        .check_own_secret(&user, ip.0, "mfa.confirm_failure", || async {
+            Ok(state.auth.accept_totp(user_id, secret, &req.code, now).await?)
+        })
+        .await?;
+    if !right {
         return Err(crate::auth::AuthError::InvalidCode.into());
     }
     let codes: Vec<String> = (0..RECOVERY_CODES)
@@ -346,7 +362,8 @@ pub async fn mfa_confirm(
     extensions(("x-permission" = json!("authenticated"))),
     responses((status = 204, description = "MFA disabled"),
               (status = 401, description = "Wrong or reused code", body = ErrorBody),
-              (status = 409, description = "MFA not enabled, or required by the role", body = ErrorBody)))]
+              (status = 409, description = "MFA not enabled, or required by the role", body = ErrorBody),
+              (status = 429, description = "Too many wrong codes", body = ErrorBody)))]
 pub async fn mfa_disable(
     State(state): State<AppState>,
     ip: ClientIp,
@@ -362,7 +379,13 @@ pub async fn mfa_disable(
         return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("the role {} requires MFA", user.role)));
     }
     let now = state.auth.now();
-    if !state.auth.accept_totp(user_id, secret, &req.code, now).await? {
+    let right = state
+        .auth
+        .check_own_secret(&user, ip.0, "mfa.disable_failure", || async {
+            Ok(state.auth.accept_totp(user_id, secret, &req.code, now).await?)
+        })
+        .await?;
+    if !right {
         return Err(crate::auth::AuthError::InvalidCode.into());
     }
     state.auth.store.disable_totp(user_id, now).await?;

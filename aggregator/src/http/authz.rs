@@ -103,6 +103,12 @@ impl From<AuthError> for ApiError {
                 "too many failed attempts; try again later",
             )
             .with_retry_after(retry_after_s),
+            AuthError::Busy => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the service is busy checking other passwords; try again in a second",
+            )
+            .with_retry_after(1),
             AuthError::Invalid(msg) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", msg),
             AuthError::Store(e) => e.into(),
         }

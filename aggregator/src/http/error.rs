@@ -93,6 +93,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => ApiError::unavailable(&e),
             StoreError::NotFound(msg) => ApiError::new(StatusCode::NOT_FOUND, "not_found", msg),
             StoreError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            StoreError::Forbidden(msg) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg),
             StoreError::Config(_)
             | StoreError::Migration(_)
             | StoreError::InvalidData(_)

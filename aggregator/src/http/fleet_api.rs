@@ -86,6 +86,13 @@ pub async fn create_site(
     Extension(p): Extension<Principal>,
     Body(req): Body<NewSite>,
 ) -> Result<(StatusCode, Json<SiteRecord>), ApiError> {
+    if !p.sees_everything() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a caller limited to sites cannot create sites (it could not see them)",
+        ));
+    }
     let site = state.fleet.create_site(&req.site_id, &req.name, unix_ms()).await?;
     audit(&state, &p, "site.created", Some(format!("site:{}", site.site_id)), ip, json!({ "name": site.name })).await;
     Ok((StatusCode::CREATED, Json(site)))
@@ -97,10 +104,25 @@ pub async fn create_site(
     responses((status = 200, description = "Renamed", body = SiteRecord), (status = 404, description = "No such site", body = ErrorBody)))]
 pub async fn rename_site(
     State(state): State<AppState>,
+    ip: ClientIp,
+    Extension(p): Extension<Principal>,
     Path(site): Path<String>,
     Body(req): Body<SitePatch>,
 ) -> Result<Json<SiteRecord>, ApiError> {
-    Ok(Json(state.fleet.rename_site(&site, &req.name).await?))
+    site_in_scope(&p, &site)?;
+    let renamed = state.fleet.rename_site(&site, &req.name).await?;
+    audit(&state, &p, "site.renamed", Some(format!("site:{site}")), ip, json!({ "name": renamed.name })).await;
+    Ok(Json(renamed))
+}
+
+/// A site outside the caller's scope is answered as not found.
+fn site_in_scope(p: &Principal, site: &str) -> Result<(), ApiError> {
+    if site_visible(&p.scope, site) {
+        Ok(())
+    } else {
+        let shown: String = site.chars().take(64).collect();
+        Err(ApiError::no_such(format!("site {shown}")))
+    }
 }
 
 /// Delete a site that nothing is assigned to.
@@ -114,6 +136,7 @@ pub async fn delete_site(
     Extension(p): Extension<Principal>,
     Path(site): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    site_in_scope(&p, &site)?;
     state.fleet.delete_site(&site).await?;
     audit(&state, &p, "site.deleted", Some(format!("site:{site}")), ip, json!({})).await;
     Ok(StatusCode::NO_CONTENT)
@@ -154,7 +177,7 @@ pub async fn update_device(
     Body(patch): Body<DevicePatch>,
 ) -> Result<Json<DeviceDetail>, ApiError> {
     let before = state.fleet.get_device(&device, &Scope::All).await?;
-    let after = state.fleet.update_device(&device, &patch, unix_ms()).await?;
+    let after = state.fleet.update_device(&device, &patch, &p.scope, unix_ms()).await?;
     let target = Some(format!("device:{device}"));
     if before.disabled != after.disabled {
         audit(
@@ -195,7 +218,7 @@ pub async fn device_health(
         Some(v) => super::page_limit(v)?,
         None => 100,
     };
-    Ok(Json(HealthList { health: state.fleet.health_history(&device, from, to, limit).await? }))
+    Ok(Json(HealthList { health: state.fleet.health_history(&device, from, to, limit, &p.scope).await? }))
 }
 
 /// Cameras, optionally of one device or site.
@@ -241,7 +264,7 @@ pub async fn update_camera(
     Path((device, camera)): Path<(String, String)>,
     Body(patch): Body<CameraPatch>,
 ) -> Result<Json<CameraDetail>, ApiError> {
-    let after = state.fleet.update_camera(&device, &camera, &patch).await?;
+    let after = state.fleet.update_camera(&device, &camera, &patch, &p.scope).await?;
     audit(
         &state,
         &p,

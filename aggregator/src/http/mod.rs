@@ -88,6 +88,8 @@ pub struct AppState {
     /// Turns true at shutdown: open `GET /api/v1/stream` answers end then (a dropped sender
     /// counts as never).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Where alert channels may point ([`crate::alerts::targets`]).
+    pub alert_targets: crate::alerts::targets::TargetPolicy,
 }
 
 /// The error form of every 4xx/5xx answer.

@@ -54,9 +54,23 @@ pub struct MqttCredentialList {
 #[utoipa::path(get, path = "/api/v1/mqtt/credentials", tag = "mqtt",
     extensions(("x-permission" = json!("apikeys:read"))),
     responses((status = 200, description = "MQTT credentials", body = MqttCredentialList)))]
-pub async fn list_mqtt_credentials(State(state): State<AppState>) -> Result<Json<MqttCredentialList>, ApiError> {
+pub async fn list_mqtt_credentials(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<MqttCredentialList>, ApiError> {
     let list = CredentialStore::new(state.store.db()).list().await?;
-    Ok(Json(MqttCredentialList { credentials: list.into_iter().map(|c| c.credential).collect() }))
+    Ok(Json(MqttCredentialList {
+        credentials: list.into_iter().map(|c| c.credential).filter(|c| within_reach(&p, c)).collect(),
+    }))
+}
+
+/// Whether the caller could have made the credential (sees all it sees): a caller limited to
+/// sites lists and revokes only credentials within them, without alerts (which span every site).
+fn within_reach(p: &Principal, c: &MqttCredential) -> bool {
+    match &p.scope {
+        Scope::All => true,
+        Scope::Limited { sites, .. } => !c.alerts && c.sites.iter().all(|s| sites.contains(s)),
+    }
 }
 
 /// Create an MQTT credential for an integrator, scoped to sites (and alerts). The password is in
@@ -127,7 +141,12 @@ pub async fn revoke_mqtt_credential(
     Extension(p): Extension<Principal>,
     Path(username): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !CredentialStore::new(state.store.db()).delete(&username).await? {
+    let store = CredentialStore::new(state.store.db());
+    match store.get(&username).await? {
+        Some(c) if within_reach(&p, &c.credential) => {}
+        _ => return Err(ApiError::no_such("such MQTT credential")),
+    }
+    if !store.delete(&username).await? {
         return Err(ApiError::no_such("such MQTT credential"));
     }
     audit(&state, &p, "mqtt_credential.revoked", Some(format!("mqtt:{username}")), ip, json!({})).await;

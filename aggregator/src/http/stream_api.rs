@@ -23,7 +23,11 @@
 //! and the status of devices with at least one such camera.
 //!
 //! The stream starts with the comment `: ready` once it is subscribed (what is committed after
-//! it is in the stream), and sends a keep-alive comment every 15 s. A client that does not read
+//! it is in the stream), and sends a keep-alive comment every 15 s. It lasts only as long as
+//! its credential: when the access token expires, or the session or API key is revoked (a user
+//! disabled or changed is revoked too), the stream sends `event: end` (`data:` the reason) and
+//! closes, within about a second of the revocation on any replica; the client signs in again
+//! or refreshes its token, and reconnects. A client that does not read
 //! fast enough for [`CLIENT_QUEUE`] messages to drain is dropped (the stream ends, counted in
 //! [`STREAM_DROPPED`]): it reconnects and catches up with `GET /api/v1/events`.
 
@@ -53,6 +57,8 @@ pub const STREAM_CLIENTS: &str = "its_stream_clients";
 pub const STREAM_MESSAGES: &str = "its_stream_messages_total";
 /// Counter of clients dropped because they did not keep up.
 pub const STREAM_DROPPED: &str = "its_stream_slow_clients_dropped_total";
+/// Counter of streams ended because their credential was revoked or expired.
+pub const STREAM_CREDENTIAL_ENDED: &str = "its_stream_credential_ended_total";
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How long a camera's site (or a device's visibility) is cached per stream.
@@ -64,6 +70,10 @@ pub fn describe() {
     metrics::describe_gauge!(STREAM_CLIENTS, "Open GET /api/v1/stream connections");
     metrics::describe_counter!(STREAM_MESSAGES, "Messages sent on GET /api/v1/stream");
     metrics::describe_counter!(STREAM_DROPPED, "Stream clients dropped because they did not read fast enough");
+    metrics::describe_counter!(
+        STREAM_CREDENTIAL_ENDED,
+        "Streams ended because their credential was revoked, disabled or expired"
+    );
 }
 
 /// Query parameters of `GET /api/v1/stream` (documentation; the handler parses them strictly).
@@ -191,21 +201,61 @@ pub async fn stream_events(
     let _ = tx.try_send(Event::default().comment("ready"));
     let deadline = query.duration.map(|d| Instant::now() + d);
     let filter = Filter { query, scope: principal.scope.clone(), fleet: state.fleet.clone(), cache: HashMap::new() };
-    tokio::spawn(forward(rx, tx, filter, deadline, state.shutdown.clone()));
+    let credential = Credential { auth: state.auth.clone(), principal };
+    tokio::spawn(forward(rx, tx, filter, deadline, credential, state.shutdown.clone()));
     let body = futures::stream::poll_fn(move |cx| out.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>)));
     Ok(Sse::new(body).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 
+/// The credential a stream was opened with, checked again while it lasts.
+struct Credential {
+    auth: std::sync::Arc<crate::auth::AuthService>,
+    principal: Principal,
+}
+
+impl Credential {
+    /// Resolves when the credential no longer holds (revoked, or expired).
+    async fn ended(&self) {
+        let mut changes = self.auth.revocations();
+        let expiry = self.principal.expires_at_ms.map(|e| {
+            let left = u64::try_from(e.saturating_sub(self.auth.now())).unwrap_or(0);
+            Instant::now() + Duration::from_millis(left)
+        });
+        let expired = async move {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        loop {
+            if !self.auth.still_valid(&self.principal) {
+                return;
+            }
+            tokio::select! {
+                () = &mut expired => return,
+                changed = changes.changed() => if changed.is_err() {
+                    // The service is gone: nothing will revoke anything any more.
+                    std::future::pending::<()>().await;
+                },
+            }
+        }
+    }
+}
+
 /// Moves what the client may see from the bus to its queue, until the client leaves, falls
-/// behind, or its duration is over.
+/// behind, its duration is over, or its credential ends.
 async fn forward(
     mut rx: BusReceiver,
     tx: mpsc::Sender<Event>,
     mut filter: Filter,
     deadline: Option<Instant>,
+    credential: Credential,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     metrics::gauge!(STREAM_CLIENTS).increment(1.0);
+    let ended = credential.ended();
+    tokio::pin!(ended);
     let stopping = async move {
         // A dropped sender (no shutdown signal at all) never stops the stream.
         if shutdown.wait_for(|s| *s).await.is_err() {
@@ -225,6 +275,11 @@ async fn forward(
             _ = tx.closed() => break,
             _ = &mut until => break,
             _ = &mut stopping => break,
+            () = &mut ended => {
+                metrics::counter!(STREAM_CREDENTIAL_ENDED).increment(1);
+                let _ = tx.try_send(Event::default().event("end").data("credential revoked or expired"));
+                break;
+            }
             m = rx.recv() => match m { Some(m) => m, None => break },
         };
         for event in filter.events_of(&delivered.message).await {

@@ -34,6 +34,11 @@
 //!   device's queue holds [`DEVICE_QUEUE`] frames: beyond that (a storage stall) frames are
 //!   dropped and counted, and the agent's resends bring them again.
 //! - Snapshots are not carried over MQTT (the agent keeps them in its outbox).
+//! - A device disabled while its session runs loses it within about a second: the bridge reads
+//!   the disabled devices every second, refuses the next frame of such a device with
+//!   `device disabled` and drops its session, as the QUIC ingest closes its connection. (The
+//!   broker connection itself belongs to the broker: take the device's broker credential away
+//!   too, or it can keep publishing frames that are refused.)
 //!
 //! The bridge's MQTT session is clean: what arrives while the aggregator is down is lost, which the
 //! agents' resends repair. Every (re)connect subscribes again.
@@ -281,6 +286,27 @@ struct Shared {
     fleet: Fleet,
     bus: EventBus,
     idle: Duration,
+    /// The devices disabled now (read every second).
+    disabled: Arc<std::sync::RwLock<std::collections::HashSet<String>>>,
+}
+
+impl Shared {
+    fn is_disabled(&self, device: &str) -> bool {
+        self.disabled.read().unwrap_or_else(|p| p.into_inner()).contains(device)
+    }
+}
+
+/// Reads the disabled devices every second into `shared.disabled` until dropped.
+async fn watch_disabled(shared: Shared) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match shared.fleet.disabled_devices().await {
+            Ok(list) => *shared.disabled.write().unwrap_or_else(|p| p.into_inner()) = list.into_iter().collect(),
+            Err(e) => tracing::warn!(error = %e, "MQTT uplink: reading the disabled devices failed"),
+        }
+    }
 }
 
 /// Runs the bridge until `shutdown`. Broker trouble never ends it: it reconnects.
@@ -296,7 +322,16 @@ pub async fn run(
     );
     let opts = mqtt_options(&cfg)?;
     let (client, eventloop) = AsyncClient::new(opts, 1024);
-    let shared = Shared { client: client.clone(), fleet: Fleet::new(store.db()), store, bus, idle: cfg.session_idle };
+    let shared = Shared {
+        client: client.clone(),
+        fleet: Fleet::new(store.db()),
+        store,
+        bus,
+        idle: cfg.session_idle,
+        disabled: Arc::default(),
+    };
+    let watcher = tokio::spawn(watch_disabled(shared.clone()));
+    let _watcher = AbortOnDrop(watcher);
     tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), tls = cfg.tls_ca.is_some(), client_id = %cfg.client_id, "MQTT uplink bridge starting");
     tokio::select! {
         () = bridge(eventloop, shared) => Ok(()),
@@ -415,6 +450,15 @@ async fn device_task(device: String, mut rx: mpsc::Receiver<bytes::Bytes>, share
             continue;
         }
         let current = *current;
+        if shared.is_disabled(&device) {
+            crate::telemetry::disabled_device_refused("live");
+            tracing::info!(device, "MQTT uplink: the device is disabled; its session ends");
+            if let Some((_, old)) = session.take() {
+                crate::telemetry::session_closed(&old.stats());
+            }
+            publish(&shared.client, &down, current, &Frame::Refuse { reason: DEVICE_DISABLED_REASON.into() }).await;
+            continue;
+        }
         match handle(&device, s, frame, &shared).await {
             Ok(()) => {
                 while let Some(f) = s.poll_transmit() {
@@ -454,6 +498,9 @@ enum Ended {
 async fn handle(device: &str, s: &mut IngestSession, frame: Frame, shared: &Shared) -> Result<(), Ended> {
     let store = shared.store.as_ref();
     let action = s.handle_frame(frame).map_err(|e| {
+        if matches!(e, its_shared::session::IngestError::BadHello(_)) {
+            crate::telemetry::hello_refused();
+        }
         dropped("protocol");
         tracing::warn!(device, error = %e, "uplink protocol error: session ended");
         Ended::Refused(e.to_string())
@@ -482,6 +529,15 @@ async fn handle(device: &str, s: &mut IngestSession, frame: Frame, shared: &Shar
         None => crate::telemetry::batch_out_of_order(),
     }
     Ok(())
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Publishes one frame of session `id` to a device (QoS 1). A failure is logged: the agent's

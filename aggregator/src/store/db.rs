@@ -13,9 +13,19 @@
 
 use sqlx::{PgPool, SqlitePool};
 
-/// A backend's connection pools.
+use crate::vault::Vault;
+
+/// A backend's connection pools, with the key ring that seals the secret columns
+/// ([`crate::vault`]).
 #[derive(Debug, Clone)]
-pub enum Db {
+pub struct Db {
+    pub pools: Pools,
+    vault: Vault,
+}
+
+/// The connection pools of one backend.
+#[derive(Debug, Clone)]
+pub enum Pools {
     Sqlite { writer: SqlitePool, reader: SqlitePool },
     Postgres(PgPool),
 }
@@ -28,28 +38,49 @@ pub enum Pool<'a> {
 }
 
 impl Db {
+    pub fn new(pools: Pools, vault: Vault) -> Self {
+        Self { pools, vault }
+    }
+
+    /// The key ring of the secret columns.
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
     /// Where writes go (SQLite: the one writer connection, so writes never meet `SQLITE_BUSY`).
     pub fn write(&self) -> Pool<'_> {
-        match self {
-            Db::Sqlite { writer, .. } => Pool::Sqlite(writer),
-            Db::Postgres(p) => Pool::Postgres(p),
+        match &self.pools {
+            Pools::Sqlite { writer, .. } => Pool::Sqlite(writer),
+            Pools::Postgres(p) => Pool::Postgres(p),
         }
     }
 
     /// Where reads go.
     pub fn read(&self) -> Pool<'_> {
-        match self {
-            Db::Sqlite { reader, .. } => Pool::Sqlite(reader),
-            Db::Postgres(p) => Pool::Postgres(p),
+        match &self.pools {
+            Pools::Sqlite { reader, .. } => Pool::Sqlite(reader),
+            Pools::Postgres(p) => Pool::Postgres(p),
         }
     }
 
     /// `"sqlite"` or `"postgres"`.
     pub fn backend(&self) -> &'static str {
-        match self {
-            Db::Sqlite { .. } => "sqlite",
-            Db::Postgres(_) => "postgres",
+        match self.pools {
+            Pools::Sqlite { .. } => "sqlite",
+            Pools::Postgres(_) => "postgres",
         }
+    }
+
+    /// The PostgreSQL pool, when that is the backend.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match &self.pools {
+            Pools::Postgres(p) => Some(p),
+            Pools::Sqlite { .. } => None,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.postgres().is_some()
     }
 }
 

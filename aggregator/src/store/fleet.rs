@@ -12,8 +12,16 @@
 //!   either.
 //!
 //! A [`Scope::Limited`] sees the cameras of its sites and the cameras it names, and a device when
-//! it sees at least one of its cameras (with only those cameras); what it does not see is
-//! answered as not found.
+//! it sees at least one of its cameras (with only those cameras, also in the health reports);
+//! what it does not see is answered as not found.
+//!
+//! Writes by a [`Scope::Limited`] caller need its **sites** (a camera granted on its own can be
+//! seen, not moved): what a change touches must lie in its sites before the change and after it,
+//! checked in the change's own transaction. A device is written only when it and every camera of
+//! it are in the caller's sites; a camera only when its effective site is; a new site of either
+//! must be one of the caller's, and unassigning (which takes it out of every site) is refused.
+//! Something the caller does not see is not found; something it sees but may not change is
+//! [`StoreError::Forbidden`].
 
 use std::collections::HashMap;
 
@@ -311,6 +319,14 @@ fn camera_visible(scope: &Scope, c: &CameraDetail) -> bool {
     scope.allows_camera(&c.device_id, &c.camera, c.site_id.as_deref())
 }
 
+/// A limited scope sees, in a device's latest health report, only the cameras it sees.
+fn narrow_health(d: &mut DeviceDetail, scope: &Scope) {
+    if let (Scope::Limited { .. }, Some(h)) = (scope, d.last_health.as_mut()) {
+        let seen: Vec<&str> = d.cameras.iter().map(|c| c.camera.as_str()).collect();
+        h.cameras.retain(|c| seen.contains(&c.camera.as_str()));
+    }
+}
+
 /// Sites, devices and cameras on either backend.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -439,6 +455,7 @@ impl Fleet {
                 None if matches!(scope, Scope::Limited { .. }) => continue,
                 None => {}
             }
+            narrow_health(&mut d, scope);
             out.push(d);
         }
         Ok(out)
@@ -461,6 +478,7 @@ impl Fleet {
         if matches!(scope, Scope::Limited { .. }) && d.cameras.is_empty() {
             return Err(device_not_found(device_id));
         }
+        narrow_health(&mut d, scope);
         Ok(d)
     }
 
@@ -471,6 +489,7 @@ impl Fleet {
         &self,
         device_id: &str,
         patch: &DevicePatch,
+        scope: &Scope,
         now_ms: i64,
     ) -> Result<DeviceDetail, StoreError> {
         if has_nul(device_id) {
@@ -484,12 +503,35 @@ impl Fleet {
         }
         on_db!(self.db.write(), pool => {
             let mut tx = pool.begin().await?;
-            let found: Option<(String,)> = sqlx::query_as("SELECT device_id FROM devices WHERE device_id = $1")
+            let found: Option<(Option<String>,)> = sqlx::query_as("SELECT site_id FROM devices WHERE device_id = $1")
                 .bind(device_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            if found.is_none() {
+            let Some((current_site,)) = found else {
                 return Err(device_not_found(device_id));
+            };
+            if let Scope::Limited { sites, .. } = scope {
+                let cameras: Vec<(String, Option<String>)> =
+                    sqlx::query_as("SELECT camera, site_id FROM cameras WHERE device_id = $1")
+                        .bind(device_id)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                if !cameras.iter().any(|(c, site)| scope.allows_camera(device_id, c, site.as_deref())) {
+                    return Err(device_not_found(device_id));
+                }
+                let mine = |site: &Option<String>| site.as_ref().is_some_and(|s| sites.contains(s));
+                if !mine(&current_site) || !cameras.iter().all(|(_, site)| mine(site)) {
+                    return Err(StoreError::Forbidden(format!(
+                        "device {device_id} or some of its cameras are outside your sites"
+                    )));
+                }
+                if let Some(target) = &patch.site_id
+                    && !mine(target)
+                {
+                    return Err(StoreError::Forbidden(
+                        "a device can be moved only to one of your sites".to_owned(),
+                    ));
+                }
             }
             if let Some(name) = &name {
                 sqlx::query("UPDATE devices SET name = $2 WHERE device_id = $1")
@@ -572,12 +614,15 @@ impl Fleet {
     /// Health reports of a device with `from_ms <= at_ms < to_ms` (bounds optional), newest
     /// first, at most `limit` (1..=[`MAX_HEALTH_HISTORY_LIMIT`]). `NotFound` for an unknown
     /// device.
+    /// For a [`Scope::Limited`], each report shows only the cameras the scope sees (the caller
+    /// checks that it sees the device).
     pub async fn health_history(
         &self,
         device_id: &str,
         from_ms: Option<i64>,
         to_ms: Option<i64>,
         limit: u32,
+        scope: &Scope,
     ) -> Result<Vec<HealthSample>, StoreError> {
         if !(1..=MAX_HEALTH_HISTORY_LIMIT).contains(&limit) {
             return Err(StoreError::InvalidQuery(format!("limit must be between 1 and {MAX_HEALTH_HISTORY_LIMIT}")));
@@ -610,10 +655,19 @@ impl Fleet {
         if found.is_none() {
             return Err(device_not_found(device_id));
         }
+        let seen: Option<Vec<String>> = match scope {
+            Scope::All => None,
+            Scope::Limited { .. } => {
+                Some(self.list_cameras(scope, Some(device_id), None).await?.into_iter().map(|c| c.camera).collect())
+            }
+        };
         rows.into_iter()
             .map(|(at_ms, text)| {
-                let report = serde_json::from_str(&text)
+                let mut report: DeviceHealth = serde_json::from_str(&text)
                     .map_err(|e| StoreError::Corrupt(format!("health of device {device_id} at {at_ms}: {e}")))?;
+                if let Some(seen) = &seen {
+                    report.cameras.retain(|c| seen.contains(&c.camera));
+                }
                 Ok(HealthSample { at_ms, report })
             })
             .collect()
@@ -666,6 +720,7 @@ impl Fleet {
         device_id: &str,
         camera: &str,
         patch: &CameraPatch,
+        scope: &Scope,
     ) -> Result<CameraDetail, StoreError> {
         if has_nul(device_id) || has_nul(camera) {
             return Err(camera_not_found(device_id, camera));
@@ -678,14 +733,37 @@ impl Fleet {
         }
         on_db!(self.db.write(), pool => {
             let mut tx = pool.begin().await?;
-            let found: Option<(String,)> =
-                sqlx::query_as("SELECT camera FROM cameras WHERE device_id = $1 AND camera = $2")
-                    .bind(device_id)
-                    .bind(camera)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if found.is_none() {
+            let found: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT c.site_id, d.site_id FROM cameras c JOIN devices d ON d.device_id = c.device_id \
+                 WHERE c.device_id = $1 AND c.camera = $2",
+            )
+            .bind(device_id)
+            .bind(camera)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((current_site, device_site)) = found else {
                 return Err(camera_not_found(device_id, camera));
+            };
+            if let Scope::Limited { sites, .. } = scope {
+                if !scope.allows_camera(device_id, camera, current_site.as_deref()) {
+                    return Err(camera_not_found(device_id, camera));
+                }
+                let mine = |site: &Option<String>| site.as_ref().is_some_and(|s| sites.contains(s));
+                if !mine(&current_site) {
+                    return Err(StoreError::Forbidden(format!("camera {device_id}/{camera} is outside your sites")));
+                }
+                let target = match &patch.site_id {
+                    Some(Some(site)) => Some(Some(site.clone())),
+                    Some(None) => Some(device_site.clone()),
+                    None => None,
+                };
+                if let Some(target) = &target
+                    && !mine(target)
+                {
+                    return Err(StoreError::Forbidden(
+                        "a camera can be moved only to one of your sites".to_owned(),
+                    ));
+                }
             }
             if let Some(name) = &name {
                 sqlx::query("UPDATE cameras SET name = $3 WHERE device_id = $1 AND camera = $2")

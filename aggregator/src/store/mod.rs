@@ -32,9 +32,10 @@ pub mod db;
 pub mod fleet;
 pub mod postgres;
 pub mod retention;
+pub mod sealed;
 pub mod sqlite;
 
-pub use db::{Db, Pool};
+pub use db::{Db, Pool, Pools};
 pub use fleet::{
     CameraDetail, CameraPatch, DeviceDetail, DevicePatch, Fleet, HealthSample, MAX_HEALTH_HISTORY_LIMIT, SiteRecord,
 };
@@ -85,6 +86,10 @@ pub enum StoreError {
     /// The change conflicts with what is stored (a name already taken, ...); safe to show.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The caller's scope does not cover what the change touches or where it would move it
+    /// (the message is safe to show).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -405,14 +410,52 @@ pub trait EventStore: Send + Sync + 'static {
 /// - `sqlite://path/to/file.db` (created if missing; WAL, `synchronous=FULL`, foreign keys on),
 /// - `sqlite::memory:` (one private in-memory database, for tests),
 /// - `postgres://...` or `postgresql://...`.
-pub async fn open_store(url: &str) -> Result<Arc<dyn EventStore>, StoreError> {
+///
+/// `vault` seals the secret columns ([`sealed`]); see [`crate::vault`] for where it comes from.
+pub async fn open_store(url: &str, vault: crate::vault::Vault) -> Result<Arc<dyn EventStore>, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url).await?))
+        Ok(Arc::new(SqliteStore::open(url, vault).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::open(url).await?))
+        Ok(Arc::new(PostgresStore::open(url, vault).await?))
     } else {
         Err(StoreError::Config("database URL must start with sqlite: or postgres://".to_owned()))
     }
+}
+
+/// Opens the store with the key ring of `source` ([`crate::vault`]) and seals what is not
+/// sealed with its active key yet ([`sealed::seal_all`]). The key file is created (mode 0600) only
+/// when it is missing and the database holds nothing sealed; a database that holds secrets sealed
+/// with keys the ring lacks is refused, naming them.
+pub async fn open_store_with_secrets(
+    url: &str,
+    source: &crate::vault::KeySource,
+) -> Result<Arc<dyn EventStore>, StoreError> {
+    let (vault, created) = crate::vault::Vault::load(source, true)?;
+    let store = open_store(url, vault.clone()).await?;
+    let in_use = sealed::key_ids_in_use(&store.db()).await?;
+    let missing: Vec<&String> = in_use.iter().filter(|k| !vault.key_ids().contains(k)).collect();
+    if !missing.is_empty() {
+        if created && let crate::vault::KeySource::File(path) = source {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(StoreError::Config(format!(
+            "the database holds secrets sealed with key(s) {missing:?}, which the key ring {} lacks \
+             (restore the key file the database was used with, or set {})",
+            source.describe(),
+            crate::vault::KEYRING_ENV
+        )));
+    }
+    if created {
+        tracing::warn!(
+            key_file = %source.describe(),
+            "created the secrets key file: back it up, apart from the database (without it the stored secrets cannot be read)"
+        );
+    }
+    let report = sealed::seal_all(&store.db()).await?;
+    if report.plain + report.resealed > 0 {
+        tracing::info!(plain = report.plain, resealed = report.resealed, "sealed stored secrets with the active key");
+    }
+    Ok(store)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -34,13 +34,14 @@ pub struct PostgresStore {
     pool: PgPool,
     /// Events and health history are TimescaleDB hypertables.
     timescale: bool,
+    vault: crate::vault::Vault,
 }
 
 impl PostgresStore {
     /// Connects to `postgres://...`, applies migrations, and turns the events and the health
     /// history into TimescaleDB hypertables when the extension is available (see
     /// [`super::retention::timescale_setup`]); plain tables otherwise.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, vault: crate::vault::Vault) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(Duration::from_secs(10))
@@ -53,7 +54,7 @@ impl PostgresStore {
         } else {
             tracing::info!("PostgreSQL storage: plain tables (TimescaleDB not available)");
         }
-        Ok(Self { pool, timescale })
+        Ok(Self { pool, timescale, vault })
     }
 
     /// Whether the events and the health history are TimescaleDB hypertables.
@@ -356,7 +357,7 @@ impl EventStore for PostgresStore {
     }
 
     fn db(&self) -> super::Db {
-        super::Db::Postgres(self.pool.clone())
+        super::Db::new(super::Pools::Postgres(self.pool.clone()), self.vault.clone())
     }
 }
 

@@ -9,6 +9,11 @@
 //!   snapshot rows without an event as old as them, until the total is under a low-water mark
 //!   ([`LOW_WATER_PERCENT`] of the limit, so that it does not run at every tick).
 //!
+//! The size counted leaves out the audit log and the sign-in throttle (on SQLite they are measured
+//! with `dbstat` and subtracted; PostgreSQL's estimate counts only the tables retention deletes
+//! from): the audit log has a retention of its own (`[audit]`), and what an unauthenticated
+//! caller can make grow must never cost stored events.
+//!
 //! What it never deletes: devices, cameras, sites, users, keys, the audit log, and the newest
 //! event of each device (the one with its highest sequence number). That event is the device's
 //! high-water mark: the ingest acknowledges it to the agent when the agent connects, and a device
@@ -39,7 +44,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{Db, StoreError, count_from_db, format_timestamp_ms};
+use super::{Db, Pools, StoreError, count_from_db, format_timestamp_ms};
 use crate::on_db;
 use crate::snapshots::SnapshotObjects;
 
@@ -705,8 +710,8 @@ impl Retention {
             snapshot_bytes: count_from_db(snapshot_bytes)?,
             ..StorageSize::default()
         };
-        match &self.db {
-            Db::Sqlite { reader, .. } => {
+        match &self.db.pools {
+            Pools::Sqlite { reader, .. } => {
                 let pragma = |name: &'static str| async move {
                     let v: i64 = sqlx::query_scalar(name).fetch_one(reader).await?;
                     Ok::<u64, StoreError>(u64::try_from(v).unwrap_or(0))
@@ -714,7 +719,25 @@ impl Retention {
                 let pages = pragma("PRAGMA page_count").await?;
                 let free = pragma("PRAGMA freelist_count").await?;
                 let page_size = pragma("PRAGMA page_size").await?;
-                size.db_bytes = pages.saturating_sub(free).saturating_mul(page_size);
+                // What retention does not manage (the audit log and sign-in throttle, which
+                // anyone can make grow and which have their own limits) is not counted: it must
+                // never make size retention delete events.
+                let names: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM sqlite_schema WHERE tbl_name IN ('audit_log', 'login_throttle') AND rootpage > 0",
+                )
+                .fetch_all(reader)
+                .await?;
+                let mut unmanaged: u64 = 0;
+                for name in &names {
+                    let bytes: i64 = sqlx::query_scalar(
+                        "SELECT CAST(COALESCE(SUM(pgsize), 0) AS BIGINT) FROM dbstat WHERE name = $1",
+                    )
+                    .bind(name)
+                    .fetch_one(reader)
+                    .await?;
+                    unmanaged = unmanaged.saturating_add(u64::try_from(bytes).unwrap_or(0));
+                }
+                size.db_bytes = pages.saturating_sub(free).saturating_mul(page_size).saturating_sub(unmanaged);
                 // The file holds everything: one average for every row.
                 let rows = size.events + size.health_rows + size.snapshots;
                 let per_row = size.db_bytes.checked_div(rows).unwrap_or(0);
@@ -722,7 +745,7 @@ impl Retention {
                 size.health_row_bytes = per_row;
                 size.snapshot_row_bytes = per_row;
             }
-            Db::Postgres(pool) => {
+            Pools::Postgres(pool) => {
                 let hyper = hypertables(pool).await?;
                 size.event_row_bytes = pg_row_bytes(pool, PgTable::Events, &hyper).await?;
                 size.health_row_bytes = pg_row_bytes(pool, PgTable::DeviceHealth, &hyper).await?;
@@ -741,7 +764,7 @@ impl Retention {
     /// when there is none). The events hypertable gets no chunk-dropping policy: it would drop the
     /// devices' newest events too (see the module documentation); the row deletion covers it.
     async fn sync_timescale_policy(&self) -> Result<(), StoreError> {
-        let Db::Postgres(pool) = &self.db else { return Ok(()) };
+        let Some(pool) = self.db.postgres() else { return Ok(()) };
         let hyper = hypertables(pool).await?;
         if !hyper.iter().any(|t| t == "device_health") {
             return Ok(());

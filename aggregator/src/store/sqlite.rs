@@ -71,11 +71,13 @@ const READERS: u32 = 4;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    vault: crate::vault::Vault,
 }
 
 impl SqliteStore {
-    /// Opens `sqlite://path` (created if missing) or `sqlite::memory:` and applies migrations.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    /// Opens `sqlite://path` (created if missing, mode 0600: the file holds hashes and sealed
+    /// secrets, see [`crate::fsutil`]) or `sqlite::memory:` and applies migrations.
+    pub async fn open(url: &str, vault: crate::vault::Vault) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -84,8 +86,16 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             // 64 MiB page cache per connection (default 2 MiB): the four time indexes are written
             // at several places per batch, and their pages stay cached between batches.
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", "-65536")
+            // Deleted or replaced content is overwritten where that costs no extra I/O: a secret
+            // sealed in place of its plain form does not linger in the page (see `sealed`).
+            .pragma("secure_delete", "FAST");
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !in_memory {
+            let file = opts.get_filename();
+            crate::fsutil::private_database_file(file)
+                .map_err(|e| StoreError::Config(format!("{}: {e}", file.display())))?;
+        }
         let writer_opts =
             SqlitePoolOptions::new().max_connections(1).min_connections(1).acquire_timeout(Duration::from_secs(30));
         let (writer, reader) = if in_memory {
@@ -101,7 +111,7 @@ impl SqliteStore {
             (writer, reader)
         };
         MIGRATOR.run(&writer).await?;
-        Ok(Self { writer, reader })
+        Ok(Self { writer, reader, vault })
     }
 }
 
@@ -381,6 +391,9 @@ impl EventStore for SqliteStore {
     }
 
     fn db(&self) -> super::Db {
-        super::Db::Sqlite { writer: self.writer.clone(), reader: self.reader.clone() }
+        super::Db::new(
+            super::Pools::Sqlite { writer: self.writer.clone(), reader: self.reader.clone() },
+            self.vault.clone(),
+        )
     }
 }

@@ -112,7 +112,7 @@ where
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("tempdir");
             let url = format!("sqlite://{}", dir.path().join("events.db").display());
-            let store = open_store(&url).await.expect("open sqlite store");
+            let store = open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open sqlite store");
             assert_eq!(store.backend(), "sqlite");
             let outcome = tokio::spawn(test(store)).await;
             drop(dir);
@@ -122,7 +122,8 @@ where
         }
         Backend::Postgres => {
             let db = PgDatabase::create(concat!("its_", env!("CARGO_CRATE_NAME"))).await;
-            let store = open_store(&db.url).await.expect("open postgres store");
+            let store =
+                open_store(&db.url, its_aggregator::vault::Vault::ephemeral()).await.expect("open postgres store");
             assert_eq!(store.backend(), "postgres");
             let outcome = tokio::spawn(test(store)).await;
             db.drop_db().await;
@@ -428,6 +429,7 @@ pub async fn test_state(
         access: Arc::new(access),
         bus: its_aggregator::bus::EventBus::new(),
         shutdown: tokio::sync::watch::channel(false).1,
+        alert_targets: its_aggregator::alerts::targets::TargetPolicy::default(),
     };
     (state, token)
 }
