@@ -190,6 +190,7 @@ impl utoipa::Modify for ApiConventions {
                 add("503", "Storage unavailable");
                 if has_body {
                     // What `body::Body` answers for a body it cannot take.
+                    add("408", "The request body did not arrive within `[http] body_timeout_s`");
                     add("413", "The request body is too large");
                     add("415", "The body is not `Content-Type: application/json`");
                 }
