@@ -332,8 +332,8 @@ async fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
         tokio::time::sleep(HEADER_TIMEOUT / 2).await;
     }
     let (closed, after) = idle_closed.await.expect("task");
-    eprintln!("idle keep-alive connection closed after {after:?}");
     let got = closed.unwrap_or_else(|_| panic!("an idle keep-alive connection still open after {after:?}"));
+    eprintln!("idle keep-alive connection closed after {after:?}");
     assert!(!got.starts_with(b"HTTP/"), "nothing more is sent: {:?}", String::from_utf8_lossy(&got));
     assert!(after >= HEADER_TIMEOUT - EARLY, "closed after {after:?}, before the header timeout");
 }
