@@ -10,7 +10,7 @@ use its_shared::config::{ConfigErrors, parse_toml_with_env};
 use serde::Deserialize;
 
 use crate::http::client_addr::IpNet;
-use crate::http::transport::TlsFiles;
+use crate::http::transport::{Limits as HttpLimits, TlsFiles};
 use crate::ingest::IngestConfig;
 use crate::snapshots::SnapshotLocation;
 use crate::store::retention::RetentionPolicy;
@@ -131,13 +131,57 @@ pub struct RawHttp {
     /// `X-Forwarded-For` / `Forwarded` header names the client. Empty (the default): the TCP peer
     /// is the client, and the headers are ignored.
     pub trusted_proxies: Vec<String>,
+    /// Seconds a client has to send a request head (1..=300; default 30): the first one of a
+    /// connection (HTTP/1 or HTTP/2) and every later HTTP/1 one. An HTTP/1 keep-alive
+    /// connection idle this long is closed.
+    pub header_timeout_s: u64,
+    /// Seconds a request body has to arrive whole after its head (1..=3600; default 60): 408 and,
+    /// for HTTP/1, the connection closed otherwise. Responses (event streams) are not timed.
+    pub body_timeout_s: u64,
+    /// Connections open at once, TLS handshakes included (1..=1000000; default 1024). One more is
+    /// accepted and closed at once (counted in `its_http_connections_refused_total`).
+    pub max_connections: u64,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8470".into(), tls_cert: None, tls_key: None, trusted_proxies: Vec::new() }
+        // The limits' defaults, and why, are in `crate::http::transport`.
+        let limits = HttpLimits::default();
+        Self {
+            listen: "127.0.0.1:8470".into(),
+            tls_cert: None,
+            tls_key: None,
+            trusted_proxies: Vec::new(),
+            header_timeout_s: limits.header_timeout.as_secs(),
+            body_timeout_s: limits.body_timeout.as_secs(),
+            max_connections: limits.max_connections as u64,
+        }
     }
 }
+
+impl RawHttp {
+    /// The timeouts and the connection cap of every listener.
+    fn limits(&self, e: &mut ConfigErrors) -> HttpLimits {
+        e.check((1..=300).contains(&self.header_timeout_s), "http.header_timeout_s", || {
+            "must be between 1 and 300".into()
+        });
+        e.check((1..=3600).contains(&self.body_timeout_s), "http.body_timeout_s", || {
+            "must be between 1 and 3600".into()
+        });
+        e.check((1..=MAX_HTTP_CONNECTIONS).contains(&self.max_connections), "http.max_connections", || {
+            format!("must be between 1 and {MAX_HTTP_CONNECTIONS}")
+        });
+        HttpLimits {
+            header_timeout: Duration::from_secs(self.header_timeout_s),
+            body_timeout: Duration::from_secs(self.body_timeout_s),
+            max_connections: usize::try_from(self.max_connections.clamp(1, MAX_HTTP_CONNECTIONS)).unwrap_or(1),
+        }
+    }
+}
+
+/// Most `[http] max_connections` accepted: beyond it the descriptor limit of any ordinary host
+/// is met first, so a larger value is surely a mistake.
+const MAX_HTTP_CONNECTIONS: u64 = 1_000_000;
 
 /// Where event snapshots (JPEG pictures) are kept.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -164,6 +208,8 @@ pub struct ServerConfig {
     pub http_tls: Option<TlsFiles>,
     /// Whose forwarding headers are believed (see [`crate::http::client_addr`]).
     pub http_trusted_proxies: Vec<IpNet>,
+    /// Header and body timeouts, connection cap (see [`crate::http::transport`]).
+    pub http_limits: HttpLimits,
     pub snapshots: SnapshotLocation,
     /// What is deleted, and when (see [`crate::store::retention`]).
     pub retention: RetentionPolicy,
@@ -355,6 +401,7 @@ impl RawConfig {
                 Err(err) => e.push(format!("http.trusted_proxies[{i}]"), err.to_string()),
             }
         }
+        let http_limits = self.http.limits(&mut e);
         let snapshots = match self.snapshot_location() {
             Ok(loc) => Some(loc),
             Err(message) => {
@@ -389,6 +436,7 @@ impl RawConfig {
                 http_listen: http,
                 http_tls,
                 http_trusted_proxies: trusted_proxies,
+                http_limits,
                 snapshots,
                 retention,
                 auth,
@@ -722,6 +770,26 @@ mod tests {
     }
 
     #[test]
+    fn http_limits() {
+        let cfg =
+            http_with(&[("HEADER_TIMEOUT_S", "2"), ("BODY_TIMEOUT_S", "3"), ("MAX_CONNECTIONS", "8")]).expect("valid");
+        let want = HttpLimits {
+            header_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(3),
+            max_connections: 8,
+        };
+        assert_eq!(cfg.http_limits, want);
+        assert_eq!(http_with(&[]).expect("defaults").http_limits, HttpLimits::default());
+        let issues = http_with(&[("HEADER_TIMEOUT_S", "0"), ("BODY_TIMEOUT_S", "3601"), ("MAX_CONNECTIONS", "0")])
+            .expect_err("bad");
+        let got: Vec<&str> = issues.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(got, ["http.header_timeout_s", "http.body_timeout_s", "http.max_connections"]);
+        assert_eq!(paths(http_with(&[("HEADER_TIMEOUT_S", "301")])), ["http.header_timeout_s"]);
+        assert_eq!(paths(http_with(&[("BODY_TIMEOUT_S", "0")])), ["http.body_timeout_s"]);
+        assert_eq!(paths(http_with(&[("MAX_CONNECTIONS", "1000001")])), ["http.max_connections"]);
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let cfg = RawConfig::default().validate("defaults").expect("valid");
         assert_eq!(cfg.snapshots, SnapshotLocation::Local(PathBuf::from("/var/lib/its-aggregator")));
@@ -779,6 +847,7 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.ingest), format!("{:?}", defaults.ingest));
         assert_eq!(cfg.secrets_key_file, defaults.secrets_key_file);
         assert_eq!(cfg.http_listen, defaults.http_listen);
+        assert_eq!(cfg.http_limits, defaults.http_limits);
         assert_eq!(format!("{:?}", cfg.retention), format!("{:?}", defaults.retention));
         assert_eq!(format!("{:?}", cfg.kafka), format!("{:?}", defaults.kafka));
         assert_eq!(format!("{:?}", cfg.alerts), format!("{:?}", defaults.alerts));

@@ -158,16 +158,15 @@ impl Server {
             shutdown: shutdown.clone(),
             alert_targets: cfg.alerts.targets.clone(),
         });
-        match https {
+        let tls = match https {
             Some(cert) => {
                 let tls = transport::server_config(Arc::clone(&cert))?;
                 tasks.spawn(cert.watch(transport::RELOAD_INTERVAL, shutdown.clone()));
-                tasks.spawn(transport::serve_https(listener, app, tls, shutdown.clone()));
+                Some(tls)
             }
-            None => {
-                tasks.spawn(transport::serve_http(listener, app, shutdown.clone()));
-            }
-        }
+            None => None,
+        };
+        tasks.spawn(transport::serve(listener, app, tls, cfg.http_limits, shutdown.clone()));
         if let Some(path) = ready_file {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, serde_json::to_vec(&addrs)?).with_context(|| format!("writing {}", tmp.display()))?;

@@ -32,6 +32,9 @@ pub const RETENTION_OBJECT_FAILURES: &str = "its_retention_object_delete_failure
 pub const RETENTION_FAILURES: &str = "its_retention_failures_total";
 pub const STORAGE_BYTES: &str = "its_storage_bytes";
 pub const BUS_LAGGED: &str = "its_bus_lagged_total";
+pub const HTTP_CONNECTIONS_OPEN: &str = "its_http_connections_open";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "its_http_connections_refused_total";
+pub const HTTP_TIMEOUTS: &str = "its_http_timeouts_total";
 
 /// Registers descriptions (call once at start-up, after installing the recorder).
 pub fn describe() {
@@ -62,6 +65,17 @@ pub fn describe() {
     metrics::describe_counter!(
         BUS_LAGGED,
         "Bus messages a consumer lost because it fell behind (label consumer); durable consumers catch up from the database"
+    );
+    metrics::describe_gauge!(HTTP_CONNECTIONS_OPEN, "HTTP API connections open now (TLS handshakes included)");
+    metrics::describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "HTTP API connections closed as soon as accepted because [http] max_connections were open"
+    );
+    metrics::describe_counter!(
+        HTTP_TIMEOUTS,
+        "HTTP API connections and requests cut off by a timeout, by phase: handshake (TLS), header (a request head, \
+         or the next one on an idle keep-alive connection, not within [http] header_timeout_s), body (a request body \
+         not whole within [http] body_timeout_s)"
     );
     metrics::describe_counter!(EVENTS_STORED, "Events committed to storage");
     metrics::describe_counter!(EVENTS_DUPLICATE, "Events received again after they were stored (resends), dropped");
@@ -166,6 +180,39 @@ impl Default for ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+    }
+}
+
+/// An HTTP API connection closed as soon as accepted: `[http] max_connections` were open.
+pub fn http_connection_refused() {
+    counter!(HTTP_CONNECTIONS_REFUSED).increment(1);
+}
+
+/// An HTTP API connection or request cut off by a timeout. `phase`: `handshake`, `header` or
+/// `body`.
+pub fn http_timeout(phase: &'static str) {
+    counter!(HTTP_TIMEOUTS, "phase" => phase).increment(1);
+}
+
+/// Counts an HTTP API connection while it is open.
+pub struct HttpConnectionOpen;
+
+impl HttpConnectionOpen {
+    pub fn new() -> Self {
+        gauge!(HTTP_CONNECTIONS_OPEN).increment(1.0);
+        HttpConnectionOpen
+    }
+}
+
+impl Default for HttpConnectionOpen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HttpConnectionOpen {
+    fn drop(&mut self) {
+        gauge!(HTTP_CONNECTIONS_OPEN).decrement(1.0);
     }
 }
 

@@ -281,6 +281,61 @@ async fn the_api_needs_a_credential() {
     assert_eq!((status, &v["device_id"]), (StatusCode::OK, &Value::from("dev-a")));
 }
 
+/// A route in the router that nobody declared in the OpenAPI document is refused to everyone,
+/// the admin included, and its handler never runs; the listed public routes outside the document
+/// still answer without a credential.
+#[tokio::test]
+async fn undeclared_routes_are_refused_and_the_listed_public_ones_answer() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let store = open_store("sqlite::memory:").await.expect("open store");
+    let (state, token) = common::test_state(store, memory_objects(), metrics_handle(), AuthConfig::default()).await;
+    let ran = Arc::new(AtomicUsize::new(0));
+    let extra = Router::new().route(
+        "/api/v1/undeclared",
+        axum::routing::get({
+            let ran = Arc::clone(&ran);
+            move || async move {
+                ran.fetch_add(1, Ordering::SeqCst);
+                "served"
+            }
+        }),
+    );
+    let with_extra = App { router: its_aggregator::http::router_with(state, extra), token };
+    let anonymous = App { router: with_extra.router.clone(), token: String::new() };
+    let request = |method: &str, uri: &str, token: Option<&str>| {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).expect("request")
+    };
+    for method in ["GET", "HEAD"] {
+        let resp = anonymous.router.clone().oneshot(request(method, "/api/v1/undeclared", None)).await.expect("call");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} without a credential");
+        let resp = with_extra
+            .router
+            .clone()
+            .oneshot(request(method, "/api/v1/undeclared", Some(&with_extra.token)))
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{method} as admin");
+    }
+    let (status, v) = get_json(&with_extra, "/api/v1/undeclared").await;
+    assert_eq!((status, error_code(&v)), (StatusCode::FORBIDDEN, "forbidden"));
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the handler of an undeclared route never runs");
+
+    // The public routes outside the document, GET and HEAD, with no credential.
+    for uri in ["/metrics", "/api/v1/openapi.json", "/healthz"] {
+        for method in ["GET", "HEAD"] {
+            let resp = anonymous.router.clone().oneshot(request(method, uri, None)).await.expect("call");
+            assert_eq!(resp.status(), StatusCode::OK, "{method} {uri}");
+        }
+    }
+    // The documented API is unchanged by the extra route.
+    let (status, _) = get_json(&with_extra, "/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status() {
     let (app, _) = app().await;

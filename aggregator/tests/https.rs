@@ -248,7 +248,7 @@ async fn handlers_get_the_peer_address_over_http_and_https() {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(transport::serve_http(listener, whoami(), rx.clone()));
+    tokio::spawn(transport::serve(listener, whoami(), None, transport::Limits::default(), rx.clone()));
     check_whoami(&reqwest::Client::new(), &format!("http://{addr}/whoami")).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -259,7 +259,7 @@ async fn handlers_get_the_peer_address_over_http_and_https() {
     let tls = transport::server_config(ReloadingCert::load(files).expect("load")).expect("tls");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(transport::serve_https(listener, whoami(), tls, rx));
+    tokio::spawn(transport::serve(listener, whoami(), Some(tls), transport::Limits::default(), rx));
     for http1_only in [false, true] {
         check_whoami(&client(&cert_pem, http1_only), &format!("https://localhost:{}/whoami", addr.port())).await;
     }

@@ -7,6 +7,10 @@
 //! cannot be added without saying who may call it. [`authorize`] then runs before every handler:
 //! no or bad credential → 401, missing permission → 403, otherwise the [`Principal`] is put in
 //! the request's extensions for the handler.
+//!
+//! Default deny: a route that is neither in the map nor in [`PUBLIC_ROUTES`] (the few public
+//! routes outside the documented API) is never served: 401 without a credential, 403 with one,
+//! whatever its permissions ([`route_access`]). HEAD is answered like GET.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -128,19 +132,25 @@ impl FromRequestParts<AppState> for ClientIp {
     }
 }
 
-/// The middleware: authenticates and authorises by the route's declared access.
+/// Routes outside the documented API that anyone may GET (and HEAD): the Prometheus scrape and
+/// the OpenAPI document itself. Every other route must be declared in the [`AccessMap`].
+pub const PUBLIC_ROUTES: &[&str] = &["/metrics", "/api/v1/openapi.json"];
+
+/// What a matched route (method and route template) needs: its declaration in `map` (HEAD: that
+/// of GET), [`Access::Public`] for a GET or HEAD of one of the [`PUBLIC_ROUTES`], and `None` for
+/// anything else: a route nobody declared, refused to everyone.
+pub fn route_access(map: &AccessMap, method: &Method, path: &str) -> Option<Access> {
+    let declared = |m: &Method| {
+        map.get(m, path).or_else(|| (*m == Method::GET && PUBLIC_ROUTES.contains(&path)).then_some(Access::Public))
+    };
+    declared(method).or_else(|| if *method == Method::HEAD { declared(&Method::GET) } else { None })
+}
+
+/// The middleware: authenticates and authorises by the route's declared access ([`route_access`]).
 pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(path) = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()) else {
-        return next.run(req).await;
-    };
-    let access = match state.access.get(req.method(), &path) {
-        Some(a) => a,
-        // Routes outside the documented API (metrics, health, the document itself) are public;
-        // HEAD is answered like GET.
-        None if req.method() == Method::HEAD => state.access.get(&Method::GET, &path).unwrap_or(Access::Public),
-        None => Access::Public,
-    };
-    if access == Access::Public {
+    let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let access = path.as_deref().and_then(|p| route_access(&state.access, req.method(), p));
+    if access == Some(Access::Public) {
         return next.run(req).await;
     }
     let headers = req.headers();
@@ -149,6 +159,13 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
     let principal = match state.auth.authenticate(authorization.as_deref(), api_key.as_deref()).await {
         Ok(p) => p,
         Err(e) => return unauthorized(e.into()),
+    };
+    let Some(access) = access else {
+        // A route added to the router without a declaration: a bug, refused until it declares.
+        let route = path.as_deref().unwrap_or("?");
+        tracing::error!(method = %req.method(), route, "route without a declared permission refused");
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this endpoint declares no permission")
+            .into_response();
     };
     if let Err(e) = check(&principal, access) {
         return e.into_response();
@@ -180,4 +197,34 @@ fn unauthorized(e: ApiError) -> Response {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"its\""));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Permission;
+
+    #[test]
+    fn undeclared_routes_are_refused_and_the_listed_public_ones_are_not() {
+        let map = crate::http::access_map().expect("declared");
+        let access = |m: Method, p: &str| route_access(&map, &m, p);
+        // Declared routes, HEAD like GET.
+        assert_eq!(access(Method::GET, "/api/v1/events"), Some(Access::Requires(Permission::EventsRead)));
+        assert_eq!(access(Method::HEAD, "/api/v1/events"), Some(Access::Requires(Permission::EventsRead)));
+        assert_eq!(access(Method::GET, "/healthz"), Some(Access::Public));
+        assert_eq!(access(Method::POST, "/api/v1/auth/login"), Some(Access::Public));
+        // The public routes outside the document, GET and HEAD only.
+        for p in PUBLIC_ROUTES {
+            assert_eq!(access(Method::GET, p), Some(Access::Public), "{p}");
+            assert_eq!(access(Method::HEAD, p), Some(Access::Public), "{p}");
+            assert_eq!(access(Method::POST, p), None, "{p}");
+        }
+        // Anything else is nobody's: a route in the router but not in the map, or a method the
+        // map does not list for a declared route.
+        assert_eq!(access(Method::GET, "/api/v1/undeclared"), None);
+        assert_eq!(access(Method::HEAD, "/api/v1/undeclared"), None);
+        assert_eq!(access(Method::DELETE, "/api/v1/events"), None);
+        assert_eq!(access(Method::GET, "/metrics/extra"), None);
+        assert_eq!(route_access(&AccessMap::default(), &Method::GET, "/healthz"), None);
+    }
 }

@@ -1,6 +1,7 @@
 //! JSON request bodies and path parameters with the API's error form: a body that is not JSON,
-//! has the wrong shape or the wrong content type, or a path segment that does not parse, gets
-//! `{"error":{"code","message"}}` and a 4xx, like everything else.
+//! has the wrong shape or the wrong content type, is too large or too slow to arrive (408 past
+//! `[http] body_timeout_s`, see [`super::transport::TimedBody`]), or a path segment that does not
+//! parse, gets `{"error":{"code","message"}}` and a 4xx, like everything else.
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -30,6 +31,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
                 JsonRejection::JsonSyntaxError(e) => {
                     ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", clip(&e.body_text()))
                 }
+                JsonRejection::BytesRejection(e) if super::transport::is_body_timeout(&e) => ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive in time",
+                ),
                 JsonRejection::BytesRejection(_) => {
                     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
                 }
@@ -60,5 +66,44 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
                 other => ApiError::internal(&other.body_text()),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::http::header;
+    use futures::StreamExt as _;
+
+    use super::*;
+    use crate::http::transport::TimedBody;
+
+    /// A request with a JSON content type whose body is `first` and then nothing, ever.
+    fn stalled(first: &'static [u8], timeout: Duration) -> Request {
+        let chunks = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from_static(first))])
+            .chain(futures::stream::pending());
+        let body = TimedBody::new(axum::body::Body::from_stream(chunks), timeout);
+        Request::builder()
+            .method("POST")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::new(body))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_is_a_408() {
+        let err = Body::<serde_json::Value>::from_request(stalled(b"{\"a\":", Duration::from_millis(50)), &())
+            .await
+            .expect_err("stalled");
+        assert_eq!((err.status, err.code), (StatusCode::REQUEST_TIMEOUT, "body_timeout"));
+        // One that arrives in time is read as before.
+        let req = Request::builder()
+            .method("POST")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::new(TimedBody::new(axum::body::Body::from("{\"a\":1}"), Duration::from_secs(60))))
+            .expect("request");
+        let Body(v) = Body::<serde_json::Value>::from_request(req, &()).await.expect("whole body");
+        assert_eq!(v, serde_json::json!({"a": 1}));
     }
 }

@@ -13,7 +13,9 @@
 //! | `/api/v1/alert-rules`, `/api/v1/alert-channels`, `/api/v1/alerts`, `/api/v1/alert-deliveries` | alerting ([`alerts_api`]) |
 //! | `/api/v1/mqtt/credentials` | integrators' MQTT logins ([`mqtt_api`]) |
 //!
-//! The whole list, with what each operation needs, is the OpenAPI document ([`openapi`]).
+//! The whole list, with what each operation needs, is the OpenAPI document ([`openapi`]). A route
+//! that is not in it is refused to everyone ([`authz`]), except the public `GET /metrics` and
+//! `GET /api/v1/openapi.json` ([`authz::PUBLIC_ROUTES`]).
 //!
 //! The snapshot route answers 400 `invalid_parameter` for an id that is not `<device>:<seq>` or a
 //! variant other than `full` / `crop`; 404 `event_not_found` when no such event is stored (even if
@@ -192,6 +194,7 @@ impl utoipa::Modify for ApiConventions {
                 add("503", "Storage unavailable");
                 if has_body {
                     // What `body::Body` answers for a body it cannot take.
+                    add("408", "The request body did not arrive within `[http] body_timeout_s`");
                     add("413", "The request body is too large");
                     add("415", "The body is not `Content-Type: application/json`");
                 }
@@ -293,9 +296,18 @@ pub fn access_map() -> Result<AccessMap, String> {
 
 /// The API's router, state applied.
 pub fn router(state: AppState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] with `extra` routes beside the documented ones, behind the same authorisation,
+/// which refuses them to everyone: they declare no permission ([`authz::route_access`]). For the
+/// tests that prove it.
+#[doc(hidden)]
+pub fn router_with(state: AppState, extra: Router<AppState>) -> Router {
     let (routes, doc) = documented_routes();
     let doc = Arc::new(doc);
     routes
+        .merge(extra)
         .route("/metrics", get(render_metrics))
         .route(
             "/api/v1/openapi.json",
