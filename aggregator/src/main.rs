@@ -162,6 +162,19 @@ enum DeviceCommand {
     List,
 }
 
+/// The validated configuration, or (every problem printed) exit code 2 from the calling function.
+macro_rules! valid_config {
+    ($raw:expr, $source:expr) => {
+        match $raw.validate(&$source) {
+            Ok(c) => c,
+            Err(e) => {
+                eprint!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own narrative; only problems are logged unless RUST_LOG says otherwise.
@@ -220,23 +233,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::User(cmd) => {
-            let cfg = match raw.validate(&source) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = valid_config!(raw, source);
             return runtime()?.block_on(user_command(cmd, &cfg));
         }
         Command::Secrets(SecretsCommand::Init { out }) => {
-            let cfg = match raw.validate(&source) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = valid_config!(raw, source);
             let path = match out {
                 Some(p) => p,
                 None => match cfg.secrets_source() {
@@ -254,23 +255,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("key ring {} written to {} (mode 0600)", ring.active_key_id().unwrap_or_default(), path.display());
         }
         Command::Secrets(SecretsCommand::Rotate { retire_old }) => {
-            let cfg = match raw.validate(&source) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = valid_config!(raw, source);
             runtime()?.block_on(rotate_secrets(&cfg, retire_old))?;
         }
         Command::Keys(KeysCommand::Rotate) => {
-            let cfg = match raw.validate(&source) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = valid_config!(raw, source);
             runtime()?.block_on(async {
                 let store = cfg.open_store().await?;
                 let auth = its_aggregator::auth::AuthService::open(store.db(), cfg.auth.clone()).await?;
@@ -291,13 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Mqtt(MqttCommand::MosquittoConfig { out }) => {
-            let cfg = match raw.validate(&source) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = valid_config!(raw, source);
             let n = runtime()?.block_on(its_aggregator::mqtt::credentials::write_mosquitto_config(&cfg, &out))?;
             println!("{n} integrator credential(s): wrote {0}/passwd and {0}/acl", out.display());
         }
@@ -325,13 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
         }
         Command::Serve { ready_file } => {
-            let cfg = match raw.validate(&source) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = valid_config!(raw, source);
             let rt = runtime()?;
             rt.block_on(async {
                 let metrics = its_aggregator::server::install_metrics()?;

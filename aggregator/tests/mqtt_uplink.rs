@@ -662,3 +662,52 @@ async fn the_uplink_runs_over_tls() {
     assert_eq!(stats.evicted_total, 0);
     assert_eq!(seqs, (1..=stats.produced_total).collect::<Vec<u64>>(), "every event arrived once over TLS");
 }
+
+/// A device disabled while its MQTT uplink session runs loses it within about a second: its next
+/// frames are refused with `device disabled` and nothing more of it is stored, as over QUIC. Once
+/// enabled again it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_disabled_during_its_session_is_cut_off() {
+    use its_aggregator::store::{DevicePatch, Fleet, Scope};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    let log = root.join("processes.log");
+    let mut broker = Mosquitto::new(&root.join("broker"), &[("dee", "dee-pw")], &log);
+    tokio::task::block_in_place(|| broker.start());
+    let url = format!("sqlite://{}", root.join("agg.db").display());
+    let env = Env::new(&root, &url, &broker);
+    let mut aggregator = tokio::task::block_in_place(|| env.start_aggregator());
+    let down = "its/uplink/dee/down";
+    let mut dee = Client::connect(broker.port, "dee", "dee-pw").await;
+    assert!(dee.subscribe(down).await);
+    assert_eq!(hello_until_welcomed(&mut dee, "dee", 1).await, ack(0));
+    dee.send("dee", 1, &batch(0, 1..=3)).await;
+    assert_eq!(dee.expect_on(down).await, (1, ack(3)));
+
+    let store = open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
+    let fleet = Fleet::new(store.db());
+    let disable = |on: bool| DevicePatch { disabled: Some(on), ..DevicePatch::default() };
+    fleet.update_device("dee", &disable(true), &Scope::All, its_aggregator::unix_ms()).await.expect("disable");
+    // The bridge reads the disabled devices every second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dee.send("dee", 1, &batch(3, 4..=6)).await;
+    match dee.expect_on(down).await {
+        (1, Frame::Refuse { reason }) => assert!(reason.contains("device disabled"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A new session is refused too, and nothing of the batch was stored.
+    dee.send("dee", 2, &hello()).await;
+    match dee.expect_on(down).await {
+        (2, Frame::Refuse { reason }) => assert!(reason.contains("device disabled"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(store.device_seqs("dee").await.expect("seqs"), vec![1, 2, 3]);
+
+    fleet.update_device("dee", &disable(false), &Scope::All, its_aggregator::unix_ms()).await.expect("enable");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hello_until_welcomed(&mut dee, "dee", 3).await, ack(3), "served again once enabled");
+    tokio::task::block_in_place(|| {
+        aggregator.terminate();
+        broker.kill9();
+    });
+}

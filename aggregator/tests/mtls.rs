@@ -184,15 +184,9 @@ async fn a_reconnect_supersedes_the_old_connection_of_the_same_device() {
     let dir = f.root.join("box-twice");
     f.pki.enroll("box-twice", &dir, 30).expect("enroll");
     let bundle = DeviceBundle::in_dir(&dir);
-    let ep = client_endpoint(&bundle).expect("endpoint");
-    let old = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = old.open_bi().await.expect("stream");
-    send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
+    let (_ep, old, _send, mut recv) = welcomed(f.server.addrs.quic, &bundle).await;
     let mut dec = FrameDecoder::new();
     let mut buf = vec![0u8; 4096];
-    let n = recv.read(&mut buf).await.expect("read").expect("welcome");
-    dec.extend(&buf[..n]);
-    assert!(matches!(dec.next_frame(), Ok(Some(Frame::Ack(_)))), "old connection welcomed");
 
     // Second connection, same certificate.
     assert_eq!(try_session(f.server.addrs.quic, &bundle).await, Ok(0));
@@ -230,15 +224,7 @@ async fn a_disabled_device_is_refused_and_its_live_connection_closed() {
     try_session(f.server.addrs.quic, &bundle).await.expect("served while enabled");
 
     // A live connection, welcomed.
-    let ep = client_endpoint(&bundle).expect("endpoint");
-    let live = ep.connect(f.server.addrs.quic, "its-aggregator").expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = live.open_bi().await.expect("stream");
-    send.write_all(&wire::encode(&Frame::Hello(hello())).expect("encode")).await.expect("hello");
-    let mut dec = FrameDecoder::new();
-    let mut buf = vec![0u8; 4096];
-    let n = recv.read(&mut buf).await.expect("read").expect("welcome");
-    dec.extend(&buf[..n]);
-    assert!(matches!(dec.next_frame(), Ok(Some(Frame::Ack(_)))), "welcomed");
+    let (_ep, live, _send, _recv) = welcomed(f.server.addrs.quic, &bundle).await;
 
     let disable = |on: bool| DevicePatch { disabled: Some(on), ..DevicePatch::default() };
     fleet

@@ -499,39 +499,35 @@ impl AuthService {
     /// Deletes audit entries beyond `[audit]` (age, then count), in batches.
     pub async fn audit_retention(&self, now: i64) -> u64 {
         const BATCH: i64 = 10_000;
-        let mut deleted = 0u64;
-        if let Some(age) = self.config.audit_max_age {
+        /// Runs one kind of deletion batch after batch until a batch is not full.
+        async fn batches<F, Fut>(what: &str, mut step: F) -> u64
+        where
+            F: FnMut() -> Fut,
+            Fut: std::future::Future<Output = Result<u64, StoreError>>,
+        {
+            let mut deleted = 0;
             loop {
-                match self.store.purge_audit_before(now - ms(age), BATCH).await {
+                match step().await {
                     Ok(n) => {
                         deleted += n;
                         if n < BATCH as u64 {
-                            break;
+                            return deleted;
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "audit retention (age) failed");
-                        break;
+                        tracing::warn!(error = %e, "audit retention ({what}) failed");
+                        return deleted;
                     }
                 }
             }
         }
+        let mut deleted = 0u64;
+        if let Some(age) = self.config.audit_max_age {
+            deleted += batches("age", || self.store.purge_audit_before(now - ms(age), BATCH)).await;
+        }
         if let Some(max) = self.config.audit_max_rows {
             let keep = i64::try_from(max).unwrap_or(i64::MAX);
-            loop {
-                match self.store.trim_audit(keep, BATCH).await {
-                    Ok(n) => {
-                        deleted += n;
-                        if n < BATCH as u64 {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "audit retention (count) failed");
-                        break;
-                    }
-                }
-            }
+            deleted += batches("count", || self.store.trim_audit(keep, BATCH)).await;
         }
         if deleted > 0 {
             tracing::info!(deleted, "audit retention deleted old entries");
