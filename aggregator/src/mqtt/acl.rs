@@ -2,8 +2,10 @@
 //!
 //! The broker's front ([`super::broker`]) asks its [`Authenticator`]s in turn about every
 //! CONNECT; the first that recognises the client answers [`AuthOutcome::Granted`] with a
-//! [`Grant`] (topic filters it may subscribe within, topics it may publish to) or
-//! [`AuthOutcome::Refused`]. The integrator credentials ([`super::credentials`]) are one
+//! [`Grant`] (topic filters it may subscribe within, topics it may publish to,
+//! and the generation of the credential it was made from) or [`AuthOutcome::Refused`]. While the
+//! connection lasts the front asks [`Authenticator::is_current`] every few seconds whether the
+//! grant still holds. The integrator credentials ([`super::credentials`]) are one
 //! authenticator; another module (the agents' MQTT uplink) can add its own with
 //! [`super::broker::Broker::add_authenticator`], e.g. granting a device publish and subscribe
 //! rights on `its/uplink/{device}/#` only ([`Grant::device_uplink`]).
@@ -28,6 +30,11 @@ pub struct ConnectRequest {
 pub struct Grant {
     /// Who it is, for logs and revocation checks: `integrator:{username}`, `device:{id}`, ...
     pub principal: String,
+    /// Which issue of the principal's credential this grant was made from: it changes whenever
+    /// the credential is created again (hex, no `:`). The front puts it in the client id it gives
+    /// rumqttd, so a persistent session made under an earlier issue is never resumed by a later
+    /// one. Empty when the issuer has no such notion (e.g. a device's certificate).
+    pub generation: String,
     /// A subscription is allowed when its filter stays within one of these filters.
     pub subscribe: Vec<String>,
     /// A PUBLISH (and a last will) is allowed when its topic matches one of these filters.
@@ -38,7 +45,12 @@ impl Grant {
     /// The rights a device needs for an uplink under `its/uplink/{device}/#`.
     pub fn device_uplink(device: &str) -> Self {
         let filter = format!("its/uplink/{}/#", super::topics::segment(device));
-        Self { principal: format!("device:{device}"), subscribe: vec![filter.clone()], publish: vec![filter] }
+        Self {
+            principal: format!("device:{device}"),
+            generation: String::new(),
+            subscribe: vec![filter.clone()],
+            publish: vec![filter],
+        }
     }
 
     /// Whether a subscription to `filter` is allowed.
@@ -70,7 +82,8 @@ pub trait Authenticator: Send + Sync + 'static {
     async fn authenticate(&self, req: &ConnectRequest) -> AuthOutcome;
 
     /// Whether a grant this authenticator gave still holds (false: the front closes the
-    /// connection, e.g. after the credential was revoked). Default: always.
+    /// connection, e.g. after the credential was revoked, created again, or its scope changed).
+    /// Default: always.
     async fn is_current(&self, _grant: &Grant) -> bool {
         true
     }
@@ -84,6 +97,7 @@ mod tests {
     fn grants() {
         let g = Grant {
             principal: "integrator:acme".into(),
+            generation: "0123456789abcdef".into(),
             subscribe: vec!["its/v1/north/#".into(), "its/v1/alerts/#".into()],
             publish: vec![],
         };

@@ -7,16 +7,20 @@
 //! - CONNECT: asks the [`Authenticator`]s; a refused client gets CONNACK 4 (bad user name or
 //!   password) or 5 (not authorised) from the front and is closed; an accepted one is forwarded
 //!   to rumqttd with the broker's internal credentials (a random password made at start, so a
-//!   local process cannot bypass the front by connecting to rumqttd's port) and a client id
-//!   prefixed with its principal (so no client can take over another's session);
+//!   local process cannot bypass the front by connecting to rumqttd's port) and the client id
+//!   `{principal}:{generation}:{client id}` (`{principal}:{client id}` for grants without a
+//!   generation), so no client can take over another's session, and a persistent session made
+//!   under an earlier issue of a credential (deleted and created again, perhaps with fewer sites)
+//!   is never resumed by a later one;
 //! - SUBSCRIBE: each filter is checked against the client's [`Grant`]; refused filters get the
 //!   failure return code (0x80) in the SUBACK (the front answers alone when all are refused,
 //!   else forwards the allowed ones and merges rumqttd's SUBACK);
 //! - PUBLISH to a topic the grant does not allow is dropped (QoS 1 is acknowledged, like
 //!   Mosquitto does with an ACL denial; QoS 2 closes the connection), as is a last will on such a
 //!   topic;
-//! - every few seconds the grant's issuer is asked whether it still holds (a revoked credential
-//!   loses its open connections);
+//! - every [`RECHECK`] the grant's issuer is asked whether it still holds: a credential deleted,
+//!   created again or with other sites loses its open connections (within [`RECHECK`] plus the
+//!   issuer's cache time, e.g. [`super::credentials::CACHE_TTL`]);
 //! - MQTT 5 clients are refused with CONNACK 1 (unacceptable protocol version).
 //!
 //! Everything else (PUBACK, PINGREQ, UNSUBSCRIBE, ...) passes through unchanged.
@@ -222,7 +226,7 @@ impl Broker {
         }
         let id =
             if connect.client_id.is_empty() { crate::auth::secrets::random_id(16) } else { connect.client_id.clone() };
-        connect.client_id = format!("{}:{id}", grant.principal);
+        connect.client_id = upstream_client_id(&grant, &id);
         connect.login = Some(Login::new(INTERNAL_USER, self.internal_password.clone()));
         if connect.keep_alive == 0 {
             // rumqttd refuses 0 (no keep-alive); a silent client is then closed after ~15 min.
@@ -264,6 +268,17 @@ impl Broker {
         let _ = cw.shutdown().await;
         let _ = uw.shutdown().await;
         Ok(())
+    }
+}
+
+/// The client id the front gives rumqttd for a client's own `id`: its principal and generation
+/// first (neither contains `:` beyond the principal's kind), so ids of different principals or
+/// generations never meet.
+fn upstream_client_id(grant: &Grant, id: &str) -> String {
+    if grant.generation.is_empty() {
+        format!("{}:{id}", grant.principal)
+    } else {
+        format!("{}:{}:{id}", grant.principal, grant.generation)
     }
 }
 
@@ -469,5 +484,17 @@ mod tests {
         let v5 = [0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60];
         assert_eq!(protocol_level(&v5), Some(5));
         assert_eq!(protocol_level(&[0x10]), None);
+    }
+
+    #[test]
+    fn client_ids_carry_principal_and_generation() {
+        let g = Grant {
+            principal: "integrator:acme".into(),
+            generation: "0123456789abcdef".into(),
+            subscribe: vec![],
+            publish: vec![],
+        };
+        assert_eq!(upstream_client_id(&g, "c1"), "integrator:acme:0123456789abcdef:c1");
+        assert_eq!(upstream_client_id(&Grant::device_uplink("dev-1"), "c1"), "device:dev-1:c1");
     }
 }
