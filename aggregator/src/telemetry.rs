@@ -33,6 +33,8 @@ pub const BUS_LAGGED: &str = "its_bus_lagged_total";
 /// Registers descriptions (call once at start-up, after installing the recorder).
 pub fn describe() {
     crate::export::describe();
+    #[cfg(feature = "embedded-mqtt")]
+    crate::mqtt::broker::describe();
     metrics::describe_counter!(CONNECTIONS_TOTAL, "Agent connections accepted after mutual TLS");
     metrics::describe_gauge!(CONNECTIONS_ACTIVE, "Agent connections open now");
     metrics::describe_counter!(

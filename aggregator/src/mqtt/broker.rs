@@ -2,8 +2,8 @@
 //! process that every outside client goes through.
 //!
 //! rumqttd 0.20 can check a CONNECT's user name and password but has no hook for what a client
-//! may subscribe to or publish. So the front speaks MQTT 3.1.1 itself (rumqttc's `mqttbytes` v4
-//! codec):
+//! may subscribe to, receive or publish. So the front speaks MQTT 3.1.1 itself (rumqttc's
+//! `mqttbytes` v4 codec) and enforces, per connection:
 //! - CONNECT: asks the [`Authenticator`]s; a refused client gets CONNACK 4 (bad user name or
 //!   password) or 5 (not authorised) from the front and is closed; an accepted one is forwarded
 //!   to rumqttd with the broker's internal credentials (a random password made at start, so a
@@ -14,7 +14,15 @@
 //!   is never resumed by a later one;
 //! - SUBSCRIBE: each filter is checked against the client's [`Grant`]; refused filters get the
 //!   failure return code (0x80) in the SUBACK (the front answers alone when all are refused,
-//!   else forwards the allowed ones and merges rumqttd's SUBACK);
+//!   else forwards the allowed ones and merges rumqttd's SUBACK). A requested QoS 2 is forwarded
+//!   as QoS 1 (the SUBACK then grants 1): the aggregator publishes QoS 1 at most, and the
+//!   delivery filter below handles QoS 0 and 1 only;
+//! - delivery: every PUBLISH rumqttd sends towards the client must match one of the grant's
+//!   subscribe filters (a session's subscriptions can outlive the grant they were made under),
+//!   else it is dropped (`its_mqtt_delivery_refused_total`). A dropped QoS 1 message is
+//!   acknowledged to rumqttd by the front, in rumqttd's order among the client's own PUBACKs
+//!   (rumqttd closes a connection whose acknowledgements come out of order), so it is not sent
+//!   again. A QoS 2 delivery (impossible with the QoS cap) closes the connection;
 //! - PUBLISH to a topic the grant does not allow is dropped (QoS 1 is acknowledged, like
 //!   Mosquitto does with an ACL denial; QoS 2 closes the connection), as is a last will on such a
 //!   topic;
@@ -23,9 +31,10 @@
 //!   issuer's cache time, e.g. [`super::credentials::CACHE_TTL`]);
 //! - MQTT 5 clients are refused with CONNACK 1 (unacceptable protocol version).
 //!
-//! Everything else (PUBACK, PINGREQ, UNSUBSCRIBE, ...) passes through unchanged.
+//! Everything else (PINGREQ, UNSUBSCRIBE, ...) passes through unchanged. The front's metrics are
+//! declared in [`describe`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -49,8 +58,39 @@ pub const MAX_PACKET: usize = 1 << 20;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a connection's grant is checked again.
 pub const RECHECK: Duration = Duration::from_secs(5);
+/// Most QoS 1 messages a client may leave unacknowledged: packet ids are 16-bit, so a client
+/// with more has stopped acknowledging (rumqttd stops sending long before).
+const MAX_UNACKED: usize = u16::MAX as usize;
 /// User name of the internal credentials (the front and the aggregator's own connections).
 const INTERNAL_USER: &str = "its-internal";
+
+/// CONNECTs refused by the authenticators.
+pub const CONNECT_REFUSED: &str = "its_mqtt_connect_refused_total";
+/// Connections closed because their grant no longer held.
+pub const GRANT_WITHDRAWN: &str = "its_mqtt_grant_withdrawn_total";
+/// Subscription filters refused.
+pub const SUBSCRIBE_REFUSED: &str = "its_mqtt_subscribe_refused_total";
+/// Client PUBLISHes (and last wills) refused.
+pub const PUBLISH_REFUSED: &str = "its_mqtt_publish_refused_total";
+/// Messages rumqttd sent towards a client that its grant does not cover, dropped.
+pub const DELIVERY_REFUSED: &str = "its_mqtt_delivery_refused_total";
+/// Registers the front's metrics (once, at start-up).
+pub fn describe() {
+    metrics::describe_counter!(CONNECT_REFUSED, "MQTT CONNECTs refused: unknown user, wrong password, revoked");
+    metrics::describe_counter!(
+        GRANT_WITHDRAWN,
+        "MQTT connections closed because their credential was deleted, created again or its sites changed"
+    );
+    metrics::describe_counter!(SUBSCRIBE_REFUSED, "MQTT subscription filters refused (outside the client's grant)");
+    metrics::describe_counter!(
+        PUBLISH_REFUSED,
+        "MQTT PUBLISHes and last wills of clients dropped (topics outside the client's grant)"
+    );
+    metrics::describe_counter!(
+        DELIVERY_REFUSED,
+        "MQTT messages dropped on their way to a client because its grant does not cover their topic"
+    );
+}
 
 /// The running broker: where clients connect, and who may.
 pub struct Broker {
@@ -211,16 +251,15 @@ impl Broker {
                 } else {
                     ConnectReturnCode::NotAuthorized
                 };
-                metrics::counter!("its_mqtt_connect_refused_total").increment(1);
+                metrics::counter!(CONNECT_REFUSED).increment(1);
                 tracing::info!(%peer, user = ?req.username, "MQTT: CONNECT refused");
-                write_packet(&mut client, &Packet::ConnAck(ConnAck::new(code, false))).await?;
-                let _ = client.shutdown().await;
-                return Ok(());
+                return refuse(client, code).await;
             }
         };
         if let Some(will) = &connect.last_will
             && !grant.may_publish(&will.topic)
         {
+            metrics::counter!(PUBLISH_REFUSED).increment(1);
             tracing::info!(%peer, principal = grant.principal, "MQTT: last will on a topic it may not publish to, dropped");
             connect.last_will = None;
         }
@@ -240,28 +279,28 @@ impl Broker {
         let (mut ur, mut uw) = upstream.into_split();
         let (mut cr, mut cw) = tokio::io::split(client);
         let mut ubuf = BytesMut::with_capacity(4096);
-        // SUBSCRIBEs forwarded with some filters removed: pkid -> which original filters went on.
-        let mut pending: HashMap<u16, Vec<bool>> = HashMap::new();
+        let mut session = Session::new(grant);
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.tick().await;
         // Bytes that came after the CONNECT in the same read.
-        client_frames(&grant, &mut cbuf, &mut uw, &mut cw, &mut pending).await?;
-        loop {
+        let mut open = session.client_frames(&mut cbuf, &mut uw, &mut cw).await?;
+        while open {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = recheck.tick() => {
-                    if !issuer.is_current(&grant).await {
-                        tracing::info!(%peer, principal = grant.principal, "MQTT: grant no longer holds, closing");
+                    if !issuer.is_current(&session.grant).await {
+                        metrics::counter!(GRANT_WITHDRAWN).increment(1);
+                        tracing::info!(%peer, principal = session.grant.principal, "MQTT: grant no longer holds, closing");
                         break;
                     }
                 }
                 n = cr.read_buf(&mut cbuf) => {
                     if n? == 0 { break; }
-                    if !client_frames(&grant, &mut cbuf, &mut uw, &mut cw, &mut pending).await? { break; }
+                    open = session.client_frames(&mut cbuf, &mut uw, &mut cw).await?;
                 }
                 n = ur.read_buf(&mut ubuf) => {
                     if n? == 0 { break; }
-                    broker_frames(&mut ubuf, &mut cw, &mut pending).await?;
+                    session.broker_frames(&mut ubuf, &mut uw, &mut cw).await?;
                 }
             }
         }
@@ -269,6 +308,13 @@ impl Broker {
         let _ = uw.shutdown().await;
         Ok(())
     }
+}
+
+/// Answers a CONNECT with `code` and closes.
+async fn refuse<S: AsyncWrite + Unpin>(mut client: S, code: ConnectReturnCode) -> anyhow::Result<()> {
+    write_packet(&mut client, &Packet::ConnAck(ConnAck::new(code, false))).await?;
+    let _ = client.shutdown().await;
+    Ok(())
 }
 
 /// The client id the front gives rumqttd for a client's own `id`: its principal and generation
@@ -282,99 +328,186 @@ fn upstream_client_id(grant: &Grant, id: &str) -> String {
     }
 }
 
-/// Handles the complete client packets in `buf`; false: close the connection.
-async fn client_frames<U, C>(
-    grant: &Grant,
-    buf: &mut BytesMut,
-    upstream: &mut U,
-    client: &mut C,
-    pending: &mut HashMap<u16, Vec<bool>>,
-) -> anyhow::Result<bool>
-where
-    U: AsyncWrite + Unpin,
-    C: AsyncWrite + Unpin,
-{
-    while let Some(frame) = take_frame(buf)? {
-        match frame.first().map(|b| b >> 4) {
-            Some(3) => {
-                let Packet::Publish(p) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
-                    anyhow::bail!("malformed PUBLISH");
-                };
-                if grant.may_publish(&p.topic) {
-                    upstream.write_all(&frame).await?;
-                    continue;
-                }
-                metrics::counter!("its_mqtt_publish_refused_total").increment(1);
-                tracing::debug!(principal = grant.principal, topic = p.topic, "MQTT: PUBLISH refused");
-                match p.qos {
-                    QoS::AtMostOnce => {}
-                    QoS::AtLeastOnce => write_packet(client, &Packet::PubAck(PubAck::new(p.pkid))).await?,
-                    QoS::ExactlyOnce => return Ok(false),
-                }
-            }
-            Some(8) => {
-                let Packet::Subscribe(s) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
-                    anyhow::bail!("malformed SUBSCRIBE");
-                };
-                let allowed: Vec<bool> = s.filters.iter().map(|f| grant.may_subscribe(&f.path)).collect();
-                for (f, ok) in s.filters.iter().zip(&allowed) {
-                    if !ok {
-                        metrics::counter!("its_mqtt_subscribe_refused_total").increment(1);
-                        tracing::info!(principal = grant.principal, filter = f.path, "MQTT: SUBSCRIBE refused");
-                    }
-                }
-                if allowed.iter().all(|a| *a) {
-                    upstream.write_all(&frame).await?;
-                } else if !allowed.iter().any(|a| *a) {
-                    let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
-                    write_packet(client, &Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
-                } else {
-                    let filters = s.filters.iter().zip(&allowed).filter(|(_, a)| **a).map(|(f, _)| f.clone());
-                    let mut fwd = Subscribe::new_many(filters);
-                    fwd.pkid = s.pkid;
-                    write_packet(upstream, &Packet::Subscribe(fwd)).await?;
-                    pending.insert(s.pkid, allowed);
-                }
-            }
-            // A second CONNECT is a protocol violation.
-            Some(1) => return Ok(false),
-            _ => upstream.write_all(&frame).await?,
-        }
-    }
-    Ok(true)
+/// What the front tracks of one connection beyond its bytes.
+#[derive(Debug)]
+struct Session {
+    grant: Grant,
+    /// SUBSCRIBEs forwarded with some filters removed: pkid -> which original filters went on.
+    trimmed: HashMap<u16, Vec<bool>>,
+    /// QoS 1 messages rumqttd sent that it has no PUBACK for yet, in its order (it needs them in
+    /// that order): pkid, and whether it may be acknowledged now (the client acknowledged it, or
+    /// the front dropped it).
+    unacked: VecDeque<(u16, bool)>,
 }
 
-/// Forwards the complete broker packets in `buf` to the client, merging the SUBACKs of
-/// SUBSCRIBEs the front trimmed.
-async fn broker_frames<C>(
-    buf: &mut BytesMut,
-    client: &mut C,
-    pending: &mut HashMap<u16, Vec<bool>>,
-) -> anyhow::Result<()>
-where
-    C: AsyncWrite + Unpin,
-{
-    while let Some(frame) = take_frame(buf)? {
-        if frame.first().map(|b| b >> 4) == Some(9)
-            && !pending.is_empty()
-            && let Packet::SubAck(ack) = Packet::read(&mut frame.clone(), MAX_PACKET)?
-            && let Some(allowed) = pending.remove(&ack.pkid)
-        {
-            let mut theirs = ack.return_codes.into_iter();
-            let codes = allowed
-                .iter()
-                .map(|a| {
-                    if *a {
-                        theirs.next().unwrap_or(SubscribeReasonCode::Failure)
-                    } else {
-                        SubscribeReasonCode::Failure
+impl Session {
+    fn new(grant: Grant) -> Self {
+        Self { grant, trimmed: HashMap::new(), unacked: VecDeque::new() }
+    }
+
+    /// Handles the complete client packets in `buf`; false: close the connection.
+    async fn client_frames<U, C>(
+        &mut self,
+        buf: &mut BytesMut,
+        upstream: &mut U,
+        client: &mut C,
+    ) -> anyhow::Result<bool>
+    where
+        U: AsyncWrite + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        let grant = &self.grant;
+        while let Some(frame) = take_frame(buf)? {
+            match frame.first().map(|b| b >> 4) {
+                Some(3) => {
+                    let Packet::Publish(p) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                        anyhow::bail!("malformed PUBLISH");
+                    };
+                    if grant.may_publish(&p.topic) {
+                        upstream.write_all(&frame).await?;
+                        continue;
                     }
-                })
-                .collect();
-            write_packet(client, &Packet::SubAck(SubAck::new(ack.pkid, codes))).await?;
-            continue;
+                    metrics::counter!(PUBLISH_REFUSED).increment(1);
+                    tracing::debug!(principal = grant.principal, topic = p.topic, "MQTT: PUBLISH refused");
+                    match p.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => write_packet(client, &Packet::PubAck(PubAck::new(p.pkid))).await?,
+                        QoS::ExactlyOnce => return Ok(false),
+                    }
+                }
+                Some(4) => {
+                    let Packet::PubAck(ack) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                        anyhow::bail!("malformed PUBACK");
+                    };
+                    match self.unacked.iter_mut().find(|(pkid, done)| *pkid == ack.pkid && !*done) {
+                        Some(entry) => {
+                            entry.1 = true;
+                            flush_acks(&mut self.unacked, upstream).await?;
+                        }
+                        // Not one the front saw: rumqttd decides.
+                        None => upstream.write_all(&frame).await?,
+                    }
+                }
+                Some(8) => {
+                    let Packet::Subscribe(s) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                        anyhow::bail!("malformed SUBSCRIBE");
+                    };
+                    let allowed: Vec<bool> = s.filters.iter().map(|f| grant.may_subscribe(&f.path)).collect();
+                    for (f, ok) in s.filters.iter().zip(&allowed) {
+                        if !ok {
+                            metrics::counter!(SUBSCRIBE_REFUSED).increment(1);
+                            tracing::info!(principal = grant.principal, filter = f.path, "MQTT: SUBSCRIBE refused");
+                        }
+                    }
+                    let qos2 = s.filters.iter().any(|f| f.qos == QoS::ExactlyOnce);
+                    if !allowed.iter().any(|a| *a) {
+                        let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
+                        write_packet(client, &Packet::SubAck(SubAck::new(s.pkid, codes))).await?;
+                    } else if allowed.iter().all(|a| *a) && !qos2 {
+                        upstream.write_all(&frame).await?;
+                    } else {
+                        let filters = s.filters.iter().zip(&allowed).filter(|(_, a)| **a).map(|(f, _)| {
+                            let mut f = f.clone();
+                            f.qos = capped_qos(f.qos);
+                            f
+                        });
+                        let mut fwd = Subscribe::new_many(filters);
+                        fwd.pkid = s.pkid;
+                        write_packet(upstream, &Packet::Subscribe(fwd)).await?;
+                        if !allowed.iter().all(|a| *a) {
+                            self.trimmed.insert(s.pkid, allowed);
+                        }
+                    }
+                }
+                // A second CONNECT is a protocol violation.
+                Some(1) => return Ok(false),
+                _ => upstream.write_all(&frame).await?,
+            }
         }
-        client.write_all(&frame).await?;
+        Ok(true)
+    }
+
+    /// Handles the complete broker packets in `buf`: deliveries outside the grant are dropped
+    /// (and acknowledged to rumqttd when QoS 1), the SUBACKs of SUBSCRIBEs the front trimmed are
+    /// merged, the rest goes to the client.
+    async fn broker_frames<U, C>(&mut self, buf: &mut BytesMut, upstream: &mut U, client: &mut C) -> anyhow::Result<()>
+    where
+        U: AsyncWrite + Unpin,
+        C: AsyncWrite + Unpin,
+    {
+        while let Some(frame) = take_frame(buf)? {
+            match frame.first().map(|b| b >> 4) {
+                Some(3) => {
+                    let Packet::Publish(p) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                        anyhow::bail!("malformed PUBLISH from rumqttd");
+                    };
+                    let allowed = self.grant.may_receive(&p.topic);
+                    match p.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce if self.unacked.len() >= MAX_UNACKED => {
+                            anyhow::bail!("the client leaves too many messages unacknowledged")
+                        }
+                        QoS::AtLeastOnce => self.unacked.push_back((p.pkid, !allowed)),
+                        // Subscriptions are granted QoS 1 at most.
+                        QoS::ExactlyOnce => anyhow::bail!("rumqttd sent a QoS 2 message"),
+                    }
+                    if allowed {
+                        client.write_all(&frame).await?;
+                    } else {
+                        metrics::counter!(DELIVERY_REFUSED).increment(1);
+                        tracing::debug!(
+                            principal = self.grant.principal,
+                            topic = p.topic,
+                            "MQTT: message outside the grant, not delivered"
+                        );
+                        flush_acks(&mut self.unacked, upstream).await?;
+                    }
+                }
+                Some(9) if !self.trimmed.is_empty() => {
+                    let Packet::SubAck(ack) = Packet::read(&mut frame.clone(), MAX_PACKET)? else {
+                        anyhow::bail!("malformed SUBACK from rumqttd");
+                    };
+                    let Some(allowed) = self.trimmed.remove(&ack.pkid) else {
+                        client.write_all(&frame).await?;
+                        continue;
+                    };
+                    let mut theirs = ack.return_codes.into_iter();
+                    let codes = allowed
+                        .iter()
+                        .map(|a| {
+                            if *a {
+                                theirs.next().unwrap_or(SubscribeReasonCode::Failure)
+                            } else {
+                                SubscribeReasonCode::Failure
+                            }
+                        })
+                        .collect();
+                    write_packet(client, &Packet::SubAck(SubAck::new(ack.pkid, codes))).await?;
+                }
+                _ => client.write_all(&frame).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The QoS the front grants for a requested one: QoS 2 becomes 1.
+fn capped_qos(q: QoS) -> QoS {
+    match q {
+        QoS::ExactlyOnce => QoS::AtLeastOnce,
+        q => q,
+    }
+}
+
+/// Sends rumqttd the PUBACKs that are due, in its order: those at the head of `unacked` that may
+/// be acknowledged.
+async fn flush_acks<U: AsyncWrite + Unpin>(
+    unacked: &mut VecDeque<(u16, bool)>,
+    upstream: &mut U,
+) -> anyhow::Result<()> {
+    while let Some(&(pkid, true)) = unacked.front() {
+        write_packet(upstream, &Packet::PubAck(PubAck::new(pkid))).await?;
+        unacked.pop_front();
     }
     Ok(())
 }
@@ -486,15 +619,139 @@ mod tests {
         assert_eq!(protocol_level(&[0x10]), None);
     }
 
-    #[test]
-    fn client_ids_carry_principal_and_generation() {
-        let g = Grant {
+    fn grant() -> Grant {
+        Grant {
             principal: "integrator:acme".into(),
             generation: "0123456789abcdef".into(),
-            subscribe: vec![],
+            subscribe: vec!["its/v1/b/#".into(), "its/v1/devices/dev-b/status".into()],
             publish: vec![],
-        };
-        assert_eq!(upstream_client_id(&g, "c1"), "integrator:acme:0123456789abcdef:c1");
+        }
+    }
+
+    fn encode(packets: &[Packet]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for p in packets {
+            p.write(&mut buf, MAX_PACKET).expect("encode");
+        }
+        buf
+    }
+
+    fn decode(bytes: &[u8]) -> Vec<Packet> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            out.push(Packet::read(&mut buf, MAX_PACKET).expect("decode"));
+        }
+        out
+    }
+
+    fn publish(topic: &str, qos: QoS, pkid: u16) -> Packet {
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(topic, qos, "{}");
+        p.pkid = pkid;
+        Packet::Publish(p)
+    }
+
+    fn topics(packets: &[Packet]) -> Vec<(String, u16)> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some((p.topic.clone(), p.pkid)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn deliveries_outside_the_grant_are_dropped_and_acknowledged_in_order() {
+        let mut session = Session::new(grant());
+        let (mut up, mut client) = (Vec::new(), Vec::new());
+        // What rumqttd sends on a session whose subscriptions predate the grant.
+        let mut from_broker = encode(&[
+            publish("its/v1/b/cam-b/counts", QoS::AtLeastOnce, 1),
+            publish("its/v1/a/cam-a/counts", QoS::AtLeastOnce, 2),
+            publish("its/v1/a/cam-a/events/line_crossing", QoS::AtMostOnce, 0),
+            publish("its/v1/devices/dev-b/status", QoS::AtMostOnce, 0),
+            publish("its/v1/devices/dev-a/status", QoS::AtLeastOnce, 3),
+        ]);
+        session.broker_frames(&mut from_broker, &mut up, &mut client).await.expect("broker frames");
+        assert_eq!(
+            topics(&decode(&client)),
+            vec![("its/v1/b/cam-b/counts".to_owned(), 1), ("its/v1/devices/dev-b/status".to_owned(), 0)]
+        );
+        // rumqttd needs PUBACKs in its order: those of 2 and 3 wait for the client's of 1.
+        assert!(up.is_empty(), "{:?}", decode(&up));
+        let mut from_client = encode(&[Packet::PubAck(PubAck::new(1))]);
+        assert!(session.client_frames(&mut from_client, &mut up, &mut client).await.expect("client frames"));
+        assert_eq!(
+            decode(&up),
+            vec![Packet::PubAck(PubAck::new(1)), Packet::PubAck(PubAck::new(2)), Packet::PubAck(PubAck::new(3))]
+        );
+        assert!(session.unacked.is_empty());
+
+        // A dropped message with nothing before it is acknowledged at once; an allowed one waits
+        // for the client.
+        up.clear();
+        let mut from_broker = encode(&[
+            publish("its/v1/a/x", QoS::AtLeastOnce, 4),
+            publish("its/v1/b/x", QoS::AtLeastOnce, 5),
+            publish("its/v1/a/y", QoS::AtLeastOnce, 6),
+        ]);
+        session.broker_frames(&mut from_broker, &mut up, &mut client).await.expect("broker frames");
+        assert_eq!(decode(&up), vec![Packet::PubAck(PubAck::new(4))]);
+        up.clear();
+        // A PUBACK the front did not see a message for goes to rumqttd as it is.
+        let mut from_client = encode(&[Packet::PubAck(PubAck::new(77)), Packet::PubAck(PubAck::new(5))]);
+        assert!(session.client_frames(&mut from_client, &mut up, &mut client).await.expect("client frames"));
+        assert_eq!(
+            decode(&up),
+            vec![Packet::PubAck(PubAck::new(77)), Packet::PubAck(PubAck::new(5)), Packet::PubAck(PubAck::new(6))]
+        );
+
+        // QoS 2 is never granted, so a QoS 2 delivery ends the connection.
+        let mut from_broker = encode(&[publish("its/v1/b/x", QoS::ExactlyOnce, 7)]);
+        assert!(session.broker_frames(&mut from_broker, &mut up, &mut client).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_granted_qos_1_at_most() {
+        let mut session = Session::new(grant());
+        let (mut up, mut client) = (Vec::new(), Vec::new());
+        let mut sub = Subscribe::new("its/v1/b/#", QoS::ExactlyOnce);
+        sub.pkid = 9;
+        let mut from_client = encode(&[Packet::Subscribe(sub)]);
+        assert!(session.client_frames(&mut from_client, &mut up, &mut client).await.expect("client frames"));
+        let mut fwd = Subscribe::new("its/v1/b/#", QoS::AtLeastOnce);
+        fwd.pkid = 9;
+        assert_eq!(decode(&up), vec![Packet::Subscribe(fwd)]);
+        assert!(client.is_empty());
+
+        // With a refused filter too: the allowed one goes on at QoS 1, the SUBACKs are merged.
+        up.clear();
+        let mut sub = Subscribe::new_many([
+            rumqttc::mqttbytes::v4::SubscribeFilter::new("its/v1/a/#".into(), QoS::AtLeastOnce),
+            rumqttc::mqttbytes::v4::SubscribeFilter::new("its/v1/b/+/counts".into(), QoS::ExactlyOnce),
+        ]);
+        sub.pkid = 10;
+        let mut from_client = encode(&[Packet::Subscribe(sub)]);
+        assert!(session.client_frames(&mut from_client, &mut up, &mut client).await.expect("client frames"));
+        let mut fwd = Subscribe::new("its/v1/b/+/counts", QoS::AtLeastOnce);
+        fwd.pkid = 10;
+        assert_eq!(decode(&up), vec![Packet::Subscribe(fwd)]);
+        let mut from_broker =
+            encode(&[Packet::SubAck(SubAck::new(10, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]))]);
+        session.broker_frames(&mut from_broker, &mut up, &mut client).await.expect("broker frames");
+        assert_eq!(
+            decode(&client),
+            vec![Packet::SubAck(SubAck::new(
+                10,
+                vec![SubscribeReasonCode::Failure, SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+            ))]
+        );
+    }
+
+    #[test]
+    fn client_ids_carry_principal_and_generation() {
+        assert_eq!(upstream_client_id(&grant(), "c1"), "integrator:acme:0123456789abcdef:c1");
         assert_eq!(upstream_client_id(&Grant::device_uplink("dev-1"), "c1"), "device:dev-1:c1");
     }
 }
