@@ -11,7 +11,15 @@
 //!   `{principal}:{generation}:{client id}` (`{principal}:{client id}` for grants without a
 //!   generation), so no client can take over another's session, and a persistent session made
 //!   under an earlier issue of a credential (deleted and created again, perhaps with fewer sites)
-//!   is never resumed by a later one;
+//!   is never resumed by a later one. An empty client id with clean session 0 gets CONNACK 2
+//!   (identifier rejected), as MQTT 3.1.1 requires;
+//! - connection limits ([`Limits`]): over the total or the per-principal cap the front answers
+//!   CONNACK 3 (server unavailable) and closes (`its_mqtt_connect_over_limit_total{limit}`);
+//!   one credential generation holds at most [`MAX_PERSISTENT_SESSIONS`] distinct persistent
+//!   (clean session 0) client ids: a CONNECT with clean session 0 and yet another client id is
+//!   forwarded with clean session 1 (the client gets a fresh session, and a session-present flag
+//!   of 0 says so), so the sessions rumqttd keeps for gone clients stay bounded; a CONNECT with
+//!   clean session 1 frees its id's place;
 //! - SUBSCRIBE: each filter is checked against the client's [`Grant`]; refused filters get the
 //!   failure return code (0x80) in the SUBACK (the front answers alone when all are refused,
 //!   else forwards the allowed ones and merges rumqttd's SUBACK). A requested QoS 2 is forwarded
@@ -33,10 +41,13 @@
 //!
 //! Everything else (PINGREQ, UNSUBSCRIBE, ...) passes through unchanged. The front's metrics are
 //! declared in [`describe`].
+//!
+//! Left to rumqttd: it keeps the sessions of an earlier generation (at most
+//! [`MAX_PERSISTENT_SESSIONS`] each, never resumed) until the aggregator restarts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -58,6 +69,14 @@ pub const MAX_PACKET: usize = 1 << 20;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a connection's grant is checked again.
 pub const RECHECK: Duration = Duration::from_secs(5);
+/// Distinct persistent (clean session 0) client ids one credential generation may hold: enough
+/// for an integrator's few consumers and a spare each, while sessions of clients that never come
+/// back stay bounded (rumqttd keeps them until it stops).
+pub const MAX_PERSISTENT_SESSIONS: usize = 8;
+/// Connections rumqttd accepts beyond the front's cap: the aggregator's own, which go to it
+/// directly (the publisher, tests' observers), and front connections whose upstream half is
+/// still closing.
+const INTERNAL_CONNECTIONS: usize = 10;
 /// Most QoS 1 messages a client may leave unacknowledged: packet ids are 16-bit, so a client
 /// with more has stopped acknowledging (rumqttd stops sending long before).
 const MAX_UNACKED: usize = u16::MAX as usize;
@@ -66,6 +85,10 @@ const INTERNAL_USER: &str = "its-internal";
 
 /// CONNECTs refused by the authenticators.
 pub const CONNECT_REFUSED: &str = "its_mqtt_connect_refused_total";
+/// CONNECTs refused because a connection limit was reached.
+pub const CONNECT_OVER_LIMIT: &str = "its_mqtt_connect_over_limit_total";
+/// CONNECTs with clean session 0 forwarded with clean session 1.
+pub const PERSISTENT_SESSION_REFUSED: &str = "its_mqtt_persistent_session_refused_total";
 /// Connections closed because their grant no longer held.
 pub const GRANT_WITHDRAWN: &str = "its_mqtt_grant_withdrawn_total";
 /// Subscription filters refused.
@@ -74,9 +97,20 @@ pub const SUBSCRIBE_REFUSED: &str = "its_mqtt_subscribe_refused_total";
 pub const PUBLISH_REFUSED: &str = "its_mqtt_publish_refused_total";
 /// Messages rumqttd sent towards a client that its grant does not cover, dropped.
 pub const DELIVERY_REFUSED: &str = "its_mqtt_delivery_refused_total";
+/// Client connections open now.
+pub const CONNECTIONS_ACTIVE: &str = "its_mqtt_connections_active";
+
 /// Registers the front's metrics (once, at start-up).
 pub fn describe() {
     metrics::describe_counter!(CONNECT_REFUSED, "MQTT CONNECTs refused: unknown user, wrong password, revoked");
+    metrics::describe_counter!(
+        CONNECT_OVER_LIMIT,
+        "MQTT CONNECTs answered CONNACK 3 because a connection limit was reached, by limit: total, per_client"
+    );
+    metrics::describe_counter!(
+        PERSISTENT_SESSION_REFUSED,
+        "MQTT CONNECTs with clean session 0 given a clean session: the credential already holds the most persistent client ids"
+    );
     metrics::describe_counter!(
         GRANT_WITHDRAWN,
         "MQTT connections closed because their credential was deleted, created again or its sites changed"
@@ -90,6 +124,85 @@ pub fn describe() {
         DELIVERY_REFUSED,
         "MQTT messages dropped on their way to a client because its grant does not cover their topic"
     );
+    metrics::describe_gauge!(CONNECTIONS_ACTIVE, "MQTT client connections open on the embedded broker");
+}
+
+/// Caps on the front's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections at once.
+    pub total: usize,
+    /// Connections at once per principal (one credential, one device).
+    pub per_principal: usize,
+    /// Distinct persistent client ids per principal and generation.
+    pub persistent_per_generation: usize,
+}
+
+/// Who is connected, for the [`Limits`].
+#[derive(Debug, Default)]
+struct Registry {
+    total: usize,
+    per_principal: HashMap<String, usize>,
+    /// Principal -> its generation last seen, and the persistent client ids (as given to
+    /// rumqttd) made under it.
+    persistent: HashMap<String, (String, HashSet<String>)>,
+}
+
+impl Registry {
+    /// Counts one more connection of `principal`; `Err`: the limit reached (`total` or
+    /// `per_client`), nothing counted.
+    fn admit(&mut self, limits: &Limits, principal: &str) -> Result<(), &'static str> {
+        if self.total >= limits.total {
+            return Err("total");
+        }
+        let mine = self.per_principal.get(principal).copied().unwrap_or(0);
+        if mine >= limits.per_principal {
+            return Err("per_client");
+        }
+        self.total += 1;
+        self.per_principal.insert(principal.to_owned(), mine + 1);
+        Ok(())
+    }
+
+    /// Whether a CONNECT of `grant` for `upstream_id` (the client id as given to rumqttd) with
+    /// clean session 0 may keep it; false: it gets a clean session. A CONNECT with clean session 1
+    /// frees the id's place (rumqttd drops its session) and answers false.
+    fn keep_persistent(&mut self, limits: &Limits, grant: &Grant, upstream_id: &str, clean_session: bool) -> bool {
+        let entry = self.persistent.entry(grant.principal.clone()).or_default();
+        if entry.0 != grant.generation {
+            // A new generation: the sessions of the earlier one can never be resumed.
+            *entry = (grant.generation.clone(), HashSet::new());
+        }
+        if clean_session {
+            entry.1.remove(upstream_id);
+            return false;
+        }
+        if entry.1.contains(upstream_id) || entry.1.len() < limits.persistent_per_generation {
+            entry.1.insert(upstream_id.to_owned());
+            return true;
+        }
+        false
+    }
+}
+
+/// One admitted connection's place in the [`Registry`]; dropping it frees the place.
+struct Slot<'a> {
+    registry: &'a Mutex<Registry>,
+    principal: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut r = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        r.total = r.total.saturating_sub(1);
+        if let Some(n) = r.per_principal.get_mut(&self.principal) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                r.per_principal.remove(&self.principal);
+            }
+        }
+        metrics::gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+    }
 }
 
 /// The running broker: where clients connect, and who may.
@@ -100,11 +213,17 @@ pub struct Broker {
     internal: SocketAddr,
     internal_password: String,
     authenticators: RwLock<Vec<Arc<dyn Authenticator>>>,
+    limits: Limits,
+    registry: Mutex<Registry>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("listen", &self.listen).field("internal", &self.internal).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("listen", &self.listen)
+            .field("internal", &self.internal)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -114,6 +233,7 @@ impl Broker {
     pub async fn start(
         listen: SocketAddr,
         tls: Option<TlsFiles>,
+        limits: Limits,
         shutdown: watch::Receiver<bool>,
         tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
     ) -> anyhow::Result<Arc<Self>> {
@@ -137,8 +257,15 @@ impl Broker {
             None => None,
         };
         let internal_password = crate::auth::secrets::random_token(32);
-        let internal = start_rumqttd(&internal_password).await?;
-        let broker = Arc::new(Self { listen, internal, internal_password, authenticators: RwLock::new(Vec::new()) });
+        let internal = start_rumqttd(&internal_password, limits.total.saturating_add(INTERNAL_CONNECTIONS)).await?;
+        let broker = Arc::new(Self {
+            listen,
+            internal,
+            internal_password,
+            authenticators: RwLock::new(Vec::new()),
+            limits,
+            registry: Mutex::new(Registry::default()),
+        });
         tasks.spawn(Arc::clone(&broker).accept_loop(listener, acceptor, shutdown));
         Ok(broker)
     }
@@ -170,6 +297,15 @@ impl Broker {
             }
         }
         (AuthOutcome::NotMine, None)
+    }
+
+    /// A place for one more connection of `principal`; `Err`: the limit reached (`total` or
+    /// `per_client`).
+    fn admit(&self, principal: &str) -> Result<Slot<'_>, &'static str> {
+        let mut r = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        r.admit(&self.limits, principal)?;
+        metrics::gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+        Ok(Slot { registry: &self.registry, principal: principal.to_owned() })
     }
 
     async fn accept_loop(
@@ -256,6 +392,19 @@ impl Broker {
                 return refuse(client, code).await;
             }
         };
+        if connect.client_id.is_empty() && !connect.clean_session {
+            // MQTT 3.1.1 §3.1.3-8: a session needs a client id to be resumed by.
+            tracing::info!(%peer, principal = grant.principal, "MQTT: empty client id with clean session 0, refused");
+            return refuse(client, ConnectReturnCode::BadClientId).await;
+        }
+        let _slot = match self.admit(&grant.principal) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                metrics::counter!(CONNECT_OVER_LIMIT, "limit" => limit).increment(1);
+                tracing::info!(%peer, principal = grant.principal, limit, "MQTT: connection limit reached, CONNECT refused");
+                return refuse(client, ConnectReturnCode::ServiceUnavailable).await;
+            }
+        };
         if let Some(will) = &connect.last_will
             && !grant.may_publish(&will.topic)
         {
@@ -266,6 +415,22 @@ impl Broker {
         let id =
             if connect.client_id.is_empty() { crate::auth::secrets::random_id(16) } else { connect.client_id.clone() };
         connect.client_id = upstream_client_id(&grant, &id);
+        let keep = self.registry.lock().unwrap_or_else(PoisonError::into_inner).keep_persistent(
+            &self.limits,
+            &grant,
+            &connect.client_id,
+            connect.clean_session,
+        );
+        if !keep && !connect.clean_session {
+            metrics::counter!(PERSISTENT_SESSION_REFUSED).increment(1);
+            tracing::info!(
+                %peer,
+                principal = grant.principal,
+                limit = self.limits.persistent_per_generation,
+                "MQTT: too many persistent client ids for this credential, given a clean session"
+            );
+            connect.clean_session = true;
+        }
         connect.login = Some(Login::new(INTERNAL_USER, self.internal_password.clone()));
         if connect.keep_alive == 0 {
             // rumqttd refuses 0 (no keep-alive); a silent client is then closed after ~15 min.
@@ -549,9 +714,9 @@ fn protocol_level(frame: &[u8]) -> Option<u8> {
     vh.get(2 + name_len).copied()
 }
 
-/// Starts rumqttd on a free loopback port with the internal credentials; returns its address
-/// once it accepts connections.
-async fn start_rumqttd(password: &str) -> anyhow::Result<SocketAddr> {
+/// Starts rumqttd on a free loopback port with the internal credentials, for at most
+/// `max_connections` connections; returns its address once it accepts connections.
+async fn start_rumqttd(password: &str, max_connections: usize) -> anyhow::Result<SocketAddr> {
     use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
     let addr = {
         let probe = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free loopback port")?;
@@ -575,7 +740,7 @@ async fn start_rumqttd(password: &str) -> anyhow::Result<SocketAddr> {
     let config = Config {
         id: 0,
         router: RouterConfig {
-            max_connections: 10_010,
+            max_connections,
             max_outgoing_packet_count: 200,
             max_segment_size: 100 * 1024 * 1024,
             max_segment_count: 10,
@@ -753,5 +918,43 @@ mod tests {
     fn client_ids_carry_principal_and_generation() {
         assert_eq!(upstream_client_id(&grant(), "c1"), "integrator:acme:0123456789abcdef:c1");
         assert_eq!(upstream_client_id(&Grant::device_uplink("dev-1"), "c1"), "device:dev-1:c1");
+    }
+
+    #[test]
+    fn connection_limits() {
+        let limits = Limits { total: 3, per_principal: 2, persistent_per_generation: 2 };
+        let mut r = Registry::default();
+        assert_eq!(r.admit(&limits, "integrator:a"), Ok(()));
+        assert_eq!(r.admit(&limits, "integrator:a"), Ok(()));
+        assert_eq!(r.admit(&limits, "integrator:a"), Err("per_client"));
+        assert_eq!(r.admit(&limits, "integrator:b"), Ok(()));
+        assert_eq!(r.admit(&limits, "integrator:c"), Err("total"));
+        assert_eq!(r.total, 3);
+
+        // The slot gives its place back.
+        let registry = Mutex::new(r);
+        drop(Slot { registry: &registry, principal: "integrator:a".into() });
+        let mut r = registry.into_inner().expect("lock");
+        assert_eq!(r.per_principal.get("integrator:a"), Some(&1));
+        assert_eq!(r.admit(&limits, "integrator:c"), Ok(()));
+    }
+
+    #[test]
+    fn persistent_client_ids_per_generation() {
+        let limits = Limits { total: 10, per_principal: 10, persistent_per_generation: 2 };
+        let mut r = Registry::default();
+        let g = grant();
+        assert!(r.keep_persistent(&limits, &g, "a", false));
+        assert!(r.keep_persistent(&limits, &g, "b", false));
+        assert!(!r.keep_persistent(&limits, &g, "c", false), "a third id gets a clean session");
+        assert!(r.keep_persistent(&limits, &g, "a", false), "a known id keeps its session");
+        // A clean session frees the id's place.
+        assert!(!r.keep_persistent(&limits, &g, "b", true));
+        assert!(r.keep_persistent(&limits, &g, "c", false));
+        // A new generation starts afresh.
+        let g2 = Grant { generation: "fedcba9876543210".into(), ..grant() };
+        assert!(r.keep_persistent(&limits, &g2, "x", false));
+        assert!(r.keep_persistent(&limits, &g2, "y", false));
+        assert!(!r.keep_persistent(&limits, &g2, "z", false));
     }
 }
