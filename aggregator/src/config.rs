@@ -858,6 +858,10 @@ mod tests {
             (&cfg.mqtt.mode, cfg.mqtt.listen, &cfg.mqtt.id, cfg.mqtt.tls.is_some()),
             (&defaults.mqtt.mode, defaults.mqtt.listen, &defaults.mqtt.id, defaults.mqtt.tls.is_some())
         );
+        assert_eq!(
+            (cfg.mqtt.max_connections, cfg.mqtt.max_connections_per_client),
+            (defaults.mqtt.max_connections, defaults.mqtt.max_connections_per_client)
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub const HTTP_TIMEOUTS: &str = "its_http_timeouts_total";
 /// Registers descriptions (call once at start-up, after installing the recorder).
 pub fn describe() {
     crate::export::describe();
+    #[cfg(feature = "embedded-mqtt")]
+    crate::mqtt::broker::describe();
     metrics::describe_counter!(CONNECTIONS_TOTAL, "Agent connections accepted after mutual TLS");
     metrics::describe_gauge!(CONNECTIONS_ACTIVE, "Agent connections open now");
     metrics::describe_counter!(

@@ -8,6 +8,13 @@
 //!   refused in the SUBACK; a wrong password is refused at CONNECT; its PUBLISH never reaches
 //!   subscribers; a late subscriber sees the retained device and aggregator status; a revoked
 //!   credential cannot connect.
+//! - Credentials deleted and created again (rumqttc clients in the test): a persistent session
+//!   made under the earlier credential is not resumed and delivers nothing of a site the new one
+//!   lacks (the reproduced ACL bypass); an open connection of a credential created again with
+//!   fewer sites is closed within about the front's recheck interval.
+//! - Limits: over `max_connections_per_client` or `max_connections` a CONNECT gets CONNACK 3,
+//!   and a place is free again once a connection closes; a credential keeps at most
+//!   `MAX_PERSISTENT_SESSIONS` persistent client ids, beyond that a client gets a clean session.
 //! - External mode: the aggregator publishes to Mosquitto, a plain subscriber receives.
 //! - `its-aggregator mqtt mosquitto-config` writes files a real Mosquitto accepts.
 //! - The credential table on both backends.
@@ -30,8 +37,9 @@ use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
 use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef};
 use its_shared::session::AgentSessionConfig;
+use rumqttc::{AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, Incoming, MqttOptions, QoS};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 const SUB: &str = "/usr/bin/mosquitto_sub";
 const PUB: &str = "/usr/bin/mosquitto_pub";
@@ -100,6 +108,308 @@ impl Fixture {
             self.call(reqwest::Method::PATCH, &format!("/devices/{device}"), Some(json!({ "site_id": site }))).await;
         assert_eq!(status, 200, "{body}");
     }
+}
+
+impl Fixture {
+    /// Creates sites `north` and `south`, starts an agent in each (cameras `cam-n`, `cam-s`)
+    /// and waits until both are assigned.
+    async fn two_sites(&self) -> (Agent, Agent) {
+        for (site, name) in [("north", "North junction"), ("south", "South junction")] {
+            let (status, body) =
+                self.call(reqwest::Method::POST, "/sites", Some(json!({ "site_id": site, "name": name }))).await;
+            assert_eq!(status, 201, "{body}");
+        }
+        let north = Agent::start(&self.root, "dev-north", "cam-n", self.server.addrs.quic);
+        let south = Agent::start(&self.root, "dev-south", "cam-s", self.server.addrs.quic);
+        self.assign("dev-north", "north").await;
+        self.assign("dev-south", "south").await;
+        (north, south)
+    }
+
+    /// Creates an integrator credential through the API; returns its password.
+    async fn credential(&self, username: &str, sites: &[&str]) -> String {
+        let (status, body) = self
+            .call(reqwest::Method::POST, "/mqtt/credentials", Some(json!({ "username": username, "sites": sites })))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["password"].as_str().expect("password").to_owned()
+    }
+
+    /// Deletes a credential and creates it again with `sites`; returns the new password.
+    async fn recreate(&self, username: &str, sites: &[&str]) -> String {
+        let (status, body) = self.call(reqwest::Method::DELETE, &format!("/mqtt/credentials/{username}"), None).await;
+        assert_eq!(status, 204, "{body}");
+        self.credential(username, sites).await
+    }
+
+    fn mqtt_port(&self) -> u16 {
+        self.server.addrs.mqtt.expect("embedded broker").port()
+    }
+}
+
+/// A real MQTT client (rumqttc) whose event loop runs in a task; what it receives (and how its
+/// connection ended) comes out of `events`.
+struct Client {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Incoming, ConnectionError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    fn start(options: MqttOptions) -> Self {
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(p)) => {
+                        if tx.send(Ok(p)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        // No reconnection: the test sees how it ended.
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Self { client, events, task }
+    }
+
+    /// An integrator's client of the front.
+    fn integrator(port: u16, id: &str, user: &str, password: &str, clean_session: bool) -> Self {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_credentials(user, password);
+        o.set_clean_session(clean_session);
+        o.set_keep_alive(Duration::from_secs(30));
+        Self::start(o)
+    }
+
+    /// The next event within `within` (`None`: nothing came).
+    async fn next(&mut self, within: Duration) -> Option<Result<Incoming, ConnectionError>> {
+        tokio::time::timeout(within, self.events.recv()).await.ok().flatten()
+    }
+
+    /// The CONNACK, or how the connection failed.
+    async fn connack(&mut self) -> Result<ConnAck, String> {
+        match self.next(Duration::from_secs(10)).await {
+            Some(Ok(Incoming::ConnAck(ack))) => Ok(ack),
+            Some(Err(ConnectionError::ConnectionRefused(code))) => Err(format!("refused {code:?}")),
+            other => Err(format!("no CONNACK: {other:?}")),
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK; returns its return codes.
+    async fn subscribe(&mut self, filter: &str) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+        loop {
+            match self.next(Duration::from_secs(10)).await {
+                Some(Ok(Incoming::SubAck(ack))) => return ack.return_codes,
+                Some(Ok(_)) => {}
+                other => panic!("no SUBACK for {filter}: {other:?}"),
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and waits until the connection is gone.
+    async fn disconnect(mut self) {
+        self.client.disconnect().await.expect("disconnect");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.next(Duration::from_millis(200)).await {
+                Some(Err(_)) => break,
+                _ if self.task.is_finished() => break,
+                _ => {}
+            }
+        }
+        self.task.abort();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_created_again_does_not_resume_the_earlier_session() {
+    let f = fixture(&[("MODE", "embedded".into()), ("LISTEN", "127.0.0.1:0".into())]).await;
+    let port = f.mqtt_port();
+    let (north, south) = f.two_sites().await;
+
+    // Under the first credential (both sites): a persistent session subscribed to both.
+    let password = f.credential("acme", &["north", "south"]).await;
+    let mut c = Client::integrator(port, "acme-consumer", "acme", &password, false);
+    c.connack().await.expect("connected");
+    let granted = rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    assert_eq!(c.subscribe("its/v1/north/#").await, vec![granted]);
+    assert_eq!(c.subscribe("its/v1/south/#").await, vec![granted]);
+    c.disconnect().await;
+    // The session is kept while the client is away (so what follows is meaningful).
+    let mut c = Client::integrator(port, "acme-consumer", "acme", &password, false);
+    assert!(c.connack().await.expect("connected").session_present, "the persistent session is resumed");
+    c.disconnect().await;
+
+    // Deleted and created again without the north site.
+    let password = f.recreate("acme", &["south"]).await;
+
+    // Everything published, as rumqttd sees it (straight to it, no ACL).
+    let broker = f.server.mqtt.broker.as_ref().expect("embedded broker");
+    let mut observer = Client::start(broker.internal_options("test-observer"));
+    observer.connack().await.expect("observer connected");
+    observer.subscribe("its/v1/#").await;
+
+    // The same client id and clean session 0, no SUBSCRIBE: a new session.
+    let mut c = Client::integrator(port, "acme-consumer", "acme", &password, false);
+    let ack = c.connack().await.expect("connected");
+    assert!(!ack.session_present, "the session of the earlier credential was resumed");
+
+    // A north event is published by the aggregator ...
+    north.append(vec![crossing("cam-n", 1)]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the north event was never published");
+        if let Some(Ok(Incoming::Publish(p))) = observer.next(Duration::from_millis(500)).await
+            && p.topic == "its/v1/north/cam-n/events/line_crossing"
+        {
+            break;
+        }
+    }
+    // ... then, once the client subscribed within its new grant, a south one.
+    let mut received = Vec::new();
+    let codes = {
+        c.client.subscribe("its/v1/south/#", QoS::AtLeastOnce).await.expect("subscribe");
+        loop {
+            match c.next(Duration::from_secs(10)).await {
+                Some(Ok(Incoming::SubAck(ack))) => break ack.return_codes,
+                Some(Ok(Incoming::Publish(p))) => received.push(p.topic),
+                Some(Ok(_)) => {}
+                other => panic!("no SUBACK: {other:?}"),
+            }
+        }
+    };
+    assert_eq!(codes, vec![granted]);
+    south.append(vec![crossing("cam-s", 1)]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !received.iter().any(|t| t == "its/v1/south/cam-s/events/line_crossing") {
+        assert!(Instant::now() < deadline, "the south event never arrived: {received:?}");
+        match c.next(Duration::from_millis(500)).await {
+            Some(Ok(Incoming::Publish(p))) => received.push(p.topic),
+            Some(Err(e)) => panic!("connection ended: {e:?}"),
+            _ => {}
+        }
+    }
+    // A little longer, for anything late.
+    while let Some(Ok(ev)) = c.next(Duration::from_secs(1)).await {
+        if let Incoming::Publish(p) = ev {
+            received.push(p.topic);
+        }
+    }
+    assert!(!received.iter().any(|t| t.starts_with("its/v1/north/")), "north messages delivered: {received:?}");
+    // Nothing but what the new subscription covers.
+    assert!(received.iter().all(|t| t.starts_with("its/v1/south/")), "{received:?}");
+
+    north.stop().await;
+    south.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_end_when_their_credential_is_created_again_with_fewer_sites() {
+    let f = fixture(&[("MODE", "embedded".into()), ("LISTEN", "127.0.0.1:0".into())]).await;
+    let port = f.mqtt_port();
+    for site in ["north", "south"] {
+        let (status, body) =
+            f.call(reqwest::Method::POST, "/sites", Some(json!({ "site_id": site, "name": site }))).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let password = f.credential("acme", &["north", "south"]).await;
+    let mut c = Client::integrator(port, "acme-live", "acme", &password, true);
+    c.connack().await.expect("connected");
+    c.subscribe("its/v1/south/#").await;
+    // Open longer than one recheck before the change: the credential as it was still holds.
+    assert!(c.next(its_aggregator::mqtt::broker::RECHECK + Duration::from_secs(1)).await.is_none(), "closed early");
+
+    f.recreate("acme", &["south"]).await;
+    let changed = Instant::now();
+    // The front checks every RECHECK, reading the credential at most CACHE_TTL old.
+    let bound = its_aggregator::mqtt::broker::RECHECK + its_aggregator::mqtt::credentials::CACHE_TTL;
+    let ended = loop {
+        match c.next(bound + Duration::from_secs(5)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break e,
+            None => panic!("still open {:?} after the credential was created again", changed.elapsed()),
+        }
+    };
+    let took = changed.elapsed();
+    assert!(took <= bound + Duration::from_secs(2), "closed after {took:?} ({ended:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_answer_connack_3() {
+    let f = fixture(&[
+        ("MODE", "embedded".into()),
+        ("LISTEN", "127.0.0.1:0".into()),
+        ("MAX_CONNECTIONS", "3".into()),
+        ("MAX_CONNECTIONS_PER_CLIENT", "2".into()),
+    ])
+    .await;
+    let port = f.mqtt_port();
+    let acme = f.credential("acme", &[]).await;
+    let beta = f.credential("beta", &[]).await;
+
+    let mut a1 = Client::integrator(port, "a1", "acme", &acme, true);
+    a1.connack().await.expect("a1");
+    let mut a2 = Client::integrator(port, "a2", "acme", &acme, true);
+    a2.connack().await.expect("a2");
+    // A third of the same credential: over max_connections_per_client.
+    let mut a3 = Client::integrator(port, "a3", "acme", &acme, true);
+    assert_eq!(a3.connack().await, Err(format!("refused {:?}", ConnectReturnCode::ServiceUnavailable)));
+    // Another credential: its first one fits, then max_connections is reached.
+    let mut b1 = Client::integrator(port, "b1", "beta", &beta, true);
+    b1.connack().await.expect("b1");
+    let mut b2 = Client::integrator(port, "b2", "beta", &beta, true);
+    assert_eq!(b2.connack().await, Err(format!("refused {:?}", ConnectReturnCode::ServiceUnavailable)));
+    // mosquitto_sub sees the same answer.
+    let (code, out) = attempt(&f.root, "over-limit", port, "beta", &beta, "its/v1/aggregator/+/status").await;
+    assert!(out.contains("received CONNACK (3)"), "{out}");
+    assert_ne!(code, Some(0), "{out}");
+    // The refused ones took no place: once one closes, the next fits.
+    a1.disconnect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut a4 = Client::integrator(port, "a4", "acme", &acme, true);
+        match a4.connack().await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "no place after a disconnect: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((a2, b1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_client_ids_per_credential_are_capped() {
+    let f = fixture(&[("MODE", "embedded".into()), ("LISTEN", "127.0.0.1:0".into())]).await;
+    let port = f.mqtt_port();
+    let password = f.credential("acme", &[]).await;
+    let cap = its_aggregator::mqtt::broker::MAX_PERSISTENT_SESSIONS;
+    for i in 0..=cap {
+        let mut c = Client::integrator(port, &format!("p{i}"), "acme", &password, false);
+        assert!(!c.connack().await.expect("connected").session_present);
+        c.subscribe("its/v1/aggregator/+/status").await;
+        c.disconnect().await;
+    }
+    // Let rumqttd put the last sessions away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut first = Client::integrator(port, "p0", "acme", &password, false);
+    assert!(first.connack().await.expect("p0").session_present, "one of the first {cap} keeps its session");
+    first.disconnect().await;
+    let mut over = Client::integrator(port, &format!("p{cap}"), "acme", &password, false);
+    assert!(!over.connack().await.expect("over").session_present, "the id over the cap was given a clean session");
 }
 
 /// One agent: an outbox and its QUIC uplink.

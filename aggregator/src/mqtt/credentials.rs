@@ -10,6 +10,14 @@
 //! - `its/v1/aggregator/+/status`.
 //!
 //! It may publish nothing.
+//!
+//! Each stored credential has a **generation** ([`StoredCredential::generation`]): a digest of its
+//! secret's hash and creation time, so it changes whenever the credential is created again (a
+//! deleted credential created again under the same user name is a new generation, even with the
+//! same sites). The grant carries it; the broker's front puts it in the client id it gives rumqttd
+//! (so no session of an earlier generation is ever resumed) and
+//! [`IntegratorAuthenticator::is_current`] closes the connections of a grant whose credential is
+//! gone, of another generation, or whose sites or alerts changed.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -53,6 +61,22 @@ pub struct StoredCredential {
     pub credential: MqttCredential,
     pub secret_sha256: String,
     pub mosquitto_hash: String,
+}
+
+/// Hex digits of a credential generation: 64 bits, so two issues of one user name never share
+/// one in practice, and short enough for client ids.
+const GENERATION_HEX: usize = 16;
+
+impl StoredCredential {
+    /// The credential's generation: [`GENERATION_HEX`] hex digits of SHA-256 over the secret's
+    /// hash and the creation time. Both are new whenever the credential is (re)created (the
+    /// secret is random), and neither changes otherwise, so no schema change was needed.
+    pub fn generation(&self) -> String {
+        sha256_hex(&format!("{}:{}", self.secret_sha256, self.credential.created_at_ms))
+            .chars()
+            .take(GENERATION_HEX)
+            .collect()
+    }
 }
 
 type Row = (String, String, String, String, i64, i64, Option<String>);
@@ -185,15 +209,33 @@ impl CredentialStore {
     }
 }
 
-/// The subscribe rights of a credential (`devices`: those assigned to its sites).
-pub fn integrator_grant(c: &MqttCredential, devices: &[String]) -> Grant {
+/// The subscribe rights of a credential (`devices`: those assigned to its sites), with its
+/// generation.
+pub fn integrator_grant(stored: &StoredCredential, devices: &[String]) -> Grant {
+    let c = &stored.credential;
     let mut subscribe: Vec<String> = c.sites.iter().map(|s| site_filter(s)).collect();
     subscribe.extend(devices.iter().map(|d| device_status_topic(d)));
     if c.alerts {
         subscribe.push(format!("{ROOT}/alerts/#"));
     }
     subscribe.push(format!("{ROOT}/aggregator/+/status"));
-    Grant { principal: format!("integrator:{}", c.username), subscribe, publish: Vec::new() }
+    Grant {
+        principal: format!("integrator:{}", c.username),
+        generation: stored.generation(),
+        subscribe,
+        publish: Vec::new(),
+    }
+}
+
+/// Whether `grant` was made from `stored` as it is now: the same generation, and the same sites
+/// and alerts. The device status topics are left out: they follow the site assignment as it was
+/// at CONNECT, and reading it again would cost a query per connection and check.
+fn grant_holds(stored: &StoredCredential, grant: &Grant) -> bool {
+    let devices = format!("{ROOT}/devices/");
+    let scope =
+        |g: &Grant| -> Vec<String> { g.subscribe.iter().filter(|f| !f.starts_with(&devices)).cloned().collect() };
+    let now = integrator_grant(stored, &[]);
+    grant.generation == now.generation && scope(grant) == scope(&now)
 }
 
 /// The embedded broker's check of integrators: the user name must be a credential and the
@@ -250,7 +292,7 @@ impl Authenticator for IntegratorAuthenticator {
                 return AuthOutcome::Refused;
             }
         };
-        AuthOutcome::Granted(integrator_grant(&stored.credential, &devices))
+        AuthOutcome::Granted(integrator_grant(&stored, &devices))
     }
 
     async fn is_current(&self, grant: &Grant) -> bool {
@@ -258,7 +300,9 @@ impl Authenticator for IntegratorAuthenticator {
             return true;
         };
         match self.lookup(username, false).await {
-            Ok(c) => c.is_some(),
+            Ok(Some(stored)) => grant_holds(&stored, grant),
+            // Deleted.
+            Ok(None) => false,
             // Storage trouble is not a revocation.
             Err(_) => true,
         }
@@ -284,7 +328,7 @@ pub fn mosquitto_files(
         let c = &stored.credential;
         passwd.push_str(&format!("{}:{}\n", c.username, stored.mosquitto_hash));
         acl.push_str(&format!("\n# Integrator {}\nuser {}\n", c.username, c.username));
-        for filter in integrator_grant(c, devices).subscribe {
+        for filter in integrator_grant(stored, devices).subscribe {
             acl.push_str(&format!("topic read {filter}\n"));
         }
     }
@@ -348,28 +392,54 @@ mod tests {
         assert_ne!(mosquitto_hash("x"), mosquitto_hash("x"), "salted");
     }
 
+    fn stored(sites: &[&str], alerts: bool, secret: &str, created_at_ms: i64) -> StoredCredential {
+        StoredCredential {
+            credential: MqttCredential {
+                username: "acme".into(),
+                sites: sites.iter().map(|s| (*s).to_owned()).collect(),
+                alerts,
+                created_at_ms,
+                created_by: None,
+            },
+            secret_sha256: sha256_hex(secret),
+            mosquitto_hash: "$7$h".into(),
+        }
+    }
+
+    #[test]
+    fn generations_change_with_each_creation() {
+        let a = stored(&["north"], false, "first password", 1000);
+        assert_eq!(a.generation().len(), GENERATION_HEX);
+        assert!(a.generation().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.generation(), a.clone().generation(), "stable");
+        // Created again: a new secret (and time), so a new generation, even with the same sites.
+        assert_ne!(a.generation(), stored(&["north"], false, "second password", 1000).generation());
+        assert_ne!(a.generation(), stored(&["north"], false, "first password", 1001).generation());
+    }
+
+    #[test]
+    fn grants_hold_while_the_credential_is_unchanged() {
+        let a = stored(&["north", "south"], true, "pw", 1000);
+        let g = integrator_grant(&a, &["dev-n".into()]);
+        assert_eq!(g.generation, a.generation());
+        assert!(grant_holds(&a, &g), "device assignments are not checked again");
+        // Created again with the same scope, or the same generation with another scope.
+        assert!(!grant_holds(&stored(&["north", "south"], true, "pw2", 2000), &g));
+        assert!(!grant_holds(&stored(&["north"], true, "pw", 1000), &g));
+        assert!(!grant_holds(&stored(&["north", "south"], false, "pw", 1000), &g));
+        assert!(!grant_holds(&stored(&["north", "south", "west"], true, "pw", 1000), &g));
+    }
+
     #[test]
     fn grant_of_a_credential() {
-        let c = MqttCredential {
-            username: "acme".into(),
-            sites: vec!["north".into()],
-            alerts: false,
-            created_at_ms: 0,
-            created_by: None,
-        };
-        let g = integrator_grant(&c, &["dev-n".into()]);
+        let s = stored(&["north"], false, "pw", 0);
+        let g = integrator_grant(&s, &["dev-n".into()]);
         assert!(g.may_subscribe("its/v1/north/#"));
         assert!(g.may_subscribe("its/v1/devices/dev-n/status"));
         assert!(!g.may_subscribe("its/v1/devices/+/status"));
         assert!(!g.may_subscribe("its/v1/alerts/#"));
         assert!(g.may_subscribe("its/v1/aggregator/+/status"));
-        let (passwd, acl) = mosquitto_files(
-            &[(
-                StoredCredential { credential: c, secret_sha256: String::new(), mosquitto_hash: "$7$h".into() },
-                vec![],
-            )],
-            Some(("agg", "pw")),
-        );
+        let (passwd, acl) = mosquitto_files(&[(s, vec![])], Some(("agg", "pw")));
         assert!(passwd.contains("acme:$7$h\n") && passwd.starts_with("agg:$7$101$"), "{passwd}");
         assert!(acl.contains("user acme\ntopic read its/v1/north/#\n"), "{acl}");
     }

@@ -12,7 +12,10 @@
 //!
 //! Where it goes ([`MqttMode`]): to the **embedded** broker by default ([`broker`], rumqttd behind
 //! an MQTT-aware front in this process that authenticates every CONNECT against the integrator
-//! credentials ([`credentials`]) and authorises every SUBSCRIBE against the credential's sites),
+//! credentials ([`credentials`]), authorises every SUBSCRIBE and every delivery against the
+//! credential's sites, keeps the sessions of a credential deleted and created again apart, closes
+//! the connections of a credential that no longer holds, and caps connections:
+//! `max_connections`, `max_connections_per_client`),
 //! to an **external** broker (Mosquitto, EMQX: its own password and ACL files, which
 //! `its-aggregator mqtt mosquitto-config` writes from the same credentials), or nowhere (`off`).
 
@@ -40,6 +43,15 @@ pub mod uplink;
 /// Default address of the embedded broker: loopback only (integrators on other hosts need
 /// `listen` on another address, which then needs `tls_cert` and `tls_key`).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8472";
+/// Default `max_connections` of the embedded broker: far above what integrators of one
+/// deployment open, while rumqttd's tables for that many stay small (a few MB).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default `max_connections_per_client`: an integrator runs a few consumers per credential (one
+/// per service, and a spare during a deploy); more is a leak or a reconnect loop, which must not
+/// take the connections of the others.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 16;
+/// Largest `max_connections`: rumqttd allocates its per-connection tables up front for that many.
+pub const MAX_CONNECTIONS_LIMIT: u32 = 100_000;
 
 /// `[mqtt]` as written in the configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +66,11 @@ pub struct RawMqtt {
     pub tls_cert: Option<PathBuf>,
     /// Embedded broker: PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Embedded broker: most client connections open at once (1 to 100000). Default 10000.
+    pub max_connections: u32,
+    /// Embedded broker: most connections open at once with one credential (1 to
+    /// `max_connections`). Default 16.
+    pub max_connections_per_client: u32,
     /// External broker: `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (TLS, checked against the
     /// system roots or `ca_file`).
     pub url: String,
@@ -78,6 +95,8 @@ impl Default for RawMqtt {
             listen: DEFAULT_LISTEN.into(),
             tls_cert: None,
             tls_key: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             url: String::new(),
             username: String::new(),
             password: String::new(),
@@ -132,6 +151,10 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Embedded broker: TLS certificate and key.
     pub tls: Option<TlsFiles>,
+    /// Embedded broker: most client connections at once; over it, CONNACK 3.
+    pub max_connections: usize,
+    /// Embedded broker: most connections at once per credential (principal); over it, CONNACK 3.
+    pub max_connections_per_client: usize,
     /// `its/v1/aggregator/{id}/status`.
     pub id: String,
     pub uplink: uplink::MqttUplinkConfig,
@@ -143,6 +166,9 @@ impl Default for MqttConfig {
             mode: MqttMode::Off,
             listen: SocketAddr::from(([127, 0, 0, 1], 8472)),
             tls: None,
+            // The configuration file's defaults (see there).
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT as usize,
             id: default_id(),
             uplink: Default::default(),
         }
@@ -175,6 +201,22 @@ impl RawMqtt {
             }
             self.id.clone()
         };
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS_LIMIT {
+            e.push("mqtt.max_connections", format!("{}: expected 1 to {MAX_CONNECTIONS_LIMIT}", self.max_connections));
+        } else {
+            cfg.max_connections = self.max_connections as usize;
+        }
+        if self.max_connections_per_client == 0 || self.max_connections_per_client > self.max_connections {
+            e.push(
+                "mqtt.max_connections_per_client",
+                format!(
+                    "{}: expected 1 to max_connections ({})",
+                    self.max_connections_per_client, self.max_connections
+                ),
+            );
+        } else {
+            cfg.max_connections_per_client = self.max_connections_per_client as usize;
+        }
         match self.listen.parse::<SocketAddr>() {
             Ok(a) => cfg.listen = a,
             Err(_) => e.push("mqtt.listen", format!("{:?} is not an IP:port address", self.listen)),
@@ -315,7 +357,12 @@ pub async fn start(
         }
         #[cfg(feature = "embedded-mqtt")]
         MqttMode::Embedded => {
-            let broker = broker::Broker::start(cfg.listen, cfg.tls.clone(), shutdown.clone(), tasks).await?;
+            let limits = broker::Limits {
+                total: cfg.max_connections,
+                per_principal: cfg.max_connections_per_client,
+                persistent_per_generation: broker::MAX_PERSISTENT_SESSIONS,
+            };
+            let broker = broker::Broker::start(cfg.listen, cfg.tls.clone(), limits, shutdown.clone(), tasks).await?;
             broker.add_authenticator(Arc::new(credentials::IntegratorAuthenticator::new(db.clone())));
             let options = broker.internal_options(&format!("its-aggregator-{}", cfg.id));
             let publisher = publish::Publisher::new(db.clone(), cfg.id.clone());
@@ -365,5 +412,28 @@ mod tests {
         let mut e = ConfigErrors::default();
         raw.validate(&mut e);
         assert!(format!("{e:?}").contains("mqtt.listen"), "{e:?}");
+    }
+
+    #[test]
+    fn connection_limits() {
+        let cfg = RawMqtt::default().validate(&mut ConfigErrors::default());
+        assert_eq!((cfg.max_connections, cfg.max_connections_per_client), (10_000, 16));
+        let raw = RawMqtt { max_connections: 3, max_connections_per_client: 2, ..RawMqtt::default() };
+        let mut e = ConfigErrors::default();
+        let cfg = raw.validate(&mut e);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!((cfg.max_connections, cfg.max_connections_per_client), (3, 2));
+        for (total, per, paths) in [
+            (0, 1, vec!["mqtt.max_connections", "mqtt.max_connections_per_client"]),
+            (10, 0, vec!["mqtt.max_connections_per_client"]),
+            (10, 11, vec!["mqtt.max_connections_per_client"]),
+            (MAX_CONNECTIONS_LIMIT + 1, 16, vec!["mqtt.max_connections"]),
+        ] {
+            let raw = RawMqtt { max_connections: total, max_connections_per_client: per, ..RawMqtt::default() };
+            let mut e = ConfigErrors::default();
+            raw.validate(&mut e);
+            let got: Vec<&str> = e.issues.iter().map(|i| i.path.as_str()).collect();
+            assert_eq!(got, paths, "{total} {per}");
+        }
     }
 }
