@@ -287,7 +287,7 @@ async fn the_api_needs_a_credential() {
 #[tokio::test]
 async fn undeclared_routes_are_refused_and_the_listed_public_ones_answer() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let store = open_store("sqlite::memory:").await.expect("open store");
+    let store = open_store("sqlite::memory:", its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let (state, token) = common::test_state(store, memory_objects(), metrics_handle(), AuthConfig::default()).await;
     let ran = Arc::new(AtomicUsize::new(0));
     let extra = Router::new().route(

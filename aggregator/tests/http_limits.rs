@@ -89,7 +89,11 @@ async fn start(limits: Limits, tls: bool) -> Fixture {
     let cfg = ServerConfig {
         database_url: format!("sqlite://{}", root.join("events.db").display()),
         pki_dir: root.join("pki"),
-        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(10) },
+        ingest: IngestConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            idle_timeout: Duration::from_secs(10),
+            ..IngestConfig::default()
+        },
         http_listen: ([127, 0, 0, 1], 0).into(),
         http_tls,
         http_limits: limits,

@@ -272,7 +272,6 @@ pub async fn change_password(
 ) -> Result<StatusCode, ApiError> {
     let (user_id, _) = user_of(&p)?;
     let user = state.auth.store.user_by_id(user_id).await?.ok_or_else(|| ApiError::no_such("such user"))?;
-    secrets::check_password_policy(&req.new_password).map_err(ApiError::invalid_request)?;
     let right = state
         .auth
         .check_own_secret(&user, ip.0, "password.change_failure", || {
@@ -282,6 +281,7 @@ pub async fn change_password(
     if !right {
         return Err(crate::auth::AuthError::InvalidCredentials.into());
     }
+    secrets::check_password_policy(&req.new_password).map_err(ApiError::invalid_request)?;
     let hash = state.auth.hash_password(&req.new_password).await?;
     state.auth.store.set_password(user_id, &hash, unix_ms()).await?;
     state.auth.revoke_user(user_id, "password changed").await?;
