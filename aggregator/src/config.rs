@@ -236,11 +236,6 @@ impl ServerConfig {
         let file = self.secrets_key_file.clone().unwrap_or_else(|| self.pki_dir.join("secrets.key"));
         crate::vault::KeySource::from_env_or_file(&file)
     }
-
-    /// Opens the store with the key ring ([`crate::store::open_store_with_secrets`]).
-    pub async fn open_store(&self) -> Result<std::sync::Arc<dyn crate::store::EventStore>, crate::store::StoreError> {
-        crate::store::open_store_with_secrets(&self.database_url, &self.secrets_source()).await
-    }
 }
 
 impl Default for ServerConfig {

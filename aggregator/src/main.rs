@@ -261,7 +261,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(KeysCommand::Rotate) => {
             let cfg = valid_config!(raw, source);
             runtime()?.block_on(async {
-                let store = cfg.open_store().await?;
+                let store =
+                    its_aggregator::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source()).await?;
                 let auth = its_aggregator::auth::AuthService::open(store.db(), cfg.auth.clone()).await?;
                 let kid = auth.keys.rotate(its_aggregator::unix_ms()).await?;
                 auth.audit_quiet(
@@ -336,7 +337,9 @@ async fn rotate_secrets(cfg: &its_aggregator::config::ServerConfig, retire_old: 
         );
     };
     // Opening seals whatever is not sealed with the current active key yet.
-    let store = cfg.open_store().await.context("opening the database")?;
+    let store = its_aggregator::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source())
+        .await
+        .context("opening the database")?;
     drop(store);
     let (current, _) = Vault::load(&KeySource::File(path.clone()), false)?;
     let next = current.with_new_active_key();
@@ -364,8 +367,7 @@ async fn rotate_secrets(cfg: &its_aggregator::config::ServerConfig, retire_old: 
 
 async fn user_command(cmd: UserCommand, cfg: &its_aggregator::config::ServerConfig) -> anyhow::Result<ExitCode> {
     use its_aggregator::auth::{AuthError, AuthService, Role};
-    let store = cfg
-        .open_store()
+    let store = its_aggregator::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source())
         .await
         .with_context(|| format!("opening {}", its_aggregator::server::redact(&cfg.database_url)))?;
     let auth = AuthService::open(store.db(), cfg.auth.clone()).await?;

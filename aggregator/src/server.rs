@@ -58,7 +58,9 @@ impl Server {
                 cfg.pki_dir.display()
             );
         }
-        let store = cfg.open_store().await.with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+        let store = crate::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source())
+            .await
+            .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
         let snapshots = SnapshotObjects::open(&cfg.snapshots)
             .with_context(|| format!("opening the snapshot store {}", cfg.snapshots))?;
         // Before binding, so a bad certificate file stops the start with its path.

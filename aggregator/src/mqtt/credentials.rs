@@ -339,7 +339,7 @@ pub fn mosquitto_files(
 /// 0600 / 0644) from the stored credentials; returns how many credentials it wrote.
 pub async fn write_mosquitto_config(cfg: &crate::config::ServerConfig, out: &std::path::Path) -> anyhow::Result<usize> {
     use anyhow::Context as _;
-    let store = cfg.open_store().await?;
+    let store = crate::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source()).await?;
     let creds = CredentialStore::new(store.db());
     let mut all = Vec::new();
     for c in creds.list().await? {
