@@ -42,8 +42,8 @@ pub fn describe() {
 }
 
 /// The parameters of new hashes: argon2id, OWASP's recommended minimum (19 MiB, 2 passes, 1
-/// lane).
-fn params() -> Params {
+/// lane). [`super::secrets::hash_password`] uses them too.
+pub(super) fn params() -> Params {
     Params::new(Params::DEFAULT_M_COST, 2, 1, None).unwrap_or_default()
 }
 
@@ -163,7 +163,8 @@ fn worker(rx: &Mutex<Receiver<Job>>, queued: &AtomicUsize) {
                 Err(_) => return,
             }
         };
-        queued.fetch_sub(1, Ordering::SeqCst);
+        let waiting = queued.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        metrics::gauge!(HASH_QUEUE).set(waiting as f64);
         let answer = match job.work {
             Work::Hash(pw) => Answer::Hashed(hash_with(&pw, &mut memory)),
             Work::Verify(pw, phc) => Answer::Verified(verify_with(&pw, &phc, &mut memory)),

@@ -1,7 +1,7 @@
 //! Passwords (argon2id; the service hashes and verifies on its bounded pool, [`super::hashing`]),
 //! random secrets, hashes of high-entropy tokens, TOTP (RFC 6238).
 
-use argon2::{Algorithm, Argon2, Params, PasswordHasher as _, PasswordVerifier as _, Version};
+use argon2::{Algorithm, Argon2, PasswordHasher as _, PasswordVerifier as _, Version};
 use base64::Engine as _;
 use rand::RngCore as _;
 use sha2::{Digest, Sha256};
@@ -14,8 +14,7 @@ pub const MAX_PASSWORD_LEN: usize = 256;
 
 /// argon2id with OWASP's recommended minimum: 19 MiB, 2 passes, 1 lane.
 fn argon2() -> Argon2<'static> {
-    let params = Params::new(19 * 1024, 2, 1, None).unwrap_or_default();
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, super::hashing::params())
 }
 
 /// Why a new password is refused.
