@@ -181,13 +181,7 @@ fn main() -> ExitCode {
     // The demo prints its own story; the embedded broker's internals (its front's readiness probe,
     // the disconnect at the aggregator's restart) would only clutter it.
     let default_filter = if matches!(cli.command, Some(Command::Demo { .. })) { "warn,rumqttd=off" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    its_hostio::logging::init_stderr_logging(default_filter);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -282,7 +276,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Mqtt(MqttCommand::MosquittoConfig { out }) => {
             let cfg = valid_config!(raw, source);
-            let n = runtime()?.block_on(its_aggregator::mqtt::credentials::write_mosquitto_config(&cfg, &out))?;
+            let n = runtime()?.block_on(async {
+                let store =
+                    its_aggregator::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source()).await?;
+                its_aggregator::mqtt::credentials::write_mosquitto_config(store.db(), &cfg.mqtt.mode, &out).await
+            })?;
             println!("{n} integrator credential(s): wrote {0}/passwd and {0}/acl", out.display());
         }
         Command::CheckConfig => match raw.validate(&source) {

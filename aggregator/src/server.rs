@@ -96,7 +96,13 @@ impl Server {
             Ok(())
         });
         if cfg.alerts.enabled {
-            let alerts = crate::alerts::service(store.db(), bus.clone(), cfg.alerts.clone(), shutdown.clone());
+            let alerts = crate::alerts::service(
+                store.db(),
+                bus.clone(),
+                cfg.alerts.clone(),
+                crate::clock::SystemClock::shared(),
+                shutdown.clone(),
+            );
             tasks.spawn(async move {
                 alerts.await;
                 Ok(())

@@ -1,5 +1,8 @@
 //! The rule engine: what this replica committed (bus, `recv_local`) against the enabled rules,
-//! plus a periodic check for devices offline too long, escalations and rule reloads.
+//! plus a periodic check for devices offline too long, escalations and rule reloads. "Now" is
+//! read from the engine's [`Clock`](crate::clock::Clock), once per message or check, and handed
+//! down; the periodic check runs on a `tokio::time` interval (or is called directly:
+//! [`Engine::check`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,19 +14,14 @@ use tokio::sync::{Notify, watch};
 
 use super::AlertsConfig;
 use super::model::{Comparison, Condition, SubjectFilter};
-use super::store::{Alert, AlertStore, Fired, Firing, RuleRecord};
+use super::rules::{CompiledRule, RuleSet};
+use super::store::{Alert, AlertStore, Fired, Firing};
 use crate::bus::{BusMessage, BusReceiver, EventBus};
+use crate::clock::SharedClock;
 use crate::store::{Db, StoreError};
-use crate::unix_ms;
-
-/// Alerts opened, label `severity`.
-pub const ALERTS_OPENED_TOTAL: &str = "its_alerts_opened_total";
-/// Firings folded into an alert that was already open.
-pub const ALERTS_DEDUPED_TOTAL: &str = "its_alerts_deduplicated_total";
-/// Firings that suppression kept from opening an alert.
-pub const ALERTS_SUPPRESSED_TOTAL: &str = "its_alerts_suppressed_total";
-/// Alerts escalated.
-pub const ALERTS_ESCALATED_TOTAL: &str = "its_alerts_escalated_total";
+use crate::telemetry::alerts::{
+    ALERTS_DEDUPED_TOTAL, ALERTS_ESCALATED_TOTAL, ALERTS_OPENED_TOTAL, ALERTS_SUPPRESSED_TOTAL,
+};
 
 /// What a firing is about.
 struct Subject<'a> {
@@ -52,8 +50,10 @@ pub struct Engine {
     store: AlertStore,
     bus: EventBus,
     cfg: AlertsConfig,
+    clock: SharedClock,
     wake: Arc<Notify>,
-    rules: Vec<RuleRecord>,
+    /// The enabled rules, compiled.
+    rules: RuleSet,
     generation: u64,
     /// (device, camera) -> effective site.
     sites: HashMap<(String, String), Option<String>>,
@@ -64,13 +64,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(db: Db, bus: EventBus, cfg: AlertsConfig, wake: Arc<Notify>) -> Self {
+    pub fn new(db: Db, bus: EventBus, cfg: AlertsConfig, clock: SharedClock, wake: Arc<Notify>) -> Self {
         Self {
             store: AlertStore::new(db),
             bus,
             cfg,
+            clock,
             wake,
-            rules: Vec::new(),
+            rules: RuleSet::default(),
             generation: u64::MAX,
             sites: HashMap::new(),
             evicted: HashMap::new(),
@@ -97,12 +98,14 @@ impl Engine {
                     {
                         tracing::warn!(error = %e, "reloading alert rules");
                     }
-                    if let Err(e) = self.handle(&m).await {
+                    let now = self.clock.now_ms();
+                    if let Err(e) = self.handle(&m, now).await {
                         tracing::warn!(error = %e, "evaluating alert rules");
                     }
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = self.periodic().await {
+                    let now = self.clock.now_ms();
+                    if let Err(e) = self.check(now).await {
                         tracing::warn!(error = %e, "periodic alert check");
                     }
                 }
@@ -113,10 +116,11 @@ impl Engine {
 
     async fn reload(&mut self) -> Result<(), StoreError> {
         let generation = super::rules_generation();
-        self.rules = self.store.list_rules().await?.into_iter().filter(|r| r.spec.enabled).collect();
+        self.rules.load(self.store.list_rules().await?);
         self.sites = self.store.camera_sites().await?.into_iter().map(|(d, c, s)| ((d, c), s)).collect();
         self.maybe_open.clear();
-        for r in self.rules.iter().filter(|r| r.spec.condition.is_device()) {
+        let rules = self.rules.current();
+        for r in rules.iter().filter(|r| r.spec.condition.is_device()) {
             for s in self.store.unresolved_subjects(r.rule_id).await? {
                 self.maybe_open.insert((r.rule_id, s));
             }
@@ -167,10 +171,15 @@ impl Engine {
     }
 
     /// A rule fired for a subject: suppressed, folded into an open alert, or a new alert.
-    async fn fire(&mut self, rule_idx: usize, s: &Subject<'_>, title: &str, details: Value) -> Result<(), StoreError> {
-        let now = unix_ms();
-        let rule = &self.rules[rule_idx];
-        if rule.spec.suppression.as_ref().is_some_and(|sup| sup.is_active(now)) {
+    async fn fire(
+        &mut self,
+        rule: &CompiledRule,
+        s: &Subject<'_>,
+        title: &str,
+        details: Value,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if rule.suppressed_at(now) {
             metrics::counter!(ALERTS_SUPPRESSED_TOTAL).increment(1);
             return self.store.count_suppressed(rule.rule_id).await;
         }
@@ -211,52 +220,44 @@ impl Engine {
     }
 
     /// A device condition cleared for a subject: resolve its alerts.
-    async fn clear(&mut self, rule_idx: usize, s: &Subject<'_>) -> Result<(), StoreError> {
-        let key = (self.rules[rule_idx].rule_id, s.key());
+    async fn clear(&mut self, rule: &CompiledRule, s: &Subject<'_>, now: i64) -> Result<(), StoreError> {
+        let key = (rule.rule_id, s.key());
         if !self.maybe_open.remove(&key) {
             return Ok(());
         }
-        for alert in self.store.resolve_cleared(key.0, &key.1, unix_ms()).await? {
+        for alert in self.store.resolve_cleared(key.0, &key.1, now).await? {
             self.publish(&alert, "resolved");
         }
         Ok(())
     }
 
-    async fn handle(&mut self, m: &BusMessage) -> Result<(), StoreError> {
+    /// Evaluates one message from the bus at `now` (Unix ms).
+    pub async fn handle(&mut self, m: &BusMessage, now: i64) -> Result<(), StoreError> {
         match m {
             BusMessage::Events(batch) => {
                 for ev in &batch.events {
-                    self.on_event(&batch.device, ev).await?;
+                    self.on_event(&batch.device, ev, now).await?;
                 }
             }
-            BusMessage::Health { device, health, .. } => self.on_health(device, health).await?,
-            BusMessage::DeviceStatus { device, online: true, .. } => self.device_seen(device).await?,
+            BusMessage::Health { device, health, .. } => self.on_health(device, health, now).await?,
+            BusMessage::DeviceStatus { device, online: true, .. } => self.device_seen(device, now).await?,
             BusMessage::DeviceStatus { .. } => {}
-            BusMessage::Rollup { rollup } => self.on_rollup(rollup).await?,
-            BusMessage::Anomaly { anomaly } => self.on_anomaly(anomaly).await?,
+            BusMessage::Rollup { rollup } => self.on_rollup(rollup, now).await?,
+            BusMessage::Anomaly { anomaly } => self.on_anomaly(anomaly, now).await?,
             BusMessage::Alert { .. } => {}
         }
         Ok(())
     }
 
-    async fn on_event(&mut self, device: &str, ev: &EventEnvelope) -> Result<(), StoreError> {
+    async fn on_event(&mut self, device: &str, ev: &EventEnvelope, now: i64) -> Result<(), StoreError> {
         let kind = ev.kind.name();
         let label = ev.kind.object().map(|o| o.label.as_str());
         let (zone, line, _, speed) = crate::store::filter_columns(&ev.kind);
-        for i in 0..self.rules.len() {
-            let Condition::Event { kinds, classes, zones, lines, speed_above_kmh } = &self.rules[i].spec.condition
-            else {
-                continue;
-            };
-            let one_of =
-                |list: &[String], v: Option<&str>| list.is_empty() || v.is_some_and(|v| list.iter().any(|x| x == v));
-            let ok = one_of(kinds, Some(kind))
-                && one_of(classes, label)
-                && one_of(zones, zone)
-                && one_of(lines, line)
-                && speed_above_kmh.is_none_or(|limit| speed.is_some_and(|s| s > limit));
+        let rules = self.rules.current();
+        for rule in rules.iter() {
+            let ok = rule.matches_event(kind, label, zone, line, speed);
             let s = Subject { device, camera: Some(&ev.camera) };
-            if !ok || !self.allows(&self.rules[i].spec.filter, &s) {
+            if !ok || !self.allows(&rule.spec.filter, &s) {
                 continue;
             }
             let mut title = format!("{kind} on {}", s.label());
@@ -272,70 +273,73 @@ impl Engine {
                 "observed_at_ms": ev.observed_at_ms,
                 "payload": ev.kind.payload_json(),
             }});
-            self.fire(i, &s, &title, details).await?;
+            self.fire(rule, &s, &title, details, now).await?;
         }
         Ok(())
     }
 
-    async fn device_seen(&mut self, device: &str) -> Result<(), StoreError> {
-        for i in 0..self.rules.len() {
-            if matches!(self.rules[i].spec.condition, Condition::DeviceOffline { .. }) {
-                self.clear(i, &Subject { device, camera: None }).await?;
+    async fn device_seen(&mut self, device: &str, now: i64) -> Result<(), StoreError> {
+        let rules = self.rules.current();
+        for rule in rules.iter() {
+            if matches!(rule.spec.condition, Condition::DeviceOffline { .. }) {
+                self.clear(rule, &Subject { device, camera: None }, now).await?;
             }
         }
         Ok(())
     }
 
-    async fn on_health(&mut self, device: &str, h: &DeviceHealth) -> Result<(), StoreError> {
-        self.device_seen(device).await?;
+    async fn on_health(&mut self, device: &str, h: &DeviceHealth, now: i64) -> Result<(), StoreError> {
+        self.device_seen(device, now).await?;
         let previous_evicted = self.evicted.insert(device.to_owned(), h.evicted_total);
-        for i in 0..self.rules.len() {
-            match self.rules[i].spec.condition.clone() {
+        let rules = self.rules.current();
+        for rule in rules.iter() {
+            match rule.spec.condition {
                 Condition::CameraDown {} => {
                     for c in &h.cameras {
                         let s = Subject { device, camera: Some(&c.camera) };
-                        if !self.allows(&self.rules[i].spec.filter, &s) {
+                        if !self.allows(&rule.spec.filter, &s) {
                             continue;
                         }
                         if c.state == "streaming" {
-                            self.clear(i, &s).await?;
+                            self.clear(rule, &s, now).await?;
                         } else {
                             let title = format!("camera {} is {}", s.label(), c.state);
                             let details = json!({ "camera": c.camera, "state": c.state, "last_error": c.last_error });
-                            self.fire(i, &s, &title, details).await?;
+                            self.fire(rule, &s, &title, details, now).await?;
                         }
                     }
                 }
                 Condition::FpsBelow { fps } => {
                     for c in h.cameras.iter().filter(|c| c.state == "streaming") {
                         let s = Subject { device, camera: Some(&c.camera) };
-                        if !self.allows(&self.rules[i].spec.filter, &s) {
+                        if !self.allows(&rule.spec.filter, &s) {
                             continue;
                         }
                         if f64::from(c.fps) < fps {
                             let title = format!("camera {} analyses {:.1} fps (below {fps})", s.label(), c.fps);
-                            self.fire(i, &s, &title, json!({ "camera": c.camera, "fps": c.fps, "limit": fps })).await?;
+                            self.fire(rule, &s, &title, json!({ "camera": c.camera, "fps": c.fps, "limit": fps }), now)
+                                .await?;
                         } else {
-                            self.clear(i, &s).await?;
+                            self.clear(rule, &s, now).await?;
                         }
                     }
                 }
                 Condition::TemperatureAbove { celsius } => {
                     let s = Subject { device, camera: None };
-                    if !self.allows(&self.rules[i].spec.filter, &s) {
+                    if !self.allows(&rule.spec.filter, &s) {
                         continue;
                     }
                     match h.temperature_c {
                         Some(t) if f64::from(t) > celsius => {
                             let title = format!("device {device} at {t:.1} °C (above {celsius})");
-                            self.fire(i, &s, &title, json!({ "temperature_c": t, "limit": celsius })).await?;
+                            self.fire(rule, &s, &title, json!({ "temperature_c": t, "limit": celsius }), now).await?;
                         }
-                        _ => self.clear(i, &s).await?,
+                        _ => self.clear(rule, &s, now).await?,
                     }
                 }
                 Condition::BufferEvicting {} => {
                     let s = Subject { device, camera: None };
-                    if !self.allows(&self.rules[i].spec.filter, &s) {
+                    if !self.allows(&rule.spec.filter, &s) {
                         continue;
                     }
                     match previous_evicted {
@@ -343,9 +347,9 @@ impl Engine {
                             let title = format!("device {device} evicted {} buffered events", h.evicted_total - before);
                             let details = json!({ "evicted_total": h.evicted_total, "previous": before,
                                 "outbox_events": h.outbox_events });
-                            self.fire(i, &s, &title, details).await?;
+                            self.fire(rule, &s, &title, details, now).await?;
                         }
-                        Some(_) => self.clear(i, &s).await?,
+                        Some(_) => self.clear(rule, &s, now).await?,
                         None => {}
                     }
                 }
@@ -355,11 +359,11 @@ impl Engine {
         Ok(())
     }
 
-    async fn on_rollup(&mut self, r: &Value) -> Result<(), StoreError> {
+    async fn on_rollup(&mut self, r: &Value, now: i64) -> Result<(), StoreError> {
         let (Some(device), Some(camera)) = (r["device"].as_str(), r["camera"].as_str()) else { return Ok(()) };
-        for i in 0..self.rules.len() {
-            let Condition::Metric { metric, op, value, resolution, class, line, zone } = &self.rules[i].spec.condition
-            else {
+        let rules = self.rules.current();
+        for rule in rules.iter() {
+            let Condition::Metric { metric, op, value, resolution, class, line, zone } = &rule.spec.condition else {
                 continue;
             };
             let same = |want: &Option<String>, field: &str| want.as_ref().is_none_or(|w| r[field].as_str() == Some(w));
@@ -376,7 +380,7 @@ impl Engine {
                 Comparison::Below => v < *value,
             };
             let s = Subject { device, camera: Some(camera) };
-            if !hit || !self.allows(&self.rules[i].spec.filter, &s) {
+            if !hit || !self.allows(&rule.spec.filter, &s) {
                 continue;
             }
             let title = format!(
@@ -391,60 +395,62 @@ impl Engine {
                 r["resolution"].as_str().unwrap_or("?"),
                 r["start"].as_str().unwrap_or("?"),
             );
-            self.fire(i, &s, &title, json!({ "rollup": r })).await?;
+            self.fire(rule, &s, &title, json!({ "rollup": r }), now).await?;
         }
         Ok(())
     }
 
-    async fn on_anomaly(&mut self, a: &Value) -> Result<(), StoreError> {
+    async fn on_anomaly(&mut self, a: &Value, now: i64) -> Result<(), StoreError> {
         let (Some(device), Some(camera), Some(kind)) = (a["device"].as_str(), a["camera"].as_str(), a["kind"].as_str())
         else {
             return Ok(());
         };
         let score = a["score"].as_f64().unwrap_or(0.0);
-        for i in 0..self.rules.len() {
-            let Condition::Anomaly { kinds, min_score } = &self.rules[i].spec.condition else { continue };
+        let rules = self.rules.current();
+        for rule in rules.iter() {
+            let Condition::Anomaly { kinds, min_score } = &rule.spec.condition else { continue };
             if (!kinds.is_empty() && !kinds.iter().any(|k| k.as_str() == kind))
                 || min_score.is_some_and(|m| score.abs() < m)
             {
                 continue;
             }
             let s = Subject { device, camera: Some(camera) };
-            if !self.allows(&self.rules[i].spec.filter, &s) {
+            if !self.allows(&rule.spec.filter, &s) {
                 continue;
             }
             let title = format!("{kind} on {} (score {score:.1})", s.label());
-            self.fire(i, &s, &title, json!({ "anomaly": a })).await?;
+            self.fire(rule, &s, &title, json!({ "anomaly": a }), now).await?;
         }
         Ok(())
     }
 
-    /// Devices offline too long, escalations, and a reload of rules and camera sites.
-    async fn periodic(&mut self) -> Result<(), StoreError> {
+    /// The periodic check at `now` (Unix ms): a reload of rules and camera sites, devices offline
+    /// too long, escalations.
+    pub async fn check(&mut self, now: i64) -> Result<(), StoreError> {
         self.reload().await?;
-        let now = unix_ms();
-        let has_offline_rules = self.rules.iter().any(|r| matches!(r.spec.condition, Condition::DeviceOffline { .. }));
+        let rules = self.rules.current();
+        let has_offline_rules = rules.iter().any(|r| matches!(r.spec.condition, Condition::DeviceOffline { .. }));
         if has_offline_rules {
             let devices = self.store.devices_last_seen().await?;
-            for i in 0..self.rules.len() {
-                let Condition::DeviceOffline { minutes } = self.rules[i].spec.condition else { continue };
+            for rule in rules.iter() {
+                let Condition::DeviceOffline { minutes } = rule.spec.condition else { continue };
                 for (device, last_seen) in &devices {
                     let s = Subject { device, camera: None };
-                    if !self.allows(&self.rules[i].spec.filter, &s) {
+                    if !self.allows(&rule.spec.filter, &s) {
                         continue;
                     }
                     let silent_ms = now - last_seen;
                     if silent_ms >= i64::from(minutes) * 60_000 {
                         let title = format!("device {device} offline for {} min", silent_ms / 60_000);
                         let details = json!({ "last_seen_ms": last_seen, "minutes": minutes });
-                        self.fire(i, &s, &title, details).await?;
+                        self.fire(rule, &s, &title, details, now).await?;
                     } else {
-                        self.clear(i, &s).await?;
+                        self.clear(rule, &s, now).await?;
                     }
                 }
             }
         }
-        for r in &self.rules {
+        for r in rules.iter() {
             let Some(esc) = &r.spec.escalation else { continue };
             if r.spec.severity != super::Severity::Critical {
                 continue;

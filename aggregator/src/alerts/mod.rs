@@ -1,5 +1,22 @@
 //! Alert rules, alerts and their notifications.
 //!
+//! What is inside:
+//! - [`engine`]: evaluates what this replica committed (bus) against the rules, and a periodic
+//!   check (devices offline, escalations, rule reloads); opens, bumps and resolves alerts.
+//! - [`rules`]: the rules as the engine evaluates them, compiled once per version; matching of
+//!   events and suppression windows (pure).
+//! - [`notify`]: the delivery worker (webhook, MQTT, e-mail), with retries and dead letters.
+//! - [`targets`]: where channels may connect (the network policy and its resolver).
+//! - [`store`]: the alert tables, through [`AlertStore`].
+//! - [`model`]: the rule and channel types, re-exported from [`crate::model::alerts`].
+//! - here: the `[alerts]` configuration and [`service`], which runs the engine and the worker.
+//!
+//! May depend on: [`crate::store`], [`crate::bus`], [`crate::model`], [`crate::clock`],
+//! [`crate::telemetry`], [`crate::netaddr`]. Never on `http` or `config` (they depend on this).
+//! "Now" comes from the [`Clock`](crate::clock::Clock) given to [`service`]; periodic work runs
+//! on `tokio::time` intervals.
+//!
+//! How it works:
 //! - **Rules** ([`model::RuleSpec`]) are data, managed over the API (`/api/v1/alert-rules`,
 //!   `rules:write`): a condition on events, on metrics (rollups and anomalies from
 //!   [`crate::analytics`]) or on devices (offline, camera down, buffer evicting, fps collapsed,
@@ -28,14 +45,21 @@ use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 
 use crate::bus::EventBus;
+use crate::clock::SharedClock;
 use crate::store::Db;
 
 pub mod engine;
-pub mod model;
 pub mod notify;
-pub mod store;
+pub mod rules;
 pub mod targets;
 
+/// The rule and channel types (now in [`crate::model::alerts`]); this path stays for callers.
+pub mod model {
+    pub use crate::model::alerts::schema::*;
+    pub use crate::model::alerts::*;
+}
+
+pub use crate::store::alerts as store;
 pub use model::{ChannelSpec, RuleSpec, Severity};
 pub use store::{Alert, AlertStore};
 
@@ -174,16 +198,22 @@ pub(crate) fn delivery_wake() -> &'static Notify {
 
 /// The alert engine and the delivery worker, until `shutdown`. Subscribes to the bus before it
 /// returns, so nothing published after this call is missed.
+///
+/// `clock` is where both take "now" (alert times, offline devices, escalations, retry times):
+/// [`SystemClock`](crate::clock::SystemClock) in the server, a
+/// [`ManualClock`](crate::clock::ManualClock) in tests.
 pub fn service(
     db: Db,
     bus: EventBus,
     cfg: AlertsConfig,
+    clock: SharedClock,
     shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let rx = bus.subscribe("alerts");
     let wake = std::sync::Arc::new(Notify::new());
-    let engine = engine::Engine::new(db.clone(), bus, cfg.clone(), std::sync::Arc::clone(&wake));
-    let notifier = notify::Notifier::new(db, cfg, wake);
+    let engine =
+        engine::Engine::new(db.clone(), bus, cfg.clone(), std::sync::Arc::clone(&clock), std::sync::Arc::clone(&wake));
+    let notifier = notify::Notifier::new(db, cfg, clock, wake);
     let sd = shutdown.clone();
     async move {
         tokio::join!(engine.run(rx, sd), notifier.run(shutdown));

@@ -35,13 +35,9 @@ use tokio::sync::{Notify, watch};
 use super::AlertsConfig;
 use super::model::{ChannelTarget, SmtpSecurity, SmtpSpec};
 use super::store::{AlertStore, AttemptResult, Delivery};
+use crate::clock::SharedClock;
 use crate::store::{Db, StoreError};
-use crate::unix_ms;
-
-/// Delivery attempts, labels `kind` (webhook, mqtt, email) and `outcome` (delivered, retry, dead).
-pub const DELIVERY_ATTEMPTS_TOTAL: &str = "its_alert_delivery_attempts_total";
-/// Seconds from an alert delivery being queued to its successful attempt, label `kind`.
-pub const DELIVERY_LATENCY_SECONDS: &str = "its_alert_delivery_latency_seconds";
+use crate::telemetry::alerts::{DELIVERY_ATTEMPTS_TOTAL, DELIVERY_LATENCY_SECONDS};
 
 /// How long a taken delivery is leased to this worker beyond its time limit.
 const LEASE_MARGIN_MS: i64 = 30_000;
@@ -70,12 +66,14 @@ pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
 pub struct Notifier {
     store: AlertStore,
     cfg: AlertsConfig,
+    /// Where "now" comes from: due and retry times, the webhook timestamp.
+    clock: SharedClock,
     wake: Arc<Notify>,
     http: Option<reqwest::Client>,
 }
 
 impl Notifier {
-    pub fn new(db: Db, cfg: AlertsConfig, wake: Arc<Notify>) -> Self {
+    pub fn new(db: Db, cfg: AlertsConfig, clock: SharedClock, wake: Arc<Notify>) -> Self {
         // reqwest's rustls takes the process's default provider: the one the rest uses.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -88,7 +86,7 @@ impl Notifier {
             .build()
             .map_err(|e| tracing::error!(error = %e, "no HTTP client for webhooks"))
             .ok();
-        Self { store: AlertStore::new(db), cfg, wake, http }
+        Self { store: AlertStore::new(db), cfg, clock, wake, http }
     }
 
     /// Runs until shutdown; attempts in flight finish first.
@@ -103,7 +101,7 @@ impl Notifier {
             let mut wait = poll;
             let free = me.cfg.concurrency.saturating_sub(inflight.len());
             if free > 0 {
-                let now = unix_ms();
+                let now = me.clock.now_ms();
                 let lease = now + i64::try_from(me.cfg.delivery_timeout_ms).unwrap_or(i64::MAX / 4) + LEASE_MARGIN_MS;
                 match me.store.claim_due(now, lease, i64::try_from(free).unwrap_or(1)).await {
                     Ok(batch) => {
@@ -113,7 +111,7 @@ impl Notifier {
                             inflight.spawn(async move { me.attempt(d).await });
                         }
                         if !full && let Ok(Some(next)) = me.store.next_due_ms().await {
-                            let until = u64::try_from(next - unix_ms()).unwrap_or(0);
+                            let until = u64::try_from(next - me.clock.now_ms()).unwrap_or(0);
                             wait = wait.min(Duration::from_millis(until));
                         }
                     }
@@ -171,7 +169,7 @@ impl Notifier {
                 (c.spec.target.kind(), c.spec.max_attempts(), result)
             }
         };
-        let now = unix_ms();
+        let now = self.clock.now_ms();
         let round = u32::try_from((n - d.round_start).max(1)).unwrap_or(u32::MAX);
         let backoff = self
             .cfg
@@ -230,7 +228,7 @@ impl Notifier {
         {
             return Outcome::permanent(None, e);
         }
-        let timestamp = (unix_ms() / 1000).to_string();
+        let timestamp = (self.clock.now_ms() / 1000).to_string();
         let signature = sign(secret.as_bytes(), &timestamp, d.payload.as_bytes());
         let resp = http
             .post(url)

@@ -2,18 +2,7 @@
 
 use std::collections::BTreeMap;
 
-/// One stored event as the rollups need it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventSample {
-    pub kind: String,
-    pub label: Option<String>,
-    pub line: Option<String>,
-    pub zone: Option<String>,
-    pub direction: Option<String>,
-    pub speed_kmh: Option<f64>,
-    /// The payload (JSON text): read for zone occupancy only.
-    pub payload: Option<String>,
-}
+pub use crate::store::rollups::EventSample;
 
 /// What identifies a series within a camera's bucket. Absent parts are empty strings (they are
 /// part of a unique key in storage).

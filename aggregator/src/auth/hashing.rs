@@ -19,27 +19,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 
+use crate::telemetry::auth::{HASH_BUSY, HASH_QUEUE};
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use rand::RngCore as _;
 use subtle::ConstantTimeEq as _;
 
-/// Gauge of password hashing requests waiting for a worker.
-pub const HASH_QUEUE: &str = "its_auth_password_hash_queue";
-/// Counter of password hashing requests refused because the queue was full.
-pub const HASH_BUSY: &str = "its_auth_password_hash_busy_total";
-
 /// Largest argon2 memory cost (KiB) a stored hash may ask for: 64 MiB. Bounds what one
 /// verification may allocate even for a hash made with other settings.
 pub const MAX_M_COST_KIB: u32 = 64 * 1024;
-
-/// Registers the metric descriptions.
-pub fn describe() {
-    metrics::describe_gauge!(HASH_QUEUE, "Password hashing requests waiting for a worker");
-    metrics::describe_counter!(
-        HASH_BUSY,
-        "Password hashing requests refused at once (answered 503) because every worker was busy and the queue full"
-    );
-}
 
 /// The parameters of new hashes: argon2id, OWASP's recommended minimum (19 MiB, 2 passes, 1
 /// lane). [`super::secrets::hash_password`] uses them too.

@@ -25,6 +25,13 @@
 //! - Security-relevant actions go to the audit log ([`store::AuditEntry`]); failures anyone can
 //!   cause are summarised ([`audit_digest`]); the log has a retention of its own
 //!   (`[audit]`), independent of the events'.
+//!
+//! Inside: this file ([`AuthService`], [`Principal`]), [`hashing`] (the bounded argon2 pool),
+//! [`secrets`] (tokens, hashes, constant-time comparison), [`tokens`] (JWT signing keys),
+//! [`audit_digest`]; the roles are [`crate::model::permissions`], the tables
+//! [`crate::store::auth`] (re-exported as [`store`]).
+//!
+//! Dependencies: store, model, telemetry. Never http, config, mqtt.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,11 +45,11 @@ use crate::unix_ms;
 
 pub mod audit_digest;
 pub mod hashing;
-pub mod permissions;
 pub mod secrets;
-pub mod store;
 pub mod tokens;
 
+pub use crate::model::permissions;
+pub use crate::store::auth as store;
 pub use permissions::{Access, Permission, PermissionSet, Role};
 use store::{ApiKeyRow, AuditEntry, AuthStore, RefreshUse, SessionRow, UserRow};
 use tokens::{AUDIENCE_ACCESS, AUDIENCE_MFA, ISSUER, KeyRing, TokenError};

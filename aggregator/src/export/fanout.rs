@@ -22,15 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::bus::{BusMessage, EventBus};
-
-/// Counter of messages this replica published to Redis.
-pub const FANOUT_PUBLISHED: &str = "its_fanout_published_total";
-/// Counter of other replicas' messages republished on this replica's bus.
-pub const FANOUT_RECEIVED: &str = "its_fanout_received_total";
-/// Counter of failures (label `op`: `connect`, `publish`, `subscribe`, `decode`).
-pub const FANOUT_ERRORS: &str = "its_fanout_errors_total";
-/// Counter of local messages not fanned out because Redis could not be reached.
-pub const FANOUT_DROPPED: &str = "its_fanout_dropped_total";
+use crate::telemetry::export::{FANOUT_DROPPED, FANOUT_ERRORS, FANOUT_PUBLISHED, FANOUT_RECEIVED};
 
 /// Default channel name.
 pub const DEFAULT_CHANNEL: &str = "its-aggregator:bus";
@@ -123,14 +115,6 @@ pub struct OutEnvelope<'a> {
 pub struct Envelope {
     pub replica: String,
     pub message: BusMessage,
-}
-
-/// Registers the metric descriptions.
-pub fn describe() {
-    metrics::describe_counter!(FANOUT_PUBLISHED, "Bus messages this replica published to Redis");
-    metrics::describe_counter!(FANOUT_RECEIVED, "Messages of other replicas received from Redis and put on the bus");
-    metrics::describe_counter!(FANOUT_ERRORS, "Redis fan-out failures (label op: connect, publish, subscribe, decode)");
-    metrics::describe_counter!(FANOUT_DROPPED, "Local bus messages not fanned out because Redis was unreachable");
 }
 
 fn error(op: &'static str) {

@@ -1,11 +1,7 @@
 //! Handing events on: Kafka export ([`kafka`]) and the fan-out between replicas ([`fanout`]).
+//!
+//! Dependencies: store (events after a cursor, the export cursor and its lease), bus, telemetry.
+//! Never http, config, alerts.
 
 pub mod fanout;
 pub mod kafka;
-
-/// Registers the descriptions of the export and fan-out metrics (and the live stream's).
-pub fn describe() {
-    kafka::describe();
-    fanout::describe();
-    crate::http::stream_api::describe();
-}

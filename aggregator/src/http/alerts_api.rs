@@ -372,7 +372,7 @@ pub async fn list_alerts(
         None => 100,
     };
     if let Some(c) = q.get("cursor") {
-        crate::alerts::store::decode_cursor(c).map_err(|_| ApiError::invalid_cursor())?;
+        crate::store::PageCursor::decode_position(c).map_err(|_| ApiError::invalid_cursor())?;
     }
     let query = AlertQuery {
         state: q.get("state").cloned(),

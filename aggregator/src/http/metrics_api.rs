@@ -8,10 +8,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{ApiError, AppState, TimeParam, direction_schema, page_limit, parse_time, query_params, string_enum};
-use crate::analytics::{
-    ANOMALY_KINDS, AnomalyQuery, MetricQuery, Resolution, decode_cursor, query_anomalies, query_metrics,
-};
+use crate::analytics::{ANOMALY_KINDS, AnomalyQuery, MetricQuery, Resolution, query_anomalies, query_metrics};
 use crate::auth::Principal;
+use crate::store::PageCursor;
 
 /// Default page size.
 const DEFAULT_LIMIT: u32 = 100;
@@ -121,7 +120,7 @@ fn no_nul(p: &std::collections::HashMap<String, String>) -> Result<(), ApiError>
 }
 
 fn cursor(value: Option<&String>) -> Result<Option<(i64, i64)>, ApiError> {
-    value.map(|c| decode_cursor(c).ok_or_else(ApiError::invalid_cursor)).transpose()
+    value.map(|c| PageCursor::decode(c).map(|p| (p.key_ms, p.id)).map_err(|_| ApiError::invalid_cursor())).transpose()
 }
 
 fn time(params: &std::collections::HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {

@@ -25,6 +25,14 @@
 //! Every error is `{"error":{"code","message"}}` (see [`ApiError`]). Every request is counted in
 //! [`HTTP_REQUESTS_TOTAL`] by route template and status, and timed in
 //! [`HTTP_REQUEST_DURATION_SECONDS`].
+//!
+//! Inside: this file (the router, request metrics, `/healthz`), one `*_api` file per resource,
+//! [`authz`] (who may call what, from the OpenAPI annotations), [`body`] and [`error`] (JSON in
+//! and out), [`client_addr`] (the client behind a proxy), [`transport`] (the listener: TLS,
+//! limits, timeouts).
+//!
+//! Dependencies: every service module, store, bus, certs, telemetry (the top of the crate: only
+//! config, server and demo are above it). Nothing below uses it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,13 +68,10 @@ pub mod stream_api;
 pub mod system_api;
 pub mod transport;
 
+use crate::telemetry::http::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_TOTAL};
 use body::Path;
 pub use error::ApiError;
 
-/// Counter of HTTP requests, labels `route` (the route template, `unmatched` for 404s) and `status`.
-pub const HTTP_REQUESTS_TOTAL: &str = "its_http_requests_total";
-/// Histogram of request handling time in seconds, label `route`.
-pub const HTTP_REQUEST_DURATION_SECONDS: &str = "its_http_request_duration_seconds";
 /// How long `/healthz` waits for the database.
 const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -48,33 +48,15 @@ use super::{ApiError, AppState};
 use crate::auth::Principal;
 use crate::bus::{BusMessage, BusReceiver};
 use crate::store::{Fleet, Scope, StoreError, StoredEvent};
+use crate::telemetry::http::{STREAM_CLIENTS, STREAM_CREDENTIAL_ENDED, STREAM_DROPPED, STREAM_MESSAGES};
 
 /// Messages queued for one client before it is dropped as too slow.
 pub const CLIENT_QUEUE: usize = 1024;
-/// Gauge of open streams.
-pub const STREAM_CLIENTS: &str = "its_stream_clients";
-/// Counter of messages sent to stream clients.
-pub const STREAM_MESSAGES: &str = "its_stream_messages_total";
-/// Counter of clients dropped because they did not keep up.
-pub const STREAM_DROPPED: &str = "its_stream_slow_clients_dropped_total";
-/// Counter of streams ended because their credential was revoked or expired.
-pub const STREAM_CREDENTIAL_ENDED: &str = "its_stream_credential_ended_total";
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// How long a camera's site (or a device's visibility) is cached per stream.
 const LOOKUP_TTL: Duration = Duration::from_secs(10);
 const MAX_DURATION_S: u64 = 86_400;
-
-/// Registers the metric descriptions.
-pub fn describe() {
-    metrics::describe_gauge!(STREAM_CLIENTS, "Open GET /api/v1/stream connections");
-    metrics::describe_counter!(STREAM_MESSAGES, "Messages sent on GET /api/v1/stream");
-    metrics::describe_counter!(STREAM_DROPPED, "Stream clients dropped because they did not read fast enough");
-    metrics::describe_counter!(
-        STREAM_CREDENTIAL_ENDED,
-        "Streams ended because their credential was revoked, disabled or expired"
-    );
-}
 
 /// Query parameters of `GET /api/v1/stream` (documentation; the handler parses them strictly).
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]

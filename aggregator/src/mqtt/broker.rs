@@ -61,7 +61,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::acl::{AuthOutcome, Authenticator, ConnectRequest, Grant};
-use crate::http::transport::{ReloadingCert, TlsFiles};
+use crate::certs::{ReloadingCert, TlsFiles};
+use crate::telemetry::mqtt::{
+    CONNECT_OVER_LIMIT, CONNECT_REFUSED, CONNECTIONS_ACTIVE, DELIVERY_REFUSED, GRANT_WITHDRAWN,
+    PERSISTENT_SESSION_REFUSED, PUBLISH_REFUSED, SUBSCRIBE_REFUSED,
+};
 
 /// Largest MQTT packet accepted (either way).
 pub const MAX_PACKET: usize = 1 << 20;
@@ -82,50 +86,6 @@ const INTERNAL_CONNECTIONS: usize = 10;
 const MAX_UNACKED: usize = u16::MAX as usize;
 /// User name of the internal credentials (the front and the aggregator's own connections).
 const INTERNAL_USER: &str = "its-internal";
-
-/// CONNECTs refused by the authenticators.
-pub const CONNECT_REFUSED: &str = "its_mqtt_connect_refused_total";
-/// CONNECTs refused because a connection limit was reached.
-pub const CONNECT_OVER_LIMIT: &str = "its_mqtt_connect_over_limit_total";
-/// CONNECTs with clean session 0 forwarded with clean session 1.
-pub const PERSISTENT_SESSION_REFUSED: &str = "its_mqtt_persistent_session_refused_total";
-/// Connections closed because their grant no longer held.
-pub const GRANT_WITHDRAWN: &str = "its_mqtt_grant_withdrawn_total";
-/// Subscription filters refused.
-pub const SUBSCRIBE_REFUSED: &str = "its_mqtt_subscribe_refused_total";
-/// Client PUBLISHes (and last wills) refused.
-pub const PUBLISH_REFUSED: &str = "its_mqtt_publish_refused_total";
-/// Messages rumqttd sent towards a client that its grant does not cover, dropped.
-pub const DELIVERY_REFUSED: &str = "its_mqtt_delivery_refused_total";
-/// Client connections open now.
-pub const CONNECTIONS_ACTIVE: &str = "its_mqtt_connections_active";
-
-/// Registers the front's metrics (once, at start-up).
-pub fn describe() {
-    metrics::describe_counter!(CONNECT_REFUSED, "MQTT CONNECTs refused: unknown user, wrong password, revoked");
-    metrics::describe_counter!(
-        CONNECT_OVER_LIMIT,
-        "MQTT CONNECTs answered CONNACK 3 because a connection limit was reached, by limit: total, per_client"
-    );
-    metrics::describe_counter!(
-        PERSISTENT_SESSION_REFUSED,
-        "MQTT CONNECTs with clean session 0 given a clean session: the credential already holds the most persistent client ids"
-    );
-    metrics::describe_counter!(
-        GRANT_WITHDRAWN,
-        "MQTT connections closed because their credential was deleted, created again or its sites changed"
-    );
-    metrics::describe_counter!(SUBSCRIBE_REFUSED, "MQTT subscription filters refused (outside the client's grant)");
-    metrics::describe_counter!(
-        PUBLISH_REFUSED,
-        "MQTT PUBLISHes and last wills of clients dropped (topics outside the client's grant)"
-    );
-    metrics::describe_counter!(
-        DELIVERY_REFUSED,
-        "MQTT messages dropped on their way to a client because its grant does not cover their topic"
-    );
-    metrics::describe_gauge!(CONNECTIONS_ACTIVE, "MQTT client connections open on the embedded broker");
-}
 
 /// Caps on the front's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +204,7 @@ impl Broker {
         let acceptor = match tls {
             Some(files) => {
                 let cert = ReloadingCert::load(files)?;
-                tasks.spawn(Arc::clone(&cert).watch(crate::http::transport::RELOAD_INTERVAL, shutdown.clone()));
+                tasks.spawn(Arc::clone(&cert).watch(crate::certs::RELOAD_INTERVAL, shutdown.clone()));
                 let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
                     rustls::crypto::aws_lc_rs::default_provider(),
                 ))

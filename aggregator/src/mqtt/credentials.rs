@@ -26,12 +26,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
 
 use super::acl::{AuthOutcome, Authenticator, ConnectRequest, Grant};
 use super::topics::{ROOT, device_status_topic, site_filter};
 use crate::auth::secrets::{ct_eq, random_token, sha256_hex};
-use crate::on_db;
+use crate::store::mqtt_credentials::CredentialRows;
+pub use crate::store::mqtt_credentials::{MqttCredential, StoredCredential};
 use crate::store::{Db, StoreError};
 
 /// Iterations of Mosquitto's PBKDF2-SHA512 (`mosquitto_passwd`'s default).
@@ -39,29 +39,6 @@ pub const MOSQUITTO_ITERATIONS: u32 = 101;
 /// How long the embedded broker trusts what it read about a credential (so a revocation closes
 /// the credential's connections within about this long).
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
-
-/// A credential as listed (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct MqttCredential {
-    /// The MQTT user name.
-    pub username: String,
-    /// Sites whose topics it may subscribe to.
-    pub sites: Vec<String>,
-    /// Whether it may subscribe to `its/v1/alerts/#`.
-    pub alerts: bool,
-    /// Unix ms.
-    pub created_at_ms: i64,
-    /// Who created it (`user:NAME`, `apikey:ID`, `cli`).
-    pub created_by: Option<String>,
-}
-
-/// A stored credential with its hashes.
-#[derive(Debug, Clone)]
-pub struct StoredCredential {
-    pub credential: MqttCredential,
-    pub secret_sha256: String,
-    pub mosquitto_hash: String,
-}
 
 /// Hex digits of a credential generation: 64 bits, so two issues of one user name never share
 /// one in practice, and short enough for client ids.
@@ -76,26 +53,6 @@ impl StoredCredential {
             .chars()
             .take(GENERATION_HEX)
             .collect()
-    }
-}
-
-type Row = (String, String, String, String, i64, i64, Option<String>);
-
-const COLUMNS: &str = "username, secret_sha256, mosquitto_hash, sites, alerts, created_at_ms, created_by";
-
-fn from_row(
-    (username, secret_sha256, mosquitto_hash, sites, alerts, created_at_ms, created_by): Row,
-) -> StoredCredential {
-    StoredCredential {
-        credential: MqttCredential {
-            username,
-            sites: serde_json::from_str(&sites).unwrap_or_default(),
-            alerts: alerts != 0,
-            created_at_ms,
-            created_by,
-        },
-        secret_sha256,
-        mosquitto_hash,
     }
 }
 
@@ -115,15 +72,16 @@ fn mosquitto_hash_with(password: &str, salt: &[u8], iterations: u32) -> String {
     format!("$7${}${}${}", iterations, b64.encode(salt), b64.encode(key))
 }
 
-/// The table of credentials.
+/// Integrators' credentials: validation and secrets here, the rows in
+/// [`crate::store::mqtt_credentials`].
 #[derive(Clone)]
 pub struct CredentialStore {
-    db: Db,
+    rows: CredentialRows,
 }
 
 impl CredentialStore {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { rows: CredentialRows::new(db) }
     }
 
     /// Creates a credential and returns it with its password (the only time it is seen).
@@ -148,23 +106,13 @@ impl CredentialStore {
             crate::store::fleet::validate_site_id(s)?;
         }
         let password = random_token(32);
-        let secret = sha256_hex(&password);
-        let pbkdf2 = {
+        let secret_sha256 = sha256_hex(&password);
+        let mosquitto_hash = {
             let p = password.clone();
             tokio::task::spawn_blocking(move || mosquitto_hash(&p))
                 .await
                 .map_err(|e| StoreError::InvalidQuery(format!("hashing: {e}")))?
         };
-        let sites_json = serde_json::to_string(&sites).map_err(|e| StoreError::InvalidQuery(e.to_string()))?;
-        let sql = "INSERT INTO mqtt_credentials (username, secret_sha256, mosquitto_hash, sites, alerts, created_at_ms, \
-                   created_by) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (username) DO NOTHING";
-        let n = on_db!(self.db.write(), pool => sqlx::query(sql)
-            .bind(username).bind(&secret).bind(&pbkdf2).bind(&sites_json).bind(i64::from(alerts)).bind(now_ms)
-            .bind(created_by)
-            .execute(pool).await.map(|r| r.rows_affected()))?;
-        if n == 0 {
-            return Err(StoreError::Conflict(format!("MQTT user {username} exists")));
-        }
         let credential = MqttCredential {
             username: username.to_owned(),
             sites,
@@ -172,40 +120,28 @@ impl CredentialStore {
             created_at_ms: now_ms,
             created_by: created_by.map(str::to_owned),
         };
+        self.rows.insert(&StoredCredential { credential: credential.clone(), secret_sha256, mosquitto_hash }).await?;
         Ok((credential, password))
     }
 
     /// All credentials, by user name.
     pub async fn list(&self) -> Result<Vec<StoredCredential>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM mqtt_credentials ORDER BY username");
-        let rows: Vec<Row> =
-            on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await)?;
-        Ok(rows.into_iter().map(from_row).collect())
+        self.rows.list().await
     }
 
     /// One credential.
     pub async fn get(&self, username: &str) -> Result<Option<StoredCredential>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM mqtt_credentials WHERE username = $1");
-        let row: Option<Row> = on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(username).fetch_optional(pool).await)?;
-        Ok(row.map(from_row))
+        self.rows.get(username).await
     }
 
     /// Deletes a credential; false when there was none.
     pub async fn delete(&self, username: &str) -> Result<bool, StoreError> {
-        let n = on_db!(self.db.write(), pool => sqlx::query("DELETE FROM mqtt_credentials WHERE username = $1")
-            .bind(username).execute(pool).await.map(|r| r.rows_affected()))?;
-        Ok(n > 0)
+        self.rows.delete(username).await
     }
 
     /// Devices assigned to one of `sites`.
     pub async fn devices_of_sites(&self, sites: &[String]) -> Result<Vec<String>, StoreError> {
-        if sites.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = "SELECT device_id, site_id FROM devices WHERE site_id IS NOT NULL ORDER BY device_id";
-        let rows: Vec<(String, String)> = on_db!(self.db.read(), pool => sqlx::query_as(sql).fetch_all(pool).await)?;
-        Ok(rows.into_iter().filter(|(_, s)| sites.contains(s)).map(|(d, _)| d).collect())
+        self.rows.devices_of_sites(sites).await
     }
 }
 
@@ -336,17 +272,17 @@ pub fn mosquitto_files(
 }
 
 /// `its-aggregator mqtt mosquitto-config --out DIR`: writes `DIR/passwd` and `DIR/acl` (mode
-/// 0600 / 0644) from the stored credentials; returns how many credentials it wrote.
-pub async fn write_mosquitto_config(cfg: &crate::config::ServerConfig, out: &std::path::Path) -> anyhow::Result<usize> {
+/// 0600 / 0644) from the stored credentials (`mode`: the `[mqtt]` mode, whose external broker
+/// login is the aggregator's own user); returns how many credentials it wrote.
+pub async fn write_mosquitto_config(db: Db, mode: &super::MqttMode, out: &std::path::Path) -> anyhow::Result<usize> {
     use anyhow::Context as _;
-    let store = crate::store::open_store_with_secrets(&cfg.database_url, &cfg.secrets_source()).await?;
-    let creds = CredentialStore::new(store.db());
+    let creds = CredentialStore::new(db);
     let mut all = Vec::new();
     for c in creds.list().await? {
         let devices = creds.devices_of_sites(&c.credential.sites).await?;
         all.push((c, devices));
     }
-    let aggregator = match &cfg.mqtt.mode {
+    let aggregator = match mode {
         super::MqttMode::External(ext) if !ext.username.is_empty() => {
             Some((ext.username.as_str(), ext.password.as_str()))
         }

@@ -18,6 +18,14 @@
 //! `max_connections`, `max_connections_per_client`),
 //! to an **external** broker (Mosquitto, EMQX: its own password and ACL files, which
 //! `its-aggregator mqtt mosquitto-config` writes from the same credentials), or nowhere (`off`).
+//!
+//! Inside: [`broker`] (the embedded broker's front: logins, ACLs, limits), [`acl`], [`topics`],
+//! [`publish`] (events, counts, status and alerts for third parties), [`credentials`]
+//! (integrators' logins; their rows are [`crate::store::mqtt_credentials`]), [`uplink`] (the
+//! aggregator's side of the agents' MQTT uplink, committing through [`crate::ingest`]).
+//!
+//! Dependencies: store, bus, auth (secret helpers), ingest, certs, pki, telemetry. Never http or
+//! config.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,7 +37,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::bus::EventBus;
-use crate::http::transport::TlsFiles;
+use crate::certs::TlsFiles;
 use crate::store::Db;
 
 pub mod acl;

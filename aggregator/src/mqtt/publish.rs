@@ -22,6 +22,7 @@ use super::ExternalBroker;
 use super::topics;
 use crate::bus::{BusMessage, BusReceiver};
 use crate::store::{Db, Fleet, Scope, StoreError};
+use crate::telemetry::mqtt::{CONNECTION_ERRORS, DROPPED, PUBLISHED};
 
 /// How long a camera's site is trusted after reading it.
 pub const SITE_TTL: Duration = Duration::from_secs(5);
@@ -175,9 +176,9 @@ fn publish(client: &AsyncClient, topic: String, retain: bool, payload: &Value) {
         Err(_) => return,
     };
     match client.try_publish(topic, QoS::AtLeastOnce, retain, bytes) {
-        Ok(()) => metrics::counter!("its_mqtt_published_total").increment(1),
+        Ok(()) => metrics::counter!(PUBLISHED).increment(1),
         Err(e) => {
-            metrics::counter!("its_mqtt_dropped_total").increment(1);
+            metrics::counter!(DROPPED).increment(1);
             tracing::debug!(error = %e, "MQTT: message dropped");
         }
     }
@@ -214,7 +215,7 @@ async fn drive(
                 if failures == 1 {
                     tracing::warn!(error = %e, "MQTT: connection failed; retrying");
                 }
-                metrics::counter!("its_mqtt_connection_errors_total").increment(1);
+                metrics::counter!(CONNECTION_ERRORS).increment(1);
                 let wait = Duration::from_millis(200u64.saturating_mul(1 << failures.min(5)).min(5_000));
                 tokio::time::sleep(wait).await;
             }

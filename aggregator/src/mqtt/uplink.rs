@@ -48,7 +48,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
 use its_shared::config::ConfigErrors;
 use its_shared::session::{Backoff, IngestAction, IngestSession};
 use its_shared::wire::{self, Frame, WireError};
@@ -60,6 +59,7 @@ use tokio::time::Instant;
 use crate::bus::{BusMessage, EventBus};
 use crate::ingest;
 use crate::store::{EventStore, Fleet};
+use crate::telemetry::mqtt::UPLINK_DROPPED;
 use crate::unix_ms;
 
 /// Reason of the `Refuse` for a frame of a device without a session: the agent sends a new
@@ -74,8 +74,6 @@ pub const MAX_PACKET: usize = wire::MAX_FRAME_LEN + 1024;
 /// Frames one device may have waiting for its task. The agent keeps `window_batches` (4 by
 /// default) batches unacknowledged, plus a heartbeat or two.
 pub const DEVICE_QUEUE: usize = 32;
-/// Name of the counter of dropped messages (label `reason`).
-pub const DROPPED: &str = "its_mqtt_uplink_dropped_total";
 
 pub use its_shared::wire::mqtt::{SESSION_ID_LEN, decode_message, down_topic};
 
@@ -243,25 +241,6 @@ impl RawMqttUplink {
     }
 }
 
-fn tls_config(ca: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
-        let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
-        roots.add(cert).with_context(|| format!("{}: unusable CA certificate", ca.display()))?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("{}: no certificate in file", ca.display());
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| anyhow!("TLS configuration: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 fn mqtt_options(cfg: &MqttUplinkConfig) -> anyhow::Result<MqttOptions> {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_clean_session(true).set_keep_alive(cfg.keep_alive).set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -269,13 +248,14 @@ fn mqtt_options(cfg: &MqttUplinkConfig) -> anyhow::Result<MqttOptions> {
         opts.set_credentials(user.clone(), password.clone());
     }
     if let Some(ca) = &cfg.tls_ca {
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls_config(ca)?))));
+        let tls = its_hostio::tls::mqtt_client_config(ca)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
     }
     Ok(opts)
 }
 
 fn dropped(reason: &'static str) {
-    metrics::counter!(DROPPED, "reason" => reason).increment(1);
+    metrics::counter!(UPLINK_DROPPED, "reason" => reason).increment(1);
 }
 
 /// What a device's task works with.
@@ -316,10 +296,6 @@ pub async fn run(
     bus: EventBus,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    metrics::describe_counter!(
-        DROPPED,
-        "MQTT uplink messages dropped by the bridge, by reason: malformed, topic, protocol, no_session, stale, busy"
-    );
     let opts = mqtt_options(&cfg)?;
     let (client, eventloop) = AsyncClient::new(opts, 1024);
     let shared = Shared {

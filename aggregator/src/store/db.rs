@@ -19,7 +19,7 @@ use crate::vault::Vault;
 /// ([`crate::vault`]).
 #[derive(Debug, Clone)]
 pub struct Db {
-    pub pools: Pools,
+    pub(in crate::store) pools: Pools,
     vault: Vault,
 }
 
@@ -32,7 +32,7 @@ pub enum Pools {
 
 /// One side of a [`Db`]: where a statement runs.
 #[derive(Debug, Clone, Copy)]
-pub enum Pool<'a> {
+pub(in crate::store) enum Pool<'a> {
     Sqlite(&'a SqlitePool),
     Postgres(&'a PgPool),
 }
@@ -48,7 +48,7 @@ impl Db {
     }
 
     /// Where writes go (SQLite: the one writer connection, so writes never meet `SQLITE_BUSY`).
-    pub fn write(&self) -> Pool<'_> {
+    pub(in crate::store) fn write(&self) -> Pool<'_> {
         match &self.pools {
             Pools::Sqlite { writer, .. } => Pool::Sqlite(writer),
             Pools::Postgres(p) => Pool::Postgres(p),
@@ -56,11 +56,52 @@ impl Db {
     }
 
     /// Where reads go.
-    pub fn read(&self) -> Pool<'_> {
+    pub(in crate::store) fn read(&self) -> Pool<'_> {
         match &self.pools {
             Pools::Sqlite { reader, .. } => Pool::Sqlite(reader),
             Pools::Postgres(p) => Pool::Postgres(p),
         }
+    }
+
+    /// Closes the pools: queries made afterwards fail as [`super::StoreError::Unavailable`]
+    /// (shutdown; tests of an unreachable database).
+    pub async fn close(&self) {
+        match &self.pools {
+            Pools::Sqlite { writer, reader } => {
+                writer.close().await;
+                reader.close().await;
+            }
+            Pools::Postgres(p) => p.close().await,
+        }
+    }
+
+    /// Waits until no statement of this database is running: on SQLite every reader connection
+    /// free, on PostgreSQL no other active session on the database (a benchmark lets the queries
+    /// of abandoned requests finish before its next measurement).
+    pub async fn wait_idle(&self) -> Result<(), super::StoreError> {
+        match &self.pools {
+            Pools::Sqlite { reader, .. } => {
+                let mut held = Vec::new();
+                for _ in 0..reader.options().get_max_connections() {
+                    let mut c = reader.acquire().await?;
+                    sqlx::query("SELECT 1").execute(&mut *c).await?;
+                    held.push(c);
+                }
+            }
+            Pools::Postgres(p) => loop {
+                let busy: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND state = 'active' AND pid <> pg_backend_pid()",
+                )
+                .fetch_one(p)
+                .await?;
+                if busy == 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            },
+        }
+        Ok(())
     }
 
     /// `"sqlite"` or `"postgres"`.
@@ -72,14 +113,14 @@ impl Db {
     }
 
     /// The PostgreSQL pool, when that is the backend.
-    pub fn postgres(&self) -> Option<&PgPool> {
+    pub(in crate::store) fn postgres(&self) -> Option<&PgPool> {
         match &self.pools {
             Pools::Postgres(p) => Some(p),
             Pools::Sqlite { .. } => None,
         }
     }
 
-    pub fn is_postgres(&self) -> bool {
+    pub(in crate::store) fn is_postgres(&self) -> bool {
         self.postgres().is_some()
     }
 }
@@ -87,7 +128,6 @@ impl Db {
 /// Runs `$body` with `$pool` bound to the backend's pool (`&SqlitePool` or `&PgPool`): the body
 /// is written once and compiled for both. `$db` is a [`Pool`] (`db.read()` / `db.write()`).
 /// For transactions, call `$pool.begin()` inside the body.
-#[macro_export]
 macro_rules! on_db {
     ($pool_expr:expr, $pool:ident => $body:expr) => {
         match $pool_expr {
@@ -96,3 +136,4 @@ macro_rules! on_db {
         }
     };
 }
+pub(in crate::store) use on_db;

@@ -1,5 +1,5 @@
 //! Sites, devices and cameras as resources an operator manages, written once for both backends
-//! with [`on_db!`](crate::on_db).
+//! with [`on_db!`](crate::store::db).
 //!
 //! - A **site** is a place (a junction, a motorway section) with an id (`[A-Za-z0-9._-]`, 1 to 64
 //!   characters) and a name.
@@ -29,7 +29,7 @@ use its_shared::event::DeviceHealth;
 use serde::{Deserialize, Serialize};
 
 use super::{Db, EventId, Scope, StoreError, seq_from_db, seq_to_db};
-use crate::on_db;
+use crate::store::db::on_db;
 
 /// A device is online when it was last seen (hello or heartbeat) at most this long ago.
 pub const ONLINE_WINDOW_MS: i64 = 60_000;
@@ -249,12 +249,21 @@ fn conflict_on_fk(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreErro
 }
 
 const SITE_SELECT: &str = "SELECT s.site_id, s.name, s.created_at_ms, \
-     CAST((SELECT COUNT(*) FROM devices d WHERE d.site_id = s.site_id) AS BIGINT), \
-     CAST((SELECT COUNT(*) FROM cameras c WHERE c.site_id = s.site_id) AS BIGINT) FROM sites s";
+     CAST((SELECT COUNT(*) FROM devices d WHERE d.site_id = s.site_id) AS BIGINT) AS devices, \
+     CAST((SELECT COUNT(*) FROM cameras c WHERE c.site_id = s.site_id) AS BIGINT) AS cameras FROM sites s";
 
-type SiteRow = (String, String, i64, i64, i64);
+#[derive(sqlx::FromRow)]
+struct SiteRow {
+    site_id: String,
+    name: String,
+    created_at_ms: i64,
+    devices: i64,
+    cameras: i64,
+}
 
-fn site_from_row((site_id, name, created_at_ms, devices, cameras): SiteRow) -> Result<SiteRecord, StoreError> {
+fn site_from_row(
+    SiteRow { site_id, name, created_at_ms, devices, cameras }: SiteRow,
+) -> Result<SiteRecord, StoreError> {
     Ok(SiteRecord {
         site_id,
         name,
@@ -265,15 +274,39 @@ fn site_from_row((site_id, name, created_at_ms, devices, cameras): SiteRow) -> R
 }
 
 const DEVICE_SELECT: &str = "SELECT d.device_id, d.name, d.site_id, d.disabled_at_ms, d.first_seen_ms, \
-     d.last_seen_ms, d.agent_version, d.model, CAST(d.last_health AS TEXT), d.last_health_ms, \
-     CAST(COALESCE((SELECT MAX(e.seq) FROM events e WHERE e.device_id = d.device_id), 0) AS BIGINT) FROM devices d";
+     d.last_seen_ms, d.agent_version, d.model, CAST(d.last_health AS TEXT) AS last_health, d.last_health_ms, \
+     CAST(COALESCE((SELECT MAX(e.seq) FROM events e WHERE e.device_id = d.device_id), 0) AS BIGINT) AS high_water \
+     FROM devices d";
 
-type DeviceRow =
-    (String, Option<String>, Option<String>, Option<i64>, i64, i64, String, String, Option<String>, Option<i64>, i64);
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    device_id: String,
+    name: Option<String>,
+    site_id: Option<String>,
+    disabled_at_ms: Option<i64>,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    agent_version: String,
+    model: String,
+    last_health: Option<String>,
+    last_health_ms: Option<i64>,
+    high_water: i64,
+}
 
 fn device_from_row(row: DeviceRow, now_ms: i64) -> Result<DeviceDetail, StoreError> {
-    let (device_id, name, site_id, disabled_at_ms, first_seen_ms, last_seen_ms, agent_version, model, health, hms, hw) =
-        row;
+    let DeviceRow {
+        device_id,
+        name,
+        site_id,
+        disabled_at_ms,
+        first_seen_ms,
+        last_seen_ms,
+        agent_version,
+        model,
+        last_health: health,
+        last_health_ms: hms,
+        high_water: hw,
+    } = row;
     let last_health = health
         .map(|h| serde_json::from_str::<DeviceHealth>(&h))
         .transpose()
@@ -299,10 +332,21 @@ fn device_from_row(row: DeviceRow, now_ms: i64) -> Result<DeviceDetail, StoreErr
 const CAMERA_SELECT: &str = "SELECT device_id, camera, name, site_id, site_override, first_seen_ms, \
      last_announced_ms, announced FROM cameras";
 
-type CameraRow = (String, String, Option<String>, Option<String>, Option<String>, i64, i64, i64);
+#[derive(sqlx::FromRow)]
+struct CameraRow {
+    device_id: String,
+    camera: String,
+    name: Option<String>,
+    site_id: Option<String>,
+    site_override: Option<String>,
+    first_seen_ms: i64,
+    last_announced_ms: i64,
+    announced: i64,
+}
 
 fn camera_from_row(row: CameraRow) -> CameraDetail {
-    let (device_id, camera, name, site_id, site_override, first_seen_ms, last_announced_ms, announced) = row;
+    let CameraRow { device_id, camera, name, site_id, site_override, first_seen_ms, last_announced_ms, announced } =
+        row;
     CameraDetail {
         device_id,
         camera,

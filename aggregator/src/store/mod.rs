@@ -17,28 +17,52 @@
 //!
 //! Both backends keep the same schema (see `migrations/sqlite` and `migrations/postgres`) and
 //! pass the same test suite (`tests/storage.rs`).
+//!
+//! This module is the only one that writes SQL. Inside, one file per group of tables, written
+//! once for both backends with [`on_db!`](crate::store::db) where the SQL is the same: [`fleet`]
+//! (sites, devices, cameras, health history), [`auth`] (users, sessions, keys, audit),
+//! [`alerts`] (rules, channels, alerts, deliveries), [`rollups`] (metrics, anomalies and their
+//! dirty marks), [`mqtt_credentials`], [`export_cursor`], [`retention`] (policy, passes, size),
+//! [`sealed`] (which columns are encrypted); what differs per backend lives in [`sqlite`] and
+//! [`postgres`] (with TimescaleDB, [`postgres::timescale`]). Rows are decoded from
+//! `sqlx::FromRow` structs; every list pages with one [`PageCursor`] and filters by the caller's
+//! [`Scope`] with one condition ([`scope`]). Outside this module a [`Db`] is an opaque handle
+//! from which these stores are made.
+//!
+//! Dependencies: [`crate::model`], [`crate::vault`], [`crate::pki`] (device ids),
+//! [`crate::snapshots`] (retention deletes objects), [`crate::telemetry`], [`crate::fsutil`].
+//! Never analytics, alerts, auth, bus or http.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use its_shared::event::{DeviceHealth, EventEnvelope, EventKind, KIND_NAMES};
 use its_shared::wire::{Heartbeat, Hello};
 use serde::Serialize;
 use serde::ser::SerializeStruct as _;
 use sqlx::QueryBuilder;
 
+pub mod alerts;
+pub mod auth;
+pub mod cursor;
 pub mod db;
+mod events;
+pub mod export_cursor;
 pub mod fleet;
+pub mod mqtt_credentials;
 pub mod postgres;
 pub mod retention;
+pub mod rollups;
+pub mod scope;
 pub mod sealed;
 pub mod sqlite;
 
-pub use db::{Db, Pool, Pools};
+pub use cursor::PageCursor;
+pub use db::{Db, Pools};
 pub use fleet::{
     CameraDetail, CameraPatch, DeviceDetail, DevicePatch, Fleet, HealthSample, MAX_HEALTH_HISTORY_LIMIT, SiteRecord,
 };
+pub(crate) use scope::push_events_scope;
 
 pub use postgres::PostgresStore;
 pub use retention::{Retention, RetentionPolicy, RetentionReason, RetentionReport, RetentionRun, StorageSize};
@@ -48,8 +72,6 @@ pub use sqlite::SqliteStore;
 pub const DEFAULT_PAGE_LIMIT: u32 = 100;
 /// Largest page size of [`EventStore::query_events`].
 pub const MAX_PAGE_LIMIT: u32 = 1000;
-/// Longest cursor accepted; anything longer was not issued by this service.
-const MAX_CURSOR_LEN: usize = 64;
 
 /// Everything that can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -363,41 +385,68 @@ pub trait EventStore: Send + Sync + 'static {
         device_id: &str,
         events: &[EventEnvelope],
         now_ms: i64,
-    ) -> Result<InsertOutcome, StoreError>;
+    ) -> Result<InsertOutcome, StoreError> {
+        let rows = prepare_rows(events)?;
+        if rows.is_empty() {
+            return Ok(InsertOutcome::default());
+        }
+        match &self.db().pools {
+            Pools::Sqlite { writer, .. } => sqlite::insert_events(writer, device_id, events, rows, now_ms).await,
+            Pools::Postgres(pool) => postgres::insert_events(pool, device_id, events, rows, now_ms).await,
+        }
+    }
 
     /// Stores the heartbeat's health report on the device row (creating the row if needed).
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError>;
 
     /// Highest `seq` stored for the device (0 if none).
-    async fn high_water(&self, device_id: &str) -> Result<u64, StoreError>;
+    async fn high_water(&self, device_id: &str) -> Result<u64, StoreError> {
+        events::high_water(&self.db(), device_id).await
+    }
 
     /// All devices, ordered by id.
-    async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+    async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        events::list_devices(&self.db()).await
+    }
 
     /// One page of events matching the query, newest first.
-    async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError>;
+    async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
+        events::query_events(&self.db(), q).await
+    }
 
     /// Rows, distinct sequence numbers and min/max `seq` stored for a device.
-    async fn device_event_summary(&self, device_id: &str) -> Result<EventSummary, StoreError>;
+    async fn device_event_summary(&self, device_id: &str) -> Result<EventSummary, StoreError> {
+        events::device_event_summary(&self.db(), device_id).await
+    }
 
     /// All sequence numbers stored for a device, ascending.
-    async fn device_seqs(&self, device_id: &str) -> Result<Vec<u64>, StoreError>;
+    async fn device_seqs(&self, device_id: &str) -> Result<Vec<u64>, StoreError> {
+        events::device_seqs(&self.db(), device_id).await
+    }
 
     /// Records the snapshot of event `snap.seq` of the device, whose pictures are already in
     /// object storage. Idempotent on `(device_id, seq)`: when a snapshot is already recorded,
     /// nothing changes and the answer is `false`. Durable when it returns `Ok`: the caller
     /// confirms to the agent only then.
-    async fn record_snapshot(&self, device_id: &str, snap: &NewSnapshot<'_>, now_ms: i64) -> Result<bool, StoreError>;
+    async fn record_snapshot(&self, device_id: &str, snap: &NewSnapshot<'_>, now_ms: i64) -> Result<bool, StoreError> {
+        events::record_snapshot(&self.db(), device_id, snap, now_ms).await
+    }
 
     /// Whether a snapshot of event `seq` of the device is recorded.
-    async fn has_snapshot(&self, device_id: &str, seq: u64) -> Result<bool, StoreError>;
+    async fn has_snapshot(&self, device_id: &str, seq: u64) -> Result<bool, StoreError> {
+        events::has_snapshot(&self.db(), device_id, seq).await
+    }
 
     /// The snapshot of an event, telling apart an event that is not stored (even if pictures
     /// for it arrived) from one without a snapshot.
-    async fn snapshot_for_event(&self, id: &EventId) -> Result<SnapshotLookup, StoreError>;
+    async fn snapshot_for_event(&self, id: &EventId) -> Result<SnapshotLookup, StoreError> {
+        events::snapshot_for_event(&self.db(), id).await
+    }
 
     /// A cheap round trip to the database (health checks).
-    async fn ping(&self) -> Result<(), StoreError>;
+    async fn ping(&self) -> Result<(), StoreError> {
+        events::ping(&self.db()).await
+    }
 
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
@@ -574,11 +623,33 @@ pub(crate) fn health_json(health: &DeviceHealth) -> Result<String, StoreError> {
     serde_json::to_string(health).map_err(|e| StoreError::InvalidData(format!("health: {e}")))
 }
 
-/// Row of the devices table as both backends select it (JSON columns as text).
-pub(crate) type DeviceRow = (String, i64, i64, String, String, String, Option<String>, Option<i64>, i64);
+/// Row of the devices table as both backends select it (JSON columns as text, and the highest
+/// stored sequence number as `high_water`).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct DeviceRow {
+    device_id: String,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    agent_version: String,
+    model: String,
+    cameras: String,
+    last_health: Option<String>,
+    last_health_ms: Option<i64>,
+    high_water: i64,
+}
 
 pub(crate) fn device_from_row(row: DeviceRow) -> Result<DeviceRecord, StoreError> {
-    let (device_id, first_seen_ms, last_seen_ms, agent_version, model, cameras, health, last_health_ms, hw) = row;
+    let DeviceRow {
+        device_id,
+        first_seen_ms,
+        last_seen_ms,
+        agent_version,
+        model,
+        cameras,
+        last_health: health,
+        last_health_ms,
+        high_water: hw,
+    } = row;
     let cameras: Vec<String> = serde_json::from_str(&cameras)
         .map_err(|e| StoreError::Corrupt(format!("cameras of device {device_id}: {e}")))?;
     let last_health = health
@@ -600,14 +671,37 @@ pub(crate) fn device_from_row(row: DeviceRow) -> Result<DeviceRecord, StoreError
 
 /// Row of the events table as both backends select it (payload as text, then whether a
 /// snapshot is recorded, 0 or 1).
-pub(crate) type EventRow = (i64, String, i64, String, String, Option<String>, i64, i64, String, i64);
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EventRow {
+    id: i64,
+    device_id: String,
+    seq: i64,
+    camera: String,
+    kind: String,
+    label: Option<String>,
+    observed_at_ms: i64,
+    ingested_at_ms: i64,
+    payload: String,
+    has_snapshot: i64,
+}
 
 /// The last column of [`EventRow`], for a query `FROM events` (the same SQL on both backends).
 pub(crate) const HAS_SNAPSHOT_COLUMN: &str = "CAST(CASE WHEN EXISTS (SELECT 1 FROM snapshots s \
      WHERE s.device_id = events.device_id AND s.seq = events.seq) THEN 1 ELSE 0 END AS BIGINT)";
 
 pub(crate) fn event_from_row(row: EventRow) -> Result<StoredEvent, StoreError> {
-    let (row_id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, payload, has_snapshot) = row;
+    let EventRow {
+        id: row_id,
+        device_id,
+        seq,
+        camera,
+        kind,
+        label,
+        observed_at_ms,
+        ingested_at_ms,
+        payload,
+        has_snapshot,
+    } = row;
     let payload = serde_json::from_str(&payload)
         .map_err(|e| StoreError::Corrupt(format!("payload of event row {row_id}: {e}")))?;
     Ok(StoredEvent {
@@ -626,10 +720,19 @@ pub(crate) fn event_from_row(row: EventRow) -> Result<StoredEvent, StoreError> {
 
 /// Row of the snapshots table as both backends select it: `camera, taken_at_ms, full_key,
 /// full_bytes, crop_key, crop_bytes, stored_at_ms`.
-pub(crate) type SnapshotRow = (String, i64, String, i64, Option<String>, Option<i64>, i64);
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct SnapshotRow {
+    camera: String,
+    taken_at_ms: i64,
+    full_key: String,
+    full_bytes: i64,
+    crop_key: Option<String>,
+    crop_bytes: Option<i64>,
+    stored_at_ms: i64,
+}
 
 pub(crate) fn snapshot_from_row(id: &EventId, row: SnapshotRow) -> Result<SnapshotRecord, StoreError> {
-    let (camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, stored_at_ms) = row;
+    let SnapshotRow { camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, stored_at_ms } = row;
     Ok(SnapshotRecord {
         device_id: id.device_id.clone(),
         seq: id.seq,
@@ -647,42 +750,6 @@ pub(crate) fn snapshot_from_row(id: &EventId, row: SnapshotRow) -> Result<Snapsh
 pub(crate) fn snapshot_sizes(snap: &NewSnapshot<'_>) -> Result<(i64, Option<i64>), StoreError> {
     let size = |n: u64| i64::try_from(n).map_err(|_| StoreError::InvalidData(format!("snapshot size {n}")));
     Ok((size(snap.full_bytes)?, snap.crop.map(|(_, n)| size(n)).transpose()?))
-}
-
-/// Position after the last event of a page: the next page holds events strictly older in
-/// `(observed_at_ms, id)` order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Cursor {
-    pub observed_at_ms: i64,
-    pub id: i64,
-}
-
-impl Cursor {
-    pub(crate) fn encode(self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", self.observed_at_ms, self.id))
-    }
-
-    pub(crate) fn decode(s: &str) -> Result<Self, StoreError> {
-        if s.is_empty() || s.len() > MAX_CURSOR_LEN {
-            return Err(StoreError::BadCursor);
-        }
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|_| StoreError::BadCursor)?;
-        let text = std::str::from_utf8(&bytes).map_err(|_| StoreError::BadCursor)?;
-        let (ts, id) = text.split_once(':').ok_or(StoreError::BadCursor)?;
-        let strict = |p: &str| -> Result<i64, StoreError> {
-            // Only what `encode` writes: an optional minus sign and digits.
-            let digits = p.strip_prefix('-').unwrap_or(p);
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(StoreError::BadCursor);
-            }
-            p.parse::<i64>().map_err(|_| StoreError::BadCursor)
-        };
-        let cursor = Cursor { observed_at_ms: strict(ts)?, id: strict(id)? };
-        if cursor.id < 1 {
-            return Err(StoreError::BadCursor);
-        }
-        Ok(cursor)
-    }
 }
 
 /// An [`EventQuery`] after validation.
@@ -703,7 +770,7 @@ pub(crate) struct ValidQuery<'a> {
     pub from_ms: Option<i64>,
     pub to_ms: Option<i64>,
     pub limit: u32,
-    pub cursor: Option<Cursor>,
+    pub cursor: Option<PageCursor>,
 }
 
 impl ValidQuery<'_> {
@@ -725,55 +792,6 @@ impl ValidQuery<'_> {
             }
         }
     }
-}
-
-/// `TRUE` on both backends (`1 = 1`: SQLite has no boolean type before 3.23's keywords).
-const TRUE_SQL: &str = "1 = 1";
-
-/// Pushes ` AND <the scope's condition>` for a query `FROM events`: the event's camera is in one
-/// of the scope's sites (by the cameras table's effective site) or is one of its cameras.
-/// Nothing for [`Scope::All`]; an empty [`Scope::Limited`] pushes a condition that is false.
-/// Values with NUL are left out (no stored row holds one).
-pub(crate) fn push_scope_condition<DB>(qb: &mut QueryBuilder<DB>, scope: &Scope)
-where
-    DB: sqlx::Database,
-    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-{
-    push_scope_condition_on(qb, scope, "events");
-}
-
-/// [`push_scope_condition`] for a query whose rows (with `device_id` and `camera` columns) are
-/// named `table` (a fixed name from the code, never input).
-pub(crate) fn push_scope_condition_on<DB>(qb: &mut QueryBuilder<DB>, scope: &Scope, table: &'static str)
-where
-    DB: sqlx::Database,
-    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-{
-    let Scope::Limited { sites, cameras } = scope else {
-        return;
-    };
-    let sites: Vec<&str> = sites.iter().map(String::as_str).filter(|s| !s.contains('\0')).collect();
-    let cameras: Vec<&CameraRef> =
-        cameras.iter().filter(|c| !c.device_id.contains('\0') && !c.camera.contains('\0')).collect();
-    qb.push(" AND (1 = 0");
-    if !sites.is_empty() {
-        qb.push(format!(
-            " OR EXISTS (SELECT 1 FROM cameras sc WHERE sc.device_id = {table}.device_id \
-             AND sc.camera = {table}.camera AND sc.site_id IN ("
-        ));
-        for (i, site) in sites.iter().enumerate() {
-            if i > 0 {
-                qb.push(", ");
-            }
-            qb.push_bind(*site);
-        }
-        qb.push("))");
-    }
-    for c in cameras {
-        qb.push(format!(" OR ({table}.device_id = ")).push_bind(c.device_id.as_str());
-        qb.push(format!(" AND {table}.camera = ")).push_bind(c.camera.as_str()).push(")");
-    }
-    qb.push(")");
 }
 
 /// Pushes the conditions (` AND ...`, every value a bound parameter), the order and the limit
@@ -818,7 +836,7 @@ where
         qb.push(if has { " AND EXISTS" } else { " AND NOT EXISTS" })
             .push(" (SELECT 1 FROM snapshots hs WHERE hs.device_id = events.device_id AND hs.seq = events.seq)");
     }
-    push_scope_condition(qb, v.scope);
+    push_events_scope(qb, v.scope);
     if let Some(from) = v.from_ms {
         qb.push(" AND events.observed_at_ms >= ").push_bind(from);
     }
@@ -826,20 +844,19 @@ where
         qb.push(" AND events.observed_at_ms < ").push_bind(to);
     }
     if let Some(c) = v.cursor {
-        qb.push(" AND (events.observed_at_ms, events.id) < (")
-            .push_bind(c.observed_at_ms)
-            .push(", ")
-            .push_bind(c.id)
-            .push(")");
+        qb.push(" AND (events.observed_at_ms, events.id) < (").push_bind(c.key_ms).push(", ").push_bind(c.id).push(")");
     }
     qb.push(" ORDER BY events.observed_at_ms DESC, events.id DESC LIMIT ").push_bind(i64::from(v.limit) + 1);
 }
 
+/// `TRUE` on both backends (`1 = 1`: SQLite has no boolean type before 3.23's keywords).
+const TRUE_SQL: &str = "1 = 1";
+
 /// Start of the event listing query of both backends: `payload_expr` is the payload as text.
 pub(crate) fn event_select_sql(payload_expr: &str) -> String {
     format!(
-        "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, {payload_expr}, \
-         {HAS_SNAPSHOT_COLUMN} FROM events WHERE {TRUE_SQL}"
+        "SELECT id, device_id, seq, camera, kind, label, observed_at_ms, ingested_at_ms, {payload_expr} AS payload, \
+         {HAS_SNAPSHOT_COLUMN} AS has_snapshot FROM events WHERE {TRUE_SQL}"
     )
 }
 
@@ -874,7 +891,7 @@ impl EventQuery {
         {
             return Err(StoreError::InvalidQuery("min_speed must not be above max_speed".to_owned()));
         }
-        let cursor = self.cursor.as_deref().map(Cursor::decode).transpose()?;
+        let cursor = self.cursor.as_deref().map(PageCursor::decode).transpose()?;
         Ok(ValidQuery {
             device: self.device.as_deref(),
             camera: self.camera.as_deref(),
@@ -902,7 +919,7 @@ pub(crate) fn page_from_rows(rows: Vec<EventRow>, limit: u32) -> Result<EventPag
     let more = rows.len() > limit;
     let events = rows.into_iter().take(limit).map(event_from_row).collect::<Result<Vec<_>, _>>()?;
     let next_cursor = match events.last() {
-        Some(last) if more => Some(Cursor { observed_at_ms: last.observed_at_ms, id: last.row_id }.encode()),
+        Some(last) if more => Some(PageCursor::new(last.observed_at_ms, last.row_id).encode()),
         _ => None,
     };
     Ok(EventPage { events, next_cursor })
@@ -1016,10 +1033,10 @@ mod tests {
 
     #[test]
     fn cursor_round_trip_and_rejects() {
-        let c = Cursor { observed_at_ms: -5, id: 42 };
-        assert_eq!(Cursor::decode(&c.encode()).expect("decode"), c);
+        let c = PageCursor::new(-5, 42);
+        assert_eq!(PageCursor::decode(&c.encode()).expect("decode"), c);
         for bad in ["", "!!!", "YWJj", "MTow", "MTo", "eDox", "MToyOjM", "MTogMg"] {
-            assert!(matches!(Cursor::decode(bad), Err(StoreError::BadCursor)), "{bad}");
+            assert!(matches!(PageCursor::decode(bad), Err(StoreError::BadCursor)), "{bad}");
         }
     }
 }

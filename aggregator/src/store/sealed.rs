@@ -13,7 +13,7 @@
 //! values).
 
 use super::{Db, StoreError};
-use crate::on_db;
+use crate::store::db::on_db;
 use crate::vault::{Vault, VaultError};
 
 /// Context of a signing key's private key.

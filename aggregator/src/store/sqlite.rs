@@ -12,17 +12,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use its_shared::EventEnvelope;
 use its_shared::wire::{Heartbeat, Hello};
+use sqlx::Arguments as _;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Arguments as _, QueryBuilder, Sqlite};
 
-use super::{
-    DeviceRecord, DeviceRow, EventId, EventPage, EventQuery, EventRow, EventStore, EventSummary, InsertOutcome,
-    NewSnapshot, RowIn, SnapshotLookup, SnapshotRow, StoreError, cameras_json, count_from_db, device_from_row,
-    distinct_cameras, event_select_sql, health_json, page_from_rows, prepare_rows, push_event_filters, seq_from_db,
-    seq_to_db, snapshot_from_row, snapshot_sizes,
-};
+use super::{EventStore, InsertOutcome, RowIn, StoreError, cameras_json, distinct_cameras, health_json};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -159,6 +154,41 @@ fn bind_rows<'a>(
     Ok(())
 }
 
+/// [`EventStore::insert_events`] on SQLite, for the rows of `events` ([`super::prepare_rows`], not empty):
+/// chunks of a power of two rows per statement, one transaction.
+pub(super) async fn insert_events(
+    writer: &SqlitePool,
+    device_id: &str,
+    events: &[EventEnvelope],
+    rows: Vec<RowIn<'_>>,
+    now_ms: i64,
+) -> Result<InsertOutcome, StoreError> {
+    let statements = insert_statements();
+    let total = rows.len();
+    let mut strings = Interner::default();
+    let mut rows = rows.into_iter();
+    let mut left = total;
+    let mut tx = writer.begin().await?;
+    let mut new: Vec<i64> = Vec::with_capacity(total);
+    while left > 0 {
+        // Largest power of two <= min(left, MAX_ROWS_PER_STATEMENT).
+        let level = left.min(MAX_ROWS_PER_STATEMENT).ilog2() as usize;
+        let n = 1usize << level;
+        left -= n;
+        let sql =
+            statements.get(level).ok_or_else(|| StoreError::InvalidData("insert chunk out of range".to_owned()))?;
+        let mut args = SqliteArguments::default();
+        args.reserve(n * PARAMS_PER_ROW, 0);
+        bind_rows(&mut args, device_id, now_ms, rows.by_ref().take(n), &mut strings)
+            .map_err(StoreError::InvalidData)?;
+        new.extend(sqlx::query_scalar_with::<_, i64, _>(sql.as_str(), args).fetch_all(&mut *tx).await?);
+    }
+    let outcome = InsertOutcome::from_new_seqs(total, new)?;
+    super::rollups::mark_dirty!(tx, std::borrow::Cow::<str>::Borrowed, device_id, events, &outcome.new_seqs, now_ms);
+    tx.commit().await?;
+    Ok(outcome)
+}
+
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn record_hello(&self, device_id: &str, hello: &Hello, now_ms: i64) -> Result<u64, StoreError> {
@@ -199,51 +229,6 @@ impl EventStore for SqliteStore {
         self.high_water(device_id).await
     }
 
-    async fn insert_events(
-        &self,
-        device_id: &str,
-        events: &[EventEnvelope],
-        now_ms: i64,
-    ) -> Result<InsertOutcome, StoreError> {
-        let rows = prepare_rows(events)?;
-        if rows.is_empty() {
-            return Ok(InsertOutcome::default());
-        }
-        let statements = insert_statements();
-        let total = rows.len();
-        let mut strings = Interner::default();
-        let mut rows = rows.into_iter();
-        let mut left = total;
-        let mut tx = self.writer.begin().await?;
-        let mut new: Vec<i64> = Vec::with_capacity(total);
-        while left > 0 {
-            // Largest power of two <= min(left, MAX_ROWS_PER_STATEMENT).
-            let level = left.min(MAX_ROWS_PER_STATEMENT).ilog2() as usize;
-            let n = 1usize << level;
-            left -= n;
-            let sql =
-                statements.get(level).ok_or_else(|| StoreError::InvalidData("insert chunk out of range".to_owned()))?;
-            let mut args = SqliteArguments::default();
-            args.reserve(n * PARAMS_PER_ROW, 0);
-            bind_rows(&mut args, device_id, now_ms, rows.by_ref().take(n), &mut strings)
-                .map_err(StoreError::InvalidData)?;
-            new.extend(sqlx::query_scalar_with::<_, i64, _>(sql.as_str(), args).fetch_all(&mut *tx).await?);
-        }
-        let outcome = InsertOutcome::from_new_seqs(total, new)?;
-        for (camera, resolution_s, bucket_ms) in crate::analytics::rollup_marks(events, &outcome.new_seqs) {
-            sqlx::query(crate::analytics::MARK_DIRTY_SQL)
-                .bind(device_id)
-                .bind(camera)
-                .bind(resolution_s)
-                .bind(bucket_ms)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
     async fn record_health(&self, device_id: &str, hb: &Heartbeat, now_ms: i64) -> Result<(), StoreError> {
         let cameras: Vec<String> = hb.health.cameras.iter().map(|c| c.camera.clone()).collect();
         let report = health_json(&hb.health)?;
@@ -270,119 +255,6 @@ impl EventStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(())
-    }
-
-    async fn high_water(&self, device_id: &str) -> Result<u64, StoreError> {
-        let (hw,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(seq), 0) FROM events WHERE device_id = ?")
-            .bind(device_id)
-            .fetch_one(&self.reader)
-            .await?;
-        seq_from_db(hw)
-    }
-
-    async fn list_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let rows: Vec<DeviceRow> = sqlx::query_as(
-            "SELECT d.device_id, d.first_seen_ms, d.last_seen_ms, d.agent_version, d.model, d.cameras, \
-             d.last_health, d.last_health_ms, \
-             COALESCE((SELECT MAX(e.seq) FROM events e WHERE e.device_id = d.device_id), 0) \
-             FROM devices d ORDER BY d.device_id",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(device_from_row).collect()
-    }
-
-    async fn query_events(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
-        let v = q.validate()?;
-        if v.matches_nothing() {
-            return Ok(EventPage { events: Vec::new(), next_cursor: None });
-        }
-        let mut qb = QueryBuilder::<Sqlite>::new(event_select_sql("payload"));
-        push_event_filters(&mut qb, &v);
-        let rows: Vec<EventRow> = qb.build_query_as().fetch_all(&self.reader).await?;
-        page_from_rows(rows, v.limit)
-    }
-
-    async fn device_event_summary(&self, device_id: &str) -> Result<EventSummary, StoreError> {
-        let (total, distinct, min, max): (i64, i64, Option<i64>, Option<i64>) =
-            sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT seq), MIN(seq), MAX(seq) FROM events WHERE device_id = ?")
-                .bind(device_id)
-                .fetch_one(&self.reader)
-                .await?;
-        Ok(EventSummary {
-            total: count_from_db(total)?,
-            distinct_seqs: count_from_db(distinct)?,
-            min_seq: min.map(seq_from_db).transpose()?,
-            max_seq: max.map(seq_from_db).transpose()?,
-        })
-    }
-
-    async fn device_seqs(&self, device_id: &str) -> Result<Vec<u64>, StoreError> {
-        let seqs: Vec<(i64,)> = sqlx::query_as("SELECT seq FROM events WHERE device_id = ? ORDER BY seq")
-            .bind(device_id)
-            .fetch_all(&self.reader)
-            .await?;
-        seqs.into_iter().map(|(s,)| seq_from_db(s)).collect()
-    }
-
-    async fn record_snapshot(&self, device_id: &str, snap: &NewSnapshot<'_>, now_ms: i64) -> Result<bool, StoreError> {
-        let (full_bytes, crop_bytes) = snapshot_sizes(snap)?;
-        let result = sqlx::query(
-            "INSERT INTO snapshots (device_id, seq, camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, \
-             stored_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING",
-        )
-        .bind(device_id)
-        .bind(seq_to_db(snap.seq)?)
-        .bind(snap.camera)
-        .bind(snap.taken_at_ms)
-        .bind(snap.full_key)
-        .bind(full_bytes)
-        .bind(snap.crop.map(|(key, _)| key))
-        .bind(crop_bytes)
-        .bind(now_ms)
-        .execute(&self.writer)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn has_snapshot(&self, device_id: &str, seq: u64) -> Result<bool, StoreError> {
-        let row: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM snapshots WHERE device_id = ? AND seq = ?")
-            .bind(device_id)
-            .bind(seq_to_db(seq)?)
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row.is_some())
-    }
-
-    async fn snapshot_for_event(&self, id: &EventId) -> Result<SnapshotLookup, StoreError> {
-        let Ok(seq) = seq_to_db(id.seq) else {
-            return Ok(SnapshotLookup::NoEvent); // nothing is stored above i64::MAX
-        };
-        let event: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM events WHERE device_id = ? AND seq = ?")
-            .bind(id.device_id.as_str())
-            .bind(seq)
-            .fetch_optional(&self.reader)
-            .await?;
-        if event.is_none() {
-            return Ok(SnapshotLookup::NoEvent);
-        }
-        let row: Option<SnapshotRow> = sqlx::query_as(
-            "SELECT camera, taken_at_ms, full_key, full_bytes, crop_key, crop_bytes, stored_at_ms \
-             FROM snapshots WHERE device_id = ? AND seq = ?",
-        )
-        .bind(id.device_id.as_str())
-        .bind(seq)
-        .fetch_optional(&self.reader)
-        .await?;
-        match row {
-            Some(row) => Ok(SnapshotLookup::Found(snapshot_from_row(id, row)?)),
-            None => Ok(SnapshotLookup::NoSnapshot),
-        }
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
 

@@ -3,10 +3,10 @@
 
 use serde::Serialize;
 
-use crate::on_db;
+use crate::store::db::on_db;
 use crate::store::{Db, Scope, StoreError, sealed};
 
-use super::permissions::Role;
+use crate::model::permissions::Role;
 
 /// A stored user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,13 +24,38 @@ pub struct UserRow {
     pub updated_at_ms: i64,
 }
 
-type UserTuple = (i64, String, String, String, String, i64, Option<String>, i64, i64, i64, i64);
+/// A `users` row as selected ([`USER_COLUMNS`]): secrets sealed, role and scope as text.
+#[derive(sqlx::FromRow)]
+struct UserDbRow {
+    user_id: i64,
+    username: String,
+    password_hash: String,
+    role: String,
+    scope: String,
+    disabled: i64,
+    totp_secret: Option<String>,
+    totp_enabled: i64,
+    totp_last_step: i64,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+}
 const USER_COLUMNS: &str = "user_id, username, password_hash, role, scope, disabled, totp_secret, totp_enabled, \
      totp_last_step, created_at_ms, updated_at_ms";
 
-fn user_from(db: &Db, t: UserTuple) -> Result<UserRow, StoreError> {
-    let (user_id, username, password_hash, role, scope, disabled, totp_secret, totp_enabled, last, created, updated) =
-        t;
+fn user_from(db: &Db, t: UserDbRow) -> Result<UserRow, StoreError> {
+    let UserDbRow {
+        user_id,
+        username,
+        password_hash,
+        role,
+        scope,
+        disabled,
+        totp_secret,
+        totp_enabled,
+        totp_last_step: last,
+        created_at_ms: created,
+        updated_at_ms: updated,
+    } = t;
     let totp_secret = totp_secret.map(|s| sealed::open(db, &sealed::totp_context(user_id), &s)).transpose()?;
     let role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role {role:?} of user {user_id}")))?;
     Ok(UserRow {
@@ -106,11 +131,24 @@ pub struct ApiKeyRow {
     pub revoked_at_ms: Option<i64>,
 }
 
-type ApiKeyTuple = (String, String, String, String, String, String, i64, Option<i64>, Option<i64>, Option<i64>);
+/// An `api_keys` row as selected ([`API_KEY_COLUMNS`]): permissions and scope as JSON text.
+#[derive(sqlx::FromRow)]
+struct ApiKeyDbRow {
+    key_id: String,
+    name: String,
+    secret_hash: String,
+    permissions: String,
+    scope: String,
+    created_by: String,
+    created_at_ms: i64,
+    expires_at_ms: Option<i64>,
+    last_used_ms: Option<i64>,
+    revoked_at_ms: Option<i64>,
+}
 const API_KEY_COLUMNS: &str = "key_id, name, secret_hash, permissions, scope, created_by, created_at_ms, expires_at_ms, last_used_ms, revoked_at_ms";
 
-fn api_key_from(t: ApiKeyTuple) -> Result<ApiKeyRow, StoreError> {
-    let (
+fn api_key_from(t: ApiKeyDbRow) -> Result<ApiKeyRow, StoreError> {
+    let ApiKeyDbRow {
         key_id,
         name,
         secret_hash,
@@ -120,8 +158,8 @@ fn api_key_from(t: ApiKeyTuple) -> Result<ApiKeyRow, StoreError> {
         created_at_ms,
         expires_at_ms,
         last_used_ms,
-        revoked,
-    ) = t;
+        revoked_at_ms: revoked,
+    } = t;
     let permissions = serde_json::from_str(&permissions)
         .map_err(|e| StoreError::Corrupt(format!("permissions of API key {key_id}: {e}")))?;
     Ok(ApiKeyRow {
@@ -226,19 +264,19 @@ impl AuthStore {
 
     pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
-        let row: Option<UserTuple> = on_db!(self.db.write(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(username).fetch_optional(pool).await)?;
+        let row: Option<UserDbRow> = on_db!(self.db.write(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(username).fetch_optional(pool).await)?;
         row.map(|r| user_from(&self.db, r)).transpose()
     }
 
     pub async fn user_by_id(&self, user_id: i64) -> Result<Option<UserRow>, StoreError> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE user_id = $1");
-        let row: Option<UserTuple> = on_db!(self.db.write(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(user_id).fetch_optional(pool).await)?;
+        let row: Option<UserDbRow> = on_db!(self.db.write(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(user_id).fetch_optional(pool).await)?;
         row.map(|r| user_from(&self.db, r)).transpose()
     }
 
     pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY user_id");
-        let rows: Vec<UserTuple> =
+        let rows: Vec<UserDbRow> =
             on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).fetch_all(pool).await)?;
         rows.into_iter().map(|r| user_from(&self.db, r)).collect()
     }
@@ -502,13 +540,13 @@ impl AuthStore {
 
     pub async fn api_key(&self, key_id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
         let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_id = $1");
-        let row: Option<ApiKeyTuple> = on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(key_id).fetch_optional(pool).await)?;
+        let row: Option<ApiKeyDbRow> = on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).bind(key_id).fetch_optional(pool).await)?;
         row.map(api_key_from).transpose()
     }
 
     pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
         let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms, key_id");
-        let rows: Vec<ApiKeyTuple> =
+        let rows: Vec<ApiKeyDbRow> =
             on_db!(self.db.read(), pool => sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str())).fetch_all(pool).await)?;
         rows.into_iter().map(api_key_from).collect()
     }

@@ -1,12 +1,14 @@
-//! Rules, channels, alerts and deliveries in the database, written once for both backends with
-//! [`on_db!`](crate::on_db).
+//! The alert tables: rules, channels, alerts and deliveries, written once for both backends with
+//! [`on_db!`](crate::store::db). What they mean is [`crate::alerts`]'s.
 
 use serde_json::{Value, json};
 use sqlx::QueryBuilder;
 
-use super::model::{ChannelSpec, RuleSpec, Severity};
-use crate::on_db;
-use crate::store::{Db, Scope, StoreError, format_timestamp_ms, sealed};
+use super::cursor::PageCursor;
+use super::scope::{Rows, push_scope_condition};
+use super::{Db, Scope, StoreError, format_timestamp_ms, sealed};
+use crate::model::alerts::{ChannelSpec, RuleSpec, Severity};
+use crate::store::db::on_db;
 
 /// A stored rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,22 +241,6 @@ pub struct AlertPage {
     pub next_cursor: Option<String>,
 }
 
-/// The cursor after an alert: `<opened_at_ms>-<alert_id>` (every text of that form is a valid
-/// position, so a made-up one pages from there rather than failing).
-fn encode_cursor(opened_at_ms: i64, alert_id: i64) -> String {
-    format!("{opened_at_ms}-{alert_id}")
-}
-
-/// Parses a cursor: `^[0-9]{1,16}-[0-9]{1,18}$`.
-pub(crate) fn decode_cursor(s: &str) -> Result<(i64, i64), StoreError> {
-    let (t, id) = s.split_once('-').ok_or(StoreError::BadCursor)?;
-    let digits = |x: &str, max: usize| !x.is_empty() && x.len() <= max && x.bytes().all(|b| b.is_ascii_digit());
-    if !digits(t, 16) || !digits(id, 18) {
-        return Err(StoreError::BadCursor);
-    }
-    Ok((t.parse().map_err(|_| StoreError::BadCursor)?, id.parse().map_err(|_| StoreError::BadCursor)?))
-}
-
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
@@ -263,11 +249,26 @@ fn to_text<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::InvalidData(e.to_string()))
 }
 
-type RuleRow = (i64, String, i64, Option<String>, i64, i64);
-type ChannelRow = (i64, String, i64, i64);
+#[derive(sqlx::FromRow)]
+struct RuleRow {
+    rule_id: i64,
+    spec: String,
+    suppressed_total: i64,
+    created_by: Option<String>,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ChannelRow {
+    channel_id: i64,
+    spec: String,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+}
 
 fn rule_from_row(
-    (rule_id, spec, suppressed_total, created_by, created_at_ms, updated_at_ms): RuleRow,
+    RuleRow { rule_id, spec, suppressed_total, created_by, created_at_ms, updated_at_ms }: RuleRow,
 ) -> Result<RuleRecord, StoreError> {
     let spec = serde_json::from_str(&spec).map_err(|e| corrupt(&format!("alert rule {rule_id}"), e))?;
     Ok(RuleRecord { rule_id, spec, suppressed_total, created_by, created_at_ms, updated_at_ms })
@@ -275,44 +276,11 @@ fn rule_from_row(
 
 fn channel_from_row(
     db: &Db,
-    (channel_id, spec, created_at_ms, updated_at_ms): ChannelRow,
+    ChannelRow { channel_id, spec, created_at_ms, updated_at_ms }: ChannelRow,
 ) -> Result<ChannelRecord, StoreError> {
     let spec = sealed::open(db, sealed::CHANNEL_CONTEXT, &spec)?;
     let spec = serde_json::from_str(&spec).map_err(|e| corrupt(&format!("alert channel {channel_id}"), e))?;
     Ok(ChannelRecord { channel_id, spec, created_at_ms, updated_at_ms })
-}
-
-/// Pushes ` AND <scope condition>` for a query `FROM alerts`: an alert about a camera is seen
-/// when the scope sees the camera; one about a device when it sees one of the device's cameras.
-fn push_alert_scope<DB>(qb: &mut QueryBuilder<DB>, scope: &Scope)
-where
-    DB: sqlx::Database,
-    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-{
-    let Scope::Limited { sites, cameras } = scope else {
-        return;
-    };
-    let sites: Vec<&str> = sites.iter().map(String::as_str).filter(|s| !s.contains('\0')).collect();
-    let cameras: Vec<_> = cameras.iter().filter(|c| !c.device_id.contains('\0') && !c.camera.contains('\0')).collect();
-    qb.push(" AND (1 = 0");
-    if !sites.is_empty() {
-        qb.push(
-            " OR EXISTS (SELECT 1 FROM cameras sc WHERE sc.device_id = alerts.device_id \
-             AND (alerts.camera IS NULL OR sc.camera = alerts.camera) AND sc.site_id IN (",
-        );
-        for (i, site) in sites.iter().enumerate() {
-            if i > 0 {
-                qb.push(", ");
-            }
-            qb.push_bind(*site);
-        }
-        qb.push("))");
-    }
-    for c in cameras {
-        qb.push(" OR (alerts.device_id = ").push_bind(c.device_id.as_str());
-        qb.push(" AND (alerts.camera IS NULL OR alerts.camera = ").push_bind(c.camera.as_str()).push("))");
-    }
-    qb.push(")");
 }
 
 /// Alert storage on either backend.
@@ -512,7 +480,7 @@ impl AlertStore {
         let alert: Option<Alert> = on_db!(self.db.read(), pool => {
             let mut qb = QueryBuilder::new(format!("SELECT {ALERT_COLS} FROM alerts WHERE alert_id = "));
             qb.push_bind(alert_id);
-            push_alert_scope(&mut qb, scope);
+            push_scope_condition(&mut qb, scope, "alerts", Rows::CameraOrDevice);
             qb.build_query_as().fetch_optional(pool).await
         })?;
         alert.ok_or_else(not_found)
@@ -520,7 +488,7 @@ impl AlertStore {
 
     /// Alerts, newest first, filtered and paginated.
     pub async fn list_alerts(&self, q: &AlertQuery) -> Result<AlertPage, StoreError> {
-        let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
+        let cursor = q.cursor.as_deref().map(PageCursor::decode_position).transpose()?;
         let texts = [&q.device, &q.camera, &q.state, &q.severity];
         if texts.into_iter().flatten().any(|s| s.contains('\0')) {
             return Ok(AlertPage { alerts: Vec::new(), next_cursor: None });
@@ -541,8 +509,8 @@ impl AlertStore {
             if let Some(t) = q.to_ms {
                 qb.push(" AND opened_at_ms < ").push_bind(t);
             }
-            push_alert_scope(&mut qb, &q.scope);
-            if let Some((t, id)) = cursor {
+            push_scope_condition(&mut qb, &q.scope, "alerts", Rows::CameraOrDevice);
+            if let Some(PageCursor { key_ms: t, id }) = cursor {
                 qb.push(" AND (opened_at_ms < ").push_bind(t).push(" OR (opened_at_ms = ").push_bind(t)
                     .push(" AND alert_id < ").push_bind(id).push("))");
             }
@@ -552,7 +520,7 @@ impl AlertStore {
         let more = rows.len() > q.limit as usize;
         rows.truncate(q.limit as usize);
         let next_cursor = match rows.last() {
-            Some(last) if more => Some(encode_cursor(last.opened_at_ms, last.alert_id)),
+            Some(last) if more => Some(PageCursor::new(last.opened_at_ms, last.alert_id).encode_position()),
             _ => None,
         };
         Ok(AlertPage { alerts: rows, next_cursor })
@@ -739,17 +707,5 @@ impl AlertStore {
             "SELECT device_id, camera, site_id FROM cameras"
         ).fetch_all(pool).await)?;
         Ok(rows)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cursors_round_trip() {
-        let c = super::encode_cursor(1_700_000_000_000, 42);
-        assert_eq!(super::decode_cursor(&c).expect("cursor"), (1_700_000_000_000, 42));
-        assert!(super::decode_cursor("xyz").is_err());
-        assert!(super::decode_cursor("-5-1").is_err());
-        assert!(super::decode_cursor("5-").is_err());
     }
 }
