@@ -1,8 +1,8 @@
-//! Traffic analytics against ground truth: each synthetic traffic scene (real vehicle pictures
-//! driving at known speeds through a known calibration, see `its_agent::scene::traffic`) is
+//! Traffic analytics against ground truth: each synthetic traffic clip (real vehicle pictures
+//! driving at known speeds through a known calibration, see `its_testkit::footage::traffic`) is
 //! encoded to H.264 and run through the whole pipeline (decode, detection on every frame,
-//! tracking, the scene analyzer configured from the scene's survey); counts, speeds and incidents
-//! are compared with the truth (`its_agent::analyze::accuracy`). Prints the accuracy table of
+//! tracking, the scene analyzer configured from the clip's survey); counts, speeds and incidents
+//! are compared with the truth (`its_testkit::accuracy`). Prints the accuracy table of
 //! BENCHMARKS.md.
 //!
 //!     cargo bench -p its-agent --bench analytics [-- --backend onnxruntime] [-- --only traffic-queue] [-- --events]
@@ -10,12 +10,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use its_agent::analyze::accuracy::{Accuracy, evaluate, run_scene, scene_config};
 use its_agent::detect::{BackendKind, BackendOptions, ModelManifest, load_detectors};
 use its_agent::pipeline::VisionSettings;
-use its_agent::scene::library::Library;
 use its_agent::track::TrackerConfig;
 use its_shared::config::ConfigErrors;
+use its_testkit::accuracy::{Accuracy, evaluate, run_footage, scene_config};
+use its_testkit::footage::library::Library;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -28,18 +28,18 @@ fn main() -> anyhow::Result<()> {
     let lib = Library::load(&root.join("media"))?;
     let dir = tempfile::tempdir()?;
     let mut rows: Vec<Accuracy> = Vec::new();
-    for scene in lib.traffic_scenes() {
-        if only.as_deref().is_some_and(|o| o != scene.scene.name) {
+    for footage in lib.traffic_footage() {
+        if only.as_deref().is_some_and(|o| o != footage.footage.name) {
             continue;
         }
-        let spec = scene_config(&scene)
-            .validate("scene", &[], &mut ConfigErrors::new(scene.scene.name))
-            .ok_or_else(|| anyhow::anyhow!("{}: the scene's own survey does not validate", scene.scene.name))?;
+        let spec = scene_config(&footage)
+            .validate("scene", &[], &mut ConfigErrors::new(footage.footage.name))
+            .ok_or_else(|| anyhow::anyhow!("{}: the clip's own survey does not validate", footage.footage.name))?;
         if let Some(c) = &spec.calibration {
             println!(
                 "{}: calibration from {} points, reprojection {:.3} m mean / {:.3} m worst",
-                scene.scene.name,
-                scene.layout.calibration.len(),
+                footage.footage.name,
+                footage.layout.calibration.len(),
                 c.reprojection.mean_m,
                 c.reprojection.max_m
             );
@@ -55,11 +55,11 @@ fn main() -> anyhow::Result<()> {
             merged_classes: vec![vec![2, 5, 7]],
         };
         let t0 = std::time::Instant::now();
-        let events = run_scene(&scene, spec, detectors, settings, dir.path())?;
-        let acc = evaluate(&scene, &events);
+        let events = run_footage(&footage, spec, detectors, settings, dir.path())?;
+        let acc = evaluate(&footage, &events);
         println!(
             "  {} frames in {:.1} s; counts {:?}; speed errors {:?}; incidents {:?}; false alarms {:?}",
-            scene.scene.frames,
+            footage.footage.frames,
             t0.elapsed().as_secs_f64(),
             acc.counts,
             acc.speed_errors.iter().map(|e| (e * 10.0).round() / 10.0).collect::<Vec<_>>(),

@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use its_agent::decode::decode_recording;
 use its_agent::decode::{Frame, Picture};
 use its_agent::detect::{BackendKind, BackendOptions, Detector, ModelDetector, ModelManifest, load_detectors};
 use its_agent::pipeline::{CameraSpec, FrameResult, VisionPipeline, VisionSettings};
-use its_agent::source::file::decode_recording;
 use its_agent::source::{FileSpec, VideoSource};
 use its_agent::track::TrackerConfig;
 

@@ -1,5 +1,5 @@
-//! Tracking accuracy on synthetic scenes with known ground truth (see `its_agent::scene`): each
-//! scene is rendered from real pictures, encoded to H.264 and run through the real pipeline
+//! Tracking accuracy on synthetic footage with known ground truth (see `its_testkit::footage`):
+//! each clip is rendered from real pictures, encoded to H.264 and run through the real pipeline
 //! (decode, detection on every frame, ByteTrack); the tracks are scored with CLEAR MOT and IDF1.
 //!
 //!     cargo bench -p its-agent --bench tracking [-- --backend onnxruntime] [-- --save-frames DIR]
@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use its_agent::detect::{BackendKind, BackendOptions, Detector, ModelManifest, load_detectors};
 use its_agent::pipeline::VisionSettings;
-use its_agent::scene::library::{Library, scenery_boxes, score};
-use its_agent::scene::run_through_pipeline;
 use its_agent::track::TrackerConfig;
-use its_agent::track::metrics::MotMetrics;
+use its_testkit::footage::library::{Library, scenery_boxes, score};
+use its_testkit::footage::run_through_pipeline;
+use its_testkit::mot::MotMetrics;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
     println!("background scenery: {} boxes", background.len());
     if let Some(d) = arg("--save-frames") {
         std::fs::create_dir_all(&d)?;
-        for s in lib.scenes() {
+        for s in lib.tracking_footage() {
             for i in [0, s.frames / 6, s.frames / 3, s.frames / 2] {
                 s.render(i).save(Path::new(&d).join(format!("{}-{i:03}.png", s.name)))?;
             }
@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{:<10} {}", "scene", MotMetrics::TABLE_HEADER);
     let mut all = Vec::new();
-    for scene in lib.scenes() {
+    for footage in lib.tracking_footage() {
         let detectors: Vec<Box<dyn Detector>> = load_detectors(
             &manifest,
             &[backend],
@@ -66,13 +66,13 @@ fn main() -> anyhow::Result<()> {
             tracker.match_iou = v;
         }
         let settings = VisionSettings { tracker, merged_classes: vec![vec![2, 5, 7]] };
-        let tracks = run_through_pipeline(&scene, detectors, settings, dir.path())?;
+        let tracks = run_through_pipeline(&footage, detectors, settings, dir.path())?;
         let mut ignore = background.clone();
-        ignore.extend(scenery_boxes(&scene));
-        let m = score(&scene, &tracks, &ignore);
-        if arg("--dump").as_deref() == Some(scene.name) {
+        ignore.extend(scenery_boxes(&footage));
+        let m = score(&footage, &tracks, &ignore);
+        if arg("--dump").as_deref() == Some(footage.name) {
             for (i, frame) in tracks.iter().enumerate() {
-                let gt: Vec<String> = scene
+                let gt: Vec<String> = footage
                     .truth(i)
                     .iter()
                     .map(|b| format!("{}@{:.0},{:.0}v{:.1}", b.id, b.bbox[0], b.bbox[1], b.visible))
@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
                 println!("{i:3} gt [{}] trk [{}]", gt.join(" "), hy.join(" "));
             }
         }
-        println!("{:<10} {}", scene.name, m.table_row());
+        println!("{:<10} {}", footage.name, m.table_row());
         all.push(m);
     }
     real_clip(&manifest, backend)?;

@@ -17,13 +17,14 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::analyze::runner::{Analyzed, SceneBoard, run_analysis};
 use crate::buffer::{NewEvent, Outbox};
-use crate::config::{AgentConfig, BackendChoice, RawConfig, VisionConfig};
-use crate::detect::{BackendKind, load_detectors};
-use crate::pipeline::{FrameResult, VisionPipeline, VisionSettings};
+use crate::config::{AgentConfig, RawConfig};
+use crate::pipeline::FrameResult;
 use crate::reload::{ConfigFile, LiveVision, PipelineSlot};
 use crate::source::run_synthetic;
 use crate::uplink::quic::HealthFn;
 use crate::uplink::{UplinkHandle, run_mqtt_uplink, run_uplink};
+/// Moved to [`crate::vision`]; still reachable here.
+pub use crate::vision::{load_configured_detectors, start_vision};
 
 /// The health report from the outbox, uplink and camera counters.
 pub fn health_report(
@@ -115,45 +116,6 @@ impl CameraMonitor {
         last.1 = seen;
         out
     }
-}
-
-/// Loads `workers` detectors on the configured backend, or on the best that loads (`auto`).
-pub fn load_configured_detectors(
-    v: &VisionConfig,
-    workers: usize,
-) -> anyhow::Result<Vec<Box<dyn crate::detect::Detector>>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads =
-        if v.backend_options.threads > 0 { v.backend_options.threads } else { (cores / workers.max(1)).max(1) };
-    let kinds: Vec<BackendKind> = match v.backend {
-        BackendChoice::Only(k) => vec![k],
-        BackendChoice::Auto => BackendKind::compiled_fastest_first(),
-    };
-    let options = crate::detect::BackendOptions { threads, ..v.backend_options.clone() };
-    let detectors = load_detectors(&v.manifest, &kinds, &options, workers)
-        .with_context(|| format!("loading the detector {}", v.manifest.model_path.display()))?;
-    tracing::info!(
-        model = %v.manifest.name,
-        backend = detectors.first().map_or("none", |d| d.backend_name()),
-        workers,
-        threads,
-        "detector loaded"
-    );
-    Ok(detectors)
-}
-
-/// Loads the detectors (the configured backend, or the best that loads) and starts the cameras.
-pub fn start_vision(
-    v: &VisionConfig,
-    results: mpsc::Sender<FrameResult>,
-    rt: tokio::runtime::Handle,
-) -> anyhow::Result<VisionPipeline> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = if v.workers > 0 { v.workers } else { cores.min(v.cameras.len()).max(1) };
-    let detectors = load_configured_detectors(v, workers)?;
-    tracing::info!(cameras = v.cameras.len(), workers, "starting the cameras");
-    let settings = VisionSettings { tracker: v.tracker, merged_classes: v.merged_classes.clone() };
-    Ok(VisionPipeline::start(v.cameras.clone(), detectors, settings, results, rt)?)
 }
 
 /// Commits analysed events (and their pictures), one transaction per `tick`.

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use its_hostio::config_file::read_config_file;
 use its_shared::config::{ConfigErrors, parse_toml_with_env};
 use its_shared::session::AgentSessionConfig;
 use serde::Deserialize;
@@ -709,15 +710,9 @@ impl RawConfig {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let text = match path {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::Read { path: p.to_path_buf(), message: e.to_string() })?,
-            ),
-            None => None,
-        };
-        let source = path.map_or("<defaults>".to_string(), |p| p.display().to_string());
-        parse_toml_with_env(&source, text.as_deref(), ENV_PREFIX, env)
+        let doc =
+            read_config_file(path).map_err(|e| ConfigError::Read { message: e.source.to_string(), path: e.path })?;
+        parse_toml_with_env(&doc.source, doc.text.as_deref(), ENV_PREFIX, env)
             .map_err(|e| ConfigError::Parse { path: e.document, message: e.message })
     }
 

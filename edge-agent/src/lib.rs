@@ -1,7 +1,26 @@
 //! `its-agent`: the edge agent. Stages (each a module with its config, runtime and tests):
 //! [`source`] → [`decode`] → [`detect`] → [`track`] → [`analyze`] → [`buffer`] → [`uplink`];
 //! [`pipeline`] runs the vision stages per camera, [`agent`] wires everything together and
-//! [`reload`] applies configuration changes without a restart.
+//! [`reload`] applies configuration changes without a restart; [`vision`] starts the cameras
+//! from the configuration, which [`config`] reads and validates.
+//!
+//! Dependencies between these modules go one way (`scripts/modcycles` finds any cycle): each may
+//! use the modules on its row and nothing else of this crate.
+//!
+//! | module | may depend on |
+//! |---|---|
+//! | [`buffer`] | nothing (its-shared only) |
+//! | [`uplink`] | `buffer` |
+//! | [`source`] | `buffer`, `uplink` (the synthetic load generator writes events directly) |
+//! | [`decode`] | `source` |
+//! | [`detect`] | `decode` |
+//! | [`track`] | `detect` |
+//! | [`pipeline`] | `source`, `decode`, `detect`, `track` |
+//! | [`analyze`] | `buffer`, `decode`, `detect`, `pipeline` |
+//! | [`config`] | the stages whose settings it validates: `analyze`, `buffer`, `detect`, `pipeline`, `source`, `track`, `uplink` |
+//! | [`vision`] | `config`, `detect`, `pipeline` |
+//! | [`reload`] | `analyze`, `config`, `pipeline`, `vision` |
+//! | [`agent`] | any of the above |
 
 pub mod agent;
 pub mod analyze;
@@ -11,10 +30,10 @@ pub mod decode;
 pub mod detect;
 pub mod pipeline;
 pub mod reload;
-pub mod scene;
 pub mod source;
 pub mod track;
 pub mod uplink;
+pub mod vision;
 
 /// Wall-clock time in Unix milliseconds: event timestamps, never durations (those use
 /// `tokio::time::Instant`, which tests can pause).

@@ -59,20 +59,6 @@ enum Command {
         #[arg(long)]
         annotate: Option<PathBuf>,
     },
-    /// Development and test helpers.
-    #[command(hide = true, subcommand)]
-    Debug(DebugCommand),
-}
-
-#[derive(Subcommand)]
-enum DebugCommand {
-    /// Append synthetic events to an outbox forever, printing each committed range.
-    OutboxWriter {
-        #[arg(long)]
-        path: PathBuf,
-        #[arg(long, default_value_t = 50)]
-        batch: usize,
-    },
 }
 
 fn load(cli: &Cli) -> Result<RawConfig, ConfigError> {
@@ -81,20 +67,10 @@ fn load(cli: &Cli) -> Result<RawConfig, ConfigError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    its_hostio::logging::init_stderr_logging("info");
     let source = cli.config.as_ref().map_or("<defaults>".to_string(), |p| p.display().to_string());
-    match &cli.command {
-        Some(Command::Debug(DebugCommand::OutboxWriter { path, batch })) => {
-            return report(its_agent::buffer::stress::run_outbox_writer(path, *batch));
-        }
-        Some(Command::OutboxStats { path: Some(path) }) => return report(print_stats(path.clone())),
-        _ => {}
+    if let Some(Command::OutboxStats { path: Some(path) }) = &cli.command {
+        return report(print_stats(path.clone()));
     }
     let raw = match load(&cli) {
         Ok(r) => r,

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::analyze::runner::SceneBoard;
 use crate::config::{AgentConfig, RawConfig, VisionConfig};
 use crate::pipeline::{FrameResult, VisionPipeline};
+use crate::vision::start_vision;
 
 /// What one reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,7 +101,7 @@ impl LiveVision {
         }
         if let Some(v) = &cfg.vision {
             live.board.replace(scene_map(v));
-            let p = crate::agent::start_vision(v, live.results.clone(), live.rt.clone())?;
+            let p = start_vision(v, live.results.clone(), live.rt.clone())?;
             p.keep_open();
             *live.pipeline.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(p));
             live.vision = Some(v.clone());
@@ -144,8 +145,7 @@ impl LiveVision {
             (None, Some(v)) => {
                 // The first cameras: load the detectors and start.
                 self.board.replace(new_scenes.clone());
-                let p = crate::agent::start_vision(v, self.results.clone(), self.rt.clone())
-                    .map_err(ReloadError::Vision)?;
+                let p = start_vision(v, self.results.clone(), self.rt.clone()).map_err(ReloadError::Vision)?;
                 p.keep_open();
                 *self.pipeline.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(p));
                 report.added = v.cameras.iter().map(|c| c.id.clone()).collect();

@@ -1,19 +1,20 @@
-//! The traffic analytics measured against ground truth on the clean synthetic traffic scenes
-//! (real vehicle pictures at known speeds through a known calibration, encoded to H.264 and run
-//! through decode, detection, tracking and the scene analyzer): counts per line and direction are
-//! exact, speeds are within the targets, and wrong-way drivers and stopped vehicles are reported
-//! within 2 s of when they are due, with no false alarm. The hard scenes (queue, occlusion) are
-//! measured by `cargo bench -p its-agent --bench analytics` (BENCHMARKS.md).
+//! The traffic analytics measured against ground truth on the clean synthetic traffic footage
+//! (`its_testkit::footage::traffic`: real vehicle pictures at known speeds through a known
+//! calibration, encoded to H.264 and run through decode, detection, tracking and the scene
+//! analyzer): counts per line and direction are exact, speeds are within the targets, and wrong-way
+//! drivers and stopped vehicles are reported within 2 s of when they are due, with no false alarm.
+//! The hard clips (queue, occlusion) are measured by `cargo bench -p its-agent --bench analytics`
+//! (BENCHMARKS.md).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use its_agent::analyze::accuracy::{ON_TIME_S, evaluate, run_scene, scene_config};
 use its_agent::detect::{BackendKind, BackendOptions, ModelManifest, load_detectors};
 use its_agent::pipeline::VisionSettings;
-use its_agent::scene::library::Library;
 use its_agent::track::TrackerConfig;
 use its_shared::config::ConfigErrors;
+use its_testkit::accuracy::{ON_TIME_S, evaluate, run_footage, scene_config};
+use its_testkit::footage::library::Library;
 
 #[test]
 fn clean_traffic_scenes_are_counted_exactly_with_accurate_speeds_and_timely_incidents() {
@@ -23,9 +24,9 @@ fn clean_traffic_scenes_are_counted_exactly_with_accurate_speeds_and_timely_inci
     let lib = Library::load(&root.join("media")).expect("media");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut clean = 0;
-    for scene in lib.traffic_scenes().into_iter().filter(|s| s.clean) {
+    for footage in lib.traffic_footage().into_iter().filter(|s| s.clean) {
         clean += 1;
-        let spec = scene_config(&scene).validate("scene", &[], &mut ConfigErrors::new("test")).expect("survey valid");
+        let spec = scene_config(&footage).validate("scene", &[], &mut ConfigErrors::new("test")).expect("survey valid");
         // The fastest backend of this build that loads (ONNX Runtime when present, else tract).
         let detectors = BackendKind::compiled_fastest_first()
             .into_iter()
@@ -37,11 +38,11 @@ fn clean_traffic_scenes_are_counted_exactly_with_accurate_speeds_and_timely_inci
             tracker: TrackerConfig::for_detector_threshold(manifest.score_threshold),
             merged_classes: vec![vec![2, 5, 7]],
         };
-        let events = run_scene(&scene, spec, detectors, settings, dir.path()).expect("pipeline");
-        let acc = evaluate(&scene, &events);
-        println!("{}\n{}", its_agent::analyze::accuracy::Accuracy::TABLE_HEADER, acc.table_row());
-        let name = scene.scene.name;
-        // Exact, except that in the stopped-vehicle scene one car passing in front of the stopped
+        let events = run_footage(&footage, spec, detectors, settings, dir.path()).expect("pipeline");
+        let acc = evaluate(&footage, &events);
+        println!("{}\n{}", its_testkit::accuracy::Accuracy::TABLE_HEADER, acc.table_row());
+        let name = footage.footage.name;
+        // Exact, except that in the stopped-vehicle clip one car passing in front of the stopped
         // one, just as it crosses a line, is not tracked in time (BENCHMARKS.md).
         let allowed = if name == "traffic-stopped" { 1 } else { 0 };
         assert!(acc.count_error().0 <= allowed, "{name}: counts per line and direction {:?}", acc.counts);

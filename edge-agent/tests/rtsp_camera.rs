@@ -14,10 +14,7 @@ use its_agent::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
 use its_agent::track::TrackerConfig;
 use tokio::sync::mpsc;
 
-#[path = "support/rtsp_server.rs"]
-mod rtsp_server;
-
-use rtsp_server::{RtspServer, free_tcp_port, project_root as root};
+use its_testkit::rtsp::{RtspServer, free_tcp_port, project_root as root};
 
 fn rtsp(url: String, transport: RtspTransport, connect_ms: u64, stall_ms: u64, cap_ms: u64) -> VideoSource {
     VideoSource::Rtsp(RtspSpec {
@@ -211,15 +208,15 @@ async fn an_rtsp_camera_over_udp_streams_detections() {
 /// put in MPEG-TS by GStreamer's mpegtsmux, served by the real RTSP server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_picture_size_change_reconnects_the_camera() {
-    use its_agent::scene::{Scene, encode_scene};
+    use its_testkit::footage::{Footage, encode_footage};
     let dir = tempfile::tempdir().expect("tempdir");
     let photo = image::open(root().join("media/dog.jpg")).expect("photo").into_rgb8();
     let mut stream = Vec::new();
     for (k, (w, h, frames)) in [(640u32, 480u32, 50usize), (320, 240, 300)].into_iter().enumerate() {
         let background = image::imageops::resize(&photo, w, h, image::imageops::FilterType::Triangle);
-        let scene = Scene { name: "size", background, actors: Vec::new(), fps: 10.0, frames };
+        let footage = Footage { name: "size", background, actors: Vec::new(), fps: 10.0, frames };
         let part = dir.path().join(format!("part{k}.264"));
-        encode_scene(&scene, &part, 26, 30).expect("encode");
+        encode_footage(&footage, &part, 26, 30).expect("encode");
         stream.extend(std::fs::read(&part).expect("read"));
     }
     let es = dir.path().join("two-sizes.264");

@@ -7,10 +7,14 @@
 //!   zones, stopped vehicles, wrong-way drivers, congestion);
 //! - [`speed`]: robust speed from ground positions;
 //! - [`snapshot`]: the JPEG pictures attached to events;
-//! - [`runner`]: the stage's thread, with scenes that can be replaced while it runs;
-//! - [`accuracy`]: the analytics measured against synthetic scenes with ground truth.
+//! - [`runner`]: the stage's thread, with scenes that can be replaced while it runs.
+//!
+//! The analytics' accuracy against synthetic footage with ground truth is measured in
+//! `its-testkit` (`accuracy`), outside the product.
+//!
+//! May depend on: `pipeline` (its `FrameResult`s), `buffer` (the events it makes), `detect` and
+//! `decode` (the boxes and pictures of snapshots).
 
-pub mod accuracy;
 pub mod config;
 pub mod runner;
 pub mod scene;

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::config::SceneSpec;
 use super::scene::SceneAnalyzer;
 use super::snapshot::encode_snapshot;
 use super::tracks::track_events;
+use crate::analyze::config::SceneSpec;
 use crate::buffer::{NewEvent, SnapshotImages};
 use crate::pipeline::FrameResult;
 

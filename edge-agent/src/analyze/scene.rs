@@ -31,8 +31,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef, Phase};
 use its_shared::geometry::{Point, distance, polygon_contains, polyline_crossing};
 
-use super::config::{LineSpec, SceneSpec, ZoneSpec};
 use super::speed::{GroundSample, robust_velocity};
+use crate::analyze::config::{LineSpec, SceneSpec, ZoneSpec};
 use crate::buffer::NewEvent;
 use crate::pipeline::FrameResult;
 

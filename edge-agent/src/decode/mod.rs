@@ -3,10 +3,17 @@
 //! [`VideoDecoder`] is the seam for hardware decoders (NVDEC/V4L2 on Jetson); the software
 //! decoder is [`openh264::SoftwareDecoder`]. Pictures stay in I420 (YUV 4:2:0): the detector's
 //! pre-processing converts only the pixels the model sees, never the whole frame.
+//!
+//! - [`openh264`]: the software decoder;
+//! - [`recording`]: whole recordings decoded in one go.
+//!
+//! May depend on: `source` (its access units and Annex-B parsing).
 
 pub mod openh264;
+pub mod recording;
 
 pub use openh264::SoftwareDecoder;
+pub use recording::decode_recording;
 
 /// A decoded picture in I420: full-resolution Y, half-resolution U and V, tightly packed
 /// (strides = width, width/2 rounded up).

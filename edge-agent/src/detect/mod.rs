@@ -7,6 +7,12 @@
 //! The model is described by a [`manifest::ModelManifest`]; the network runs on one of the
 //! [`backend`]s (tract everywhere; ONNX Runtime and its TensorRT execution provider behind
 //! features). [`Detector`] is what the rest of the agent sees.
+//!
+//! - [`manifest`]: the model's description; [`preprocess`]: pictures to input tensors;
+//!   [`backend`]: running the network; [`decode`]: outputs to boxes, with NMS;
+//!   [`still`]: detection on photos and single frames, and drawing boxes.
+//!
+//! May depend on: the `decode` stage (`crate::decode`: the pictures it detects on).
 
 pub mod backend;
 pub mod decode;

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use image::{Rgb, RgbImage};
 
+use crate::decode::decode_recording;
 use crate::detect::Detection;
-use crate::source::file::decode_recording;
 
 /// An RGB picture.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,6 +13,10 @@
 //! - One camera failing (server gone, corrupt video) affects only its own thread; its source
 //!   reconnects by itself.
 //! - Results go out on a channel as [`FrameResult`]s; the agent turns them into events.
+//!
+//! - [`scheduler`]: the shared queue of frames waiting for a detection worker.
+//!
+//! May depend on: `source`, `decode`, `detect`, `track` (the stages it runs).
 
 pub mod scheduler;
 

@@ -212,37 +212,6 @@ impl FileSource {
     }
 }
 
-/// Decodes a recording (played once, as fast as possible) and calls `each` with every picture
-/// and its presentation time, until the file ends or `each` returns false. Undecodable access
-/// units are skipped (decoding resumes at the next keyframe). Returns the pictures handed out.
-pub fn decode_recording(
-    path: &std::path::Path,
-    fps: f64,
-    mut each: impl FnMut(crate::decode::Frame, f64) -> bool,
-) -> Result<usize, SourceError> {
-    use crate::decode::{SoftwareDecoder, VideoDecoder};
-    let spec = FileSpec { path: path.to_path_buf(), looped: false, realtime: false, fps };
-    let mut src = FileSource::open(spec.clone())?;
-    let mut decoder = SoftwareDecoder::new().map_err(|e| file_err(&spec, e))?;
-    let stop = AtomicBool::new(false);
-    let mut n = 0;
-    while let Some(item) = src.next(&stop)? {
-        match item {
-            SourceItem::Unit(u) => {
-                if let Ok(Some((frame, pts))) = decoder.decode(&u.data, u.pts_s) {
-                    n += 1;
-                    if !each(frame, pts) {
-                        break;
-                    }
-                }
-            }
-            SourceItem::Ended => break,
-            SourceItem::Started { .. } => {}
-        }
-    }
-    Ok(n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

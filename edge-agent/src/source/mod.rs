@@ -9,6 +9,11 @@
 //! Video sources produce [`SourceItem`]s: H.264 access units in Annex-B with their presentation
 //! time, and markers where the stream starts again (after a reconnect or a loop), so the decoder
 //! and tracker know continuity was broken.
+//!
+//! - [`annexb`] and [`mp4`]: the H.264 bitstream and MP4 parsing the sources share.
+//!
+//! May depend on: `buffer` and `uplink` (only [`synthetic`], which writes events directly to the
+//! outbox and wakes the uplink).
 
 pub mod annexb;
 pub mod file;

@@ -64,7 +64,7 @@ impl TrackerConfig {
     ///   at 10 fps a road user moves three times as far between frames, so a Kalman prediction
     ///   overlaps its next box less.
     ///
-    /// Measured (BENCHMARKS.md): on the synthetic scenes MOTA 85 / 88 / 86 % (straight /
+    /// Measured (BENCHMARKS.md): on the synthetic footage MOTA 85 / 88 / 86 % (straight /
     /// crossing / occlusion) against 82 / 88 / 75 % with ByteTrack's 0.5 / 0.6 / 0.2; on the real
     /// street clip 82 person tracks instead of 94 for the same people.
     pub fn for_detector_threshold(threshold: f32) -> Self {

@@ -12,19 +12,20 @@
 //!
 //! - [`bytetrack`]: the [`Tracker`], its [`TrackerConfig`] and what it reports per frame;
 //! - [`kalman`]: the box Kalman filter ([`BoxKalman`]);
-//! - [`assignment`]: optimal linear assignment with a cost threshold;
-//! - [`metrics`]: CLEAR MOT and IDF1 evaluation of a tracker against ground truth.
+//! - [`assignment`]: optimal linear assignment with a cost threshold.
+//!
+//! The tracker is measured against ground truth (CLEAR MOT, IDF1) in `its-testkit` (`mot`).
 //!
 //! Everything here is plain `std` Rust with no I/O, so it runs the same on the device and in
 //! tests.
+//!
+//! May depend on: `detect` (its boxes).
 
 pub mod assignment;
 pub mod bytetrack;
 pub mod kalman;
-pub mod metrics;
 
 pub use crate::detect::decode::iou;
 pub use assignment::{Assignment, solve, solve_max_matching};
 pub use bytetrack::{EndedTrack, TrackInput, TrackedObject, Tracker, TrackerConfig, TrackerOutput};
 pub use kalman::BoxKalman;
-pub use metrics::{FrameBoxes, MotMetrics, evaluate};

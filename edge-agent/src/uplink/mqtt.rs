@@ -1,5 +1,5 @@
-//! MQTT transport of the uplink, for sites where UDP (so QUIC) is blocked: the same
-//! [`AgentSession`] and the same ack chain, carried through a broker.
+//! MQTT transport of the uplink, for sites where UDP (so QUIC) is blocked: the same uplink
+//! session and the same ack chain (the driver of `driver.rs`), carried through a broker.
 //!
 //! - Every frame the session sends is one MQTT message published with QoS 1 on
 //!   [`up_topic`]`(device)`: the uplink session's id (8 bytes, big endian, random per session)
@@ -25,22 +25,20 @@
 //! - Snapshots are not carried over MQTT (yet): they stay in the outbox within its picture budget
 //!   and are uploaded when the box uses QUIC again, or evicted (and counted) when the budget is full.
 
-use crate::unix_ms;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
-use its_shared::session::{AgentEvent, AgentSession, Backoff};
-use its_shared::wire::{self, Hello};
+use anyhow::anyhow;
+use its_shared::session::Backoff;
+use its_shared::wire::{self, Frame};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::quic::{HealthFn, UplinkConfig, UplinkHandle};
+use super::driver::{EndCause, HealthFn, SessionLink, UplinkHandle};
+use super::quic::UplinkConfig;
 use crate::buffer::Outbox;
 
 /// Reason of the `Refuse` the aggregator's bridge sends for a frame of a device it has no session
@@ -82,24 +80,6 @@ impl std::fmt::Debug for MqttUplinkConfig {
     }
 }
 
-/// The TLS client configuration: trusts only the CA(s) in `ca`.
-fn tls_config(ca: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))? {
-        let cert = cert.with_context(|| format!("reading {}", ca.display()))?;
-        roots.add(cert).with_context(|| format!("{}: unusable CA certificate", ca.display()))?;
-    }
-    if roots.is_empty() {
-        anyhow::bail!("{}: no certificate in file", ca.display());
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| anyhow!("TLS configuration: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
 fn mqtt_options(m: &MqttUplinkConfig) -> anyhow::Result<MqttOptions> {
     let mut opts = MqttOptions::new(m.username.clone(), m.host.clone(), m.port);
     opts.set_credentials(m.username.clone(), m.password.clone())
@@ -107,7 +87,8 @@ fn mqtt_options(m: &MqttUplinkConfig) -> anyhow::Result<MqttOptions> {
         .set_keep_alive(m.keep_alive)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET);
     if let Some(ca) = &m.tls_ca {
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls_config(ca)?))));
+        let tls = its_hostio::tls::mqtt_client_config(ca)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
     }
     Ok(opts)
 }
@@ -187,7 +168,7 @@ pub async fn run_mqtt_uplink(
     let (up, down) = (up_topic(&device), down_topic(&device));
     let opts = mqtt_options(&mqtt)?;
     let (client, eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
-    let (tx, mut link) = mpsc::channel(256);
+    let (tx, events) = mpsc::channel(256);
     let jitter = if cfg.jitter { 0.5 } else { 0.0 };
     let link_task = tokio::spawn(run_link(
         eventloop,
@@ -199,142 +180,128 @@ pub async fn run_mqtt_uplink(
     let _link_task = AbortOnDrop(link_task);
     tracing::info!(broker = %format!("{}:{}", mqtt.host, mqtt.port), tls = mqtt.tls_ca.is_some(), device = %device, "MQTT uplink starting");
 
-    let mut session = AgentSession::new(cfg.session.clone(), outbox.stats().acked);
+    let mut driver = cfg.driver(outbox, handle.clone(), health);
+    let mut link =
+        BrokerLink { client, up, events, handle, link_up: false, session_id: 0, buf: Vec::with_capacity(256 * 1024) };
     // Delays between uplink sessions on one broker connection (refused, or no progress).
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap, jitter);
-    let mut link_up = false;
-    // An uplink session is running (Hello sent, not yet ended).
-    let mut active = false;
-    let mut welcomed = false;
-    // Id of the running (or last) uplink session.
-    let mut session_id: u64 = 0;
     // When a new session may start after one ended on this connection.
     let mut restart_at: Option<Instant> = None;
-    let mut buf = Vec::with_capacity(256 * 1024);
     loop {
-        if link_up && !active && restart_at.is_none_or(|t| Instant::now() >= t) {
+        if link.link_up && restart_at.is_none_or(|t| Instant::now() >= t) {
             restart_at = None;
-            active = true;
-            welcomed = false;
-            session_id = rand::random::<u64>();
-            start_session(&cfg, &mut session, &outbox);
-        }
-        while let Some(frame) = session.poll_transmit() {
-            encode_message(session_id, &frame, &mut buf)?;
-            // A full queue is a link in trouble: the frame is lost like on a broken link, and the
-            // session's timeouts send it again.
-            if client.try_publish(up.as_str(), QoS::AtLeastOnce, false, buf.as_slice()).is_err() {
-                tracing::debug!(frame = frame.name(), "MQTT request queue full: frame dropped");
+            link.session_id = rand::random::<u64>();
+            let end = driver.run_session(&mut link, &mut shutdown).await;
+            if end.welcomed {
+                backoff.reset();
             }
-        }
-        let mut end: Option<String> = None;
-        while let Some(ev) = session.poll_event() {
-            match ev {
-                AgentEvent::Acked(up_to) => {
-                    let ob = outbox.clone();
-                    let outcome = tokio::task::spawn_blocking(move || ob.ack(up_to)).await??;
-                    if outcome.renumbered > 0 {
-                        tracing::warn!(
-                            aggregator_has = up_to,
-                            renumbered = outcome.renumbered,
-                            "the aggregator holds more events than this outbox ever assigned (outbox reset?): renumbered pending events after it"
-                        );
-                    }
-                    handle.acked.store(up_to, Ordering::Relaxed);
+            match end.cause {
+                EndCause::Shutdown => return Ok(()),
+                EndCause::Failed(e) => {
+                    tracing::warn!(reason = %format!("{e:#}"), "MQTT uplink session ended");
+                    restart_at = Some(Instant::now() + backoff.next_delay(rand::random::<f64>()));
                 }
-                AgentEvent::HeartbeatDue => session.send_heartbeat(Instant::now().into_std(), unix_ms(), health()),
-                AgentEvent::LinkDead => end = Some("no acknowledgement through repeated resends".into()),
-                AgentEvent::Refused(reason) => end = Some(format!("aggregator refused the session: {reason}")),
-                // Snapshots do not travel over MQTT; nothing was uploaded to confirm.
-                AgentEvent::SnapshotStored(_) => {}
+                // The broker connection is gone: the next session starts when it is back.
+                EndCause::Lost(reason) => tracing::warn!(%reason, "MQTT uplink session ended"),
+                EndCause::Broken(e) => return Err(e),
             }
-        }
-        if let Some(reason) = end.filter(|_| active) {
-            end_session(&mut session, &handle, welcomed, &reason);
-            active = false;
-            restart_at = Some(Instant::now() + backoff.next_delay(rand::random::<f64>()));
             continue;
         }
-        if active && !welcomed && session.is_streaming() {
-            welcomed = true;
-            backoff.reset();
-            handle.connected.store(true, Ordering::Relaxed);
-            outbox.welcome(session.acked());
-            tracing::info!(acked = session.acked(), "MQTT uplink session ready");
-        }
-        if let Some(req) = session.poll_batch_request() {
-            let ob = outbox.clone();
-            // Reading for send puts the rows in "limbo" atomically with the read (see quic.rs).
-            let events = tokio::task::spawn_blocking(move || ob.read_for_send(req.after, req.max_events)).await??;
-            session.handle_batch_loaded(Instant::now().into_std(), req, events);
-            continue;
-        }
-        handle.resends.store(session.stats().resends, Ordering::Relaxed);
-        let deadline = match (session.poll_timeout().map(Instant::from_std), restart_at.filter(|_| link_up)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = restart_at.filter(|_| link.link_up);
         tokio::select! {
-            ev = link.recv() => match ev {
-                Some(Link::Up) => {
-                    tracing::info!("MQTT uplink connected to the broker");
-                    link_up = true;
-                }
-                Some(Link::Down(bytes)) => match decode_message(&bytes) {
-                    Ok((id, frame)) if active && id == session_id => session.handle_frame(frame),
-                    Ok((_, frame)) => tracing::debug!(frame = frame.name(), "frame of another session: ignored"),
-                    Err(e) => tracing::warn!(error = %e, "malformed message from the aggregator: dropped"),
-                },
-                Some(Link::Lost(reason)) => {
-                    if link_up || active {
-                        tracing::warn!(%reason, "MQTT uplink lost the broker");
-                    } else {
-                        tracing::warn!(%reason, "MQTT uplink cannot reach the broker");
-                    }
-                    link_up = false;
-                    if active {
-                        end_session(&mut session, &handle, welcomed, &reason);
-                        active = false;
-                    }
-                    restart_at = None;
-                }
-                None => return Err(anyhow!("the MQTT link task stopped")),
+            ev = link.next(false) => match ev {
+                Some(Err(EndCause::Broken(e))) => return Err(e),
+                Some(Err(_)) => restart_at = None,
+                Some(Ok(_)) | None => {}
             },
-            _ = handle.appended.notified() => session.handle_outbox_appended(),
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                session.handle_timeout(Instant::now().into_std());
-            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {}
             _ = shutdown.changed() => {
-                handle.connected.store(false, Ordering::Relaxed);
-                let _ = tokio::time::timeout(Duration::from_millis(200), client.disconnect()).await;
+                link.close().await;
                 return Ok(());
             }
         }
     }
 }
 
-fn start_session(cfg: &UplinkConfig, session: &mut AgentSession, outbox: &Outbox) {
-    let stats = outbox.stats();
-    session.handle_connected(
-        Instant::now().into_std(),
-        Hello {
-            agent_version: cfg.agent_version.clone(),
-            model: cfg.model.clone(),
-            cameras: cfg.cameras.clone(),
-            last_acked_seq: stats.acked,
-            last_assigned_seq: stats.produced_total,
-        },
-    );
+/// The broker connection as the link of the uplink sessions it carries, one at a time.
+struct BrokerLink {
+    client: AsyncClient,
+    /// The device's up topic.
+    up: String,
+    /// What the link task reports.
+    events: mpsc::Receiver<Link>,
+    handle: Arc<UplinkHandle>,
+    /// Connected to the broker and subscribed to the down topic.
+    link_up: bool,
+    /// Id of the running (or last) uplink session.
+    session_id: u64,
+    buf: Vec<u8>,
 }
 
-fn end_session(session: &mut AgentSession, handle: &UplinkHandle, welcomed: bool, reason: &str) {
-    session.handle_disconnected();
-    handle.connected.store(false, Ordering::Relaxed);
-    handle.resends.store(session.stats().resends, Ordering::Relaxed);
-    if welcomed {
-        handle.reconnects.fetch_add(1, Ordering::Relaxed);
+impl BrokerLink {
+    /// Takes one report of the link task: a frame of the running session (`active`), why no
+    /// session can run on the link now, or nothing to act on.
+    async fn next(&mut self, active: bool) -> Option<Result<Frame, EndCause>> {
+        match self.events.recv().await {
+            Some(Link::Up) => {
+                tracing::info!("MQTT uplink connected to the broker");
+                self.link_up = true;
+                None
+            }
+            Some(Link::Down(bytes)) => match decode_message(&bytes) {
+                Ok((id, frame)) if active && id == self.session_id => Some(Ok(frame)),
+                Ok((_, frame)) => {
+                    tracing::debug!(frame = frame.name(), "frame of another session: ignored");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed message from the aggregator: dropped");
+                    None
+                }
+            },
+            Some(Link::Lost(reason)) => {
+                if self.link_up || active {
+                    tracing::warn!(%reason, "MQTT uplink lost the broker");
+                } else {
+                    tracing::warn!(%reason, "MQTT uplink cannot reach the broker");
+                }
+                self.link_up = false;
+                Some(Err(EndCause::Lost(reason)))
+            }
+            None => Some(Err(EndCause::Broken(anyhow!("the MQTT link task stopped")))),
+        }
     }
-    tracing::warn!(%reason, "MQTT uplink session ended");
+}
+
+impl SessionLink for BrokerLink {
+    const NAME: &'static str = "MQTT uplink";
+
+    async fn send(&mut self, frame: &Frame) -> Result<(), EndCause> {
+        encode_message(self.session_id, frame, &mut self.buf).map_err(|e| EndCause::Broken(e.into()))?;
+        // A full queue is a link in trouble: the frame is lost like on a broken link, and the
+        // session's timeouts send it again.
+        if self.client.try_publish(self.up.as_str(), QoS::AtLeastOnce, false, self.buf.as_slice()).is_err() {
+            tracing::debug!(frame = frame.name(), "MQTT request queue full: frame dropped");
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Frame, EndCause> {
+        loop {
+            if let Some(next) = self.next(true).await {
+                return next;
+            }
+        }
+    }
+
+    fn welcomed(&mut self) {
+        self.handle.connected.store(true, Ordering::Relaxed);
+    }
+
+    async fn close(&mut self) {
+        self.handle.connected.store(false, Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.client.disconnect()).await;
+    }
 }
 
 /// Aborts the task when dropped.

@@ -1,5 +1,6 @@
-//! QUIC transport of the uplink: connect with mutual TLS, run the [`AgentSession`] over one
-//! bidirectional stream, reconnect with capped exponential backoff.
+//! QUIC transport of the uplink: connect with mutual TLS, run the uplink session (the
+//! driver of `driver.rs`) over one bidirectional stream per connection, reconnect with capped
+//! exponential backoff.
 //!
 //! Snapshots go beside it: once the session is welcomed, a task of the connection uploads the
 //! outbox's pending snapshots, each on a unidirectional stream of its own with a lower priority
@@ -7,21 +8,19 @@
 //! ([`SnapshotWindow`] decides). The control loop never waits for it: it only forwards the
 //! aggregator's `SnapshotStored` confirmations, and the task deletes the confirmed snapshots.
 
-use crate::unix_ms;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use its_shared::DeviceHealth;
-use its_shared::session::{
-    AgentEvent, AgentSession, AgentSessionConfig, Backoff, SnapshotWindow, SnapshotWindowConfig,
-};
+use its_shared::session::{AgentSessionConfig, Backoff, SnapshotWindow, SnapshotWindowConfig};
 use its_shared::wire::{self, Frame, FrameDecoder, Hello};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::driver::{EndCause, SessionLink, UplinkDriver, now_std};
+pub use super::driver::{HealthFn, UplinkHandle};
 use super::tls::{DeviceBundle, client_config};
 use crate::buffer::Outbox;
 
@@ -47,6 +46,24 @@ pub struct UplinkConfig {
     pub cameras: Vec<String>,
 }
 
+impl UplinkConfig {
+    /// The Hello of this agent (the transports fill in the sequence numbers at each session).
+    pub(super) fn hello(&self) -> Hello {
+        Hello {
+            agent_version: self.agent_version.clone(),
+            model: self.model.clone(),
+            cameras: self.cameras.clone(),
+            last_acked_seq: 0,
+            last_assigned_seq: 0,
+        }
+    }
+
+    /// The driver of this uplink's session.
+    pub(super) fn driver(&self, outbox: Arc<Outbox>, handle: Arc<UplinkHandle>, health: HealthFn) -> UplinkDriver {
+        UplinkDriver::new(self.session.clone(), self.hello(), outbox, handle, health)
+    }
+}
+
 /// Priority of the control stream (quinn's default); snapshot streams get a lower one.
 const CONTROL_PRIORITY: i32 = 0;
 /// Priority of snapshot streams: their bytes go out only when the control stream has none queued.
@@ -56,34 +73,6 @@ const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 /// Confirmations the control loop may queue for the snapshot task (it never waits on it: a
 /// confirmation that finds the queue full is dropped, and the snapshot is uploaded again later).
 const STORED_QUEUE: usize = 256;
-
-/// State the uplink shares with the rest of the agent.
-#[derive(Debug, Default)]
-pub struct UplinkHandle {
-    /// Wakes the uplink when the outbox has new rows (producers call `notify_one`).
-    pub appended: Notify,
-    /// Wakes the snapshot uploader when the outbox has new snapshots: producers that append
-    /// snapshots call `notify_one` on it as well as on `appended`.
-    pub snapshots_appended: Notify,
-    pub connected: AtomicBool,
-    /// Connections that ended (for any reason) since start.
-    pub reconnects: AtomicU64,
-    /// Highest acknowledged sequence number.
-    pub acked: AtomicU64,
-    pub resends: AtomicU64,
-    /// Snapshots the aggregator confirmed and the outbox deleted, since start.
-    pub snapshots_stored: AtomicU64,
-    /// Snapshot uploads started (streams opened), since start; more than `snapshots_stored`
-    /// when uploads are repeated after a reconnect or a timeout.
-    pub snapshot_uploads: AtomicU64,
-}
-
-/// Produces the health report sent in heartbeats.
-pub type HealthFn = Arc<dyn Fn() -> DeviceHealth + Send + Sync>;
-
-fn now_std() -> std::time::Instant {
-    Instant::now().into_std()
-}
 
 /// Runs until `shutdown` turns true. Never returns an error for network trouble: it reconnects.
 pub async fn run_uplink(
@@ -101,21 +90,17 @@ pub async fn run_uplink(
     transport.max_idle_timeout(Some(cfg.idle_timeout.try_into().map_err(|e| anyhow!("idle timeout: {e}"))?));
     client.transport_config(Arc::new(transport));
 
-    let acked = outbox.stats().acked;
-    let mut session = AgentSession::new(cfg.session.clone(), acked);
+    let mut driver = cfg.driver(outbox.clone(), handle.clone(), health);
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap, if cfg.jitter { 0.5 } else { 0.0 });
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let outcome = connect_and_drive(&cfg, &client, &mut session, &outbox, &handle, &health, &mut shutdown).await;
-        handle.connected.store(false, Ordering::Relaxed);
-        session.handle_disconnected();
-        handle.resends.store(session.stats().resends, Ordering::Relaxed);
+        // The driver has done the session's bookkeeping (counters, `connected`) when this returns.
+        let outcome = connect_and_drive(&cfg, &client, &mut driver, &outbox, &handle, &mut shutdown).await;
         match outcome {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Welcomed(reason)) => {
-                handle.reconnects.fetch_add(1, Ordering::Relaxed);
                 backoff.reset();
                 tracing::warn!(reason = %reason, "uplink connection ended");
             }
@@ -140,10 +125,9 @@ enum Ended {
 async fn connect_and_drive(
     cfg: &UplinkConfig,
     client: &quinn::ClientConfig,
-    session: &mut AgentSession,
+    driver: &mut UplinkDriver,
     outbox: &Arc<Outbox>,
     handle: &Arc<UplinkHandle>,
-    health: &HealthFn,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Ended> {
     let addr: SocketAddr = tokio::net::lookup_host(&cfg.aggregator)
@@ -159,32 +143,76 @@ async fn connect_and_drive(
         .context("starting the QUIC handshake")?
         .await
         .with_context(|| format!("connecting to {addr}"))?;
-    let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+    let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
     send.set_priority(CONTROL_PRIORITY).context("setting the control stream's priority")?;
     handle.connected.store(true, Ordering::Relaxed);
     tracing::info!(%addr, "uplink connected");
 
-    let (tx, mut rx) = mpsc::channel::<Result<Frame, String>>(64);
+    let (tx, rx) = mpsc::channel::<Result<Frame, String>>(64);
     let reader = tokio::spawn(read_frames(recv, tx));
-    let mut snapshots = SnapshotTask { conn: conn.clone(), outbox: outbox.clone(), handle: handle.clone(), task: None };
-    let result = drive(cfg, session, &mut send, &mut rx, &mut snapshots, outbox, handle, health, shutdown).await;
+    let snapshots = SnapshotTask { conn: conn.clone(), outbox: outbox.clone(), handle: handle.clone(), task: None };
+    let mut link = ControlStream { send, frames: rx, snapshots, buf: Vec::with_capacity(256 * 1024) };
+    let end = driver.run_session(&mut link, shutdown).await;
     reader.abort();
-    if let Some((task, _)) = snapshots.task.take() {
+    if let Some((task, _)) = link.snapshots.task.take() {
         task.abort();
     }
-    let reason = match &result {
-        Ok(()) => "shutdown".to_string(),
-        Err(e) => format!("{e:#}"),
+    let error = match end.cause {
+        EndCause::Shutdown => None,
+        EndCause::Failed(e) | EndCause::Broken(e) => Some(e),
+        EndCause::Lost(reason) => Some(anyhow!(reason)),
+    };
+    let reason = match &error {
+        None => "shutdown".to_string(),
+        Some(e) => format!("{e:#}"),
     };
     conn.close(0u32.into(), reason.as_bytes());
     // Give the close frame a moment to leave; never block shutdown on it.
     let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
-    // Still streaming (not yet told of the disconnect) means the aggregator had welcomed us.
-    let welcomed = session.is_streaming();
-    match result {
-        Ok(()) => Ok(Ended::Shutdown),
-        Err(e) if welcomed => Ok(Ended::Welcomed(format!("{e:#}"))),
-        Err(e) => Err(e),
+    match error {
+        None => Ok(Ended::Shutdown),
+        Some(_) if end.welcomed => Ok(Ended::Welcomed(reason)),
+        Some(e) => Err(e),
+    }
+}
+
+/// The QUIC side of one uplink session: the control stream, and the connection's snapshot
+/// uploader beside it.
+struct ControlStream {
+    send: quinn::SendStream,
+    /// Frames from the control stream's reader task, or why it stopped.
+    frames: mpsc::Receiver<Result<Frame, String>>,
+    snapshots: SnapshotTask,
+    buf: Vec<u8>,
+}
+
+impl SessionLink for ControlStream {
+    const NAME: &'static str = "uplink";
+
+    async fn send(&mut self, frame: &Frame) -> Result<(), EndCause> {
+        self.buf.clear();
+        wire::encode_into(frame, &mut self.buf).map_err(|e| EndCause::Broken(e.into()))?;
+        self.send.write_all(&self.buf).await.context("writing to the aggregator").map_err(EndCause::Failed)
+    }
+
+    async fn recv(&mut self) -> Result<Frame, EndCause> {
+        match self.frames.recv().await {
+            Some(Ok(f)) => Ok(f),
+            Some(Err(e)) => Err(EndCause::Lost(e)),
+            None => Err(EndCause::Lost("reader stopped".into())),
+        }
+    }
+
+    fn welcomed(&mut self) {
+        self.snapshots.start();
+    }
+
+    fn snapshot_stored(&mut self, seq: u64) {
+        self.snapshots.stored(seq);
+    }
+
+    async fn close(&mut self) {
+        let _ = self.send.finish();
     }
 }
 
@@ -333,90 +361,4 @@ async fn write_snapshot(conn: &quinn::Connection, upload: wire::SnapshotUpload) 
     stream.write_all(&bytes).await.with_context(|| format!("writing snapshot {seq}"))?;
     stream.finish().with_context(|| format!("finishing snapshot {seq}"))?;
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    cfg: &UplinkConfig,
-    session: &mut AgentSession,
-    send: &mut quinn::SendStream,
-    rx: &mut mpsc::Receiver<Result<Frame, String>>,
-    snapshots: &mut SnapshotTask,
-    outbox: &Arc<Outbox>,
-    handle: &UplinkHandle,
-    health: &HealthFn,
-    shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let stats = outbox.stats();
-    session.handle_connected(
-        now_std(),
-        Hello {
-            agent_version: cfg.agent_version.clone(),
-            model: cfg.model.clone(),
-            cameras: cfg.cameras.clone(),
-            last_acked_seq: stats.acked,
-            last_assigned_seq: stats.produced_total,
-        },
-    );
-    let mut welcomed = false;
-    let mut buf = Vec::with_capacity(256 * 1024);
-    loop {
-        while let Some(frame) = session.poll_transmit() {
-            buf.clear();
-            wire::encode_into(&frame, &mut buf)?;
-            send.write_all(&buf).await.context("writing to the aggregator")?;
-        }
-        while let Some(ev) = session.poll_event() {
-            match ev {
-                AgentEvent::Acked(up_to) => {
-                    let ob = outbox.clone();
-                    let outcome = tokio::task::spawn_blocking(move || ob.ack(up_to)).await??;
-                    if outcome.renumbered > 0 {
-                        tracing::warn!(
-                            aggregator_has = up_to,
-                            renumbered = outcome.renumbered,
-                            "the aggregator holds more events than this outbox ever assigned (outbox reset?): renumbered pending events after it"
-                        );
-                    }
-                    handle.acked.store(up_to, Ordering::Relaxed);
-                }
-                AgentEvent::HeartbeatDue => session.send_heartbeat(now_std(), unix_ms(), health()),
-                AgentEvent::LinkDead => return Err(anyhow!("no acknowledgement through repeated resends")),
-                AgentEvent::Refused(reason) => return Err(anyhow!("aggregator refused the session: {reason}")),
-                AgentEvent::SnapshotStored(seq) => snapshots.stored(seq),
-            }
-        }
-        if !welcomed && session.is_streaming() {
-            welcomed = true;
-            outbox.welcome(session.acked());
-            tracing::info!(acked = session.acked(), "uplink session ready");
-            // After the welcome's ack was applied: a renumbering has moved the snapshots too.
-            snapshots.start();
-        }
-        if let Some(req) = session.poll_batch_request() {
-            let ob = outbox.clone();
-            // Reading for send puts the rows in "limbo" atomically with the read: from now on
-            // they may be stored without us hearing about it, so eviction must not touch them.
-            let events = tokio::task::spawn_blocking(move || ob.read_for_send(req.after, req.max_events)).await??;
-            session.handle_batch_loaded(now_std(), req, events);
-            continue;
-        }
-        handle.resends.store(session.stats().resends, Ordering::Relaxed);
-        let deadline = session.poll_timeout().map(Instant::from_std);
-        tokio::select! {
-            frame = rx.recv() => match frame {
-                Some(Ok(f)) => session.handle_frame(f),
-                Some(Err(e)) => return Err(anyhow!(e)),
-                None => return Err(anyhow!("reader stopped")),
-            },
-            _ = handle.appended.notified() => session.handle_outbox_appended(),
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                session.handle_timeout(now_std());
-            }
-            _ = shutdown.changed() => {
-                let _ = send.finish();
-                return Ok(());
-            }
-        }
-    }
 }

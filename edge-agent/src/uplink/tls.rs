@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use its_hostio::tls::{TlsFileError, pem_certificates};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -37,15 +38,13 @@ impl DeviceBundle {
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |message: String| TlsError::File { path: path.to_path_buf(), message };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no certificate in file".into()));
-    }
-    Ok(certs)
+    pem_certificates(path).map_err(|e| match e {
+        TlsFileError::Read { source, .. } => TlsError::File { path: path.to_path_buf(), message: source.to_string() },
+        TlsFileError::Empty { .. } => {
+            TlsError::File { path: path.to_path_buf(), message: "no certificate in file".into() }
+        }
+        other => TlsError::Config(other.to_string()),
+    })
 }
 
 /// The client configuration: trusts only the fleet CA, presents the device certificate.

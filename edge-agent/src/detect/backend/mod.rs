@@ -5,6 +5,9 @@
 //! | [`BackendKind::Tract`] | `tract` (default) | any CPU | nothing |
 //! | [`BackendKind::OnnxRuntime`] | `onnxruntime` | CPU | `libonnxruntime.so` >= 1.17 |
 //! | [`BackendKind::TensorRt`] | `tensorrt` | NVIDIA GPU / Jetson | onnxruntime-gpu with the TensorRT EP |
+//!
+//! May depend on: `detect`'s [`manifest`](crate::detect::manifest) and
+//! [`preprocess`](crate::detect::preprocess); nothing outside `detect`.
 
 #[cfg(feature = "onnxruntime")]
 pub mod ort;
