@@ -26,18 +26,14 @@ use its_aggregator::auth::tokens::AUDIENCE_ACCESS;
 use its_aggregator::auth::{
     AccessClaims, AuthConfig, AuthService, Permission, PermissionSet, Principal, Role, Subject,
 };
-use its_aggregator::config::ServerConfig;
-use its_aggregator::ingest::IngestConfig;
-use its_aggregator::pki::Pki;
-use its_aggregator::server::Server;
-use its_aggregator::store::{Db, EventQuery, EventStore, Pools, Scope, open_store};
+use its_aggregator::store::{Db, EventQuery, EventStore, Scope, open_store};
 use its_shared::EventEnvelope;
 use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef, Phase, TrackPhase};
 use its_shared::wire::Hello;
+use its_testkit::server::TestServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::watch;
 
 const DEVICES: usize = 20;
 const CAMERAS: usize = 4;
@@ -226,10 +222,31 @@ async fn seed(store: &dyn EventStore, events: usize) -> anyhow::Result<Duration>
     Ok(t.elapsed())
 }
 
-async fn count_events(db: &Db) -> anyhow::Result<i64> {
-    Ok(match &db.pools {
-        Pools::Sqlite { reader, .. } => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(reader).await?,
-        Pools::Postgres(p) => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(p).await?,
+/// The peer: the database reached with plain sqlx, beside the aggregator's store.
+#[derive(Clone)]
+enum RawDb {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl RawDb {
+    fn is_postgres(&self) -> bool {
+        matches!(self, RawDb::Postgres(_))
+    }
+
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        Ok(if url.starts_with("sqlite:") {
+            RawDb::Sqlite(sqlx::SqlitePool::connect(url).await?)
+        } else {
+            RawDb::Postgres(sqlx::PgPool::connect(url).await?)
+        })
+    }
+}
+
+async fn count_events(db: &RawDb) -> anyhow::Result<i64> {
+    Ok(match db {
+        RawDb::Sqlite(reader) => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(reader).await?,
+        RawDb::Postgres(p) => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(p).await?,
     })
 }
 
@@ -244,7 +261,8 @@ struct SeedMeta {
 /// events. Returns the seeding time and whether it was this run's.
 async fn ensure_seeded(url: &str, meta_path: &Path, events: usize) -> anyhow::Result<(f64, bool)> {
     let store = open_store(url, its_aggregator::vault::Vault::ephemeral()).await?;
-    let n = count_events(&store.db()).await?;
+    let raw = RawDb::connect(url).await?;
+    let n = count_events(&raw).await?;
     let meta: Option<SeedMeta> = std::fs::read(meta_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(m) = meta
         && n == events as i64
@@ -255,9 +273,9 @@ async fn ensure_seeded(url: &str, meta_path: &Path, events: usize) -> anyhow::Re
     anyhow::ensure!(n == 0, "{url} holds {n} events, not {events}: remove it (or drop it) and run again");
     eprintln!("seeding {events} events into {} ...", its_aggregator::server::redact(url));
     let took = seed(store.as_ref(), events).await?;
-    if let Some(p) = store.db().postgres().cloned() {
+    if let RawDb::Postgres(p) = &raw {
         // What autovacuum would have done by the time a day of events is queried.
-        sqlx::query("ANALYZE events").execute(&p).await?;
+        sqlx::query("ANALYZE events").execute(p).await?;
     }
     let meta = SeedMeta { events, seed_s: took.as_secs_f64(), seeded_at_ms: its_aggregator::unix_ms() };
     std::fs::write(meta_path, serde_json::to_vec(&meta)?)?;
@@ -436,7 +454,7 @@ fn raw_sql(q: &EventQuery, postgres: bool) -> anyhow::Result<(String, Vec<Val>)>
 type Row = (i64, String, i64, String, String, Option<String>, i64, i64, String, i64);
 
 /// Runs the SQL and returns the rows (as `query_events` reads them, without decoding payloads).
-async fn run_raw(db: &Db, sql: &'static str, binds: &[Val]) -> anyhow::Result<usize> {
+async fn run_raw(db: &RawDb, sql: &'static str, binds: &[Val]) -> anyhow::Result<usize> {
     macro_rules! bound {
         ($q:expr) => {{
             let mut q = $q;
@@ -450,13 +468,13 @@ async fn run_raw(db: &Db, sql: &'static str, binds: &[Val]) -> anyhow::Result<us
             q
         }};
     }
-    Ok(match &db.pools {
-        Pools::Sqlite { reader, .. } => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(reader).await?.len(),
-        Pools::Postgres(p) => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(p).await?.len(),
+    Ok(match db {
+        RawDb::Sqlite(reader) => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(reader).await?.len(),
+        RawDb::Postgres(p) => bound!(sqlx::query_as::<_, Row>(sql)).fetch_all(p).await?.len(),
     })
 }
 
-async fn plan(db: &Db, sql: &str, binds: &[Val]) -> anyhow::Result<Vec<String>> {
+async fn plan(db: &RawDb, sql: &str, binds: &[Val]) -> anyhow::Result<Vec<String>> {
     macro_rules! bound {
         ($q:expr) => {{
             let mut q = $q;
@@ -470,13 +488,13 @@ async fn plan(db: &Db, sql: &str, binds: &[Val]) -> anyhow::Result<Vec<String>> 
             q
         }};
     }
-    Ok(match &db.pools {
-        Pools::Sqlite { reader, .. } => {
+    Ok(match db {
+        RawDb::Sqlite(reader) => {
             let q =
                 sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")));
             bound!(q).fetch_all(reader).await?.into_iter().map(|r| r.3).collect()
         }
-        Pools::Postgres(p) => {
+        RawDb::Postgres(p) => {
             let q = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
             bound!(q).fetch_all(p).await?.into_iter().map(|r| r.0).collect()
         }
@@ -576,35 +594,6 @@ impl Ticks {
     }
 }
 
-/// Waits until the database has finished the queries of requests wrk abandoned at the end of
-/// its run (the server drops them, but a running statement still runs to its end), so that
-/// they do not load the next measurement.
-async fn settle(db: &Db) -> anyhow::Result<()> {
-    match &db.pools {
-        Pools::Sqlite { reader, .. } => {
-            let mut held = Vec::new();
-            for _ in 0..reader.options().get_max_connections() {
-                let mut c = reader.acquire().await?;
-                sqlx::query("SELECT 1").execute(&mut *c).await?;
-                held.push(c);
-            }
-        }
-        Pools::Postgres(p) => loop {
-            let busy: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND state = 'active' AND pid <> pg_backend_pid()",
-            )
-            .fetch_one(p)
-            .await?;
-            if busy == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        },
-    }
-    Ok(())
-}
-
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -699,7 +688,15 @@ fn wrk_bytes(s: &str) -> Option<f64> {
 
 /// Runs wrk and reads requests/s, p50, p99, the mean latency, the bytes per response and the
 /// failed requests (non-2xx answers, socket errors), then waits for the database to settle.
-async fn wrk(url: &str, header: &str, threads: usize, conns: usize, secs: u64, db: &Db) -> anyhow::Result<WrkStats> {
+async fn wrk(
+    url: &str,
+    header: &str,
+    threads: usize,
+    conns: usize,
+    secs: u64,
+    db: &RawDb,
+    store: &Db,
+) -> anyhow::Result<WrkStats> {
     let before = ticks(db.is_postgres());
     let out = tokio::process::Command::new("wrk")
         .args(["-t", &threads.to_string(), "-c", &conns.to_string(), "-d", &format!("{secs}s")])
@@ -742,7 +739,9 @@ async fn wrk(url: &str, header: &str, threads: usize, conns: usize, secs: u64, d
         eprintln!("  wrk saw {} failed requests:\n{text}", w.s.errors);
     }
     w.s.cpu = before.per_request(ticks(db.is_postgres()), w.s.requests);
-    settle(db).await?;
+    // The queries of requests wrk abandoned at the end of its run still run to their end: let
+    // them finish before the next measurement.
+    store.wait_idle().await?;
     Ok(w)
 }
 
@@ -779,35 +778,16 @@ struct Measured {
     json_us: f64,
 }
 
-async fn start_server(
-    url: &str,
-    root: &Path,
-    metrics: PrometheusHandle,
-) -> anyhow::Result<(Server, watch::Sender<bool>)> {
-    let pki = Pki::new(root.join("pki"));
-    pki.init(&[])?;
-    let cfg = ServerConfig {
-        database_url: url.to_string(),
-        pki_dir: root.join("pki"),
-        ingest: IngestConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            idle_timeout: Duration::from_secs(10),
-            ..IngestConfig::default()
-        },
-        http_listen: ([127, 0, 0, 1], 0).into(),
-        http_tls: None,
-        http_trusted_proxies: Vec::new(),
-        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
-        // The seeded day is in the past: nothing may be deleted under the benchmark.
-        retention: its_aggregator::store::RetentionPolicy::off(),
+/// The server on the seeded database `url`, in a temporary directory; retention is off (the
+/// test server's default: the seeded day is in the past, nothing may be deleted under the
+/// benchmark).
+async fn start_server(url: &str, metrics: PrometheusHandle) -> anyhow::Result<TestServer> {
+    TestServer::start_with_metrics(metrics, |_, cfg| {
+        cfg.database_url = url.to_string();
         // Long enough for the whole run (the default is 10 minutes).
-        auth: AuthConfig { access_ttl: Duration::from_secs(3600), ..AuthConfig::default() },
-        ..ServerConfig::default()
-    }
-    .with_mqtt_off();
-    let (stop, rx) = watch::channel(false);
-    let server = Server::start(&cfg, metrics, None, rx).await?;
-    Ok((server, stop))
+        cfg.auth = AuthConfig { access_ttl: Duration::from_secs(3600), ..AuthConfig::default() };
+    })
+    .await
 }
 
 async fn bench_backend(o: &Opts, backend: &str, url: &str, metrics: PrometheusHandle) -> anyhow::Result<()> {
@@ -819,14 +799,13 @@ async fn bench_backend(o: &Opts, backend: &str, url: &str, metrics: PrometheusHa
         if fresh { "now" } else { "by an earlier run" },
         o.events as f64 / seed_s
     );
-    let tmp = tempfile::tempdir()?;
-    let (server, stop) = start_server(url, tmp.path(), metrics).await?;
+    let TestServer { dir: _tmp, server, stop, .. } = start_server(url, metrics).await?;
     let addr = server.addrs.http;
     let store = server.store.clone();
-    let db = store.db();
+    let db = RawDb::connect(url).await?;
 
     // A user (analyst: events:read) and an API key with events:read only.
-    let auth = AuthService::open(db.clone(), AuthConfig::default()).await?;
+    let auth = AuthService::open(store.db(), AuthConfig::default()).await?;
     let user_id = match auth.store.user_by_name(USER).await? {
         Some(u) => u.user_id,
         None => auth.create_user(USER, PASSWORD, Role::Analyst, &Scope::All).await?,
@@ -898,13 +877,13 @@ async fn bench_backend(o: &Opts, backend: &str, url: &str, metrics: PrometheusHa
 
         let dur = Duration::from_secs(o.duration);
         let pg = backend == "postgres";
-        let api = wrk(&url_q, &bearer, 2, o.connections, o.duration, &db).await?;
+        let api = wrk(&url_q, &bearer, 2, o.connections, o.duration, &db, &store.db()).await?;
         eprintln!(
             "  API (JWT), {} conns: {:.0} req/s, p99 {:.2} ms (other processes: {:.2} cores)",
             o.connections, api.s.rps, api.s.p99_ms, api.s.cpu.other_cores
         );
         let api_key = if case.id == "camera-kind-time" {
-            let k = wrk(&url_q, &key_header, 2, o.connections, o.duration, &db).await?;
+            let k = wrk(&url_q, &key_header, 2, o.connections, o.duration, &db, &store.db()).await?;
             eprintln!("  API (API key): {:.0} req/s, p99 {:.2} ms", k.s.rps, k.s.p99_ms);
             Some(k)
         } else {
@@ -936,7 +915,7 @@ async fn bench_backend(o: &Opts, backend: &str, url: &str, metrics: PrometheusHa
         );
         // One at a time; slow queries get the long duration, for more than a handful of samples.
         let c1 = if api.s.p50_ms > 100.0 { o.duration } else { o.c1_duration };
-        let api1 = wrk(&url_q, &bearer, 1, 1, c1, &db).await?;
+        let api1 = wrk(&url_q, &bearer, 1, 1, c1, &db, &store.db()).await?;
         let store1 = closed_loop(1, Duration::from_secs(c1), pg, f_store).await?;
         let sql1 = closed_loop(1, Duration::from_secs(c1), pg, f_sql).await?;
         eprintln!(

@@ -2,8 +2,14 @@
 //! the delivery worker on a bus of the test's own) against real peers: an HTTP server of the test
 //! that checks the webhook signature with its own HMAC code, the machine's Mosquitto, and
 //! aiosmtpd (`scripts/setup-test-peers`). Storage on both backends.
+//!
+//! Time: the engine and the worker take "now" from the clock the test gives them. Tests of what
+//! happens after a while (escalation, devices offline) give a `ManualClock` and move it; the
+//! escalation test also runs periodic checks itself (`Engine::check`) to count them. Nothing
+//! sleeps for a guessed time: waits are for a condition (an alert listed, a webhook received),
+//! bounded by a deadline.
 
-mod common;
+use its_testkit::server as common;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -15,9 +21,11 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use its_aggregator::alerts::AlertsConfig;
+use its_aggregator::alerts::engine::Engine;
 use its_aggregator::alerts::targets::TargetPolicy;
 use its_aggregator::auth::{AuthConfig, LoginOutcome, Role};
 use its_aggregator::bus::{BusMessage, CommittedEvents, EventBus};
+use its_aggregator::clock::{Clock as _, ManualClock, SharedClock, SystemClock};
 use its_aggregator::store::{CameraRef, EventStore, Scope};
 use its_shared::event::{CameraHealth, ObjectRef};
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
@@ -66,10 +74,16 @@ struct App {
     auth: Arc<its_aggregator::auth::AuthService>,
     shutdown: watch::Sender<bool>,
     engine: Option<tokio::task::JoinHandle<()>>,
+    /// Where the engine and the delivery worker take "now".
+    clock: SharedClock,
 }
 
 impl App {
     async fn new(store: Arc<dyn EventStore>) -> Self {
+        Self::with_clock(store, SystemClock::shared()).await
+    }
+
+    async fn with_clock(store: Arc<dyn EventStore>, clock: SharedClock) -> Self {
         let snapshots = its_aggregator::snapshots::SnapshotObjects::with_store(
             Arc::new(object_store::memory::InMemory::new()),
             "memory",
@@ -83,7 +97,7 @@ impl App {
         let auth = Arc::clone(&state.auth);
         let router = its_aggregator::http::router(state);
         let (shutdown, _) = watch::channel(false);
-        let mut app = Self { router, token, bus, store, auth, shutdown, engine: None };
+        let mut app = Self { router, token, bus, store, auth, shutdown, engine: None, clock };
         app.start_engine();
         app
     }
@@ -94,9 +108,22 @@ impl App {
             self.store.db(),
             self.bus.clone(),
             test_config(),
+            Arc::clone(&self.clock),
             self.shutdown.subscribe(),
         );
         self.engine = Some(tokio::spawn(service));
+    }
+
+    /// An engine of the test's own on the same database, bus and clock (as another replica's):
+    /// the test runs its periodic check ([`Engine::check`]) when it wants, at the clock's time.
+    fn checker(&self) -> Engine {
+        Engine::new(
+            self.store.db(),
+            self.bus.clone(),
+            test_config(),
+            Arc::clone(&self.clock),
+            Arc::new(tokio::sync::Notify::new()),
+        )
     }
 
     async fn stop_engine(&mut self) {
@@ -263,6 +290,8 @@ struct Hook {
     addr: SocketAddr,
     status: Arc<AtomicU16>,
     got: Arc<Mutex<VecDeque<Received>>>,
+    /// Told when a request arrives.
+    arrived: Arc<tokio::sync::Notify>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -270,17 +299,19 @@ impl Hook {
     async fn start() -> Self {
         let status = Arc::new(AtomicU16::new(200));
         let got: Arc<Mutex<VecDeque<Received>>> = Arc::default();
-        let (s, g) = (Arc::clone(&status), Arc::clone(&got));
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (s, g, a) = (Arc::clone(&status), Arc::clone(&got), Arc::clone(&arrived));
         let app = Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let (s, g) = (Arc::clone(&s), Arc::clone(&g));
+                let (s, g, a) = (Arc::clone(&s), Arc::clone(&g), Arc::clone(&a));
                 async move {
                     g.lock().expect("lock").push_back(Received {
                         headers,
                         body: body.to_vec(),
                         at_ms: its_aggregator::unix_ms(),
                     });
+                    a.notify_one();
                     StatusCode::from_u16(s.load(Ordering::SeqCst)).expect("status")
                 }
             }),
@@ -290,7 +321,7 @@ impl Hook {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, status, got, _task: task }
+        Self { addr, status, got, arrived, _task: task }
     }
 
     fn url(&self) -> String {
@@ -301,14 +332,18 @@ impl Hook {
         self.got.lock().expect("lock").len()
     }
 
+    /// The next request received, waiting for it up to 10 s.
     async fn next(&self) -> Received {
-        for _ in 0..400 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
             if let Some(r) = self.got.lock().expect("lock").pop_front() {
                 return r;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            // A request that arrives after the look above leaves a permit: no wake-up is lost.
+            if tokio::time::timeout_at(deadline, self.arrived.notified()).await.is_err() {
+                panic!("no webhook arrived at {}", self.url());
+            }
         }
-        panic!("no webhook arrived at {}", self.url());
     }
 }
 
@@ -537,7 +572,10 @@ async fn suppression_opens_nothing_and_counts(store: Arc<dyn EventStore>) {
 }
 
 async fn escalation_notifies_once(store: Arc<dyn EventStore>) {
-    let app = App::new(store).await;
+    // Time stands still unless the test moves it: nothing is due until it does.
+    let clock = ManualClock::at_system_time();
+    let app = App::with_clock(store, clock.shared()).await;
+    let mut checker = app.checker();
     let (first, pager) = (Hook::start().await, Hook::start().await);
     let ch = app.channel(webhook("first", &first, "k1")).await;
     let esc = app.channel(webhook("pager", &pager, "k2")).await;
@@ -553,19 +591,26 @@ async fn escalation_notifies_once(store: Arc<dyn EventStore>) {
     let acked = alerts.iter().find(|a| a["camera"] == "cam-2").expect("cam-2")["alert_id"].as_i64().expect("id");
     let open = alerts.iter().find(|a| a["camera"] == "cam-1").expect("cam-1")["alert_id"].as_i64().expect("id");
     assert_eq!(app.post(&format!("/api/v1/alerts/{acked}/ack"), json!({})).await.0, StatusCode::OK);
+    clock.advance(Duration::from_secs(3));
+    checker.check(clock.now_ms()).await.expect("check");
     let got = pager.next().await;
     assert!(got.signature_ok("k2"));
     assert_eq!(got.json()["event"], "alert.escalated");
     assert_eq!(got.json()["alert"]["alert_id"], open);
     // Several more checks pass: still once.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(pager.count(), 0, "escalated once");
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(60));
+        checker.check(clock.now_ms()).await.expect("check");
+    }
     let a = app.get(&format!("/api/v1/alerts/{open}")).await;
     assert!(a["escalated_at_ms"].as_i64().is_some());
     assert_eq!(app.get(&format!("/api/v1/alerts/{acked}")).await["escalated_at_ms"], Value::Null);
+    // Every delivery queued by then is attempted before the pager is counted.
     let d = app.wait_delivery_state(open, "delivered").await;
     let reasons: Vec<&str> = d.iter().map(|d| d["reason"].as_str().expect("reason")).collect();
     assert_eq!(reasons, ["opened", "escalated"]);
+    app.wait_delivery_state(acked, "delivered").await;
+    assert_eq!(pager.count(), 0, "escalated once");
     assert_eq!(first.count(), 2, "both alerts were notified when opened");
 }
 
@@ -611,7 +656,8 @@ async fn retries_then_dead_letter_then_retry(store: Arc<dyn EventStore>) {
 }
 
 async fn device_conditions_open_and_resolve(store: Arc<dyn EventStore>) {
-    let app = App::new(Arc::clone(&store)).await;
+    let clock = ManualClock::at_system_time();
+    let app = App::with_clock(Arc::clone(&store), clock.shared()).await;
     let down =
         app.rule(json!({ "name": "down", "severity": "critical", "condition": { "type": "camera_down" } })).await;
     let fps =
@@ -669,15 +715,13 @@ async fn device_conditions_open_and_resolve(store: Arc<dyn EventStore>) {
         last_acked_seq: 0,
         last_assigned_seq: 0,
     };
-    store.record_hello("dev-old", &hello, its_aggregator::unix_ms() - 600_000).await.expect("hello");
+    store.record_hello("dev-old", &hello, clock.now_ms()).await.expect("hello");
+    // Ten minutes pass for the engine: its next periodic check finds the device silent.
+    clock.advance(Duration::from_secs(600));
     let a = app.wait_alerts(&format!("?rule={offline}&state=open"), "offline alert", |a| a.len() == 1).await;
     assert_eq!(a[0]["subject"], "device:dev-old");
-    store.record_hello("dev-old", &hello, its_aggregator::unix_ms()).await.expect("hello");
-    app.bus.publish(BusMessage::DeviceStatus {
-        device: "dev-old".into(),
-        online: true,
-        at_ms: its_aggregator::unix_ms(),
-    });
+    store.record_hello("dev-old", &hello, clock.now_ms()).await.expect("hello");
+    app.bus.publish(BusMessage::DeviceStatus { device: "dev-old".into(), online: true, at_ms: clock.now_ms() });
     let a = app
         .wait_alerts(&format!("?rule={offline}"), "offline alert resolved", |a| {
             a.len() == 1 && a[0]["state"] == "resolved"

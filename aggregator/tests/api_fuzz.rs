@@ -7,7 +7,7 @@
 //!   with the error form (never 5xx, never everything), and leaves the events table intact; on
 //!   SQLite and on the machine's PostgreSQL.
 
-mod common;
+use its_testkit::server as common;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! revocation, signing-key rotation, TOTP MFA at a controlled time, role MFA policy, the audit
 //! log, API keys and site-limited grants.
 
-mod common;
+use its_testkit::server as common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;

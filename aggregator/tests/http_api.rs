@@ -1,7 +1,7 @@
 //! The REST API, called without a socket (`tower::ServiceExt::oneshot`) over a SQLite store,
 //! authenticated as an admin (the state is built by `common::test_state`, as the binary does).
 
-mod common;
+use its_testkit::server as common;
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,12 +10,13 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use its_aggregator::auth::AuthConfig;
-use its_aggregator::http::{HTTP_REQUESTS_TOTAL, router};
+use its_aggregator::http::router;
 use its_aggregator::snapshots::SnapshotObjects;
 use its_aggregator::store::{
     Db, DeviceRecord, EventId, EventPage, EventQuery, EventStore, EventSummary, Fleet, InsertOutcome, NewSnapshot,
     SnapshotLookup, StoreError, open_store,
 };
+use its_aggregator::telemetry::http::HTTP_REQUESTS_TOTAL;
 use its_shared::event::ObjectRef;
 use its_shared::wire::{Heartbeat, Hello};
 use its_shared::{DeviceHealth, EventEnvelope, EventKind};
@@ -35,6 +36,8 @@ fn metrics_handle() -> PrometheusHandle {
 struct App {
     router: Router,
     token: String,
+    /// A database directory the app's stores use, removed with the app.
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn event(seq: u64, camera: &str, observed_at_ms: i64) -> EventEnvelope {
@@ -86,7 +89,7 @@ async fn app_with_objects() -> (App, Arc<dyn EventStore>, SnapshotObjects) {
     let objects = memory_objects();
     let (state, token) =
         common::test_state(Arc::clone(&store), objects.clone(), metrics_handle(), AuthConfig::default()).await;
-    (App { router: router(state), token }, store, objects)
+    (App { router: router(state), token, _dir: None }, store, objects)
 }
 
 async fn call(app: &App, method: &str, uri: &str) -> (StatusCode, Option<String>, Vec<u8>) {
@@ -259,7 +262,7 @@ async fn unknown_routes_and_methods() {
 #[tokio::test]
 async fn the_api_needs_a_credential() {
     let (app, _) = app().await;
-    let anonymous = App { router: app.router.clone(), token: String::new() };
+    let anonymous = App { router: app.router.clone(), token: String::new(), _dir: None };
     for uri in ["/api/v1/events", "/api/v1/devices", "/api/v1/events/dev-a:10/snapshot"] {
         let req = Request::builder().uri(uri).body(Body::empty()).expect("request");
         let resp = app.router.clone().oneshot(req).await.expect("infallible");
@@ -300,8 +303,8 @@ async fn undeclared_routes_are_refused_and_the_listed_public_ones_answer() {
             }
         }),
     );
-    let with_extra = App { router: its_aggregator::http::router_with(state, extra), token };
-    let anonymous = App { router: with_extra.router.clone(), token: String::new() };
+    let with_extra = App { router: its_aggregator::http::router_with(state, extra), token, _dir: None };
+    let anonymous = App { router: with_extra.router.clone(), token: String::new(), _dir: None };
     let request = |method: &str, uri: &str, token: Option<&str>| {
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
@@ -431,8 +434,9 @@ async fn broken_app(unreachable: bool) -> App {
     let (mut state, token) =
         common::test_state(Arc::clone(&good), memory_objects(), metrics_handle(), AuthConfig::default()).await;
     state.store = Arc::new(BrokenStore { unreachable, db: good.db() });
-    let fleet_store =
-        open_store("sqlite::memory:", its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("fleet.db").display());
+    let fleet_store = open_store(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
     let hello = Hello {
         agent_version: "1".into(),
         model: "m".into(),
@@ -441,18 +445,18 @@ async fn broken_app(unreachable: bool) -> App {
         last_assigned_seq: 0,
     };
     fleet_store.record_hello("dev-a", &hello, T0).await.expect("hello");
-    let its_aggregator::store::Pools::Sqlite { writer, reader } = fleet_store.db().pools else { panic!("sqlite") };
     if unreachable {
-        writer.close().await;
-        reader.close().await;
+        fleet_store.db().close().await;
     } else {
+        // A connection of its own: outside the store, the database is reached only through SQL.
+        let writer = sqlx::SqlitePool::connect(&url).await.expect("connect");
         sqlx::query("UPDATE devices SET last_health = '{\"secret\": \"xyz_internal' WHERE device_id = 'dev-a'")
             .execute(&writer)
             .await
             .expect("corrupt the health report");
     }
     state.fleet = Fleet::new(fleet_store.db());
-    App { router: router(state), token }
+    App { router: router(state), token, _dir: Some(dir) }
 }
 
 #[tokio::test]

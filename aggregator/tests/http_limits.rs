@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::response::sse::{Event, Sse};
 use axum::routing::get;
-use its_aggregator::config::ServerConfig;
 use its_aggregator::http::transport::{self, H2_MAX_CONCURRENT_STREAMS, Limits, TlsFiles};
-use its_aggregator::ingest::IngestConfig;
-use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
+use its_testkit::server::TestServer;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -74,37 +72,21 @@ impl Fixture {
 /// The real server on loopback with `limits`, over HTTPS with a self-signed certificate when
 /// `tls`.
 async fn start(limits: Limits, tls: bool) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().to_path_buf();
-    Pki::new(root.join("pki")).init(&[]).expect("pki init");
-    let (http_tls, cert_pem) = if tls {
-        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
-        let files = TlsFiles { cert: root.join("api.pem"), key: root.join("api.key") };
-        std::fs::write(&files.cert, c.cert.pem()).expect("write cert");
-        std::fs::write(&files.key, c.signing_key.serialize_pem()).expect("write key");
-        (Some(files), Some(c.cert.pem()))
-    } else {
-        (None, None)
-    };
-    let cfg = ServerConfig {
-        database_url: format!("sqlite://{}", root.join("events.db").display()),
-        pki_dir: root.join("pki"),
-        ingest: IngestConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            idle_timeout: Duration::from_secs(10),
-            ..IngestConfig::default()
-        },
-        http_listen: ([127, 0, 0, 1], 0).into(),
-        http_tls,
-        http_limits: limits,
-        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
-        retention: its_aggregator::store::RetentionPolicy::off(),
-        ..ServerConfig::default()
-    }
-    .with_mqtt_off();
-    let (stop, rx) = watch::channel(false);
-    let server = Server::start(&cfg, metrics(), None, rx).await.expect("server");
-    Fixture { _dir: dir, server, cert_pem, _stop: stop }
+    let mut cert_pem = None;
+    let t = TestServer::start_with_metrics(metrics(), |root, cfg| {
+        if tls {
+            let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+            let files = TlsFiles { cert: root.join("api.pem"), key: root.join("api.key") };
+            std::fs::write(&files.cert, c.cert.pem()).expect("write cert");
+            std::fs::write(&files.key, c.signing_key.serialize_pem()).expect("write key");
+            cfg.http_tls = Some(files);
+            cert_pem = Some(c.cert.pem());
+        }
+        cfg.http_limits = limits;
+    })
+    .await
+    .expect("server");
+    Fixture { _dir: t.dir, server: t.server, cert_pem, _stop: t.stop }
 }
 
 /// A TLS client trusting only `cert_pem`, offering `alpn`.

@@ -11,12 +11,10 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::HeaderMap;
 use axum::routing::get;
-use its_aggregator::config::ServerConfig;
 use its_aggregator::http::client_addr::{IpNet, client_addr};
 use its_aggregator::http::transport::{self, HANDSHAKE_TIMEOUT, ReloadingCert, TlsFiles};
-use its_aggregator::ingest::IngestConfig;
-use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
+use its_testkit::server::TestServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -55,34 +53,19 @@ struct Fixture {
 }
 
 async fn start_https() -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().to_path_buf();
-    Pki::new(root.join("pki")).init(&[]).expect("pki init");
     let (cert_pem, key_pem) = self_signed();
-    let files = TlsFiles { cert: root.join("api.pem"), key: root.join("api.key") };
-    std::fs::write(&files.cert, &cert_pem).expect("write cert");
-    std::fs::write(&files.key, &key_pem).expect("write key");
-    let cfg = ServerConfig {
-        database_url: format!("sqlite://{}", root.join("events.db").display()),
-        pki_dir: root.join("pki"),
-        ingest: IngestConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            idle_timeout: Duration::from_secs(10),
-            ..IngestConfig::default()
-        },
-        http_listen: ([127, 0, 0, 1], 0).into(),
-        http_tls: Some(files.clone()),
-        http_trusted_proxies: Vec::new(),
-        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
-        retention: its_aggregator::store::RetentionPolicy::off(),
-        auth: its_aggregator::auth::AuthConfig::default(),
-        ..ServerConfig::default()
-    }
-    .with_mqtt_off();
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let (stop, rx) = watch::channel(false);
-    let server = Server::start(&cfg, metrics, None, rx).await.expect("server");
-    Fixture { _dir: dir, files, cert_pem, server, stop }
+    let mut tls = None;
+    let t = TestServer::start_with(|root, cfg| {
+        let files = TlsFiles { cert: root.join("api.pem"), key: root.join("api.key") };
+        std::fs::write(&files.cert, &cert_pem).expect("write cert");
+        std::fs::write(&files.key, &key_pem).expect("write key");
+        cfg.http_tls = Some(files.clone());
+        tls = Some(files);
+    })
+    .await
+    .expect("server");
+    let files = tls.expect("TLS files written");
+    Fixture { _dir: t.dir, files, cert_pem, server: t.server, stop: t.stop }
 }
 
 async fn healthz(client: &reqwest::Client, http: SocketAddr) -> Result<(reqwest::Version, serde_json::Value), String> {

@@ -21,7 +21,7 @@
 
 #![cfg(feature = "kafka")]
 
-mod common;
+use its_testkit::server as common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

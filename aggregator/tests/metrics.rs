@@ -2,7 +2,7 @@
 //! analytics worker run at a controlled time, results read through `GET /api/v1/metrics` and
 //! `GET /api/v1/anomalies` as an admin (and narrowed for a viewer).
 
-mod common;
+use its_testkit::server as common;
 
 use std::sync::Arc;
 

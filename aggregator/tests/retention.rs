@@ -1,8 +1,9 @@
 //! Retention by age and by size, run against both backends (SQLite in a temporary directory, a
 //! fresh PostgreSQL database per test, as in `tests/storage.rs`), and its configuration.
 
-mod common;
+use its_testkit::server as common;
 
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use its_aggregator::config::{RawConfig, parse_byte_size};
 use its_aggregator::snapshots::SnapshotObjects;
 use its_aggregator::store::{
-    EventStore, NewSnapshot, PostgresStore, Retention, RetentionPolicy, RetentionReason, StoreError,
+    EventStore, NewSnapshot, PostgresStore, Retention, RetentionPolicy, RetentionReason, StorageSize, StoreError,
 };
 use its_shared::event::{Direction, ObjectRef};
 use its_shared::wire::Heartbeat;
@@ -88,20 +89,28 @@ fn policy(max_age_days: Option<i64>, max_total_bytes: Option<u64>, batch: usize)
     }
 }
 
-async fn health_count(store: &Arc<dyn EventStore>) -> i64 {
-    its_aggregator::on_db!(store.db().read(), pool => {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM device_health").fetch_one(pool).await
-    })
-    .expect("count health")
+/// What size retention counts in the store now (rows of each table).
+async fn counted(store: &Arc<dyn EventStore>) -> StorageSize {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = SnapshotObjects::local(dir.path()).expect("objects");
+    Retention::new(store.db(), objects, RetentionPolicy::off()).measure().await.expect("measure")
 }
 
-async fn snapshot_rows(store: &Arc<dyn EventStore>) -> Vec<(String, i64)> {
-    its_aggregator::on_db!(store.db().read(), pool => {
-        sqlx::query_as::<_, (String, i64)>("SELECT device_id, seq FROM snapshots ORDER BY device_id, seq")
-            .fetch_all(pool)
-            .await
-    })
-    .expect("snapshot rows")
+async fn health_count(store: &Arc<dyn EventStore>) -> i64 {
+    i64::try_from(counted(store).await.health_rows).expect("count")
+}
+
+/// The snapshot rows stored, as (device, seq), ascending: those of `device` for the sequence
+/// numbers in `seqs`, which must be all the rows there are.
+async fn snapshot_rows(store: &Arc<dyn EventStore>, device: &str, seqs: RangeInclusive<u64>) -> Vec<(String, i64)> {
+    let mut rows = Vec::new();
+    for seq in seqs.clone() {
+        if store.has_snapshot(device, seq).await.expect("has snapshot") {
+            rows.push((device.to_owned(), i64::try_from(seq).expect("seq")));
+        }
+    }
+    assert_eq!(counted(store).await.snapshots, rows.len() as u64, "snapshot rows besides {device} {seqs:?}");
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,7 +166,7 @@ async fn age_deletes_exactly_the_old_rows_and_their_objects(store: Arc<dyn Event
 
     assert_eq!(store.device_seqs("dev-a").await.expect("seqs"), (6..=10).collect::<Vec<u64>>());
     assert_eq!(health_count(&store).await, 5);
-    assert_eq!(snapshot_rows(&store).await, vec![("dev-a".to_owned(), 9), ("dev-a".to_owned(), 101)]);
+    assert_eq!(snapshot_rows(&store, "dev-a", 1..=101).await, vec![("dev-a".to_owned(), 9), ("dev-a".to_owned(), 101)]);
     let root = dir.path();
     for gone in ["2.jpg", "2-crop.jpg", "5.jpg", "100.jpg"] {
         assert!(!object_exists(root, "dev-a", gone), "{gone} still there");
@@ -235,7 +244,7 @@ async fn size_retention_deletes_oldest_first_until_under_the_limit(store: Arc<dy
     for s in 1..=N {
         assert_eq!(object_exists(dir.path(), "dev-a", &format!("{s}.jpg")), s > N - kept, "object {s}");
     }
-    assert_eq!(snapshot_rows(&store).await.len() as u64, kept);
+    assert_eq!(snapshot_rows(&store, "dev-a", 1..=N).await.len() as u64, kept);
     assert_eq!(retention.list_runs(5).await.expect("list"), vec![run]);
 
     // Under the limit now: the next tick deletes nothing.
@@ -342,7 +351,7 @@ async fn hypertable_keys_keep_the_ingest_idempotent() {
         let store: Arc<dyn EventStore> =
             Arc::new(PostgresStore::open(&url, its_aggregator::vault::Vault::ephemeral()).await.expect("open"));
         let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-        for sql in its_aggregator::store::retention::HYPERTABLE_EVENT_KEYS {
+        for sql in its_aggregator::store::postgres::timescale::HYPERTABLE_EVENT_KEYS {
             sqlx::query(*sql).execute(&mut conn).await.expect(sql);
         }
         let events: Vec<EventEnvelope> = (1..=10).map(|d| ev(d, T0 + d as i64 * DAY)).collect();

@@ -8,7 +8,7 @@
 //! - the audit log (which sign-in failures write) never counts against the events' storage
 //!   limit, so it can never make size retention delete events.
 
-mod common;
+use its_testkit::server as common;
 
 use std::sync::Arc;
 
@@ -132,11 +132,12 @@ async fn secrets_written_in_clear_are_sealed_at_the_next_start() {
     let uid = auth.create_user("bo", PASSWORD, Role::Viewer, &Scope::All).await.expect("user");
     drop(auth);
     // As an earlier version stored it: in clear.
-    let its_aggregator::store::Pools::Sqlite { writer, .. } = &store.db().pools else { panic!("sqlite") };
+    // A connection of its own: outside the store, the database is reached only through SQL.
+    let writer = sqlx::SqlitePool::connect(&url).await.expect("connect");
     sqlx::query("UPDATE users SET totp_secret = $1 WHERE user_id = $2")
         .bind(TOTP_SECRET)
         .bind(uid)
-        .execute(writer)
+        .execute(&writer)
         .await
         .expect("plain");
     drop(store);
@@ -151,16 +152,18 @@ async fn secrets_written_in_clear_are_sealed_at_the_next_start() {
 /// A sealed value copied to another row does not open there.
 #[tokio::test]
 async fn a_sealed_value_moved_to_another_row_does_not_open() {
-    let store = open_store("sqlite::memory:", Vault::ephemeral()).await.expect("store");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("events.db").display());
+    let store = open_store(&url, Vault::ephemeral()).await.expect("store");
     let auth = AuthService::open(store.db(), AuthConfig::default()).await.expect("auth");
     let a = auth.create_user("a1", PASSWORD, Role::Viewer, &Scope::All).await.expect("user");
     let b = auth.create_user("b1", PASSWORD, Role::Viewer, &Scope::All).await.expect("user");
     auth.store.set_pending_totp(a, TOTP_SECRET, 0).await.expect("totp");
-    let its_aggregator::store::Pools::Sqlite { writer, .. } = &store.db().pools else { panic!("sqlite") };
+    let writer = sqlx::SqlitePool::connect(&url).await.expect("connect");
     sqlx::query("UPDATE users SET totp_secret = (SELECT totp_secret FROM users WHERE user_id = $1) WHERE user_id = $2")
         .bind(a)
         .bind(b)
-        .execute(writer)
+        .execute(&writer)
         .await
         .expect("copy");
     assert!(matches!(auth.store.user_by_id(b).await, Err(StoreError::Corrupt(_))));

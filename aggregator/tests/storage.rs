@@ -2,7 +2,7 @@
 //! and PostgreSQL (a fresh database per test, created through the admin connection named by
 //! `ITS_TEST_PG_URL` and dropped afterwards).
 
-mod common;
+use its_testkit::server as common;
 
 use std::sync::Arc;
 use std::time::Instant;

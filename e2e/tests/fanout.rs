@@ -9,7 +9,7 @@
 //! - A's own stream shows each event exactly once: A drops its own messages coming back from Redis.
 //! - The stream's filters hold on the remote side too (a `camera` filter on B).
 
-mod common;
+use its_testkit::server as common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -19,7 +19,7 @@
 //! - `its-aggregator mqtt mosquitto-config` writes files a real Mosquitto accepts.
 //! - The credential table on both backends.
 
-mod common;
+use its_testkit::server as common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -4,8 +4,7 @@
 //! its embedded MQTT broker), a webhook receiver and an MQTT client (rumqttc) in this process.
 //!
 //! ```text
-//! cargo build --release --bins
-//! cargo bench -p its-aggregator --bench notify_latency -- [--rate 1000] [--duration 30] [--warmup 5]
+//! cargo bench -p its-e2e --bench notify_latency -- [--rate 1000] [--duration 30] [--warmup 5]
 //! ```
 //!
 //! The agent's synthetic source stamps each batch's `observed_at_ms` right before the outbox
@@ -115,13 +114,9 @@ impl Drop for Proc {
     }
 }
 
+/// Both programs, built (release, as this benchmark) if they are not up to date.
 fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let aggregator = PathBuf::from(env!("CARGO_BIN_EXE_its-aggregator"));
-    let agent = aggregator.with_file_name(format!("its-agent{}", std::env::consts::EXE_SUFFIX));
-    if !agent.is_file() {
-        bail!("{} missing: run `cargo build --release --bins` first", agent.display());
-    }
-    Ok((aggregator, agent))
+    Ok((its_testkit::bins::aggregator_bin(), its_testkit::bins::agent_bin()))
 }
 
 async fn wait_ready(path: &Path) -> anyhow::Result<Value> {

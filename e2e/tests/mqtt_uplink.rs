@@ -13,17 +13,20 @@
 //!   and after an aggregator restart a frame without session is refused so that the agent sends a
 //!   new `Hello`, which is welcomed with what storage holds.
 
-mod common;
+use its_testkit::server as common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Proc, agent_bin, aggregator_bin, wait_ready};
+use common::{Proc, wait_ready};
 use its_aggregator::mqtt::uplink::{decode_message, encode_message};
 use its_aggregator::pki::Pki;
 use its_aggregator::store::open_store;
+use its_e2e::fault::{
+    Scenario, aggregator, assert_lossless, drain, outbox_stats, run_plan, sleep, synthetic_agent, tail,
+};
 use its_shared::event::{EventEnvelope, EventKind, ObjectRef};
 use its_shared::wire::{self, Ack, EventBatch, Frame, Hello};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -157,26 +160,17 @@ impl Env {
     }
 
     fn start_aggregator(&self) -> Proc {
-        let ready = self.root.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let mut cmd = Command::new(aggregator_bin());
-        cmd.arg("serve")
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("ITS_AGGREGATOR__DATABASE_URL", &self.database_url)
-            .env("ITS_AGGREGATOR__PKI_DIR", self.root.join("pki"))
-            .env("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0")
-            .env("ITS_AGGREGATOR__HTTP__LISTEN", "127.0.0.1:0")
+        let mut cmd = aggregator(&self.root, &self.database_url);
+        cmd.env("ITS_AGGREGATOR__QUIC__LISTEN", "127.0.0.1:0")
             .env("ITS_AGGREGATOR__MQTT__MODE", "off")
             .env("ITS_AGGREGATOR__MQTT__UPLINK__ENABLED", "true")
             .env("ITS_AGGREGATOR__MQTT__UPLINK__BROKER", &self.broker_url)
             .env("ITS_AGGREGATOR__MQTT__UPLINK__USERNAME", AGGREGATOR_USER.0)
             .env("ITS_AGGREGATOR__MQTT__UPLINK__PASSWORD", AGGREGATOR_USER.1)
-            .env("ITS_AGGREGATOR__MQTT__UPLINK__KEEP_ALIVE_S", "2")
-            .env("RUST_LOG", "info");
+            .env("ITS_AGGREGATOR__MQTT__UPLINK__KEEP_ALIVE_S", "2");
         cmd.envs(self.aggregator_env.iter().map(|(k, v)| (k, v)));
         let p = Proc::spawn("aggregator", cmd, &self.log);
-        wait_ready(&ready, &self.log);
+        wait_ready(&self.root.join("ready.json"), &self.log);
         p
     }
 
@@ -186,30 +180,13 @@ impl Env {
 
     /// The agent with extra environment overrides (later ones win).
     fn start_agent_with(&self, extra: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("run")
-            .env("ITS_AGENT__DEVICE_BUNDLE", self.root.join("no-bundle"))
+        let mut cmd = synthetic_agent(&self.outbox(), LIMIT);
+        cmd.env("ITS_AGENT__DEVICE_BUNDLE", self.root.join("no-bundle"))
             .env("ITS_AGENT__UPLINK__TRANSPORT", "mqtt")
             .env("ITS_AGENT__UPLINK__MQTT__BROKER", &self.broker_url)
             .env("ITS_AGENT__UPLINK__MQTT__USERNAME", DEVICE)
             .env("ITS_AGENT__UPLINK__MQTT__PASSWORD", DEVICE_PASSWORD)
-            .env("ITS_AGENT__UPLINK__MQTT__KEEP_ALIVE_S", "2")
-            .env("ITS_AGENT__UPLINK__JITTER", "false")
-            .env("ITS_AGENT__UPLINK__BACKOFF_BASE_MS", "50")
-            .env("ITS_AGENT__UPLINK__BACKOFF_CAP_MS", "400")
-            .env("ITS_AGENT__UPLINK__ACK_TIMEOUT_MS", "2000")
-            .env("ITS_AGENT__UPLINK__MAX_BATCH_EVENTS", "500")
-            .env("ITS_AGENT__UPLINK__HEARTBEAT_INTERVAL_S", "1")
-            .env("ITS_AGENT__OUTBOX__PATH", self.outbox())
-            // 1 MiB is ~9,000 events here: a broker outage of a few seconds at 2,500 events/s fills it.
-            .env("ITS_AGENT__OUTBOX__MAX_BYTES", (1024 * 1024).to_string())
-            .env("ITS_AGENT__OUTBOX__RESERVE_AHEAD", "1000")
-            .env("ITS_AGENT__SYNTHETIC__ENABLED", "true")
-            .env("ITS_AGENT__SYNTHETIC__RATE_PER_S", "2500")
-            .env("ITS_AGENT__SYNTHETIC__LIMIT", LIMIT.to_string())
-            .env("ITS_AGENT__SYNTHETIC__CAMERAS", "[\"cam-a\", \"cam-b\"]")
-            .env("ITS_AGENT__HEALTH__INTERVAL_S", "2")
-            .env("RUST_LOG", "info");
+            .env("ITS_AGENT__UPLINK__MQTT__KEEP_ALIVE_S", "2");
         cmd.envs(extra.iter().copied());
         Proc::spawn("agent", cmd, &self.log)
     }
@@ -219,18 +196,33 @@ impl Env {
     }
 }
 
-fn outbox_stats(path: &Path) -> its_agent::buffer::OutboxStats {
-    its_agent::buffer::read_stats(path).expect("outbox readable")
+/// The MQTT scenario: the agent and the aggregator meet at a broker that can be killed.
+struct Mqtt<'a> {
+    env: &'a Env,
+    broker: &'a mut Mosquitto,
+    broker_kills: u32,
 }
 
-fn sleep(ms: u64) {
-    std::thread::sleep(Duration::from_millis(ms));
-}
+impl Scenario for Mqtt<'_> {
+    fn start_agent(&mut self) -> Proc {
+        self.env.start_agent()
+    }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    fn start_aggregator(&mut self) -> Proc {
+        self.env.start_aggregator()
+    }
+
+    fn step(&mut self, step: &str, ms: u64) {
+        match step {
+            "kill-broker" => {
+                self.broker.kill9();
+                self.broker_kills += 1;
+            }
+            "restart-broker" => self.broker.start(),
+            other => panic!("unknown step {other}"),
+        }
+        sleep(ms);
+    }
 }
 
 async fn run_fault_scenario(database_url: String) {
@@ -243,7 +235,6 @@ async fn run_fault_scenario(database_url: String) {
     let mut aggregator = env.start_aggregator();
     let mut agent = env.start_agent();
 
-    let (mut agent_kills, mut aggregator_kills, mut broker_kills) = (0, 0, 0);
     // Every aggregator kill comes after a run, so that it lands while batches are in flight.
     let plan: &[(&str, u64)] = &[
         ("run", 1500),
@@ -262,66 +253,21 @@ async fn run_fault_scenario(database_url: String) {
         ("kill-agent", 500),
         ("run", 1000),
     ];
-    tokio::task::block_in_place(|| {
-        for (step, ms) in plan {
-            match *step {
-                "kill-agent" => {
-                    agent.kill9();
-                    agent_kills += 1;
-                    sleep(*ms);
-                    agent = env.start_agent();
-                }
-                "kill-aggregator" => {
-                    aggregator.kill9();
-                    aggregator_kills += 1;
-                    sleep(*ms);
-                    aggregator = env.start_aggregator();
-                }
-                "kill-broker" => {
-                    broker.kill9();
-                    broker_kills += 1;
-                    sleep(*ms);
-                }
-                "restart-broker" => {
-                    broker.start();
-                    sleep(*ms);
-                }
-                _ => sleep(*ms),
-            }
-        }
+    let (kills, broker_kills) = tokio::task::block_in_place(|| {
+        let mut scenario = Mqtt { env: &env, broker: &mut broker, broker_kills: 0 };
+        let kills = run_plan(&mut scenario, plan, &mut agent, &mut aggregator);
+        let broker_kills = scenario.broker_kills;
         // Let the source reach its limit and the outbox drain.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let s = outbox_stats(&env.outbox());
-            if s.produced_total >= LIMIT && s.pending_events == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "did not drain: {s:?}\nlog tail:\n{}", tail(&log));
-            sleep(200);
-        }
-        agent.terminate();
-        // A health report committed between the check above and the stop is durable but unsent:
-        // a last run without health reports delivers it, so the outbox ends empty.
-        if outbox_stats(&env.outbox()).pending_events > 0 {
-            let mut last = env.start_agent_with(&[("ITS_AGENT__HEALTH__INTERVAL_S", "3600")]);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while outbox_stats(&env.outbox()).pending_events > 0 {
-                assert!(Instant::now() < deadline, "the last events did not drain\nlog tail:\n{}", tail(&log));
-                sleep(100);
-            }
-            last.terminate();
-        }
+        drain(&env.outbox(), LIMIT, &log, agent, || env.start_agent_with(&[("ITS_AGENT__HEALTH__INTERVAL_S", "3600")]));
         aggregator.terminate();
         broker.kill9();
+        (kills, broker_kills)
     });
 
-    let stats = outbox_stats(&env.outbox());
-    let store = open_store(&database_url, its_aggregator::vault::Vault::ephemeral()).await.expect("open store");
-    let summary = store.device_event_summary(DEVICE).await.expect("summary");
-    let seqs = store.device_seqs(DEVICE).await.expect("seqs");
+    let (stats, summary) = assert_lossless(&database_url, DEVICE, &env.outbox(), &log, "the broker outage").await;
     println!(
-        "agent kills {agent_kills}, aggregator kills {aggregator_kills}, broker kills {broker_kills}; produced {} stored {} evicted {} ({:?})",
-        stats.produced_total, summary.total, stats.evicted_total, stats.evicted_by_kind
+        "agent kills {}, aggregator kills {}, broker kills {broker_kills}; produced {} stored {} evicted {} ({:?})",
+        kills.agent, kills.aggregator, stats.produced_total, summary.total, stats.evicted_total, stats.evicted_by_kind
     );
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
@@ -330,18 +276,6 @@ async fn run_fault_scenario(database_url: String) {
         count("MQTT uplink session ready"),
         count("refused the session: no session"),
         count("MQTT uplink lost the broker"),
-    );
-    assert!(summary.total > 0, "nothing arrived over MQTT\nlog tail:\n{}", tail(&log));
-    assert_eq!(summary.total, summary.distinct_seqs, "an event is stored twice");
-    assert_eq!(seqs.len() as u64, summary.total);
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-    assert!(seqs.iter().all(|&s| s >= 1 && s <= stats.produced_total), "a stored seq was never produced");
-    assert_eq!(stats.pending_events, 0);
-    assert!(stats.evicted_total > 0, "the broker outage should have filled the outbox and evicted: {stats:?}");
-    assert_eq!(
-        stats.produced_total,
-        summary.total + stats.evicted_total,
-        "produced = stored + evicted must hold exactly"
     );
 }
 

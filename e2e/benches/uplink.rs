@@ -3,7 +3,7 @@
 //! pushed through the machine's Mosquitto broker (MQTT QoS 1) into the same storage.
 //!
 //! ```text
-//! cargo bench -p its-aggregator --bench uplink -- [--events N] [--backends sqlite,postgres] [--no-mqtt]
+//! cargo bench -p its-e2e --bench uplink -- [--events N] [--backends sqlite,postgres] [--no-mqtt]
 //! ```
 //! PostgreSQL: `ITS_TEST_PG_URL` (default postgres://postgres@127.0.0.1:5432/test; a scratch
 //! database is created and dropped). Mosquitto: `ITS_BENCH_MQTT` (default 127.0.0.1:1883).
@@ -19,13 +19,10 @@ use its_agent::source::synthetic::{SYNTHETIC_KINDS, synthetic_event};
 use its_agent::uplink::quic::HealthFn;
 use its_agent::uplink::tls::DeviceBundle;
 use its_agent::uplink::{UplinkConfig, UplinkHandle, run_uplink};
-use its_aggregator::config::ServerConfig;
-use its_aggregator::ingest::IngestConfig;
-use its_aggregator::pki::Pki;
-use its_aggregator::server::Server;
 use its_aggregator::store::{EventQuery, EventStore, open_store};
 use its_shared::EventEnvelope;
 use its_shared::session::AgentSessionConfig;
+use its_testkit::server::TestServer;
 use rand::Rng;
 use tokio::sync::watch;
 
@@ -39,40 +36,11 @@ fn events(n: usize, at: i64) -> Vec<NewEvent> {
         .collect()
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: std::path::PathBuf,
-    pki: Pki,
-    server: Server,
-    _stop: watch::Sender<bool>,
-}
+/// The aggregator under test, storing into `database_url`.
+type Setup = TestServer;
 
 async fn setup(database_url: &str) -> anyhow::Result<Setup> {
-    let dir = tempfile::tempdir()?;
-    let root = dir.path().to_path_buf();
-    let pki = Pki::new(root.join("pki"));
-    pki.init(&[])?;
-    let cfg = ServerConfig {
-        database_url: database_url.to_string(),
-        pki_dir: root.join("pki"),
-        ingest: IngestConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            idle_timeout: Duration::from_secs(10),
-            ..IngestConfig::default()
-        },
-        http_listen: ([127, 0, 0, 1], 0).into(),
-        http_tls: None,
-        http_trusted_proxies: Vec::new(),
-        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
-        retention: its_aggregator::store::RetentionPolicy::off(),
-        auth: its_aggregator::auth::AuthConfig::default(),
-        ..ServerConfig::default()
-    }
-    .with_mqtt_off();
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let (stop, rx) = watch::channel(false);
-    let server = Server::start(&cfg, metrics, None, rx).await?;
-    Ok(Setup { _dir: dir, root, pki, server, _stop: stop })
+    TestServer::start_with(|_, cfg| cfg.database_url = database_url.to_string()).await
 }
 
 /// Session tuning under test (`--batch`, `--window`); the agent's defaults otherwise.

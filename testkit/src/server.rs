@@ -1,6 +1,11 @@
-//! Helpers shared by the aggregator's integration tests: real processes, a UDP relay that can
-//! cut the link, PostgreSQL databases per test.
-#![allow(dead_code)]
+//! An aggregator for tests, and what its tests share: the server in-process ([`TestServer`]: a
+//! temporary store, PKI, HTTP and QUIC on loopback ports), real processes ([`Proc`],
+//! [`wait_ready`]), UDP relays that cut or throttle the link, PostgreSQL databases per test, both
+//! storage backends ([`both_backends!`](crate::both_backends)), the test admin and the REST API's
+//! state as the binary builds it.
+//!
+//! Used by the aggregator's integration tests (`use its_testkit::server as common;`) and by the
+//! end-to-end tests of `its-e2e`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +14,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use its_aggregator::config::ServerConfig;
+use its_aggregator::ingest::IngestConfig;
+use its_aggregator::pki::Pki;
+use its_aggregator::server::Server;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+pub use crate::bins::{agent_bin, aggregator_bin};
+pub use crate::both_backends;
 
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -35,9 +49,7 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
-/// A database name unique to this process and call: `{prefix}_{pid}_{counter}_{nanos}`.
 /// The `tansu` Kafka-protocol broker: `$ITS_TANSU`, else `.deps/tansu` (scripts/setup-test-peers).
-#[allow(dead_code)]
 pub fn tansu_bin() -> PathBuf {
     if let Ok(p) = std::env::var("ITS_TANSU") {
         return PathBuf::from(p);
@@ -52,11 +64,11 @@ pub fn tansu_bin() -> PathBuf {
 }
 
 /// A TCP port free on loopback right now.
-#[allow(dead_code)]
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
+/// A database name unique to this process and call: `{prefix}_{pid}_{counter}_{nanos}`.
 pub fn unique_name(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
@@ -121,7 +133,7 @@ where
             }
         }
         Backend::Postgres => {
-            let db = PgDatabase::create(concat!("its_", env!("CARGO_CRATE_NAME"))).await;
+            let db = PgDatabase::create(&format!("its_{}", test_crate_name())).await;
             let store =
                 open_store(&db.url, its_aggregator::vault::Vault::ephemeral()).await.expect("open postgres store");
             assert_eq!(store.backend(), "postgres");
@@ -134,16 +146,24 @@ where
     }
 }
 
+/// The running test binary's crate name (`storage` for `tests/storage.rs`, whose executable is
+/// `deps/storage-<hash>`), what `CARGO_CRATE_NAME` is when compiling it: names its databases.
+fn test_crate_name() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe.as_deref().and_then(Path::file_stem).and_then(|s| s.to_str()).unwrap_or("test");
+    stem.rsplit_once('-').map_or(stem, |(name, _hash)| name).replace('-', "_")
+}
+
 /// `both_backends!(a, b)` defines `sqlite::a`, `sqlite::b`, `postgres::a` and `postgres::b`, each
 /// a test that [`run`]s the suite function `a` (or `b`) of the invoking module on that backend.
-#[allow(unused_macros)]
+#[macro_export]
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    crate::common::run(crate::common::Backend::Sqlite, super::$name).await;
+                    $crate::server::run($crate::server::Backend::Sqlite, super::$name).await;
                 }
             )*
         }
@@ -151,24 +171,11 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    crate::common::run(crate::common::Backend::Postgres, super::$name).await;
+                    $crate::server::run($crate::server::Backend::Postgres, super::$name).await;
                 }
             )*
         }
     };
-}
-#[allow(unused_imports)]
-pub(crate) use both_backends;
-
-/// The built binaries of the workspace (`cargo test --workspace` builds both).
-pub fn aggregator_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_its-aggregator"))
-}
-
-pub fn agent_bin() -> PathBuf {
-    let p = aggregator_bin().with_file_name(format!("its-agent{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.is_file(), "{} missing: run the tests with --workspace so both binaries are built", p.display());
-    p
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -212,6 +219,78 @@ impl Drop for Proc {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill9();
         }
+    }
+}
+
+/// The configuration of a test server whose files are all under `root`: SQLite in
+/// `events.db`, the fleet CA in `pki/`, pictures in `objects/`; QUIC and HTTP (plain) on loopback
+/// ports the system picks; a 10 s QUIC idle timeout; no retention; MQTT off (the default broker
+/// port may be taken by a server beside it); everything else the embedded defaults.
+pub fn server_config(root: &Path) -> ServerConfig {
+    ServerConfig {
+        database_url: format!("sqlite://{}", root.join("events.db").display()),
+        pki_dir: root.join("pki"),
+        ingest: IngestConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            idle_timeout: Duration::from_secs(10),
+            ..IngestConfig::default()
+        },
+        http_listen: ([127, 0, 0, 1], 0).into(),
+        http_tls: None,
+        http_trusted_proxies: Vec::new(),
+        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
+        retention: its_aggregator::store::RetentionPolicy::off(),
+        auth: its_aggregator::auth::AuthConfig::default(),
+        ..ServerConfig::default()
+    }
+    .with_mqtt_off()
+}
+
+/// An aggregator started in this process for one test: a temporary directory with a fresh PKI
+/// and store ([`server_config`]), the server listening on loopback. Dropping it drops the stop
+/// sender (the server stops) and removes the directory; send `true` on [`stop`](Self::stop) to
+/// stop it earlier and wait for it with `server.wait()`.
+pub struct TestServer {
+    /// The temporary directory; removed when dropped.
+    pub dir: tempfile::TempDir,
+    /// Its path: `pki/`, `events.db`, `objects/`, and whatever the test puts beside them.
+    pub root: PathBuf,
+    /// The fleet CA (initialised), to enroll devices with.
+    pub pki: Pki,
+    pub server: Server,
+    /// The server's stop signal.
+    pub stop: watch::Sender<bool>,
+}
+
+impl TestServer {
+    /// The server with [`server_config`] as it is.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_, _| {}).await
+    }
+
+    /// The server with [`server_config`] changed by `configure` (given the directory, where it
+    /// may write files the configuration names, such as TLS certificates) before it starts, and a
+    /// metrics handle of its own (not installed as the process's recorder).
+    pub async fn start_with(configure: impl FnOnce(&Path, &mut ServerConfig)) -> anyhow::Result<Self> {
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+        Self::start_with_metrics(metrics, configure).await
+    }
+
+    /// [`start_with`](Self::start_with), recording into `metrics` (a benchmark that reads the
+    /// process's installed recorder).
+    pub async fn start_with_metrics(
+        metrics: PrometheusHandle,
+        configure: impl FnOnce(&Path, &mut ServerConfig),
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().to_path_buf();
+        let pki = Pki::new(root.join("pki"));
+        pki.init(&[])?;
+        let mut cfg = server_config(&root);
+        configure(&root, &mut cfg);
+        let (stop, rx) = watch::channel(false);
+        let server = Server::start(&cfg, metrics, None, rx).await?;
+        Ok(Self { dir, root, pki, server, stop })
     }
 }
 

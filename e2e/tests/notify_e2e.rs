@@ -1,4 +1,4 @@
-//! End to end, with the real programs and real peers: the synthetic traffic scene with a
+//! End to end, with the real programs and real peers: synthetic traffic footage with a
 //! wrong-way car (real vehicle pictures encoded to H.264) is played to an `its-agent` process,
 //! which decodes, detects, tracks and analyses it and sends its events over QUIC to an
 //! `its-aggregator` process. There an alert rule on wrong-way drivers fires; the webhook server
@@ -8,7 +8,7 @@
 //! a `tansu` broker receives it; and the alert is acknowledged over the API.
 #![cfg(all(feature = "kafka", feature = "embedded-mqtt"))]
 
-mod common;
+use its_testkit::server as common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -19,6 +19,9 @@ use axum::http::HeaderMap;
 use common::{Proc, add_admin_cli, admin_client, agent_bin, aggregator_bin, free_port, tansu_bin, wait_ready};
 use hmac_check::verify;
 use its_aggregator::pki::Pki;
+use its_testkit::footage::encode_footage;
+use its_testkit::footage::library::Library;
+use its_testkit::footage::traffic::TrafficFootage;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -66,12 +69,13 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// The agent's configuration: the scene file as a camera, with the survey of the scene (the
-/// calibration points, the count lines and the lanes with their permitted direction).
-fn agent_config(video: &Path, scene: &its_agent::scene::traffic::TrafficScene) -> String {
+/// The agent's configuration: the footage file as a camera, with the footage's survey as the
+/// camera's scene (the calibration points, the count lines and the lanes with their permitted
+/// direction).
+fn agent_config(video: &Path, footage: &TrafficFootage) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let model = root.join("models/ssd-mobilenet-v2-coco/model.toml");
-    let l = &scene.layout;
+    let l = &footage.layout;
     let pt = |p: &[f64; 2]| format!("[{:.3}, {:.3}]", p[0], p[1]);
     let pts = |ps: &[[f64; 2]]| format!("[{}]", ps.iter().map(pt).collect::<Vec<_>>().join(", "));
     let mut out = format!(
@@ -79,7 +83,7 @@ fn agent_config(video: &Path, scene: &its_agent::scene::traffic::TrafficScene) -
          [cameras.scene]\nimage_size = [{}, {}]\n",
         model.display().to_string(),
         video.display().to_string(),
-        scene.scene.fps,
+        footage.footage.fps,
         l.image_size.0,
         l.image_size.1
     );
@@ -189,15 +193,15 @@ async fn a_wrong_way_driver_reaches_the_webhook_mqtt_and_kafka_and_is_acknowledg
     let root = dir.path().to_path_buf();
     let log = root.join("processes.log");
 
-    // The scene, encoded as a camera would send it.
+    // The footage, encoded as a camera would send it.
     let media = Path::new(env!("CARGO_MANIFEST_DIR")).join("../media");
-    let lib = its_agent::scene::library::Library::load(&media).expect("media");
-    let scene = lib.traffic_wrong_way();
-    assert!(!scene.truth.wrong_way.is_empty(), "the scene has a wrong-way driver");
+    let lib = Library::load(&media).expect("media");
+    let footage = lib.traffic_wrong_way();
+    assert!(!footage.truth.wrong_way.is_empty(), "the scene has a wrong-way driver");
     let video = root.join("wrong-way.264");
-    its_agent::scene::encode_scene(&scene.scene, &video, 26, 30).expect("encode");
+    encode_footage(&footage.footage, &video, 26, 30).expect("encode");
     let config = root.join("agent.toml");
-    std::fs::write(&config, agent_config(&video, &scene)).expect("agent config");
+    std::fs::write(&config, agent_config(&video, &footage)).expect("agent config");
 
     // Kafka-protocol broker.
     let kafka_port = free_port();
@@ -289,7 +293,7 @@ async fn a_wrong_way_driver_reaches_the_webhook_mqtt_and_kafka_and_is_acknowledg
     let mqtt_password = cred["password"].as_str().expect("password").to_owned();
 
     // The agent connects; its device goes on the site before any road user appears (the agent
-    // waits: the scene is started only after the placement).
+    // waits: the footage is started only after the placement).
     let agent_log = root.join("agent.log");
     let mut agent_cmd = Command::new(agent_bin());
     agent_cmd
@@ -343,7 +347,7 @@ async fn a_wrong_way_driver_reaches_the_webhook_mqtt_and_kafka_and_is_acknowledg
     kafka_consumer(format!("127.0.0.1:{kafka_port}"), kafka_seen.clone(), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Play the scene.
+    // Play the footage.
     let _agent = Proc::spawn("agent", agent_cmd, &agent_log);
 
     // 1. The webhook: a signed alert naming the wrong-way event.

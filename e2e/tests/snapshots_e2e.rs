@@ -8,7 +8,7 @@
 //!   are acknowledged while the picture is still on its way (it travels on its own stream, at a
 //!   lower priority), and the picture arrives later.
 
-mod common;
+use its_testkit::server as common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,13 +19,11 @@ use its_agent::buffer::{NewEvent, Outbox, OutboxConfig, SnapshotImages};
 use its_agent::uplink::quic::HealthFn;
 use its_agent::uplink::tls::DeviceBundle;
 use its_agent::uplink::{UplinkConfig, UplinkHandle, run_uplink};
-use its_aggregator::config::ServerConfig;
-use its_aggregator::ingest::IngestConfig;
 use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
-use its_aggregator::snapshots::SnapshotLocation;
 use its_shared::event::{EventKind, ObjectRef};
 use its_shared::session::AgentSessionConfig;
+use its_testkit::server::TestServer;
 use tokio::sync::watch;
 
 const DEVICE: &str = "snap-box";
@@ -38,33 +36,14 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().to_path_buf();
-    let pki = Pki::new(root.join("pki"));
-    pki.init(&[]).expect("pki init");
-    pki.enroll(DEVICE, &root.join("bundle"), 30).expect("enroll");
-    let cfg = ServerConfig {
-        database_url: format!("sqlite://{}", root.join("events.db").display()),
-        pki_dir: root.join("pki"),
-        ingest: IngestConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            idle_timeout: Duration::from_secs(10),
-            ..IngestConfig::default()
-        },
-        http_listen: ([127, 0, 0, 1], 0).into(),
-        http_tls: None,
-        http_trusted_proxies: Vec::new(),
-        snapshots: SnapshotLocation::Local(root.join("objects")),
-        retention: its_aggregator::store::RetentionPolicy::off(),
-        auth: its_aggregator::auth::AuthConfig::default(),
-        ..ServerConfig::default()
-    }
-    .with_mqtt_off();
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let (stop, rx) = watch::channel(false);
-    let server = Server::start(&cfg, metrics, None, rx).await.expect("server");
-    common::add_admin(server.store.db()).await;
-    Fixture { _dir: dir, root, server, _stop: stop }
+    // The device is enrolled before the server starts, as before the fixture was shared.
+    let t = TestServer::start_with(|root, _| {
+        Pki::new(root.join("pki")).enroll(DEVICE, &root.join("bundle"), 30).expect("enroll");
+    })
+    .await
+    .expect("server");
+    common::add_admin(t.server.store.db()).await;
+    Fixture { _dir: t.dir, root: t.root, server: t.server, _stop: t.stop }
 }
 
 fn uplink_config(aggregator: std::net::SocketAddr, root: &Path) -> UplinkConfig {

@@ -5,7 +5,7 @@
 //! the agent reports the camera as reconnecting in its health; the server comes back and the
 //! agent recovers by itself, with the reconnect counted and new road users arriving.
 
-mod common;
+use its_testkit::server as common;
 
 use std::path::Path;
 use std::process::Command;
@@ -16,10 +16,7 @@ use its_aggregator::pki::Pki;
 
 const DEVICE: &str = "vision-box";
 
-#[path = "../../edge-agent/tests/support/rtsp_server.rs"]
-mod rtsp_server;
-
-use rtsp_server::{RtspServer, free_tcp_port, project_root as root};
+use its_testkit::rtsp::{RtspServer, free_tcp_port, project_root as root};
 
 async fn get(http: &reqwest::Client, url: &str) -> serde_json::Value {
     match http.get(url).send().await {

@@ -1,17 +1,15 @@
 //! Mutual TLS on the QUIC listener: a device with a certificate from the fleet CA is served and
 //! identified by that certificate; unknown, expired and revoked certificates are refused.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use its_agent::uplink::tls::{DeviceBundle, client_config};
-use its_aggregator::config::ServerConfig;
 use its_aggregator::ingest::IngestConfig;
 use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
 use its_shared::wire::{self, Frame, FrameDecoder, Hello};
+use its_testkit::server::TestServer;
 use time::OffsetDateTime;
 
 fn hello() -> Hello {
@@ -72,27 +70,13 @@ async fn fixture() -> Fixture {
 
 /// A fixture whose QUIC listener has `limits`' connection limits.
 async fn fixture_with(limits: IngestConfig) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().to_path_buf();
-    let pki = Pki::new(root.join("pki"));
-    pki.init(&[]).expect("pki init");
-    let cfg = ServerConfig {
-        database_url: format!("sqlite://{}", root.join("events.db").display()),
-        pki_dir: root.join("pki"),
-        ingest: IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5), ..limits },
-        http_listen: ([127, 0, 0, 1], 0).into(),
-        http_tls: None,
-        http_trusted_proxies: Vec::new(),
-        snapshots: its_aggregator::snapshots::SnapshotLocation::Local(root.join("objects")),
-        retention: its_aggregator::store::RetentionPolicy::off(),
-        auth: its_aggregator::auth::AuthConfig::default(),
-        ..ServerConfig::default()
-    }
-    .with_mqtt_off();
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let server = Server::start(&cfg, metrics, None, rx).await.expect("server");
-    Fixture { _dir: dir, pki, server, root, _stop: stop }
+    let t = TestServer::start_with(|_, cfg| {
+        cfg.ingest =
+            IngestConfig { listen: ([127, 0, 0, 1], 0).into(), idle_timeout: Duration::from_secs(5), ..limits };
+    })
+    .await
+    .expect("server");
+    Fixture { _dir: t.dir, pki: t.pki, server: t.server, root: t.root, _stop: t.stop }
 }
 
 #[tokio::test]
