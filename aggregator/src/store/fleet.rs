@@ -36,7 +36,7 @@ pub const ONLINE_WINDOW_MS: i64 = 60_000;
 /// Largest page of [`Fleet::health_history`].
 pub const MAX_HEALTH_HISTORY_LIMIT: u32 = 10_000;
 /// Longest name of a site, device or camera, in characters.
-pub const MAX_NAME_CHARS: usize = 128;
+pub const MAX_NAME_CHARS: usize = crate::model::alerts::MAX_NAME;
 
 /// A site, with how many devices are assigned to it and how many cameras are in it (by their
 /// effective site).
@@ -173,22 +173,8 @@ impl Scope {
 #[allow(dead_code)]
 pub struct SiteIdText(String);
 
-/// A name in the API's schema ([`valid_name`]): 1 to 128 characters without control characters,
-/// not only white space (leading and trailing white space is trimmed).
-pub struct NameText;
-
-impl utoipa::PartialSchema for NameText {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::schema::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .min_length(Some(1))
-            .max_length(Some(MAX_NAME_CHARS))
-            .pattern(Some(r"^[^\x00-\x1f\x7f-\x9f]*[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00-\x1f\x7f-\x9f]*$"))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for NameText {}
+/// A name in the API's schema ([`valid_name`]): the same as an alert rule's or channel's name.
+pub use crate::model::alerts::schema::NameText;
 
 /// Checks a site id: `[A-Za-z0-9._-]`, 1 to 64 characters (as device ids).
 pub fn validate_site_id(site_id: &str) -> Result<(), StoreError> {
