@@ -9,9 +9,11 @@
 //! - MQTT (`mqtt_publish`, `mqtt_uplink`): the aggregator's broker and bridge with the agent's
 //!   MQTT uplink.
 //!
-//! [`fault`] holds what the two fault scenarios share.
+//! [`fault`] holds what the two fault scenarios share; [`agent`] an agent in the test's process
+//! (outbox and uplink) for the tests that choose its events.
 //!
 //! Helpers shared with the aggregator's own tests live in `its-testkit` (feature `server`), the
 //! synthetic footage with ground truth in `its-testkit` (feature `vision`).
 
+pub mod agent;
 pub mod fault;

@@ -28,15 +28,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::both_backends;
-use its_agent::buffer::{NewEvent, Outbox, OutboxConfig};
-use its_agent::uplink::quic::HealthFn;
-use its_agent::uplink::tls::DeviceBundle;
-use its_agent::uplink::{UplinkConfig, UplinkHandle, run_uplink};
+use its_agent::buffer::NewEvent;
 use its_aggregator::config::RawConfig;
 use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
+use its_e2e::agent::{Agent, uplink_config};
 use its_shared::event::{ClassCount, Direction, EventKind, ObjectRef};
-use its_shared::session::AgentSessionConfig;
 use rumqttc::{AsyncClient, ConnAck, ConnectReturnCode, ConnectionError, Event, Incoming, MqttOptions, QoS};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -119,8 +116,8 @@ impl Fixture {
                 self.call(reqwest::Method::POST, "/sites", Some(json!({ "site_id": site, "name": name }))).await;
             assert_eq!(status, 201, "{body}");
         }
-        let north = Agent::start(&self.root, "dev-north", "cam-n", self.server.addrs.quic);
-        let south = Agent::start(&self.root, "dev-south", "cam-s", self.server.addrs.quic);
+        let north = start_agent(&self.root, "dev-north", "cam-n", self.server.addrs.quic);
+        let south = start_agent(&self.root, "dev-south", "cam-s", self.server.addrs.quic);
         self.assign("dev-north", "north").await;
         self.assign("dev-south", "south").await;
         (north, south)
@@ -269,7 +266,7 @@ async fn a_credential_created_again_does_not_resume_the_earlier_session() {
     assert!(!ack.session_present, "the session of the earlier credential was resumed");
 
     // A north event is published by the aggregator ...
-    north.append(vec![crossing("cam-n", 1)]).await;
+    north.append(vec![crossing("cam-n", 1)], Vec::new()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "the north event was never published");
@@ -293,7 +290,7 @@ async fn a_credential_created_again_does_not_resume_the_earlier_session() {
         }
     };
     assert_eq!(codes, vec![granted]);
-    south.append(vec![crossing("cam-s", 1)]).await;
+    south.append(vec![crossing("cam-s", 1)], Vec::new()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !received.iter().any(|t| t == "its/v1/south/cam-s/events/line_crossing") {
         assert!(Instant::now() < deadline, "the south event never arrived: {received:?}");
@@ -313,8 +310,8 @@ async fn a_credential_created_again_does_not_resume_the_earlier_session() {
     // Nothing but what the new subscription covers.
     assert!(received.iter().all(|t| t.starts_with("its/v1/south/")), "{received:?}");
 
-    north.stop().await;
-    south.stop().await;
+    let _ = north.stop().await;
+    let _ = south.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,52 +409,10 @@ async fn persistent_client_ids_per_credential_are_capped() {
     assert!(!over.connack().await.expect("over").session_present, "the id over the cap was given a clean session");
 }
 
-/// One agent: an outbox and its QUIC uplink.
-struct Agent {
-    outbox: Arc<Outbox>,
-    handle: Arc<UplinkHandle>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Agent {
-    fn start(root: &Path, device: &str, camera: &str, aggregator: SocketAddr) -> Self {
-        let dir = root.join(device);
-        let outbox = Arc::new(Outbox::open(OutboxConfig::new(dir.join("outbox.db"))).expect("outbox"));
-        let handle = Arc::new(UplinkHandle::default());
-        let health: HealthFn = Arc::new(its_shared::DeviceHealth::default);
-        let (stop, rx) = watch::channel(false);
-        let cfg = UplinkConfig {
-            aggregator: aggregator.to_string(),
-            server_name: "its-aggregator".into(),
-            bundle: DeviceBundle::in_dir(&dir),
-            session: AgentSessionConfig { ack_timeout: Duration::from_secs(10), ..AgentSessionConfig::default() },
-            backoff_base: Duration::from_millis(50),
-            backoff_cap: Duration::from_millis(500),
-            jitter: false,
-            idle_timeout: Duration::from_secs(10),
-            keep_alive: Duration::from_secs(1),
-            agent_version: "test".into(),
-            model: "none".into(),
-            cameras: vec![camera.into()],
-        };
-        let task = tokio::spawn(run_uplink(cfg, outbox.clone(), handle.clone(), health, rx));
-        Self { outbox, handle, stop, task }
-    }
-
-    async fn append(&self, events: Vec<NewEvent>) {
-        let ob = self.outbox.clone();
-        tokio::task::spawn_blocking(move || ob.append(&events, its_aggregator::unix_ms()))
-            .await
-            .expect("join")
-            .expect("append");
-        self.handle.appended.notify_one();
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
+/// One agent: an outbox in `root/device` (the device's bundle there too) and its QUIC uplink.
+fn start_agent(root: &Path, device: &str, camera: &str, aggregator: SocketAddr) -> Agent {
+    let dir = root.join(device);
+    Agent::start(&dir, uplink_config(aggregator, &dir, &[camera]))
 }
 
 fn crossing(camera: &str, track_id: u64) -> NewEvent {
@@ -586,8 +541,8 @@ async fn embedded_broker_serves_integrators_within_their_sites() {
         assert_eq!(status, 201, "{body}");
     }
     let quic = f.server.addrs.quic;
-    let north = Agent::start(&f.root, "dev-north", "cam-n", quic);
-    let south = Agent::start(&f.root, "dev-south", "cam-s", quic);
+    let north = start_agent(&f.root, "dev-north", "cam-n", quic);
+    let south = start_agent(&f.root, "dev-south", "cam-s", quic);
     f.assign("dev-north", "north").await;
     f.assign("dev-south", "south").await;
 
@@ -652,8 +607,8 @@ async fn embedded_broker_serves_integrators_within_their_sites() {
         .output()
         .expect("mosquitto_pub");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    south.append(vec![crossing("cam-s", 1)]).await;
-    north.append(vec![crossing("cam-n", 7), counts("cam-n")]).await;
+    south.append(vec![crossing("cam-s", 1)], Vec::new()).await;
+    north.append(vec![crossing("cam-n", 7), counts("cam-n")], Vec::new()).await;
     let (code, out) = sub.finish().await;
     assert_eq!(code, Some(0), "{out}");
     let msgs = Sub::messages(&out);
@@ -707,8 +662,8 @@ async fn embedded_broker_serves_integrators_within_their_sites() {
     assert!(out.contains("received CONNACK (4)"), "{out}");
     assert_ne!(code, Some(0), "{out}");
 
-    north.stop().await;
-    south.stop().await;
+    let _ = north.stop().await;
+    let _ = south.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -720,8 +675,8 @@ async fn external_mode_publishes_to_mosquitto() {
     let camera = format!("cam-{id}");
     let sub = Sub::start(&f.root, "external", 1883, "", "", &[&format!("its/v1/+/{camera}/#")], 1);
     sub.wait_for("Subscribed (mid: 1)").await;
-    let agent = Agent::start(&f.root, "dev-north", &camera, f.server.addrs.quic);
-    agent.append(vec![crossing(&camera, 3)]).await;
+    let agent = start_agent(&f.root, "dev-north", &camera, f.server.addrs.quic);
+    agent.append(vec![crossing(&camera, 3)], Vec::new()).await;
     let (code, out) = sub.finish().await;
     assert_eq!(code, Some(0), "{out}");
     let msgs = Sub::messages(&out);
@@ -734,7 +689,7 @@ async fn external_mode_publishes_to_mosquitto() {
     let (code, out) = sub.finish().await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(Sub::messages(&out)[0].1["status"], "online", "{out}");
-    agent.stop().await;
+    let _ = agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,6 +159,32 @@ fn device_ids_are_validated_before_issuing() {
     assert!(pki.revoke("never-enrolled").is_err());
 }
 
+/// Why the aggregator ended the session on `recv` (waiting up to 5 s): the reason of its `Refuse`
+/// frame, or of the connection's close when the stream ends first (the close frame carries the
+/// reason too, and may cut the `Refuse` frame off).
+async fn refusal(conn: &quinn::Connection, recv: &mut quinn::RecvStream) -> String {
+    let mut dec = FrameDecoder::new();
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let ended = match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    dec.extend(&buf[..n]);
+                    if let Ok(Some(Frame::Refuse { reason })) = dec.next_frame() {
+                        return reason;
+                    }
+                    continue;
+                }
+                Err(e) => e.to_string(),
+                Ok(None) => "stream finished".to_owned(),
+            };
+            return conn.close_reason().map_or(ended, |r| r.to_string());
+        }
+    })
+    .await
+    .expect("the session ended in time")
+}
+
 /// A device that reconnects while its old connection is still open gets the new session; the old
 /// one is told it was superseded and closed (one live session per device, so a welcome never
 /// races a commit of the old connection).
@@ -169,29 +195,11 @@ async fn a_reconnect_supersedes_the_old_connection_of_the_same_device() {
     f.pki.enroll("box-twice", &dir, 30).expect("enroll");
     let bundle = DeviceBundle::in_dir(&dir);
     let (_ep, old, _send, mut recv) = welcomed(f.server.addrs.quic, &bundle).await;
-    let mut dec = FrameDecoder::new();
-    let mut buf = vec![0u8; 4096];
 
     // Second connection, same certificate.
     assert_eq!(try_session(f.server.addrs.quic, &bundle).await, Ok(0));
     // The old one is refused and closed.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => {
-                    dec.extend(&buf[..n]);
-                    if let Ok(Some(Frame::Refuse { reason })) = dec.next_frame() {
-                        return reason;
-                    }
-                }
-                // The close frame carries the reason too (the Refuse frame may be cut off by it).
-                Err(e) => return old.close_reason().map_or_else(|| e.to_string(), |r| r.to_string()),
-                Ok(None) => return String::from("stream finished"),
-            }
-        }
-    })
-    .await
-    .expect("old connection ended");
+    let ended = refusal(&old, &mut recv).await;
     assert!(ended.contains("superseded"), "{ended}");
 }
 
@@ -358,23 +366,7 @@ async fn an_oversized_hello_is_refused() {
     let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
     let big = Hello { cameras: (0..5000).map(|i| format!("cam-{i}")).collect(), ..hello() };
     send.write_all(&wire::encode(&Frame::Hello(big)).expect("encode")).await.expect("hello");
-    let mut dec = FrameDecoder::new();
-    let mut buf = vec![0u8; 4096];
-    let reason = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => {
-                    dec.extend(&buf[..n]);
-                    if let Ok(Some(Frame::Refuse { reason })) = dec.next_frame() {
-                        return reason;
-                    }
-                }
-                Err(_) | Ok(None) => return conn.close_reason().map(|r| r.to_string()).unwrap_or_default(),
-            }
-        }
-    })
-    .await
-    .expect("refused in time");
+    let reason = refusal(&conn, &mut recv).await;
     assert!(reason.contains("cameras"), "{reason}");
     let cams = its_aggregator::store::Fleet::new(f.server.store.db())
         .list_cameras(&its_aggregator::store::Scope::All, Some("box-h"), None)

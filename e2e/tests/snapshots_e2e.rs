@@ -11,18 +11,14 @@
 use its_testkit::server as common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use its_agent::buffer::{NewEvent, Outbox, OutboxConfig, SnapshotImages};
-use its_agent::uplink::quic::HealthFn;
-use its_agent::uplink::tls::DeviceBundle;
-use its_agent::uplink::{UplinkConfig, UplinkHandle, run_uplink};
+use its_agent::buffer::{NewEvent, SnapshotImages};
 use its_aggregator::pki::Pki;
 use its_aggregator::server::Server;
+use its_e2e::agent::{Agent, uplink_config};
 use its_shared::event::{EventKind, ObjectRef};
-use its_shared::session::AgentSessionConfig;
 use its_testkit::server::TestServer;
 use tokio::sync::watch;
 
@@ -46,63 +42,9 @@ async fn fixture() -> Fixture {
     Fixture { _dir: t.dir, root: t.root, server: t.server, _stop: t.stop }
 }
 
-fn uplink_config(aggregator: std::net::SocketAddr, root: &Path) -> UplinkConfig {
-    UplinkConfig {
-        aggregator: aggregator.to_string(),
-        server_name: "its-aggregator".into(),
-        bundle: DeviceBundle::in_dir(&root.join("bundle")),
-        session: AgentSessionConfig { ack_timeout: Duration::from_secs(10), ..AgentSessionConfig::default() },
-        backoff_base: Duration::from_millis(50),
-        backoff_cap: Duration::from_millis(500),
-        jitter: false,
-        idle_timeout: Duration::from_secs(10),
-        keep_alive: Duration::from_secs(1),
-        agent_version: "test".into(),
-        model: "none".into(),
-        cameras: vec!["cam-1".into()],
-    }
-}
-
-/// The agent's side: an outbox and its uplink task.
-struct Agent {
-    outbox: Arc<Outbox>,
-    handle: Arc<UplinkHandle>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Agent {
-    fn start(root: &Path, aggregator: std::net::SocketAddr) -> Self {
-        let outbox = Arc::new(Outbox::open(OutboxConfig::new(root.join("outbox.db"))).expect("outbox"));
-        let handle = Arc::new(UplinkHandle::default());
-        let health: HealthFn = Arc::new(its_shared::DeviceHealth::default);
-        let (stop, rx) = watch::channel(false);
-        let task =
-            tokio::spawn(run_uplink(uplink_config(aggregator, root), outbox.clone(), handle.clone(), health, rx));
-        Self { outbox, handle, stop, task }
-    }
-
-    /// Commits events and snapshots in one transaction and wakes the uplink, as the agent does.
-    async fn append(&self, events: Vec<NewEvent>, snapshots: Vec<(usize, SnapshotImages)>) -> (u64, u64) {
-        let ob = self.outbox.clone();
-        let pictures = !snapshots.is_empty();
-        let out = tokio::task::spawn_blocking(move || {
-            ob.append_with_snapshots(&events, snapshots, its_aggregator::unix_ms())
-        })
-        .await
-        .expect("join")
-        .expect("append");
-        self.handle.appended.notify_one();
-        if pictures {
-            self.handle.snapshots_appended.notify_one();
-        }
-        (out.first_seq, out.last_seq)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.task.await.expect("join").expect("uplink ends cleanly");
-    }
+/// The agent of the enrolled device (its bundle in `root/bundle`), its outbox in `root`.
+fn start_agent(root: &Path, aggregator: std::net::SocketAddr) -> Agent {
+    Agent::start(root, uplink_config(aggregator, &root.join("bundle"), &["cam-1"]))
 }
 
 fn event(track_id: u64) -> NewEvent {
@@ -175,7 +117,7 @@ fn error_code(body: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_travel_from_the_outbox_to_the_api_and_are_deleted_on_the_agent() {
     let f = fixture().await;
-    let agent = Agent::start(&f.root, f.server.addrs.quic);
+    let agent = start_agent(&f.root, f.server.addrs.quic);
     let dog = media("dog.jpg");
     let dog_crop = crop_of(&dog, 100, 80, 200, 160);
     let person = media("person.jpg");
@@ -237,7 +179,7 @@ async fn snapshots_travel_from_the_outbox_to_the_api_and_are_deleted_on_the_agen
     // The objects are where the configuration says.
     assert!(f.root.join(format!("objects/snapshots/{DEVICE}/1.jpg")).is_file());
     assert!(f.root.join(format!("objects/snapshots/{DEVICE}/1-crop.jpg")).is_file());
-    agent.stop().await;
+    agent.stop().await.expect("uplink ends cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +187,7 @@ async fn a_large_snapshot_on_a_slow_link_does_not_hold_back_later_events() {
     let f = fixture().await;
     // 600 kB/s towards the aggregator: the picture needs more than 4 s, an event batch a few ms.
     let relay = common::ThrottledRelay::start(f.server.addrs.quic, 600_000, 64).await;
-    let agent = Agent::start(&f.root, relay.addr);
+    let agent = start_agent(&f.root, relay.addr);
     let (_, warm_up) = agent.append(vec![event(1)], Vec::new()).await;
     let handle = agent.handle.clone();
     wait_for("the session to be up", Duration::from_secs(20), || handle.acked.load(Ordering::Relaxed) >= warm_up).await;
@@ -277,5 +219,5 @@ async fn a_large_snapshot_on_a_slow_link_does_not_hold_back_later_events() {
     let (status, _, body) = get(f.server.addrs.http, &format!("/api/v1/events/{DEVICE}:{snap_seq}/snapshot")).await;
     assert_eq!(status, 200);
     assert!(body == big, "the large picture arrived changed ({} vs {} bytes)", body.len(), big.len());
-    agent.stop().await;
+    agent.stop().await.expect("uplink ends cleanly");
 }
