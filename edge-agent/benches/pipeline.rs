@@ -143,6 +143,7 @@ fn camera(id: &str, realtime: bool, looped: bool, detect_fps: f64) -> CameraSpec
         source: VideoSource::File(FileSpec { path: clip(), looped, realtime, fps: 10.0 }),
         detect_fps,
         queue_frames: 2,
+        detection: its_agent::detect::regions::DetectionSpec::full(),
     }
 }
 

@@ -112,6 +112,7 @@ fn real_clip(manifest: &Arc<ModelManifest>, backend: BackendKind) -> anyhow::Res
             }),
             detect_fps: 0.0,
             queue_frames: 2,
+            detection: its_agent::detect::regions::DetectionSpec::full(),
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let settings = VisionSettings { tracker, merged_classes: vec![vec![2, 5, 7]] };

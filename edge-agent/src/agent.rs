@@ -62,7 +62,7 @@ pub fn health_report(
 pub struct CameraMonitor {
     pipeline: PipelineSlot,
     /// Time of the last report and, per camera id, the counters then.
-    last: std::sync::Mutex<(Instant, HashMap<String, [u64; 3]>)>,
+    last: std::sync::Mutex<(Instant, HashMap<String, [u64; 4]>)>,
 }
 
 impl std::fmt::Debug for CameraMonitor {
@@ -91,8 +91,9 @@ impl CameraMonitor {
                 s.frames_decoded.load(Ordering::Relaxed),
                 s.frames_detected.load(Ordering::Relaxed),
                 s.lag_us_total.load(Ordering::Relaxed),
+                s.inferences.load(Ordering::Relaxed),
             ];
-            let prev = last.1.get(&spec.id).copied().unwrap_or([0; 3]);
+            let prev = last.1.get(&spec.id).copied().unwrap_or([0; 4]);
             let detected = cur[1].saturating_sub(prev[1]);
             out.push(CameraHealth {
                 camera: spec.id.clone(),
@@ -106,6 +107,12 @@ impl CameraMonitor {
                 decode_errors: s.decode_errors.load(Ordering::Relaxed),
                 lag_ms: if detected > 0 {
                     cur[2].saturating_sub(prev[2]) as f32 / detected as f32 / 1000.0
+                } else {
+                    0.0
+                },
+                detection_tiles: s.detection_tiles.load(Ordering::Relaxed) as u32,
+                inferences_per_frame: if detected > 0 {
+                    cur[3].saturating_sub(prev[3]) as f32 / detected as f32
                 } else {
                     0.0
                 },

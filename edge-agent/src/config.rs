@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::analyze::{RawScene, SceneSpec};
 use crate::buffer::OutboxConfig;
-use crate::detect::{BackendKind, BackendOptions, ModelManifest};
+use crate::detect::regions::{DetectionSpec, RegionMode, RoadModel};
+use crate::detect::{BackendKind, BackendOptions, ModelManifest, Rect};
 use crate::pipeline::CameraSpec;
 use crate::source::SyntheticConfig;
 use crate::source::synthetic::SYNTHETIC_KINDS;
@@ -91,6 +92,103 @@ pub struct RawCamera {
     pub queue_frames: usize,
     /// What is measured on this camera's picture: calibration, count lines, zones.
     pub scene: RawScene,
+    /// Where in the picture the detector runs.
+    pub detection: RawDetection,
+}
+
+/// `[cameras.detection]`: where in a camera's picture the detector runs, and what it may cost.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDetection {
+    /// `auto`: tiles over the road the scene draws (its zones and count lines), sized with its
+    /// calibration so far vehicles are big enough for the model (the whole frame when the scene
+    /// draws nothing); `full`: the whole frame; `regions`: the rectangles of `regions`.
+    pub mode: String,
+    /// `mode = "regions"`: `[x, y, width, height]` in the pixels of the scene's `image_size`
+    /// (of the frame when it has none).
+    pub regions: Vec<[u32; 4]>,
+    /// `auto`: the smallest a car may appear in the model's input (pixels wide). The shipped
+    /// SSD finds cars reliably from about 60 px.
+    pub min_vehicle_px: f32,
+    /// `auto`: at most this many tiles; a road needing more gets them with smaller vehicles.
+    pub max_tiles: usize,
+    /// Run a tile only when something moved in it since the last detected frame or a vehicle
+    /// is tracked in it (and every tile each `refresh_s`): most of the cost saved, nothing missed.
+    pub motion: bool,
+    pub refresh_s: f64,
+}
+
+impl Default for RawDetection {
+    fn default() -> Self {
+        let d = DetectionSpec::default();
+        Self {
+            mode: "auto".into(),
+            regions: Vec::new(),
+            min_vehicle_px: d.min_vehicle_px,
+            max_tiles: d.max_tiles,
+            motion: d.motion,
+            refresh_s: d.refresh_s,
+        }
+    }
+}
+
+impl RawDetection {
+    /// Checks the settings (`path`: `cameras[i].detection`) and builds the camera's detection
+    /// spec for its validated `scene`.
+    pub fn validate(&self, path: &str, scene: &SceneSpec, e: &mut ConfigErrors) -> DetectionSpec {
+        e.check((16.0..=512.0).contains(&self.min_vehicle_px), &format!("{path}.min_vehicle_px"), || {
+            format!("{} is outside 16..=512", self.min_vehicle_px)
+        });
+        e.check((1..=32).contains(&self.max_tiles), &format!("{path}.max_tiles"), || {
+            format!("{} is outside 1..=32", self.max_tiles)
+        });
+        e.check((0.1..=60.0).contains(&self.refresh_s), &format!("{path}.refresh_s"), || {
+            format!("{} is outside 0.1..=60", self.refresh_s)
+        });
+        let mut rects = Vec::new();
+        for (k, &[x, y, w, h]) in self.regions.iter().enumerate() {
+            let at = format!("{path}.regions[{k}]");
+            e.check(w >= 32 && h >= 32, &at, || format!("{w} x {h} is smaller than 32 x 32"));
+            if let Some((iw, ih)) = scene.image_size {
+                e.check(x.saturating_add(w) <= iw && y.saturating_add(h) <= ih, &at, || {
+                    format!("[{x}, {y}, {w}, {h}] reaches outside the scene's image_size {iw} x {ih}")
+                });
+            }
+            rects.push(Rect::new(x, y, w, h));
+        }
+        let mode = match self.mode.as_str() {
+            "auto" => {
+                let road = RoadModel {
+                    image_size: scene.image_size,
+                    areas: scene.zones.iter().map(|z| (z.polygon.clone(), z.direction)).collect(),
+                    lines: scene.lines.iter().map(|l| l.points.clone()).collect(),
+                    calibration: scene.calibration.clone(),
+                };
+                RegionMode::Auto(Arc::new(road))
+            }
+            "full" => RegionMode::Full,
+            "regions" => {
+                e.check(!rects.is_empty(), &format!("{path}.regions"), || {
+                    "mode = \"regions\" needs at least one rectangle".into()
+                });
+                RegionMode::Fixed { image_size: scene.image_size, rects }
+            }
+            other => {
+                e.push(format!("{path}.mode"), format!("{other:?} is not one of auto, full, regions"));
+                RegionMode::Full
+            }
+        };
+        if self.mode != "regions" && !self.regions.is_empty() {
+            e.push(format!("{path}.regions"), "rectangles are only used with mode = \"regions\"");
+        }
+        DetectionSpec {
+            mode,
+            min_vehicle_px: self.min_vehicle_px,
+            max_tiles: self.max_tiles,
+            motion: self.motion,
+            refresh_s: self.refresh_s,
+        }
+    }
 }
 
 impl Default for RawCamera {
@@ -109,6 +207,7 @@ impl Default for RawCamera {
             file_fps: 10.0,
             queue_frames: 2,
             scene: RawScene::default(),
+            detection: RawDetection::default(),
         }
     }
 }
@@ -563,6 +662,8 @@ impl RawCamera {
             source: source?,
             detect_fps: self.detect_fps,
             queue_frames: self.queue_frames,
+            // Set from the scene once it is validated (`validate_vision`).
+            detection: DetectionSpec::full(),
         })
     }
 }
@@ -646,6 +747,10 @@ impl RawConfig {
         let mut scenes = Vec::new();
         for (i, c) in self.cameras.iter().enumerate() {
             if let Some(spec) = c.scene.validate(&format!("cameras[{i}].scene"), &labels, e) {
+                let detection = c.detection.validate(&format!("cameras[{i}].detection"), &spec, e);
+                if let Some(cam) = cameras.iter_mut().find(|cam: &&mut CameraSpec| cam.id == c.id) {
+                    cam.detection = detection;
+                }
                 scenes.push(spec);
             }
         }

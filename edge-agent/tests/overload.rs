@@ -34,6 +34,7 @@ fn overloaded_cameras_drop_their_oldest_frames_and_stay_current() {
             }),
             detect_fps: 10.0,
             queue_frames: 2,
+            detection: its_agent::detect::regions::DetectionSpec::full(),
         })
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");

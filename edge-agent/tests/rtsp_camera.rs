@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use its_agent::detect::regions::DetectionSpec;
 use its_agent::detect::{BackendKind, BackendOptions, ModelManifest, load_detectors};
 use its_agent::pipeline::{CameraSpec, FrameResult, VisionPipeline, VisionSettings};
 use its_agent::source::{FileSpec, RtspSpec, RtspTransport, VideoSource};
@@ -44,7 +45,7 @@ fn start(cameras: Vec<CameraSpec>, workers: usize) -> (VisionPipeline, mpsc::Rec
 }
 
 fn camera(id: &str, source: VideoSource) -> CameraSpec {
-    CameraSpec { id: id.into(), source, detect_fps: 5.0, queue_frames: 2 }
+    CameraSpec { id: id.into(), source, detect_fps: 5.0, queue_frames: 2, detection: DetectionSpec::full() }
 }
 
 /// Waits up to `secs` for a result matching `pred` from camera `cam`.

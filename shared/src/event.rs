@@ -117,6 +117,11 @@ pub struct CameraHealth {
     pub decode_errors: u64,
     /// Mean time from a frame's arrival to its detections, over the last report interval (ms).
     pub lag_ms: f32,
+    /// Regions of the picture the detector runs on (tiles over the road; 1: the whole frame).
+    pub detection_tiles: u32,
+    /// Detector runs per detected frame over the last report interval: what detection costs
+    /// (at most `detection_tiles`; fewer where nothing moved).
+    pub inferences_per_frame: f32,
     /// The last reason the stream was lost or failed.
     pub last_error: Option<String>,
 }

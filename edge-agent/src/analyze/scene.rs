@@ -912,6 +912,7 @@ mod tests {
                 ended,
                 lag: Duration::ZERO,
                 timings: DetectTimings::default(),
+                inferences: 0,
                 track_time: Duration::ZERO,
                 manifest: self.manifest.clone(),
                 discontinuity: false,

@@ -8,8 +8,10 @@
 //! [`backend`]s (tract everywhere; ONNX Runtime and its TensorRT execution provider behind
 //! features). [`Detector`] is what the rest of the agent sees.
 //!
-//! - [`manifest`]: the model's description; [`preprocess`]: pictures to input tensors;
-//!   [`backend`]: running the network; [`decode`]: outputs to boxes, with NMS;
+//! - [`manifest`]: the model's description; [`preprocess`]: pictures (or regions of them) to
+//!   input tensors; [`backend`]: running the network; [`decode`]: outputs to boxes, with NMS;
+//!   [`regions`]: where in a camera's picture to detect (tiles over the road at a resolution
+//!   where far vehicles are big enough, motion- and track-guided), and merging the tiles' boxes;
 //!   [`still`]: detection on photos and single frames, and drawing boxes.
 //!
 //! May depend on: the `decode` stage (`crate::decode`: the pictures it detects on).
@@ -18,6 +20,7 @@ pub mod backend;
 pub mod decode;
 pub mod manifest;
 pub mod preprocess;
+pub mod regions;
 pub mod still;
 
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use crate::decode::Picture;
 pub use backend::{BackendError, BackendKind, BackendOptions, InferenceBackend, Outputs, load_backend};
 use decode::{Candidate, DecodeError, decode_ssd, decode_yolo, nms_per_class};
 pub use manifest::{DecoderSpec, ManifestError, ModelManifest};
+pub use preprocess::Rect;
 use preprocess::{InputTensor, Preprocessor, empty_tensor};
 
 /// One detected object, in the pixels of the picture it was found in.
@@ -61,8 +65,22 @@ pub enum DetectError {
 pub trait Detector: Send {
     /// Detections with a score of at least `min_score` (per-class NMS applied), and the time each
     /// step took.
-    fn detect(&mut self, picture: &Picture<'_>, min_score: f32)
-    -> Result<(Vec<Detection>, DetectTimings), DetectError>;
+    fn detect(
+        &mut self,
+        picture: &Picture<'_>,
+        min_score: f32,
+    ) -> Result<(Vec<Detection>, DetectTimings), DetectError> {
+        let (w, h) = picture.size();
+        self.detect_region(picture, Rect::full(w, h), min_score)
+    }
+    /// As [`Detector::detect`], on `region` of the picture only (read at the region's own
+    /// resolution); boxes in the picture's pixels, inside the region.
+    fn detect_region(
+        &mut self,
+        picture: &Picture<'_>,
+        region: Rect,
+        min_score: f32,
+    ) -> Result<(Vec<Detection>, DetectTimings), DetectError>;
     /// The model's manifest.
     fn manifest(&self) -> &Arc<ModelManifest>;
     /// Backend name, for logs and benchmarks.
@@ -155,13 +173,14 @@ pub fn load_detectors(
 }
 
 impl Detector for ModelDetector {
-    fn detect(
+    fn detect_region(
         &mut self,
         picture: &Picture<'_>,
+        region: Rect,
         min_score: f32,
     ) -> Result<(Vec<Detection>, DetectTimings), DetectError> {
         let t0 = Instant::now();
-        let transform = self.pre.run(picture, &mut self.input);
+        let transform = self.pre.run_region(picture, region, &mut self.input);
         let t1 = Instant::now();
         let outputs = self.backend.run(&self.input)?;
         let t2 = Instant::now();

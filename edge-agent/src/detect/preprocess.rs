@@ -1,6 +1,7 @@
 //! Frame → model input: colour conversion, resize (stretch or letterbox), layout and type, in one
 //! pass over the model's input pixels (never over the whole frame), so a 768x576 frame costs what
-//! a 300x300 input costs.
+//! a 300x300 input costs. The input can be a region of the frame (a tile of the road, see
+//! [`crate::detect::regions`]): it is then read at its own resolution, not the frame's.
 
 use crate::decode::{Frame, Picture};
 use crate::detect::manifest::{ColourOrder, InputSpec, InputType, Layout, ResizeMode};
@@ -21,24 +22,66 @@ impl InputTensor {
 }
 
 /// Maps model-input pixel coordinates back to source-frame pixel coordinates:
-/// `src = (input - pad) * inv_scale`.
+/// `src = (input - pad) * inv_scale + offset`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InputTransform {
     pub pad_x: f32,
     pub pad_y: f32,
     pub inv_scale_x: f32,
     pub inv_scale_y: f32,
-    /// Source frame size, to clamp boxes to it.
+    /// Top-left corner of the region the input was read from (0, 0 for the whole frame).
+    pub offset_x: f32,
+    pub offset_y: f32,
+    /// Size of that region, to clamp boxes to it.
     pub src_width: f32,
     pub src_height: f32,
 }
 
 impl InputTransform {
-    /// A box `[x1, y1, x2, y2]` in model-input pixels → source pixels, clamped to the frame.
+    /// A box `[x1, y1, x2, y2]` in model-input pixels → source pixels, clamped to the region read.
     pub fn to_source(&self, b: [f32; 4]) -> [f32; 4] {
-        let x = |v: f32| ((v - self.pad_x) * self.inv_scale_x).clamp(0.0, self.src_width);
-        let y = |v: f32| ((v - self.pad_y) * self.inv_scale_y).clamp(0.0, self.src_height);
+        let x = |v: f32| ((v - self.pad_x) * self.inv_scale_x).clamp(0.0, self.src_width) + self.offset_x;
+        let y = |v: f32| ((v - self.pad_y) * self.inv_scale_y).clamp(0.0, self.src_height) + self.offset_y;
         [x(b[0]), y(b[1]), x(b[2]), y(b[3])]
+    }
+}
+
+/// A rectangle of a frame in whole pixels: `x`, `y` of its top-left corner, `width`, `height`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Rect {
+    pub fn new(x: u32, y: u32, width: u32, height: u32) -> Self {
+        Self { x, y, width, height }
+    }
+
+    /// The whole of a `width` x `height` frame.
+    pub fn full(width: u32, height: u32) -> Self {
+        Self { x: 0, y: 0, width, height }
+    }
+
+    pub fn right(&self) -> u32 {
+        self.x + self.width
+    }
+
+    pub fn bottom(&self) -> u32 {
+        self.y + self.height
+    }
+
+    /// This rectangle inside a `width` x `height` frame, its corner moved to even pixels (4:2:0
+    /// chroma is shared by 2x2 pixels), cut at the frame's edges, at least 2 x 2; `None` when
+    /// nothing of it is in the frame.
+    pub fn fitted(&self, width: u32, height: u32) -> Option<Rect> {
+        let x0 = self.x.min(width) & !1;
+        let y0 = self.y.min(height) & !1;
+        let x1 = (x0 + self.width).min(width);
+        let y1 = (y0 + self.height).min(height);
+        (x1 >= x0 + 2 && y1 >= y0 + 2).then(|| Rect::new(x0, y0, x1 - x0, y1 - y0))
     }
 }
 
@@ -72,13 +115,31 @@ impl Taps {
         }
         t
     }
+
+    /// The same taps over a region starting `by` samples into the row or column.
+    fn offset(mut self, by: u32) -> Self {
+        for i in self.i0.iter_mut().chain(self.i1.iter_mut()) {
+            *i += by;
+        }
+        self
+    }
+
+    /// Sample indices kept below `len` (a region's last chroma sample of an odd-sized frame).
+    fn clamped(mut self, len: u32) -> Self {
+        let max = len.max(1) - 1;
+        for i in self.i0.iter_mut().chain(self.i1.iter_mut()) {
+            *i = (*i).min(max);
+        }
+        self
+    }
 }
 
 /// Converts frames to a model's input. Keeps its lookup tables and tensor between frames.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
     spec: InputSpec,
-    cached_for: (u32, u32),
+    /// Frame size and region the tables below were built for.
+    cached_for: (u32, u32, Rect),
     xs: Taps,
     ys: Taps,
     /// Chroma taps for 4:2:0 frames (half resolution).
@@ -92,7 +153,7 @@ impl Preprocessor {
     pub fn new(spec: InputSpec) -> Self {
         Self {
             spec,
-            cached_for: (0, 0),
+            cached_for: (0, 0, Rect::new(0, 0, 0, 0)),
             xs: Taps::default(),
             ys: Taps::default(),
             cxs: Taps::default(),
@@ -102,6 +163,8 @@ impl Preprocessor {
                 pad_y: 0.0,
                 inv_scale_x: 1.0,
                 inv_scale_y: 1.0,
+                offset_x: 0.0,
+                offset_y: 0.0,
                 src_width: 0.0,
                 src_height: 0.0,
             },
@@ -109,10 +172,12 @@ impl Preprocessor {
         }
     }
 
-    fn prepare_tables(&mut self, w: u32, h: u32) {
-        if self.cached_for == (w, h) {
+    /// Tables for `region` (inside the frame, corner on even pixels) of a `fw` x `fh` frame.
+    fn prepare_tables(&mut self, fw: u32, fh: u32, region: Rect) {
+        if self.cached_for == (fw, fh, region) {
             return;
         }
+        let (w, h) = (region.width, region.height);
         let (iw, ih) = (self.spec.width as f32, self.spec.height as f32);
         let (sx, sy, px, py) = match self.spec.resize {
             ResizeMode::Stretch => (iw / w as f32, ih / h as f32, 0.0, 0.0),
@@ -122,26 +187,39 @@ impl Preprocessor {
             }
         };
         let (ow, oh) = (self.spec.width as usize, self.spec.height as usize);
-        self.xs = Taps::build(ow, w as usize, sx, px);
-        self.ys = Taps::build(oh, h as usize, sy, py);
+        self.xs = Taps::build(ow, w as usize, sx, px).offset(region.x);
+        self.ys = Taps::build(oh, h as usize, sy, py).offset(region.y);
+        // The region's chroma: its corner is on even pixels, so it starts at half of it.
         let (cw, ch) = (w.div_ceil(2) as usize, h.div_ceil(2) as usize);
-        self.cxs = Taps::build(ow, cw, sx * 2.0, px);
-        self.cys = Taps::build(oh, ch, sy * 2.0, py);
+        let (fcw, fch) = (fw.div_ceil(2), fh.div_ceil(2));
+        self.cxs = Taps::build(ow, cw, sx * 2.0, px).offset(region.x / 2).clamped(fcw);
+        self.cys = Taps::build(oh, ch, sy * 2.0, py).offset(region.y / 2).clamped(fch);
         self.transform = InputTransform {
             pad_x: px,
             pad_y: py,
             inv_scale_x: 1.0 / sx,
             inv_scale_y: 1.0 / sy,
+            offset_x: region.x as f32,
+            offset_y: region.y as f32,
             src_width: w as f32,
             src_height: h as f32,
         };
-        self.cached_for = (w, h);
+        self.cached_for = (fw, fh, region);
     }
 
     /// Fills `out` with `picture` as the model's input; returns the mapping back to the picture.
     pub fn run(&mut self, picture: &Picture<'_>, out: &mut InputTensor) -> InputTransform {
         let (w, h) = picture.size();
-        self.prepare_tables(w, h);
+        self.run_region(picture, Rect::full(w, h), out)
+    }
+
+    /// Fills `out` with `region` of `picture` (fitted into the picture, see [`Rect::fitted`]; the
+    /// whole picture when nothing of it is inside) as the model's input; returns the mapping back
+    /// to the picture's pixels.
+    pub fn run_region(&mut self, picture: &Picture<'_>, region: Rect, out: &mut InputTensor) -> InputTransform {
+        let (w, h) = picture.size();
+        let region = region.fitted(w, h).unwrap_or(Rect::full(w, h));
+        self.prepare_tables(w, h, region);
         let (ow, oh) = (self.spec.width as usize, self.spec.height as usize);
         self.rgb.resize(ow * oh * 3, 0);
         let pad = match self.spec.resize {

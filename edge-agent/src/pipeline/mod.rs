@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::decode::{Frame, Picture, SoftwareDecoder, VideoDecoder};
-use crate::detect::{DetectTimings, Detection, Detector, ModelManifest};
+use crate::detect::regions::{DetectionSpec, ModelInput, MotionGate, TilePlan, merge_tiles, plan_tiles};
+use crate::detect::{DetectError, DetectTimings, Detection, Detector, ModelManifest};
 use crate::source::file::FileSource;
 use crate::source::rtsp::{SourceStats, run_rtsp};
 use crate::source::{SourceItem, VideoSource};
@@ -44,6 +45,8 @@ pub struct CameraSpec {
     pub detect_fps: f64,
     /// Frames that may wait for detection (2: one being detected elsewhere plus one fresh).
     pub queue_frames: usize,
+    /// Where in the picture the detector runs (tiles over the road, or the whole frame).
+    pub detection: DetectionSpec,
 }
 
 impl CameraSpec {
@@ -73,6 +76,10 @@ pub struct CameraStats {
     pub frames_detected: AtomicU64,
     pub decode_errors: AtomicU64,
     pub detect_errors: AtomicU64,
+    /// Detector runs (one per tile run), for the inferences per frame.
+    pub inferences: AtomicU64,
+    /// Tiles of the camera's current detection plan.
+    pub detection_tiles: AtomicU64,
     /// Sum of arrival → detections done, for the mean lag.
     pub lag_us_total: AtomicU64,
     pub decode_us_total: AtomicU64,
@@ -103,6 +110,8 @@ pub struct FrameResult {
     /// Arrival of the frame's access unit → its detections and tracks done.
     pub lag: Duration,
     pub timings: DetectTimings,
+    /// Detector runs this frame took (tiles run; 0 at end of stream).
+    pub inferences: u32,
     pub track_time: Duration,
     /// Labels by class id, to name `tracks`/`ended` classes.
     pub manifest: Arc<ModelManifest>,
@@ -233,12 +242,23 @@ pub struct VisionPipeline {
     rt: tokio::runtime::Handle,
 }
 
+/// Where a camera's detector runs: the plan for the current frame size, which tiles moved, and
+/// where its tracks were lately.
+#[derive(Debug, Default)]
+struct CameraRegions {
+    plan: Option<TilePlan>,
+    gate: MotionGate,
+    /// (stream time, box) of the tracks seen in the last second.
+    recent_tracks: Vec<(f64, [f32; 4])>,
+}
+
 /// One camera of a running pipeline.
 struct CameraSlot {
     spec: CameraSpec,
     id: Arc<str>,
     stats: Arc<CameraStats>,
     tracks: Mutex<CameraTracks>,
+    regions: Mutex<CameraRegions>,
     stop: Arc<AtomicBool>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -331,6 +351,7 @@ impl VisionPipeline {
             id: Arc::from(spec.id.as_str()),
             stats: Arc::new(CameraStats::default()),
             tracks: Mutex::new(CameraTracks::new(self.groups, self.tracker)),
+            regions: Mutex::new(CameraRegions::default()),
             stop: Arc::new(AtomicBool::new(false)),
             shutdown,
             spec: spec.clone(),
@@ -474,6 +495,7 @@ fn end_result(
         ended,
         lag: Duration::ZERO,
         timings: DetectTimings::default(),
+        inferences: 0,
         track_time: Duration::ZERO,
         manifest: manifest.clone(),
         discontinuity: false,
@@ -772,7 +794,7 @@ impl WorkerContext {
         sf: SampledFrame,
     ) -> bool {
         let stats = &slot.stats;
-        let (detections, timings) = match detector.detect(&Picture::I420(&sf.frame), self.min_score) {
+        let (detections, timings, inferences) = match self.detect_tiles(detector, slot, &sf) {
             Ok(r) => r,
             Err(e) => {
                 let n = stats.detect_errors.fetch_add(1, Ordering::Relaxed) + 1;
@@ -816,6 +838,12 @@ impl WorkerContext {
             }
         }
         drop(ct);
+        {
+            let mut regions = lock(&slot.regions);
+            let keep = slot.spec.detection.refresh_s.max(0.5);
+            regions.recent_tracks.retain(|(t, _)| sf.t_s - *t <= keep && *t <= sf.t_s);
+            regions.recent_tracks.extend(tracks.iter().map(|t| (sf.t_s, t.bbox)));
+        }
         let track_time = t0.elapsed();
         let lag = arrived.elapsed();
         stats.frames_detected.fetch_add(1, Ordering::Relaxed);
@@ -836,6 +864,7 @@ impl WorkerContext {
             ended,
             lag,
             timings,
+            inferences,
             track_time,
             manifest: detector.manifest().clone(),
             discontinuity,
@@ -843,5 +872,59 @@ impl WorkerContext {
             frame: Some(Arc::new(sf.frame)),
         };
         self.results.blocking_send(result).is_ok()
+    }
+
+    /// Runs the detector on the tiles of the camera's plan that need it this frame (see
+    /// [`crate::detect::regions`]) and merges their boxes.
+    fn detect_tiles(
+        &self,
+        detector: &mut dyn Detector,
+        slot: &CameraSlot,
+        sf: &SampledFrame,
+    ) -> Result<(Vec<Detection>, DetectTimings, u32), DetectError> {
+        let frame = &sf.frame;
+        let size = (frame.width, frame.height);
+        let (plan, run) = {
+            let mut regions = lock(&slot.regions);
+            if regions.plan.as_ref().is_none_or(|p| p.frame != size) {
+                let plan = plan_tiles(&slot.spec.detection, size, ModelInput::of(&detector.manifest().input));
+                tracing::info!(
+                    camera = %slot.id,
+                    width = size.0,
+                    height = size.1,
+                    tiles = plan.tiles.len(),
+                    vehicle_px = plan.vehicle_px,
+                    "detection regions planned"
+                );
+                slot.stats.detection_tiles.store(plan.tiles.len() as u64, Ordering::Relaxed);
+                regions.plan = Some(plan);
+            }
+            let CameraRegions { plan, gate, recent_tracks } = &mut *regions;
+            let Some(plan) = plan.clone() else { return Ok((Vec::new(), DetectTimings::default(), 0)) };
+            let boxes: Vec<[f32; 4]> = recent_tracks.iter().map(|(_, b)| *b).collect();
+            let run = gate.select(&plan, frame, sf.t_s, &boxes, &slot.spec.detection);
+            (plan, run)
+        };
+        let picture = Picture::I420(frame);
+        let mut timings = DetectTimings::default();
+        let mut per_tile = Vec::with_capacity(plan.tiles.len());
+        let mut runs = 0u32;
+        for (tile, go) in plan.tiles.iter().zip(&run) {
+            if !go {
+                per_tile.push(Vec::new());
+                continue;
+            }
+            let (found, t) = detector.detect_region(&picture, tile.rect, self.min_score)?;
+            runs += 1;
+            timings.preprocess += t.preprocess;
+            timings.inference += t.inference;
+            timings.postprocess += t.postprocess;
+            per_tile.push(found);
+        }
+        slot.stats.inferences.fetch_add(u64::from(runs), Ordering::Relaxed);
+        let t0 = Instant::now();
+        let merged = merge_tiles(&plan.tiles, per_tile);
+        timings.postprocess += t0.elapsed();
+        Ok((merged, timings, runs))
     }
 }
