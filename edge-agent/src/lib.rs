@@ -2,7 +2,8 @@
 //! [`source`] → [`decode`] → [`detect`] → [`track`] → [`analyze`] → [`buffer`] → [`uplink`];
 //! [`pipeline`] runs the vision stages per camera, [`agent`] wires everything together and
 //! [`reload`] applies configuration changes without a restart; [`vision`] starts the cameras
-//! from the configuration, which [`config`] reads and validates.
+//! from the configuration, which [`config`] reads and validates; [`evaluate`] runs a camera's
+//! recording through the same stages and compares its counts with a person's (acceptance test).
 //!
 //! Dependencies between these modules go one way (`scripts/modcycles` finds any cycle): each may
 //! use the modules on its row and nothing else of this crate.
@@ -20,6 +21,7 @@
 //! | [`config`] | the stages whose settings it validates: `analyze`, `buffer`, `detect`, `pipeline`, `source`, `track`, `uplink` |
 //! | [`vision`] | `config`, `detect`, `pipeline` |
 //! | [`reload`] | `analyze`, `config`, `pipeline`, `vision` |
+//! | [`evaluate`] | `analyze`, `config`, `pipeline`, `source`, `vision` |
 //! | [`agent`] | any of the above |
 
 pub mod agent;
@@ -28,6 +30,7 @@ pub mod buffer;
 pub mod config;
 pub mod decode;
 pub mod detect;
+pub mod evaluate;
 pub mod pipeline;
 pub mod reload;
 pub mod source;

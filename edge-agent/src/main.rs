@@ -59,6 +59,64 @@ enum Command {
         #[arg(long)]
         annotate: Option<PathBuf>,
     },
+    /// Acceptance test of a camera: run a recording of it through the pipeline (as fast as the
+    /// machine allows, no frame dropped), compare its line counts (and test vehicles' speeds)
+    /// with a manual count, print the comparison and a verdict. Exit code 0: PASS, 1: FAIL,
+    /// 2: nothing evaluated (a problem with the inputs, printed). See docs/acceptance-test.md.
+    Evaluate {
+        /// The camera's recording: MP4, or Annex-B H.264 (`.264`).
+        recording: PathBuf,
+        /// Manual counts, CSV `start,end,line,direction,class,count` (class `*`: car, truck,
+        /// bus and motorcycle together).
+        #[arg(long)]
+        truth: PathBuf,
+        /// Test vehicles of known speed, CSV `time,line,direction,speed_kmh`.
+        #[arg(long)]
+        passes: Option<PathBuf>,
+        /// The camera of the configuration the recording is from: its scene, detection settings.
+        #[arg(long)]
+        camera: Option<String>,
+        /// A TOML file holding just a scene table (the keys of `[cameras.scene]`), for a camera
+        /// not in the configuration, or to replace the camera's scene.
+        #[arg(long)]
+        scene: Option<PathBuf>,
+        /// Frame rate of an Annex-B recording (which carries no timestamps); default: the
+        /// camera's `file_fps`.
+        #[arg(long)]
+        fps: Option<f64>,
+        /// Compare per interval of this length (HH:MM:SS, MM:SS or seconds) from the start of
+        /// the recording, summing the truth rows within each (e.g. `15:00` for minute counts of
+        /// a loop detector); default: each truth row on its own.
+        #[arg(long, value_parser = parse_interval)]
+        interval: Option<i64>,
+        /// Write the per-interval comparison here (CSV).
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Write everything here (JSON): rows, totals, passes, summary, the settings used.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Overall count accuracy required (1 - sum |error| / sum truth).
+        #[arg(long, default_value_t = 0.95)]
+        min_accuracy: f64,
+        /// Largest speed error allowed on a test pass, km/h.
+        #[arg(long, default_value_t = 5.0)]
+        max_speed_error: f64,
+        /// Share of the test passes that must be found with a speed (0..=1).
+        #[arg(long, default_value_t = 0.9)]
+        min_speed_share: f64,
+        /// A test pass is the crossing of its line and direction nearest in time within this
+        /// many seconds.
+        #[arg(long, default_value_t = 2.0)]
+        match_window: f64,
+    },
+}
+
+/// `--interval`: a duration as the truth files write times; milliseconds.
+fn parse_interval(s: &str) -> Result<i64, String> {
+    match its_agent::evaluate::truth::parse_time(s) {
+        Some(ms) if ms > 0 => Ok(ms),
+        _ => Err(format!("{s:?} is not a duration: write HH:MM:SS, MM:SS or seconds, above 0")),
+    }
 }
 
 fn load(cli: &Cli) -> Result<RawConfig, ConfigError> {
@@ -85,6 +143,39 @@ fn main() -> ExitCode {
     if let Some(Command::Detect { inputs, model, backend, min_score, frame, annotate }) = &cli.command {
         let model = model.clone().unwrap_or_else(|| raw.detector.model.clone());
         return report(detect_stills(inputs, &model, backend.as_deref(), *min_score, *frame, annotate.as_deref()));
+    }
+    if let Some(Command::Evaluate {
+        recording,
+        truth,
+        passes,
+        camera,
+        scene,
+        fps,
+        interval,
+        csv,
+        json,
+        min_accuracy,
+        max_speed_error,
+        min_speed_share,
+        match_window,
+    }) = &cli.command
+    {
+        let opts = its_agent::evaluate::EvaluateOptions {
+            recording: recording.clone(),
+            truth: truth.clone(),
+            passes: passes.clone(),
+            camera: camera.clone(),
+            scene: scene.clone(),
+            fps: *fps,
+            interval_ms: *interval,
+            csv: csv.clone(),
+            json: json.clone(),
+            min_accuracy: *min_accuracy,
+            max_speed_error_kmh: *max_speed_error,
+            min_speed_share: *min_speed_share,
+            match_window_ms: (match_window * 1000.0).round() as i64,
+        };
+        return ExitCode::from(its_agent::evaluate::run_cli(&opts, &raw, &source));
     }
     let cfg = match raw.validate(&source) {
         Ok(c) => c,
