@@ -20,7 +20,7 @@
 //! | [`analyze`] | `buffer`, `decode`, `detect`, `pipeline` |
 //! | [`config`] | the stages whose settings it validates: `analyze`, `buffer`, `detect`, `pipeline`, `source`, `track`, `uplink` |
 //! | [`vision`] | `config`, `detect`, `pipeline` |
-//! | [`reload`] | `analyze`, `config`, `pipeline`, `vision` |
+//! | [`reload`] | `analyze`, `config`, `detect` (the tiles `check-config` prints), `pipeline`, `vision` |
 //! | [`evaluate`] | `analyze`, `config`, `pipeline`, `source`, `vision` |
 //! | [`agent`] | any of the above |
 

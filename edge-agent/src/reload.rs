@@ -205,6 +205,7 @@ impl LiveVision {
 
 /// One line per camera: what its scene measures and how good its calibration is.
 pub fn describe_scenes(cfg: &AgentConfig) -> Vec<String> {
+    use crate::detect::regions::{ModelInput, plan_tiles};
     let Some(v) = &cfg.vision else { return Vec::new() };
     v.cameras
         .iter()
@@ -217,7 +218,28 @@ pub fn describe_scenes(cfg: &AgentConfig) -> Vec<String> {
                 ),
                 None => "not calibrated (no speeds or distances)".to_string(),
             };
-            format!("camera {}: {} line(s), {} zone(s); {cal}", c.id, s.lines.len(), s.zones.len())
+            let detection = match s.image_size {
+                Some(size) => {
+                    let plan = plan_tiles(&c.detection, size, ModelInput::of(&v.manifest.input));
+                    let tiles: Vec<String> = plan
+                        .tiles
+                        .iter()
+                        .map(|t| format!("[{}, {}, {}, {}]", t.rect.x, t.rect.y, t.rect.width, t.rect.height))
+                        .collect();
+                    let size_note = plan
+                        .vehicle_px
+                        .map_or(String::new(), |px| format!(", a car at least {px:.0} px wide in the model's input"));
+                    format!(
+                        "detection at {}x{}: {} tile(s) {}{size_note}",
+                        size.0,
+                        size.1,
+                        tiles.len(),
+                        tiles.join(" ")
+                    )
+                }
+                None => "detection: tiles planned on the first frame (the scene has no image_size)".to_string(),
+            };
+            format!("camera {}: {} line(s), {} zone(s); {cal}; {detection}", c.id, s.lines.len(), s.zones.len())
         })
         .collect()
 }

@@ -21,6 +21,7 @@ use its_agent::analyze::SceneAnalyzer;
 use its_agent::analyze::config::{RawCalibrationPoint, RawCongestion, RawLine, RawScene, RawZone, SceneSpec};
 use its_agent::buffer::NewEvent;
 use its_agent::detect::Detector;
+use its_agent::detect::regions::DetectionSpec;
 use its_agent::pipeline::VisionSettings;
 
 /// A stop is reported after this long standing still (the clips' no-stopping lanes).
@@ -71,6 +72,70 @@ pub fn scene_config(footage: &TrafficFootage) -> RawScene {
     }
 }
 
+/// `scene` as the TOML of an agent camera's scene: the `[cameras.scene]` table and its
+/// sub-tables, to append after the keys of a `[[cameras]]` entry of the agent's configuration
+/// (which it then parses back to `scene`). Written out by hand (the configuration types only
+/// read TOML); numbers keep a decimal point where the field is a float.
+pub fn scene_toml(scene: &RawScene) -> String {
+    use std::fmt::Write;
+    let points = |v: &[[f64; 2]]| {
+        let items: Vec<String> = v.iter().map(|p| format!("[{:?}, {:?}]", p[0], p[1])).collect();
+        format!("[{}]", items.join(", "))
+    };
+    let strings = |v: &[String]| {
+        let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+        format!("[{}]", items.join(", "))
+    };
+    let mut t = String::from("[cameras.scene]\n");
+    // (writing to a String cannot fail)
+    if let Some([w, h]) = scene.image_size {
+        let _ = writeln!(t, "image_size = [{w}, {h}]");
+    }
+    let _ = writeln!(t, "max_reprojection_error_m = {:?}", scene.max_reprojection_error_m);
+    let _ = writeln!(t, "counts_interval_s = {}", scene.counts_interval_s);
+    let _ = writeln!(t, "snapshot_kinds = {}", strings(&scene.snapshot_kinds));
+    let _ = writeln!(t, "snapshots_per_minute = {}", scene.snapshots_per_minute);
+    let sp = &scene.speed;
+    let _ = writeln!(t, "\n[cameras.scene.speed]");
+    let _ = writeln!(t, "window_s = {:?}", sp.window_s);
+    let _ = writeln!(t, "min_track_s = {:?}", sp.min_track_s);
+    let _ = writeln!(t, "min_distance_m = {:?}", sp.min_distance_m);
+    let _ = writeln!(t, "max_kmh = {:?}", sp.max_kmh);
+    for c in &scene.calibration {
+        let _ = writeln!(t, "\n[[cameras.scene.calibration]]");
+        let _ = writeln!(t, "image = [{:?}, {:?}]", c.image[0], c.image[1]);
+        let _ = writeln!(t, "ground = [{:?}, {:?}]", c.ground[0], c.ground[1]);
+    }
+    for l in &scene.lines {
+        let _ = writeln!(t, "\n[[cameras.scene.lines]]");
+        let _ = writeln!(t, "name = {:?}", l.name);
+        let _ = writeln!(t, "points = {}", points(&l.points));
+        let _ = writeln!(t, "in_side = {:?}", l.in_side);
+        let _ = writeln!(t, "classes = {}", strings(&l.classes));
+    }
+    for z in &scene.zones {
+        let _ = writeln!(t, "\n[[cameras.scene.zones]]");
+        let _ = writeln!(t, "name = {:?}", z.name);
+        let _ = writeln!(t, "polygon = {}", points(&z.polygon));
+        let _ = writeln!(t, "direction = {}", points(&z.direction));
+        let _ = writeln!(t, "classes = {}", strings(&z.classes));
+        let _ = writeln!(t, "dwell_s = {:?}", z.dwell_s);
+        let _ = writeln!(t, "stopped_after_s = {:?}", z.stopped_after_s);
+        let _ = writeln!(t, "stopped_suppress_s = {:?}", z.stopped_suppress_s);
+        let _ = writeln!(t, "wrong_way_min_m = {:?}", z.wrong_way_min_m);
+        let _ = writeln!(t, "wrong_way_min_px = {:?}", z.wrong_way_min_px);
+        if let Some(c) = &z.congestion {
+            let _ = writeln!(t, "\n[cameras.scene.zones.congestion]");
+            let _ = writeln!(t, "min_occupancy = {}", c.min_occupancy);
+            let _ = writeln!(t, "max_mean_speed_kmh = {:?}", c.max_mean_speed_kmh);
+            let _ = writeln!(t, "sustain_s = {:?}", c.sustain_s);
+            let _ = writeln!(t, "clear_s = {:?}", c.clear_s);
+            let _ = writeln!(t, "report_every_s = {:?}", c.report_every_s);
+        }
+    }
+    t
+}
+
 /// Runs the footage through the real pipeline and the analyzer; returns the events with the stream
 /// time (seconds from the first frame) each was observed at.
 pub fn run_footage(
@@ -81,18 +146,58 @@ pub fn run_footage(
     dir: &Path,
 ) -> anyhow::Result<Vec<(f64, NewEvent)>> {
     let s = &footage.footage;
-    let mut analyzer = SceneAnalyzer::new(s.name, spec);
+    let path = dir.join(format!("{}.264", s.name));
+    crate::footage::encode_footage(s, &path, 26, 30)?;
+    let detection = default_detection(&spec);
+    Ok(run_recording(&path, s.name, s.fps, spec, detection, detectors, settings)?.events)
+}
+
+/// The detection regions the agent plans by default for a camera with scene `spec`.
+pub fn default_detection(spec: &SceneSpec) -> DetectionSpec {
+    let mut errors = its_shared::config::ConfigErrors::new("detection");
+    its_agent::config::RawDetection::default().validate("detection", spec, &mut errors)
+}
+
+/// What a recording's run through the pipeline gave: the analyzer's events (stream time from
+/// the first frame, event) and what detection cost.
+#[derive(Debug, Clone, Default)]
+pub struct RecordingRun {
+    pub events: Vec<(f64, NewEvent)>,
+    pub frames: u64,
+    /// Detector runs over all frames (tiles run).
+    pub inferences: u64,
+    /// Wall time of the run (seconds).
+    pub seconds: f64,
+}
+
+/// Runs an H.264 recording through the real pipeline with `detection` and the scene analyzer.
+pub fn run_recording(
+    path: &Path,
+    name: &str,
+    fps: f64,
+    spec: SceneSpec,
+    detection: DetectionSpec,
+    detectors: Vec<Box<dyn Detector>>,
+    settings: VisionSettings,
+) -> anyhow::Result<RecordingRun> {
+    let mut analyzer = SceneAnalyzer::new(name, spec);
     // Wall time of the first frame (footage time 0): events are timed against it.
     let mut first: Option<i64> = None;
-    let mut out = Vec::new();
-    crate::footage::replay_footage(s, detectors, settings, dir, |r| {
+    let mut run = RecordingRun::default();
+    let started = std::time::Instant::now();
+    crate::footage::replay_file(path, name, fps, detection, detectors, settings, |r| {
         let wall0 = *first.get_or_insert(r.wall_ms);
+        if !r.end_of_stream {
+            run.frames += 1;
+            run.inferences += u64::from(r.inferences);
+        }
         for a in analyzer.process(&r) {
             let t = (a.event.observed_at_ms - wall0) as f64 / 1000.0;
-            out.push((t, a.event));
+            run.events.push((t, a.event));
         }
     })?;
-    Ok(out)
+    run.seconds = started.elapsed().as_secs_f64();
+    Ok(run)
 }
 
 /// How one clip was measured.

@@ -16,7 +16,8 @@
 //! synthetic clips here are *footage*.
 //!
 //! The binary `outbox-writer` (feature `vision`) appends to an outbox until killed, for the
-//! kill -9 test of the outbox.
+//! kill -9 test of the outbox; `make-scenes` (feature `vision`) writes the four-lane clips of
+//! [`footage::far`] as H.264 with their truth tables and scene configuration.
 
 pub mod bins;
 pub mod rtsp;

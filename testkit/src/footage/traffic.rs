@@ -182,7 +182,8 @@ pub struct Camera {
     pub image_size: (u32, u32),
 }
 
-type Mat3 = [[f64; 3]; 3];
+/// A 3x3 matrix, row-major.
+pub type Mat3 = [[f64; 3]; 3];
 
 fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
@@ -337,7 +338,7 @@ fn lane_edges(lane: usize) -> (f64, f64) {
     if lane == WESTBOUND { (-LANE_WIDTH_M, 0.0) } else { (0.0, LANE_WIDTH_M) }
 }
 
-fn round01(p: [f64; 2]) -> [f64; 2] {
+pub(crate) fn round01(p: [f64; 2]) -> [f64; 2] {
     [(p[0] * 10.0).round() / 10.0, (p[1] * 10.0).round() / 10.0]
 }
 
@@ -405,16 +406,16 @@ fn layout(camera: &Camera) -> RoadLayout {
     RoadLayout { image_size: camera.image_size, calibration, lines, zones, ground_to_image: h }
 }
 
-fn sub2(a: [f64; 2], b: [f64; 2]) -> [f64; 2] {
+pub(crate) fn sub2(a: [f64; 2], b: [f64; 2]) -> [f64; 2] {
     [a[0] - b[0], a[1] - b[1]]
 }
 
-fn cross2(a: [f64; 2], b: [f64; 2]) -> f64 {
+pub(crate) fn cross2(a: [f64; 2], b: [f64; 2]) -> f64 {
     a[0] * b[1] - a[1] * b[0]
 }
 
 /// A patch of plain asphalt in the street picture (the road at the left): `[x, y, width, height]`.
-const ASPHALT: [u32; 4] = [20, 205, 100, 28];
+pub(crate) const ASPHALT: [u32; 4] = [20, 205, 100, 28];
 
 /// Ends of the dashes of the centre line (ground `x`); dashes 3 m long every 6 m.
 const CENTRE_DASH_ENDS: [f64; 4] = [-4.5, -1.5, 1.5, 4.5];
@@ -517,7 +518,7 @@ struct Pictures {
 }
 
 /// The silhouette of the pickup in its crop (230 x 92 px of dog.jpg), traced by hand.
-const PICKUP_OUTLINE: [[f64; 2]; 18] = [
+pub(crate) const PICKUP_OUTLINE: [[f64; 2]; 18] = [
     [4.0, 2.0],
     [120.0, 0.0],
     [140.0, 8.0],
@@ -538,7 +539,7 @@ const PICKUP_OUTLINE: [[f64; 2]; 18] = [
     [2.0, 40.0],
 ];
 
-fn polygon_mask(w: u32, h: u32, outline: &[[f64; 2]]) -> GrayImage {
+pub(crate) fn polygon_mask(w: u32, h: u32, outline: &[[f64; 2]]) -> GrayImage {
     let (sx, sy) = (w as f64 / 230.0, h as f64 / 92.0);
     let inside = |x: f64, y: f64| {
         let mut c = false;
@@ -603,7 +604,7 @@ fn vehicle_box(camera: &Camera, kind: VehicleKind, p: [f64; 2], aspect: Option<f
 }
 
 /// Rounds a box to whole pixels keeping its bottom-centre within half a pixel.
-fn placement(frame: usize, b: [f64; 4], z: i32) -> Placement {
+pub(crate) fn placement(frame: usize, b: [f64; 4], z: i32) -> Placement {
     let (left, right, bottom) = (b[0].round() as i64, b[2].round() as i64, b[3].round() as i64);
     let height = (b[3] - b[1]).round().max(1.0) as i64;
     Placement { frame, x: left, y: bottom - height, width: (right - left).max(1) as u32, height: height as u32, z }
@@ -851,7 +852,7 @@ impl Builder {
 
 /// First time in `[a, b]` where `f` becomes true, `f(a)` false and `f(b)` true (bisection to 1 µs;
 /// the result is at most that much late).
-fn first_true(mut a: f64, mut b: f64, f: impl Fn(f64) -> bool) -> f64 {
+pub(crate) fn first_true(mut a: f64, mut b: f64, f: impl Fn(f64) -> bool) -> f64 {
     while b - a > 1e-6 {
         let m = (a + b) / 2.0;
         if f(m) { b = m } else { a = m }
