@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::analyze::runner::SceneBoard;
 use crate::config::{AgentConfig, RawConfig, VisionConfig};
-use crate::pipeline::{FrameResult, VisionPipeline};
+use crate::pipeline::{CameraSpec, FrameResult, VisionPipeline};
 use crate::vision::start_vision;
 
 /// What one reload changed.
@@ -157,9 +157,13 @@ impl LiveVision {
                             p.remove_camera(&c.id);
                             report.removed.push(c.id.clone());
                         }
-                        Some(n) if n != c => {
+                        Some(n) if !same_stream(n, c) => {
                             p.remove_camera(&c.id);
                             report.restarted.push(c.id.clone());
+                        }
+                        // Detection follows the scene: new tiles, same stream.
+                        Some(n) if n.detection != c.detection => {
+                            p.set_detection(&n.id, n.detection.clone());
                         }
                         Some(_) => {}
                     }
@@ -168,7 +172,7 @@ impl LiveVision {
                 self.board.replace(new_scenes.clone());
                 for n in new_cams {
                     let old = old_cams.iter().find(|c| c.id == n.id);
-                    if old.is_none_or(|c| c != n) {
+                    if old.is_none_or(|c| !same_stream(n, c)) {
                         p.add_camera(n.clone())
                             .map_err(|source| ReloadError::Start { camera: n.id.clone(), source })?;
                         if old.is_none() {
@@ -242,6 +246,11 @@ pub fn describe_scenes(cfg: &AgentConfig) -> Vec<String> {
             format!("camera {}: {} line(s), {} zone(s); {cal}; {detection}", c.id, s.lines.len(), s.zones.len())
         })
         .collect()
+}
+
+/// The same camera stream (everything but the detection settings, which change in place).
+fn same_stream(a: &CameraSpec, b: &CameraSpec) -> bool {
+    CameraSpec { detection: b.detection.clone(), ..a.clone() } == *b
 }
 
 /// Where the configuration comes from, for reloads.

@@ -246,6 +246,8 @@ pub struct VisionPipeline {
 /// where its tracks were lately.
 #[derive(Debug, Default)]
 struct CameraRegions {
+    /// The camera's detection settings (replaced without a restart when only its scene changed).
+    spec: DetectionSpec,
     plan: Option<TilePlan>,
     gate: MotionGate,
     /// (stream time, box) of the tracks seen in the last second.
@@ -351,7 +353,7 @@ impl VisionPipeline {
             id: Arc::from(spec.id.as_str()),
             stats: Arc::new(CameraStats::default()),
             tracks: Mutex::new(CameraTracks::new(self.groups, self.tracker)),
-            regions: Mutex::new(CameraRegions::default()),
+            regions: Mutex::new(CameraRegions { spec: spec.detection.clone(), ..CameraRegions::default() }),
             stop: Arc::new(AtomicBool::new(false)),
             shutdown,
             spec: spec.clone(),
@@ -410,6 +412,16 @@ impl VisionPipeline {
         }
         cam.stats.source.set_state("stopped");
         tracing::info!(camera = %id, "camera removed");
+        true
+    }
+
+    /// Replaces a running camera's detection settings (its tiles are planned again on its next
+    /// frame) without touching its stream or tracks. `false` when no camera has that id.
+    pub fn set_detection(&self, id: &str, detection: DetectionSpec) -> bool {
+        let slot = read(&self.slots).iter().flatten().find(|c| &*c.id == id).cloned();
+        let Some(slot) = slot else { return false };
+        let mut regions = lock(&slot.regions);
+        *regions = CameraRegions { spec: detection, ..CameraRegions::default() };
         true
     }
 
@@ -840,7 +852,7 @@ impl WorkerContext {
         drop(ct);
         {
             let mut regions = lock(&slot.regions);
-            let keep = slot.spec.detection.refresh_s.max(0.5);
+            let keep = regions.spec.refresh_s.max(0.5);
             regions.recent_tracks.retain(|(t, _)| sf.t_s - *t <= keep && *t <= sf.t_s);
             regions.recent_tracks.extend(tracks.iter().map(|t| (sf.t_s, t.bbox)));
         }
@@ -887,7 +899,7 @@ impl WorkerContext {
         let (plan, run) = {
             let mut regions = lock(&slot.regions);
             if regions.plan.as_ref().is_none_or(|p| p.frame != size) {
-                let plan = plan_tiles(&slot.spec.detection, size, ModelInput::of(&detector.manifest().input));
+                let plan = plan_tiles(&regions.spec, size, ModelInput::of(&detector.manifest().input));
                 tracing::info!(
                     camera = %slot.id,
                     width = size.0,
@@ -899,10 +911,10 @@ impl WorkerContext {
                 slot.stats.detection_tiles.store(plan.tiles.len() as u64, Ordering::Relaxed);
                 regions.plan = Some(plan);
             }
-            let CameraRegions { plan, gate, recent_tracks } = &mut *regions;
+            let CameraRegions { spec, plan, gate, recent_tracks } = &mut *regions;
             let Some(plan) = plan.clone() else { return Ok((Vec::new(), DetectTimings::default(), 0)) };
             let boxes: Vec<[f32; 4]> = recent_tracks.iter().map(|(_, b)| *b).collect();
-            let run = gate.select(&plan, frame, sf.t_s, &boxes, &slot.spec.detection);
+            let run = gate.select(&plan, frame, sf.t_s, &boxes, spec);
             (plan, run)
         };
         let picture = Picture::I420(frame);
