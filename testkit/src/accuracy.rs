@@ -309,7 +309,7 @@ pub fn evaluate(footage: &TrafficFootage, events: &[(f64, NewEvent)]) -> Accurac
             continue;
         };
         d.4 = true;
-        let true_speed = truth.vehicles.iter().find(|v| v.id == c.vehicle).and_then(|v| speed_at(v, c.t_s));
+        let true_speed = truth.vehicles.iter().find(|v| v.id == c.vehicle).and_then(|v| v.speed_at(c.t_s));
         if let (Some(measured), Some(truth)) = (d.3, true_speed) {
             let err = (f64::from(measured) - truth).abs();
             acc.speed_errors.push(err);
@@ -353,16 +353,4 @@ pub fn evaluate(footage: &TrafficFootage, events: &[(f64, NewEvent)]) -> Accurac
     }
     acc.false_alarms = reports.into_iter().filter(|r| !r.3).map(|r| (r.0, r.1, r.2)).collect();
     acc
-}
-
-/// The vehicle's true speed at `t` (km/h), interpolated between frames.
-fn speed_at(v: &crate::footage::traffic::VehicleTruth, t: f64) -> Option<f64> {
-    let i = v.path.iter().position(|(ti, _)| *ti >= t)?;
-    if i == 0 {
-        return v.speed_kmh.first().copied();
-    }
-    let (t0, t1) = (v.path[i - 1].0, v.path[i].0);
-    let (s0, s1) = (*v.speed_kmh.get(i - 1)?, *v.speed_kmh.get(i)?);
-    let k = if t1 > t0 { (t - t0) / (t1 - t0) } else { 0.0 };
-    Some(s0 + (s1 - s0) * k)
 }

@@ -60,8 +60,8 @@ use image::{Rgb, RgbImage, imageops};
 use super::library::Library;
 use super::traffic::{
     ASPHALT, Camera, LANE_WIDTH_M, LayoutLine, LayoutZone, PICKUP_OUTLINE, RoadLayout, TRAFFIC_FPS, TrafficFootage,
-    TrafficTruth, TruthCrossing, VehicleTruth, apply_homography, cross2, first_true, invert, placement, polygon_mask,
-    round01, sub2,
+    TrafficTruth, TruthCrossing, VehicleTruth, apply_homography, cross2, first_true, invert, paint_marking, placement,
+    polygon_mask, round01, sub2,
 };
 use super::{Actor, Footage, FootageError, Placement, Sprite, TruthBox};
 
@@ -376,22 +376,7 @@ fn paint_road(street: &RgbImage, camera: &Camera) -> RgbImage {
                 continue;
             }
             out.put_pixel(x, y, *patch.get_pixel(mirror(x, pw), mirror(y, ph)));
-            let mut hits = 0u32;
-            for sy in 0..4 {
-                for sx in 0..4 {
-                    let p = [x as f64 + (sx as f64 + 0.5) / 4.0, y as f64 + (sy as f64 + 0.5) / 4.0];
-                    if on_road(p).is_some_and(marking) {
-                        hits += 1;
-                    }
-                }
-            }
-            if hits > 0 {
-                let a = hits as f64 / 16.0 * 0.85;
-                let px = out.get_pixel_mut(x, y);
-                for c in px.0.iter_mut() {
-                    *c = (*c as f64 * (1.0 - a) + 235.0 * a).round() as u8;
-                }
-            }
+            paint_marking(&mut out, x, y, |p| on_road(p).is_some_and(marking));
         }
     }
     out
@@ -1102,23 +1087,11 @@ pub fn counts_csv(clip: &TrafficFootage, interval_s: u32) -> String {
 pub fn passes_csv(clip: &TrafficFootage) -> String {
     let mut out = String::from("time,line,direction,speed_kmh\n");
     for c in &clip.truth.crossings {
-        let speed = clip.truth.vehicles.iter().find(|v| v.id == c.vehicle).and_then(|v| speed_at(v, c.t_s));
+        let speed = clip.truth.vehicles.iter().find(|v| v.id == c.vehicle).and_then(|v| v.speed_at(c.t_s));
         let speed = speed.map_or(String::new(), |s| format!("{s:.1}"));
         out.push_str(&format!("{},{},{},{speed}\n", hms_tenths(c.t_s), c.line, c.direction));
     }
     out
-}
-
-/// The vehicle's true speed at `t` (km/h), interpolated between the frames around it.
-fn speed_at(v: &VehicleTruth, t: f64) -> Option<f64> {
-    let i = v.path.iter().position(|(ti, _)| *ti >= t)?;
-    if i == 0 {
-        return v.speed_kmh.first().copied();
-    }
-    let (t0, t1) = (v.path[i - 1].0, v.path[i].0);
-    let (s0, s1) = (*v.speed_kmh.get(i - 1)?, *v.speed_kmh.get(i)?);
-    let k = if t1 > t0 { (t - t0) / (t1 - t0) } else { 0.0 };
-    Some(s0 + (s1 - s0) * k)
 }
 
 /// Writes `<stem>.counts.csv` (intervals of `interval_s`) and `<stem>.passes.csv` into `dir`.

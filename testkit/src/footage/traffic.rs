@@ -129,6 +129,20 @@ pub struct VehicleTruth {
     pub speed_kmh: Vec<f64>,
 }
 
+impl VehicleTruth {
+    /// The true speed at `t` (km/h), interpolated between the frames around it.
+    pub fn speed_at(&self, t: f64) -> Option<f64> {
+        let i = self.path.iter().position(|(ti, _)| *ti >= t)?;
+        if i == 0 {
+            return self.speed_kmh.first().copied();
+        }
+        let (t0, t1) = (self.path[i - 1].0, self.path[i].0);
+        let (s0, s1) = (*self.speed_kmh.get(i - 1)?, *self.speed_kmh.get(i)?);
+        let k = if t1 > t0 { (t - t0) / (t1 - t0) } else { 0.0 };
+        Some(s0 + (s1 - s0) * k)
+    }
+}
+
 /// A vehicle's reference point crossing a count line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TruthCrossing {
@@ -458,25 +472,30 @@ fn paint_road(background: &RgbImage, camera: &Camera) -> RgbImage {
                     out.put_pixel(x, y, src);
                 }
             }
-            let mut hits = 0u32;
-            for sy in 0..4 {
-                for sx in 0..4 {
-                    let p = [x as f64 + (sx as f64 + 0.5) / 4.0, y as f64 + (sy as f64 + 0.5) / 4.0];
-                    if on_road(p).is_some_and(marking) {
-                        hits += 1;
-                    }
-                }
-            }
-            if hits > 0 {
-                let a = hits as f64 / 16.0 * 0.85;
-                let px = out.get_pixel_mut(x, y);
-                for c in px.0.iter_mut() {
-                    *c = (*c as f64 * (1.0 - a) + 235.0 * a).round() as u8;
-                }
-            }
+            paint_marking(&mut out, x, y, |p| on_road(p).is_some_and(marking));
         }
     }
     out
+}
+
+/// Paints the white of a road marking over pixel `(x, y)` of `out`, anti-aliased: 85% white where
+/// all of the pixel's 4x4 samples are on the marking (`on_marking`), less where fewer are.
+pub(crate) fn paint_marking(out: &mut RgbImage, x: u32, y: u32, on_marking: impl Fn([f64; 2]) -> bool) {
+    let mut hits = 0u32;
+    for sy in 0..4 {
+        for sx in 0..4 {
+            if on_marking([x as f64 + (sx as f64 + 0.5) / 4.0, y as f64 + (sy as f64 + 0.5) / 4.0]) {
+                hits += 1;
+            }
+        }
+    }
+    if hits > 0 {
+        let a = hits as f64 / 16.0 * 0.85;
+        let px = out.get_pixel_mut(x, y);
+        for c in px.0.iter_mut() {
+            *c = (*c as f64 * (1.0 - a) + 235.0 * a).round() as u8;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
